@@ -1,0 +1,134 @@
+//! connect4/6 and sendmsg4/6 on the sandbox cgroup: the tunnel and `[[network.allow]]` only.
+
+use aya_ebpf::{
+    helpers::bpf_get_current_cgroup_id,
+    macros::{cgroup_sock_addr, map},
+    maps::{LpmTrie, lpm_trie::Key},
+    programs::SockAddrContext,
+};
+use gateway_common::{Hook, IPPROTO_TCP, MAX_PORT_RULES, PortRules, Reason};
+
+use crate::event::{Target, config, emit};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+/// `[[network.allow]]`, keyed by IPv6 (IPv4 as `::ffff:a.b.c.d`, prefix + 96).
+#[map]
+static NET_ALLOW: LpmTrie<[u8; 16], PortRules> = LpmTrie::with_max_entries(131_072, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    judge4(&ctx, Hook::Connect4)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    judge4(&ctx, Hook::Sendmsg4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    judge6(&ctx, Hook::Connect6)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    judge6(&ctx, Hook::Sendmsg6)
+}
+
+#[inline(always)]
+fn judge4(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    // SAFETY: the kernel hands sock_addr programs a valid bpf_sock_addr.
+    let (ip, port, protocol) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (sa.user_ip4, sa.user_port, sa.protocol)
+    };
+    let v4 = ip.to_ne_bytes();
+    let mut addr = [0u8; 16];
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+    addr[12] = v4[0];
+    addr[13] = v4[1];
+    addr[14] = v4[2];
+    addr[15] = v4[3];
+    judge(hook, AF_INET, addr, port_of(port), protocol)
+}
+
+#[inline(always)]
+fn judge6(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    // SAFETY: as in judge4; user_ip6 is read word by word as the verifier requires.
+    let (w, port, protocol) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (
+            [
+                sa.user_ip6[0],
+                sa.user_ip6[1],
+                sa.user_ip6[2],
+                sa.user_ip6[3],
+            ],
+            sa.user_port,
+            sa.protocol,
+        )
+    };
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    // A v4-mapped address is judged as the IPv4 address it is: the map and the tunnel
+    // address use the same mapped form, so the lookup below is already the IPv4 verdict.
+    judge(hook, AF_INET6, addr, port_of(port), protocol)
+}
+
+#[inline(always)]
+fn port_of(user_port: u32) -> u16 {
+    u16::from_be(user_port as u16)
+}
+
+#[inline(always)]
+fn judge(hook: Hook, family: u32, addr: [u8; 16], port: u16, protocol: u32) -> i32 {
+    let Some(cfg) = config() else {
+        return DENY;
+    };
+    if protocol == IPPROTO_TCP as u32 && port == cfg.tunnel_port && addr == cfg.tunnel_addr {
+        return ALLOW;
+    }
+    if allowed_by_policy(&addr, port, protocol) {
+        return ALLOW;
+    }
+    // SAFETY: helper without preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let mut target = Target::socket(family, 0, protocol);
+    target.port = port as u32;
+    target.addr = addr;
+    emit(hook, Reason::NotAllowlisted, cgroup_id, &target);
+    DENY
+}
+
+#[inline(always)]
+fn allowed_by_policy(addr: &[u8; 16], port: u16, protocol: u32) -> bool {
+    let Some(rules) = NET_ALLOW.get(Key::new(128, *addr)) else {
+        return false;
+    };
+    let count = rules.count as usize;
+    let mut i = 0;
+    while i < MAX_PORT_RULES {
+        if i >= count {
+            break;
+        }
+        let r = &rules.rules[i];
+        if r.protocol as u32 == protocol && r.first <= port && port <= r.last {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}

@@ -1,0 +1,63 @@
+//! One audit record, with the fields DESIGN.md lists.
+
+use serde::Serialize;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    Kernel,
+    Proxy,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub ts: String,
+    pub layer: Layer,
+    pub verdict: Verdict,
+    pub sandbox: String,
+    pub reason: String,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelFields>,
+    /// Refusals the kernel could not report because the ring buffer was full.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<u64>,
+}
+
+/// Fields of a refusal seen by an eBPF program.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct KernelFields {
+    pub hook: &'static str,
+    pub pid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub proto: String,
+    pub dst: Option<String>,
+}
+
+impl Record {
+    pub fn new(layer: Layer, verdict: Verdict, sandbox: &str, reason: &str) -> Self {
+        Self {
+            ts: now_rfc3339(),
+            layer,
+            verdict,
+            sandbox: sandbox.to_owned(),
+            reason: reason.to_owned(),
+            kernel: None,
+            lost: None,
+        }
+    }
+}
+
+pub fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}

@@ -1,0 +1,178 @@
+//! Refusal events from the ring buffer, turned into kernel audit records.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use gateway_common::{Event, Hook, Reason};
+use tokio::{io::unix::AsyncFd, sync::watch};
+
+use crate::audit::{AuditError, AuditLog, KernelFields, Layer, Record, Verdict};
+
+const AF_UNIX: u32 = 1;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+pub struct EventReader {
+    ring: RingBuf<MapData>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+/// The per-CPU count of refusals that found the ring full, and how much of it is reported.
+struct LostCounter {
+    map: PerCpuArray<MapData, u64>,
+    reported: u64,
+}
+
+impl EventReader {
+    pub(super) fn new(ring: RingBuf<MapData>, lost: PerCpuArray<MapData, u64>) -> Self {
+        Self { ring, lost }
+    }
+
+    /// Writes a record per event until `stop` turns true, then drains what is left.
+    pub async fn run(
+        self,
+        audit: AuditLog,
+        sandbox: String,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), AuditError> {
+        let mut lost = LostCounter {
+            map: self.lost,
+            reported: 0,
+        };
+        // SAFETY: the RingBuf owns its map fd, which stays open and unchanged while the
+        // AsyncFd owns the RingBuf.
+        let mut ring = unsafe { AsyncFd::register(self.ring) }.map_err(|e| AuditError::Write {
+            path: audit.path().to_owned(),
+            source: e.into_parts().1,
+        })?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    if let Ok(mut guard) = guard {
+                        drain(guard.get_inner_mut(), &audit, &sandbox)?;
+                        guard.clear_ready();
+                    }
+                }
+                _ = tick.tick() => lost.report(&audit, &sandbox)?,
+                _ = stop.changed() => {
+                    drain(ring.get_mut(), &audit, &sandbox)?;
+                    return lost.report(&audit, &sandbox);
+                }
+            }
+        }
+    }
+}
+
+impl LostCounter {
+    fn report(&mut self, audit: &AuditLog, sandbox: &str) -> Result<(), AuditError> {
+        let total: u64 = match self.map.get(&0, 0) {
+            Ok(per_cpu) => per_cpu.iter().sum(),
+            Err(e) => {
+                tracing::warn!("cannot read the lost-event counter: {e}");
+                return Ok(());
+            }
+        };
+        if total > self.reported {
+            let lost = total - self.reported;
+            let mut rec = Record::new(Layer::Kernel, Verdict::Deny, sandbox, "events-lost");
+            rec.lost = Some(lost);
+            tracing::warn!(lost, "kernel refusals were not reported: the event ring was full");
+            self.reported = total;
+            audit.append(&rec)?;
+        }
+        Ok(())
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, audit: &AuditLog, sandbox: &str) -> Result<(), AuditError> {
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<Event>() {
+            continue;
+        }
+        // SAFETY: the kernel wrote a whole `Event`; read_unaligned copes with any alignment.
+        let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
+        audit.append(&describe(&ev, sandbox))?;
+    }
+    Ok(())
+}
+
+/// The audit record for one kernel event.
+pub fn describe(ev: &Event, sandbox: &str) -> Record {
+    let reason = Reason::from_u32(ev.reason).map_or("unknown", Reason::name);
+    let hook = Hook::from_u32(ev.hook).map_or("unknown", Hook::name);
+    let mut rec = Record::new(Layer::Kernel, Verdict::Deny, sandbox, reason);
+    let comm_len = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());
+    rec.kernel = Some(KernelFields {
+        hook,
+        pid: ev.pid,
+        uid: ev.uid,
+        comm: String::from_utf8_lossy(&ev.comm[..comm_len]).into_owned(),
+        proto: proto_name(ev),
+        dst: destination(ev),
+    });
+    rec
+}
+
+fn proto_name(ev: &Event) -> String {
+    if Hook::from_u32(ev.hook) == Some(Hook::SockCreate) {
+        return format!(
+            "{}/{}/{}",
+            family_name(ev.family),
+            type_name(ev.sock_type),
+            ev.protocol
+        );
+    }
+    match (ev.family, ev.protocol) {
+        (AF_UNIX, _) => "unix".into(),
+        (_, 6) => "tcp".into(),
+        (_, 17) => "udp".into(),
+        (_, p) => p.to_string(),
+    }
+}
+
+fn destination(ev: &Event) -> Option<String> {
+    match (Hook::from_u32(ev.hook)?, ev.family) {
+        (Hook::SockCreate, _) => None,
+        (_, AF_UNIX) => {
+            let len = (ev.path_len as usize).min(ev.path.len());
+            let path = &ev.path[..len];
+            Some(match path.split_first() {
+                // Abstract names are written `@name`, as ss(8) and the policy do.
+                Some((0, name)) => format!("@{}", String::from_utf8_lossy(name)),
+                _ => String::from_utf8_lossy(path).into_owned(),
+            })
+        }
+        (_, AF_INET) => {
+            let ip = Ipv4Addr::new(ev.addr[12], ev.addr[13], ev.addr[14], ev.addr[15]);
+            Some(format!("{ip}:{}", ev.port))
+        }
+        (_, AF_INET6) => Some(format!("[{}]:{}", Ipv6Addr::from(ev.addr), ev.port)),
+        _ => None,
+    }
+}
+
+fn family_name(family: u32) -> String {
+    match family {
+        1 => "unix".into(),
+        2 => "inet".into(),
+        10 => "inet6".into(),
+        16 => "netlink".into(),
+        17 => "packet".into(),
+        40 => "vsock".into(),
+        f => format!("af{f}"),
+    }
+}
+
+fn type_name(t: u32) -> String {
+    match t {
+        1 => "stream".into(),
+        2 => "dgram".into(),
+        3 => "raw".into(),
+        5 => "seqpacket".into(),
+        t => format!("type{t}"),
+    }
+}

@@ -1,0 +1,253 @@
+//! Loads the eBPF programs, writes the compiled policy into their maps, attaches them to the
+//! sandbox cgroup (and the global LSM hooks) and pins every link in bpffs.
+
+mod events;
+mod maps;
+
+use std::{
+    fs::File,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm,
+        links::{FdLink, PinnedLink},
+    },
+};
+
+pub use events::EventReader;
+
+use crate::policy::Policy;
+
+/// The eBPF object built by build.rs from `gateway-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
+
+const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+const LSM_PROGRAMS: [(&str, &str); 3] = [
+    ("socket_create", "socket_create"),
+    ("socket_connect", "socket_connect"),
+    ("socket_sendmsg", "socket_sendmsg"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The embedded object or one of its programs was refused by the kernel.
+    #[error("loading eBPF program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A program's link could not be taken for pinning.
+    #[error("eBPF program {program}: {source}")]
+    Link {
+        program: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "reading kernel BTF from /sys/kernel/btf/vmlinux: {0}; \
+         the gateway needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    Btf(#[from] aya::BtfError),
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    /// The policy does not fit the kernel maps.
+    #[error("{0}")]
+    Policy(String),
+    /// The embedded object lacks a program or map this gateway expects.
+    #[error("the embedded eBPF object has no `{0}`: rebuild the gateway")]
+    Missing(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where the sandbox is, and what it may reach directly.
+pub struct Target<'a> {
+    pub cgroup_dir: &'a Path,
+    pub cgroup_id: u64,
+    pub tunnel: SocketAddr,
+    pub policy: &'a Policy,
+    pub pin_dir: &'a Path,
+}
+
+/// Programs attached and pinned for one sandbox. Dropping it leaves the links pinned (fail
+/// closed); [`Enforcer::detach`] removes them.
+pub struct Enforcer {
+    ebpf: Ebpf,
+    links: Vec<PinnedLink>,
+    pin_dir: PathBuf,
+}
+
+impl Enforcer {
+    pub fn attach(target: &Target<'_>) -> Result<Self, KernelError> {
+        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        maps::fill(&mut ebpf, target)?;
+        let mut enforcer = Self {
+            ebpf,
+            links: Vec::new(),
+            pin_dir: target.pin_dir.to_owned(),
+        };
+        std::fs::create_dir_all(target.pin_dir).map_err(|source| KernelError::Io {
+            path: target.pin_dir.to_owned(),
+            source,
+        })?;
+        let cgroup = File::open(target.cgroup_dir).map_err(|source| KernelError::Io {
+            path: target.cgroup_dir.to_owned(),
+            source,
+        })?;
+        enforcer.attach_cgroup_programs(&cgroup)?;
+        enforcer.attach_lsm_programs()?;
+        Ok(enforcer)
+    }
+
+    fn attach_cgroup_programs(&mut self, cgroup: &File) -> Result<(), KernelError> {
+        for name in SOCK_ADDR_PROGRAMS {
+            let err = |source| KernelError::Program {
+                program: name,
+                source,
+            };
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| missing(name))?
+                .try_into()
+                .map_err(err)?;
+            prog.load().map_err(err)?;
+            let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(err)?
+                .try_into()
+                .map_err(|source| KernelError::Link {
+                program: name,
+                source,
+            })?;
+            self.pin(name, link)?;
+        }
+        let name = "sock_create";
+        let err = |source| KernelError::Program {
+            program: name,
+            source,
+        };
+        let prog: &mut CgroupSock = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| missing(name))?
+            .try_into()
+            .map_err(err)?;
+        prog.load().map_err(err)?;
+        let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(err)?
+            .try_into()
+            .map_err(|source| KernelError::Link {
+                program: name,
+                source,
+            })?;
+        self.pin(name, link)
+    }
+
+    fn attach_lsm_programs(&mut self) -> Result<(), KernelError> {
+        let btf = Btf::from_sys_fs()?;
+        for (name, hook) in LSM_PROGRAMS {
+            let err = |source| KernelError::Program {
+                program: name,
+                source,
+            };
+            let prog: &mut Lsm = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| missing(name))?
+                .try_into()
+                .map_err(err)?;
+            prog.load(hook, &btf).map_err(err)?;
+            let id = prog.attach().map_err(err)?;
+            let link: FdLink = prog.take_link(id).map_err(err)?.into();
+            self.pin(name, link)?;
+        }
+        Ok(())
+    }
+
+    fn pin(&mut self, name: &str, link: FdLink) -> Result<(), KernelError> {
+        let path = self.pin_dir.join(name);
+        let pinned = link
+            .pin(&path)
+            .map_err(|source| KernelError::Pin { path, source })?;
+        self.links.push(pinned);
+        Ok(())
+    }
+
+    /// The reader of refusal events; call once.
+    pub fn events(&mut self) -> Result<EventReader, KernelError> {
+        let ring = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| missing("EVENTS"))?;
+        let ring = RingBuf::try_from(ring).map_err(|source| KernelError::Map {
+            map: "EVENTS",
+            source,
+        })?;
+        let lost = self.ebpf.take_map("LOST").ok_or_else(|| missing("LOST"))?;
+        let lost: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(lost).map_err(|source| KernelError::Map {
+                map: "LOST",
+                source,
+            })?;
+        Ok(EventReader::new(ring, lost))
+    }
+
+    /// Unpins and detaches every program; the sandbox must be dead by now.
+    pub fn detach(self) -> Result<(), KernelError> {
+        for link in self.links {
+            link.unpin().map_err(|source| KernelError::Io {
+                path: self.pin_dir.clone(),
+                source,
+            })?;
+        }
+        remove_pin_dir(&self.pin_dir)
+    }
+}
+
+/// Removes a pin directory and whatever links a crashed run left in it.
+pub fn remove_pin_dir(dir: &Path) -> Result<(), KernelError> {
+    let io = |source| KernelError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                std::fs::remove_file(entry.map_err(io)?.path()).map_err(io)?;
+            }
+            std::fs::remove_dir(dir).map_err(io)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(e)),
+    }
+}
+
+fn missing(name: &str) -> KernelError {
+    KernelError::Missing(name.to_owned())
+}

@@ -1,0 +1,130 @@
+//! `gateway`: an egress gateway for AI-agent sandboxes.
+
+mod audit;
+mod kernel;
+mod policy;
+mod run;
+mod sandbox;
+mod tunnel;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+/// Run commands in a sandbox whose only way out is the gateway's tunnel.
+#[derive(Parser)]
+#[command(name = "gateway", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run CMD in a new sandbox: eBPF egress lockdown, tunnel, audit log.
+    Run {
+        /// The policy file (TOML, version 1).
+        #[arg(long)]
+        policy: PathBuf,
+        /// Append audit records here (JSON Lines).
+        #[arg(long, default_value = audit::DEFAULT_LOG)]
+        audit_log: PathBuf,
+        /// Run CMD as this user (name or uid); default SUDO_UID/SUDO_GID, else nobody.
+        #[arg(long)]
+        user: Option<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Remove what crashed runs left behind: sandboxes, pinned programs, cgroups.
+    Cleanup,
+    /// Policy authoring tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files: exit 0 when valid, else 2 with FILE:LINE:COL: message per error.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            policy,
+            audit_log,
+            user,
+            command,
+        } => run::run(run::RunArgs {
+            policy,
+            audit_log: Some(audit_log),
+            user,
+            command,
+        }),
+        Command::Cleanup => cleanup(),
+        Command::Policy {
+            command: PolicyCommand::Check { files },
+        } => Ok(check(&files)),
+    };
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            if let Some(p) = e.downcast_ref::<policy::PolicyError>() {
+                eprintln!("{p}");
+                return ExitCode::from(2);
+            }
+            eprintln!("gateway: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn cleanup() -> anyhow::Result<i32> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("gateway cleanup needs root: run it with sudo");
+    }
+    let cleaned = sandbox::state::clean_stale()?;
+    if cleaned.is_empty() {
+        println!("nothing to clean up");
+    }
+    for c in cleaned {
+        println!("cleaned up {c}");
+    }
+    Ok(0)
+}
+
+fn check(files: &[PathBuf]) -> i32 {
+    let mut code = 0;
+    for file in files {
+        match policy::load(file) {
+            Ok(p) => println!(
+                "{}: ok: sandbox `{}`, {} network rule(s), {} http rule(s), {} credential(s)",
+                file.display(),
+                p.name,
+                p.network.len(),
+                p.http.len(),
+                p.credentials.len()
+            ),
+            Err(e) => {
+                eprintln!("{e}");
+                code = 2;
+            }
+        }
+    }
+    code
+}

@@ -1,0 +1,95 @@
+use std::path::Path;
+
+use super::parse;
+use crate::policy::{PortRange, Protocol, SecretSource, UnixRule};
+
+fn errors(text: &str) -> Vec<String> {
+    parse(Path::new("p.toml"), text)
+        .expect_err("policy should be refused")
+        .to_string()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn minimal_policy_defaults() {
+    let p = parse(Path::new("p.toml"), "version = 1\n").unwrap();
+    assert_eq!(p.name, "sandbox");
+    assert_eq!(p.tunnel_listen.to_string(), "127.0.0.1:0");
+    assert!(p.network.is_empty() && p.http.is_empty());
+}
+
+#[test]
+fn full_network_and_credentials() {
+    let text = r#"
+version = 1
+name = "db"
+[tunnel]
+listen = "[::1]:0"
+[[network.allow]]
+cidr = "127.0.0.1/32"
+ports = [5432, "8000-8100"]
+protocol = "udp"
+[[unix.allow]]
+path = "@ns"
+[credentials.gh]
+env = "GITHUB_TOKEN"
+[[http.allow]]
+host = "API.github.com"
+credential = "gh"
+"#;
+    let p = parse(Path::new("p.toml"), text).unwrap();
+    assert_eq!(p.network[0].protocol, Protocol::Udp);
+    assert_eq!(
+        p.network[0].ports,
+        vec![
+            PortRange::single(5432),
+            PortRange {
+                first: 8000,
+                last: 8100
+            }
+        ]
+    );
+    assert_eq!(p.unix, vec![UnixRule::Abstract(b"ns".to_vec())]);
+    assert_eq!(p.http[0].host, "api.github.com");
+    assert_eq!(p.http[0].port, 443);
+    assert_eq!(
+        p.credentials["gh"].source,
+        SecretSource::Env("GITHUB_TOKEN".into())
+    );
+    assert_eq!(p.secret_env_vars().collect::<Vec<_>>(), ["GITHUB_TOKEN"]);
+}
+
+#[test]
+fn unknown_key_points_at_it() {
+    let e = errors("version = 1\n[tunnel]\nlisten = \"127.0.0.1:0\"\nlistne = 1\n");
+    assert_eq!(e.len(), 1);
+    assert!(e[0].starts_with("p.toml:4:1: unknown field `listne`"), "{e:?}");
+}
+
+#[test]
+fn all_semantic_errors_at_once() {
+    let text = r#"version = 2
+[[network.allow]]
+cidr = "10.0.0.0/33"
+ports = [0]
+[[http.allow]]
+host = "x"
+credential = "nope"
+[credentials.empty]
+header = "X"
+"#;
+    let e = errors(text);
+    assert!(e.iter().any(|l| l.starts_with("p.toml:1:11: unsupported policy version 2")), "{e:?}");
+    assert!(e.iter().any(|l| l.starts_with("p.toml:3:8: bad CIDR")), "{e:?}");
+    assert!(e.iter().any(|l| l.starts_with("p.toml:4:10: bad port")), "{e:?}");
+    assert!(e.iter().any(|l| l.starts_with("p.toml:7:14: unknown credential `nope`")), "{e:?}");
+    assert!(e.iter().any(|l| l.contains("credential `empty` has no source")), "{e:?}");
+}
+
+#[test]
+fn tunnel_must_be_loopback() {
+    let e = errors("version = 1\n[tunnel]\nlisten = \"0.0.0.0:3128\"\n");
+    assert!(e[0].starts_with("p.toml:3:10: tunnel.listen must be a loopback"), "{e:?}");
+}

@@ -1,0 +1,87 @@
+//! The policy as plain data: what a sandbox may reach. No I/O here; `file` reads TOML.
+
+mod file;
+mod ports;
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
+
+use ipnet::IpNet;
+
+pub use file::{PolicyError, load};
+pub use ports::PortRange;
+
+/// Default tunnel address: loopback, ephemeral port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// The sandbox's name in audit records.
+    pub name: String,
+    pub tunnel_listen: SocketAddr,
+    pub network: Vec<NetRule>,
+    pub unix: Vec<UnixRule>,
+    pub http: Vec<HttpRule>,
+    pub credentials: BTreeMap<String, Credential>,
+    pub upstream_ca: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// A `[[network.allow]]` entry: direct kernel-level access, no proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetRule {
+    pub cidr: IpNet,
+    pub ports: Vec<PortRange>,
+    pub protocol: Protocol,
+}
+
+/// A `[[unix.allow]]` entry: a host unix socket the sandbox may connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnixRule {
+    Path(PathBuf),
+    /// Written `@name` in the policy.
+    Abstract(Vec<u8>),
+}
+
+/// A `[[http.allow]]` rule, enforced by the tunnel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpRule {
+    pub host: String,
+    pub port: u16,
+    pub methods: Vec<String>,
+    pub paths: Vec<String>,
+    pub credential: Option<String>,
+    pub private: bool,
+    pub connect: Option<SocketAddr>,
+    pub passthrough: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+}
+
+/// Where a credential's secret comes from and how it is attached. Holds no secret itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub source: SecretSource,
+    pub header: String,
+    pub format: String,
+    pub basic_user: Option<String>,
+    pub placeholder: Option<String>,
+}
+
+impl Policy {
+    /// Environment variables that hold secrets; `run` removes them from CMD's environment.
+    pub fn secret_env_vars(&self) -> impl Iterator<Item = &str> {
+        self.credentials.values().filter_map(|c| match &c.source {
+            SecretSource::Env(var) => Some(var.as_str()),
+            SecretSource::File(_) => None,
+        })
+    }
+}

@@ -1,0 +1,192 @@
+//! `gateway run`: cgroup, programs, tunnel, then CMD; everything undone when CMD ends.
+
+use std::{
+    os::unix::process::ExitStatusExt as _,
+    path::PathBuf,
+    process::ExitStatus,
+};
+
+use anyhow::Context as _;
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use crate::{
+    audit::{self, AuditLog},
+    kernel::{self, Enforcer},
+    policy::{self, Policy},
+    sandbox::{
+        cgroup::Cgroup,
+        env, host,
+        launch::Launch,
+        state::{self, RunState},
+        user::{self, SandboxUser},
+    },
+    tunnel,
+};
+
+pub struct RunArgs {
+    pub policy: PathBuf,
+    pub audit_log: Option<PathBuf>,
+    pub user: Option<String>,
+    pub command: Vec<String>,
+}
+
+pub const NOT_ROOT: &str = "gateway run needs root (CAP_BPF, CAP_SYS_ADMIN): run it with sudo";
+
+/// Runs CMD in a new sandbox and returns the status `gateway` exits with.
+pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(NOT_ROOT);
+    }
+    let policy = policy::load(&args.policy)?;
+    host::check_btf()?;
+    host::check_bpf_lsm()?;
+    let cgroup_root = host::cgroup2_root()?;
+    host::ensure_bpffs()?;
+    let user = user::resolve(args.user.as_deref())?;
+    for gone in state::clean_stale().context("removing what a crashed run left behind")? {
+        tracing::warn!("cleaned up after a crashed run: {gone}");
+    }
+    let audit_path = args
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| audit::DEFAULT_LOG.into());
+    let audit = AuditLog::open(&audit_path)?;
+
+    let id = state::run_id();
+    let run_dir = state::run_dir(&id);
+    let run_state = RunState {
+        pid: std::process::id(),
+        start_time: state::process_start_time(std::process::id()).unwrap_or(0),
+        sandbox: policy.name.clone(),
+        cgroup_dir: cgroup_root.join(crate::sandbox::cgroup::PARENT).join(&id),
+        pin_dir: state::pin_dir(&id),
+    };
+    // Saved before anything exists, so a crash at any later point can be cleaned up.
+    run_state.save(&run_dir)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(supervise(&policy, &user, &args.command, &run_state, &run_dir, audit))
+}
+
+async fn supervise(
+    policy: &Policy,
+    user: &SandboxUser,
+    command: &[String],
+    run_state: &RunState,
+    run_dir: &std::path::Path,
+    audit: AuditLog,
+) -> anyhow::Result<i32> {
+    let listener = tunnel::bind(policy.tunnel_listen)
+        .await
+        .with_context(|| format!("binding the tunnel at {}", policy.tunnel_listen))?;
+    let tunnel_addr = listener.local_addr()?;
+    let cgroup_name = run_state
+        .cgroup_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("cgroup path has no name")?;
+    let root = run_state
+        .cgroup_dir
+        .parent()
+        .and_then(|p| p.parent())
+        .context("cgroup path has no root")?;
+    let cgroup = Cgroup::create(root, cgroup_name)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let attached = Enforcer::attach(&kernel::Target {
+        cgroup_dir: cgroup.dir(),
+        cgroup_id: cgroup.id(),
+        tunnel: tunnel_addr,
+        policy,
+        pin_dir: &run_state.pin_dir,
+    });
+    let mut enforcer = match attached {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = cgroup.destroy();
+            let _ = kernel::remove_pin_dir(&run_state.pin_dir);
+            let _ = std::fs::remove_dir_all(run_dir);
+            return Err(e.into());
+        }
+    };
+    let reader = enforcer.events()?;
+    let events = tokio::spawn(reader.run(audit.clone(), policy.name.clone(), stop_rx.clone()));
+    let tunnel_task = tokio::spawn(tunnel::serve(listener, stop_rx));
+    tracing::info!(
+        sandbox = %policy.name,
+        tunnel = %tunnel_addr,
+        cgroup = %cgroup.dir().display(),
+        audit_log = %audit.path().display(),
+        "sandbox ready"
+    );
+
+    let outcome = launch_and_wait(policy, user, command, &cgroup, tunnel_addr, run_dir).await;
+
+    // Teardown runs whatever happened above: kill, stop, drain, detach, remove.
+    let killed = cgroup.kill();
+    let _ = stop_tx.send(true);
+    let _ = tunnel_task.await;
+    let drained = events.await;
+    let detached = enforcer.detach();
+    let removed = cgroup.destroy();
+    let _ = std::fs::remove_dir_all(run_dir);
+    let status = outcome?;
+    killed?;
+    drained.context("kernel event reader")??;
+    detached?;
+    removed?;
+    Ok(status)
+}
+
+async fn launch_and_wait(
+    policy: &Policy,
+    user: &SandboxUser,
+    command: &[String],
+    cgroup: &Cgroup,
+    tunnel_addr: std::net::SocketAddr,
+    run_dir: &std::path::Path,
+) -> anyhow::Result<i32> {
+    let ca_bundle = env::write_ca_bundle(run_dir).context("writing the CA bundle")?;
+    let (program, args) = command.split_first().context("no command given after --")?;
+    let procs = cgroup.procs();
+    let mut child = Launch {
+        program,
+        args,
+        user,
+        cgroup_procs: &procs,
+        env: env::variables(tunnel_addr, &ca_bundle),
+        remove: policy.secret_env_vars().map(str::to_owned).collect(),
+    }
+    .spawn()?;
+    let pid = child.id().map(|p| Pid::from_raw(p as i32));
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let status: ExitStatus = loop {
+        let forward = tokio::select! {
+            status = child.wait() => break status?,
+            _ = sigint.recv() => Signal::SIGINT,
+            _ = sigterm.recv() => Signal::SIGTERM,
+        };
+        if let Some(pid) = pid {
+            tracing::info!("forwarding {forward} to the sandboxed command");
+            let _ = nix::sys::signal::kill(pid, forward);
+        }
+    };
+    Ok(exit_code(status))
+}
+
+/// CMD's status as `gateway` passes it on: its code, or 128+N when signal N killed it.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}

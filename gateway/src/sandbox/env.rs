@@ -1,0 +1,55 @@
+//! The environment `run` gives CMD (DESIGN.md): the tunnel as proxy and the CA bundle.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+/// System CA bundles, in the order distributions place them.
+const SYSTEM_ROOTS: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// Writes the CA bundle CMD trusts: the system roots (the gateway CA joins them with the
+/// intercepting proxy). Readable by everyone: it holds only public certificates.
+pub fn write_ca_bundle(dir: &Path) -> std::io::Result<PathBuf> {
+    let mut bundle = Vec::new();
+    if let Some(roots) = SYSTEM_ROOTS.iter().find(|p| Path::new(p).is_file()) {
+        bundle = std::fs::read(roots)?;
+    }
+    let path = dir.join("ca-bundle.pem");
+    std::fs::write(&path, bundle)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+    Ok(path)
+}
+
+pub fn variables(tunnel: SocketAddr, ca_bundle: &Path) -> Vec<(String, String)> {
+    let proxy = format!("http://{tunnel}");
+    let ca = ca_bundle.display().to_string();
+    let mut vars: Vec<(String, String)> = [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+    ]
+    .into_iter()
+    .map(|k| (k.to_owned(), proxy.clone()))
+    .collect();
+    vars.extend(["NO_PROXY", "no_proxy"].map(|k| (k.to_owned(), String::new())));
+    vars.extend(
+        [
+            "SSL_CERT_FILE",
+            "CURL_CA_BUNDLE",
+            "REQUESTS_CA_BUNDLE",
+            "NODE_EXTRA_CA_CERTS",
+            "GIT_SSL_CAINFO",
+        ]
+        .map(|k| (k.to_owned(), ca.clone())),
+    );
+    vars
+}

@@ -1,0 +1,143 @@
+//! Host prerequisites: cgroup v2, bpffs, BTF and the BPF LSM, each found or explained.
+
+use std::path::{Path, PathBuf};
+
+use super::SandboxError;
+
+pub const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const SECURITYFS: &str = "/sys/kernel/security";
+
+/// The cgroup v2 mount point, read from /proc/self/mountinfo.
+pub fn cgroup2_root() -> Result<PathBuf, SandboxError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(SandboxError::io("reading", Path::new("/proc/self/mountinfo")))?;
+    cgroup2_in_mountinfo(&info).ok_or_else(|| {
+        SandboxError::Prerequisite(
+            "no cgroup v2 filesystem is mounted: mount one (`mount -t cgroup2 none /sys/fs/cgroup`) \
+             or boot with systemd.unified_cgroup_hierarchy=1"
+                .into(),
+        )
+    })
+}
+
+fn cgroup2_in_mountinfo(info: &str) -> Option<PathBuf> {
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        let mount_point = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape(mount_point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let code: String = chars.by_ref().take(3).collect();
+            match u8::from_str_radix(&code, 8) {
+                Ok(b) => out.push(char::from(b)),
+                Err(_) => {
+                    out.push('\\');
+                    out.push_str(&code);
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless it is there already.
+pub fn ensure_bpffs() -> Result<(), SandboxError> {
+    let path = Path::new(BPFFS);
+    if is_fs(path, BPF_FS_MAGIC) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path).map_err(SandboxError::io("creating", path))?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| {
+        SandboxError::Prerequisite(format!(
+            "cannot mount bpffs at {BPFFS} ({e}): the kernel needs CONFIG_BPF_SYSCALL"
+        ))
+    })
+}
+
+fn is_fs(path: &Path, magic: i64) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == magic)
+}
+
+/// The kernel must describe itself in BTF for the LSM programs to load.
+pub fn check_btf() -> Result<(), SandboxError> {
+    if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Ok(())
+    } else {
+        Err(SandboxError::Prerequisite(
+            "/sys/kernel/btf/vmlinux is missing: the gateway needs a kernel built with \
+             CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 2021 are)"
+                .into(),
+        ))
+    }
+}
+
+/// The BPF LSM must be in the active LSM list, or unix and socket-family checks cannot run.
+pub fn check_bpf_lsm() -> Result<(), SandboxError> {
+    let lsm_file = Path::new(SECURITYFS).join("lsm");
+    if !lsm_file.exists() {
+        // securityfs is not always mounted; mounting it changes nothing else.
+        let _ = nix::mount::mount(
+            Some("securityfs"),
+            SECURITYFS,
+            Some("securityfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    let list = std::fs::read_to_string(&lsm_file).map_err(|e| {
+        SandboxError::Prerequisite(format!(
+            "cannot read the active LSM list at {} ({e}): mount securityfs there",
+            lsm_file.display()
+        ))
+    })?;
+    if list.trim().split(',').any(|l| l == "bpf") {
+        Ok(())
+    } else {
+        Err(SandboxError::Prerequisite(format!(
+            "the BPF LSM is not active (active: {}): add `bpf` to the kernel's lsm= boot \
+             parameter, e.g. lsm={},bpf, and reboot",
+            list.trim(),
+            list.trim()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_hybrid_and_unified_mounts() {
+        let hybrid = "25 24 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_in_mountinfo(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let none = "25 24 0:22 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(cgroup2_in_mountinfo(none), None);
+    }
+
+    #[test]
+    fn unescapes_octal() {
+        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
+    }
+}

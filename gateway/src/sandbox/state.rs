@@ -1,0 +1,89 @@
+//! What a run leaves on the host, recorded so a later run or `gateway cleanup` can remove it
+//! after a crash.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{SandboxError, cgroup::Cgroup, host::BPFFS};
+
+/// Per-run state directories live here (tmpfs: gone after reboot, as are the pins).
+pub const RUN_DIR: &str = "/run/gateway";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunState {
+    pub pid: u32,
+    /// Field 22 of /proc/PID/stat, so a reused pid is not mistaken for the owner.
+    pub start_time: u64,
+    pub sandbox: String,
+    pub cgroup_dir: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+/// The id of this run: the gateway's pid, which is unique among live runs.
+pub fn run_id() -> String {
+    std::process::id().to_string()
+}
+
+pub fn run_dir(id: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(id)
+}
+
+pub fn pin_dir(id: &str) -> PathBuf {
+    Path::new(BPFFS).join("gateway").join(id)
+}
+
+impl RunState {
+    pub fn save(&self, dir: &Path) -> Result<(), SandboxError> {
+        std::fs::create_dir_all(dir).map_err(SandboxError::io("creating", dir))?;
+        let file = dir.join("state.json");
+        let json = serde_json::to_vec_pretty(self).expect("state serializes");
+        std::fs::write(&file, json).map_err(SandboxError::io("writing", &file))
+    }
+
+    fn alive(&self) -> bool {
+        process_start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may hold spaces and parentheses; the fields after the last ')' are fixed.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Removes what crashed runs left behind: their sandboxes are killed, links unpinned and
+/// cgroups removed. Returns the sandboxes cleaned.
+pub fn clean_stale() -> Result<Vec<String>, anyhow::Error> {
+    let mut cleaned = Vec::new();
+    let entries = match std::fs::read_dir(RUN_DIR) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cleaned),
+        Err(e) => return Err(anyhow::anyhow!("reading {RUN_DIR}: {e}")),
+    };
+    for entry in entries {
+        let dir = entry?.path();
+        let Ok(text) = std::fs::read(dir.join("state.json")) else {
+            continue;
+        };
+        let state: RunState = match serde_json::from_slice(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("skipping {}: unreadable state ({e})", dir.display());
+                continue;
+            }
+        };
+        if state.alive() {
+            continue;
+        }
+        // Kill first: the pinned links keep the sandbox locked until it is gone.
+        if state.cgroup_dir.exists() {
+            Cgroup::open(state.cgroup_dir.clone())?.destroy()?;
+        }
+        crate::kernel::remove_pin_dir(&state.pin_dir)?;
+        std::fs::remove_dir_all(&dir)?;
+        cleaned.push(format!("{} (gateway pid {})", state.sandbox, state.pid));
+    }
+    Ok(cleaned)
+}
