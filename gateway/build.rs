@@ -10,7 +10,10 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .context("gateway crate has no parent directory")?;
     let ebpf_dir = workspace.join("gateway-ebpf");
-    println!("cargo:rerun-if-changed={}", workspace.join("gateway-common").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("gateway-common").display()
+    );
 
     // `cargo xtask bootstrap` builds bpf-linker here; a bpf-linker already on PATH also works.
     let tools = workspace.join("target/tools/bin");

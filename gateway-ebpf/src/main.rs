@@ -6,7 +6,6 @@
 mod event;
 mod net;
 mod socket;
-mod unix;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -4,6 +4,10 @@ use std::{
     os::unix::process::ExitStatusExt as _,
     path::PathBuf,
     process::ExitStatus,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use anyhow::Context as _;
@@ -19,8 +23,10 @@ use crate::{
     policy::{self, Policy},
     sandbox::{
         cgroup::Cgroup,
+        confine::Confinement,
         env, host,
         launch::Launch,
+        notify,
         state::{self, RunState},
         user::{self, SandboxUser},
     },
@@ -43,7 +49,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     let policy = policy::load(&args.policy)?;
     host::check_btf()?;
-    host::check_bpf_lsm()?;
     let cgroup_root = host::cgroup2_root()?;
     host::ensure_bpffs()?;
     let user = user::resolve(args.user.as_deref())?;
@@ -73,7 +78,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(supervise(&policy, &user, &args.command, &run_state, &run_dir, audit))
+    runtime.block_on(supervise(
+        &policy,
+        &user,
+        &args.command,
+        &run_state,
+        &run_dir,
+        audit,
+    ))
 }
 
 async fn supervise(
@@ -128,7 +140,8 @@ async fn supervise(
         "sandbox ready"
     );
 
-    let outcome = launch_and_wait(policy, user, command, &cgroup, tunnel_addr, run_dir).await;
+    let outcome =
+        launch_and_wait(policy, user, command, &cgroup, tunnel_addr, run_dir, &audit).await;
 
     // Teardown runs whatever happened above: kill, stop, drain, detach, remove.
     let killed = cgroup.kill();
@@ -153,8 +166,10 @@ async fn launch_and_wait(
     cgroup: &Cgroup,
     tunnel_addr: std::net::SocketAddr,
     run_dir: &std::path::Path,
+    audit: &AuditLog,
 ) -> anyhow::Result<i32> {
     let ca_bundle = env::write_ca_bundle(run_dir).context("writing the CA bundle")?;
+    let confinement = Confinement::prepare()?;
     let (program, args) = command.split_first().context("no command given after --")?;
     let procs = cgroup.procs();
     let mut child = Launch {
@@ -164,8 +179,15 @@ async fn launch_and_wait(
         cgroup_procs: &procs,
         env: env::variables(tunnel_addr, &ca_bundle),
         remove: policy.secret_env_vars().map(str::to_owned).collect(),
+        confine: confinement.child_side(),
     }
     .spawn()?;
+    let listener = confinement.receive_listener()?;
+    let stop_notify = Arc::new(AtomicBool::new(false));
+    let notifier = {
+        let (audit, sandbox, stop) = (audit.clone(), policy.name.clone(), stop_notify.clone());
+        std::thread::spawn(move || notify::serve(listener, audit, sandbox, stop))
+    };
     let pid = child.id().map(|p| Pid::from_raw(p as i32));
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -180,6 +202,8 @@ async fn launch_and_wait(
             let _ = nix::sys::signal::kill(pid, forward);
         }
     };
+    stop_notify.store(true, Ordering::Relaxed);
+    let _ = notifier.join();
     Ok(exit_code(status))
 }
 

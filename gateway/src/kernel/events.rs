@@ -80,7 +80,10 @@ impl LostCounter {
             let lost = total - self.reported;
             let mut rec = Record::new(Layer::Kernel, Verdict::Deny, sandbox, "events-lost");
             rec.lost = Some(lost);
-            tracing::warn!(lost, "kernel refusals were not reported: the event ring was full");
+            tracing::warn!(
+                lost,
+                "kernel refusals were not reported: the event ring was full"
+            );
             self.reported = total;
             audit.append(&rec)?;
         }
@@ -105,7 +108,11 @@ pub fn describe(ev: &Event, sandbox: &str) -> Record {
     let reason = Reason::from_u32(ev.reason).map_or("unknown", Reason::name);
     let hook = Hook::from_u32(ev.hook).map_or("unknown", Hook::name);
     let mut rec = Record::new(Layer::Kernel, Verdict::Deny, sandbox, reason);
-    let comm_len = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());
+    let comm_len = ev
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(ev.comm.len());
     rec.kernel = Some(KernelFields {
         hook,
         pid: ev.pid,

@@ -7,16 +7,15 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    maps::{Array, LpmTrie, lpm_trie::Key},
 };
 use gateway_common::{
-    IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RULES, PortRule, PortRules, SandboxConfig, UNIX_PATH_MAX,
-    UnixPath,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RULES, PortRule, PortRules, SandboxConfig,
 };
 use ipnet::IpNet;
 
 use super::{KernelError, Target};
-use crate::policy::{NetRule, Protocol, UnixRule};
+use crate::policy::{NetRule, Protocol};
 
 pub(super) fn fill(ebpf: &mut Ebpf, target: &Target<'_>) -> Result<(), KernelError> {
     let map_err = |map| move |source| KernelError::Map { map, source };
@@ -44,15 +43,6 @@ pub(super) fn fill(ebpf: &mut Ebpf, target: &Target<'_>) -> Result<(), KernelErr
             .map_err(map_err("NET_ALLOW"))?;
     }
 
-    let mut unix: HashMap<_, UnixPath, u8> = ebpf
-        .map_mut("UNIX_ALLOW")
-        .ok_or_else(|| super::missing("UNIX_ALLOW"))?
-        .try_into()
-        .map_err(map_err("UNIX_ALLOW"))?;
-    for rule in &target.policy.unix {
-        unix.insert(unix_key(rule), 1, 0)
-            .map_err(map_err("UNIX_ALLOW"))?;
-    }
     Ok(())
 }
 
@@ -123,22 +113,12 @@ pub fn compile_net_allow(
 
 fn truncate(addr: [u8; 16], bits: u32) -> [u8; 16] {
     let v = u128::from_be_bytes(addr);
-    let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+    let mask = if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits)
+    };
     (v & mask).to_be_bytes()
-}
-
-fn unix_key(rule: &UnixRule) -> UnixPath {
-    let mut key = UnixPath {
-        bytes: [0; UNIX_PATH_MAX],
-        _pad: [0; 4],
-    };
-    let raw: Vec<u8> = match rule {
-        UnixRule::Path(p) => p.as_os_str().as_encoded_bytes().to_vec(),
-        UnixRule::Abstract(name) => std::iter::once(0).chain(name.iter().copied()).collect(),
-    };
-    let n = raw.len().min(UNIX_PATH_MAX);
-    key.bytes[..n].copy_from_slice(&raw[..n]);
-    key
 }
 
 #[cfg(test)]
@@ -184,7 +164,9 @@ mod tests {
 
     #[test]
     fn too_many_rules_for_one_address_is_an_error() {
-        let rules: Vec<_> = (1..=17).map(|p| rule("10.0.0.0/8", p, Protocol::Tcp)).collect();
+        let rules: Vec<_> = (1..=17)
+            .map(|p| rule("10.0.0.0/8", p, Protocol::Tcp))
+            .collect();
         assert!(compile_net_allow(&rules).is_err());
     }
 }

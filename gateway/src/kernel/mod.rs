@@ -1,5 +1,5 @@
 //! Loads the eBPF programs, writes the compiled policy into their maps, attaches them to the
-//! sandbox cgroup (and the global LSM hooks) and pins every link in bpffs.
+//! sandbox cgroup and pins every link in bpffs.
 
 mod events;
 mod maps;
@@ -11,10 +11,10 @@ use std::{
 };
 
 use aya::{
-    Btf, Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr,
         links::{FdLink, PinnedLink},
     },
 };
@@ -27,12 +27,6 @@ use crate::policy::Policy;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
 
 const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
-const LSM_PROGRAMS: [(&str, &str); 3] = [
-    ("socket_create", "socket_create"),
-    ("socket_connect", "socket_connect"),
-    ("socket_sendmsg", "socket_sendmsg"),
-];
-
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     /// The embedded object or one of its programs was refused by the kernel.
@@ -57,11 +51,6 @@ pub enum KernelError {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error(
-        "reading kernel BTF from /sys/kernel/btf/vmlinux: {0}; \
-         the gateway needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
-    )]
-    Btf(#[from] aya::BtfError),
     #[error("pinning {path}: {source}")]
     Pin {
         path: PathBuf,
@@ -117,7 +106,6 @@ impl Enforcer {
             source,
         })?;
         enforcer.attach_cgroup_programs(&cgroup)?;
-        enforcer.attach_lsm_programs()?;
         Ok(enforcer)
     }
 
@@ -140,9 +128,9 @@ impl Enforcer {
                 .map_err(err)?
                 .try_into()
                 .map_err(|source| KernelError::Link {
-                program: name,
-                source,
-            })?;
+                    program: name,
+                    source,
+                })?;
             self.pin(name, link)?;
         }
         let name = "sock_create";
@@ -167,27 +155,6 @@ impl Enforcer {
                 source,
             })?;
         self.pin(name, link)
-    }
-
-    fn attach_lsm_programs(&mut self) -> Result<(), KernelError> {
-        let btf = Btf::from_sys_fs()?;
-        for (name, hook) in LSM_PROGRAMS {
-            let err = |source| KernelError::Program {
-                program: name,
-                source,
-            };
-            let prog: &mut Lsm = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| missing(name))?
-                .try_into()
-                .map_err(err)?;
-            prog.load(hook, &btf).map_err(err)?;
-            let id = prog.attach().map_err(err)?;
-            let link: FdLink = prog.take_link(id).map_err(err)?.into();
-            self.pin(name, link)?;
-        }
-        Ok(())
     }
 
     fn pin(&mut self, name: &str, link: FdLink) -> Result<(), KernelError> {

@@ -310,7 +310,10 @@ fn net_rule(raw: RawNetRule, errs: &mut Errors<'_>) -> Option<NetRule> {
         Some("udp") => Some(Protocol::Udp),
         Some(other) => {
             let span = raw.protocol.as_ref().map_or(0..0, Spanned::span);
-            errs.at(span, format!("bad protocol `{other}`: expected \"tcp\" or \"udp\""));
+            errs.at(
+                span,
+                format!("bad protocol `{other}`: expected \"tcp\" or \"udp\""),
+            );
             None
         }
     };
@@ -402,7 +405,10 @@ fn http_rule(
         Some(p) => match u16::try_from(*p.get_ref()) {
             Ok(n) if n > 0 => n,
             _ => {
-                errs.at(p.span(), format!("bad port {}: expected 1-65535", p.get_ref()));
+                errs.at(
+                    p.span(),
+                    format!("bad port {}: expected 1-65535", p.get_ref()),
+                );
                 return None;
             }
         },
@@ -425,7 +431,10 @@ fn http_rule(
         Some(c) => match c.get_ref().parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                errs.at(c.span(), format!("bad connect `{}`: expected IP:PORT", c.get_ref()));
+                errs.at(
+                    c.span(),
+                    format!("bad connect `{}`: expected IP:PORT", c.get_ref()),
+                );
                 return None;
             }
         },

@@ -38,7 +38,10 @@ impl Cgroup {
     pub fn open(dir: PathBuf) -> Result<Self, SandboxError> {
         let meta = std::fs::metadata(&dir).map_err(SandboxError::io("reading cgroup", &dir))?;
         // On cgroup v2 the directory's inode number is the id bpf_get_current_cgroup_id sees.
-        Ok(Self { id: meta.ino(), dir })
+        Ok(Self {
+            id: meta.ino(),
+            dir,
+        })
     }
 
     pub fn dir(&self) -> &Path {

@@ -31,15 +31,11 @@ pub fn write_ca_bundle(dir: &Path) -> std::io::Result<PathBuf> {
 pub fn variables(tunnel: SocketAddr, ca_bundle: &Path) -> Vec<(String, String)> {
     let proxy = format!("http://{tunnel}");
     let ca = ca_bundle.display().to_string();
-    let mut vars: Vec<(String, String)> = [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-    ]
-    .into_iter()
-    .map(|k| (k.to_owned(), proxy.clone()))
-    .collect();
+    let mut vars: Vec<(String, String)> =
+        ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"]
+            .into_iter()
+            .map(|k| (k.to_owned(), proxy.clone()))
+            .collect();
     vars.extend(["NO_PROXY", "no_proxy"].map(|k| (k.to_owned(), String::new())));
     vars.extend(
         [

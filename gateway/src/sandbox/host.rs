@@ -1,4 +1,4 @@
-//! Host prerequisites: cgroup v2, bpffs, BTF and the BPF LSM, each found or explained.
+//! Host prerequisites: cgroup v2, bpffs and BTF, each found or explained.
 
 use std::path::{Path, PathBuf};
 
@@ -6,12 +6,13 @@ use super::SandboxError;
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const SECURITYFS: &str = "/sys/kernel/security";
 
 /// The cgroup v2 mount point, read from /proc/self/mountinfo.
 pub fn cgroup2_root() -> Result<PathBuf, SandboxError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(SandboxError::io("reading", Path::new("/proc/self/mountinfo")))?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(SandboxError::io(
+        "reading",
+        Path::new("/proc/self/mountinfo"),
+    ))?;
     cgroup2_in_mountinfo(&info).ok_or_else(|| {
         SandboxError::Prerequisite(
             "no cgroup v2 filesystem is mounted: mount one (`mount -t cgroup2 none /sys/fs/cgroup`) \
@@ -86,37 +87,6 @@ pub fn check_btf() -> Result<(), SandboxError> {
              CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 2021 are)"
                 .into(),
         ))
-    }
-}
-
-/// The BPF LSM must be in the active LSM list, or unix and socket-family checks cannot run.
-pub fn check_bpf_lsm() -> Result<(), SandboxError> {
-    let lsm_file = Path::new(SECURITYFS).join("lsm");
-    if !lsm_file.exists() {
-        // securityfs is not always mounted; mounting it changes nothing else.
-        let _ = nix::mount::mount(
-            Some("securityfs"),
-            SECURITYFS,
-            Some("securityfs"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        );
-    }
-    let list = std::fs::read_to_string(&lsm_file).map_err(|e| {
-        SandboxError::Prerequisite(format!(
-            "cannot read the active LSM list at {} ({e}): mount securityfs there",
-            lsm_file.display()
-        ))
-    })?;
-    if list.trim().split(',').any(|l| l == "bpf") {
-        Ok(())
-    } else {
-        Err(SandboxError::Prerequisite(format!(
-            "the BPF LSM is not active (active: {}): add `bpf` to the kernel's lsm= boot \
-             parameter, e.g. lsm={},bpf, and reboot",
-            list.trim(),
-            list.trim()
-        )))
     }
 }
 

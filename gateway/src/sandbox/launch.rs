@@ -5,7 +5,7 @@ use std::{ffi::CString, io, os::unix::ffi::OsStrExt as _, path::Path};
 
 use tokio::process::{Child, Command};
 
-use super::{SandboxError, user::SandboxUser};
+use super::{SandboxError, confine::ChildSide, user::SandboxUser};
 
 pub struct Launch<'a> {
     pub program: &'a str,
@@ -15,6 +15,7 @@ pub struct Launch<'a> {
     /// Variables to set; every other variable is inherited unless listed in `remove`.
     pub env: Vec<(String, String)>,
     pub remove: Vec<String>,
+    pub confine: ChildSide,
 }
 
 impl Launch<'_> {
@@ -24,6 +25,7 @@ impl Launch<'_> {
         })?;
         let uid = self.user.uid.as_raw();
         let gid = self.user.gid.as_raw();
+        let confine = self.confine;
         let mut cmd = Command::new(self.program);
         cmd.args(self.args);
         for var in &self.remove {
@@ -36,7 +38,7 @@ impl Launch<'_> {
         // SAFETY: the closure runs between fork and exec and makes only async-signal-safe
         // system calls on data prepared before the fork.
         unsafe {
-            cmd.pre_exec(move || enter_sandbox(&procs, uid, gid));
+            cmd.pre_exec(move || enter_sandbox(&procs, uid, gid, confine));
         }
         cmd.spawn().map_err(|e| SandboxError::Io {
             what: "starting",
@@ -47,7 +49,7 @@ impl Launch<'_> {
 }
 
 /// Joins the cgroup before anything of CMD runs, so every socket CMD makes is the sandbox's.
-fn enter_sandbox(procs: &CString, uid: u32, gid: u32) -> io::Result<()> {
+fn enter_sandbox(procs: &CString, uid: u32, gid: u32, confine: ChildSide) -> io::Result<()> {
     // SAFETY: plain system calls on valid pointers; errors are checked.
     unsafe {
         let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -65,6 +67,7 @@ fn enter_sandbox(procs: &CString, uid: u32, gid: u32) -> io::Result<()> {
         check(libc::setresgid(gid, gid, gid))?;
         check(libc::setresuid(uid, uid, uid))?;
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+        confine.apply()?;
         // Mark rather than close: std's exec-error pipe must stay open until exec.
         const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
         check(libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) as i32)?;

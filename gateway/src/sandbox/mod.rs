@@ -1,9 +1,11 @@
 //! The sandbox's place on the host: its cgroup, bpffs pins, run state, user and launch.
 
 pub mod cgroup;
+pub mod confine;
 pub mod env;
 pub mod host;
 pub mod launch;
+pub mod notify;
 pub mod state;
 pub mod user;
 

@@ -37,7 +37,9 @@ pub async fn serve(listener: TcpListener, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn not_implemented(_req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn not_implemented(
+    _req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut resp = Response::new(Full::new(Bytes::from_static(
         b"gateway tunnel: proxying is not implemented yet\n",
     )));

@@ -65,7 +65,10 @@ credential = "gh"
 fn unknown_key_points_at_it() {
     let e = errors("version = 1\n[tunnel]\nlisten = \"127.0.0.1:0\"\nlistne = 1\n");
     assert_eq!(e.len(), 1);
-    assert!(e[0].starts_with("p.toml:4:1: unknown field `listne`"), "{e:?}");
+    assert!(
+        e[0].starts_with("p.toml:4:1: unknown field `listne`"),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -81,15 +84,36 @@ credential = "nope"
 header = "X"
 "#;
     let e = errors(text);
-    assert!(e.iter().any(|l| l.starts_with("p.toml:1:11: unsupported policy version 2")), "{e:?}");
-    assert!(e.iter().any(|l| l.starts_with("p.toml:3:8: bad CIDR")), "{e:?}");
-    assert!(e.iter().any(|l| l.starts_with("p.toml:4:10: bad port")), "{e:?}");
-    assert!(e.iter().any(|l| l.starts_with("p.toml:7:14: unknown credential `nope`")), "{e:?}");
-    assert!(e.iter().any(|l| l.contains("credential `empty` has no source")), "{e:?}");
+    assert!(
+        e.iter()
+            .any(|l| l.starts_with("p.toml:1:11: unsupported policy version 2")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter().any(|l| l.starts_with("p.toml:3:8: bad CIDR")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter().any(|l| l.starts_with("p.toml:4:10: bad port")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|l| l.starts_with("p.toml:7:14: unknown credential `nope`")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|l| l.contains("credential `empty` has no source")),
+        "{e:?}"
+    );
 }
 
 #[test]
 fn tunnel_must_be_loopback() {
     let e = errors("version = 1\n[tunnel]\nlisten = \"0.0.0.0:3128\"\n");
-    assert!(e[0].starts_with("p.toml:3:10: tunnel.listen must be a loopback"), "{e:?}");
+    assert!(
+        e[0].starts_with("p.toml:3:10: tunnel.listen must be a loopback"),
+        "{e:?}"
+    );
 }

@@ -1,0 +1,225 @@
+//! Process-level layers under the cgroup programs, set up in the child before exec:
+//!
+//! - Landlock scopes: no connecting to abstract unix sockets made outside the sandbox, no
+//!   signals to processes outside it (and Landlock's ptrace rule: none either).
+//! - seccomp: socket families other than unix, inet, inet6 and netlink route, and
+//!   io_uring (its IORING_OP_SOCKET would bypass the socket filter), are refused. The filter
+//!   hands each refusal to the gateway through a user-notification fd so it can be audited;
+//!   if the gateway is gone the kernel fails the call with ENOSYS, still refused.
+//!
+//! Everything that allocates happens in [`Confinement::prepare`], before the fork; the child
+//! only makes system calls.
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+};
+
+use landlock::{CompatLevel, Compatible as _, Ruleset, RulesetAttr as _, Scope};
+use libseccomp::{ScmpAction, ScmpFilterContext, ScmpSyscall, scmp_cmp};
+
+use super::SandboxError;
+
+const AF_UNIX: u64 = 1;
+const AF_INET: u64 = 2;
+const AF_INET6: u64 = 10;
+const AF_NETLINK: u64 = 16;
+const NETLINK_ROUTE: u64 = 0;
+
+pub struct Confinement {
+    landlock: OwnedFd,
+    seccomp: Vec<u8>,
+    /// The child sends its seccomp listener fd over `child_end`; the gateway reads `ours`.
+    ours: OwnedFd,
+    child_end: OwnedFd,
+}
+
+/// What the child needs after fork: raw fds and a pointer to the filter.
+#[derive(Clone, Copy)]
+pub struct ChildSide {
+    landlock: RawFd,
+    filter: *const libc::sock_filter,
+    filter_len: u16,
+    child_end: RawFd,
+}
+
+// SAFETY: the pointer refers to `Confinement::seccomp`, which outlives the spawn, and is only
+// read in the forked child.
+unsafe impl Send for ChildSide {}
+unsafe impl Sync for ChildSide {}
+
+impl Confinement {
+    pub fn prepare() -> Result<Self, SandboxError> {
+        let landlock = Ruleset::default()
+            .set_compatibility(CompatLevel::HardRequirement)
+            .scope(Scope::AbstractUnixSocket | Scope::Signal)
+            .and_then(|r| r.create())
+            .map_err(|e| {
+                SandboxError::Prerequisite(format!(
+                    "Landlock scopes are unavailable ({e}): the gateway needs Linux 6.12 or later \
+                     with `landlock` in the kernel's lsm= list"
+                ))
+            })?;
+        let landlock: Option<OwnedFd> = landlock.into();
+        let landlock = landlock.ok_or_else(|| {
+            SandboxError::Prerequisite("Landlock is not enabled in this kernel".into())
+        })?;
+        let seccomp = seccomp_filter().map_err(|e| {
+            SandboxError::Prerequisite(format!(
+                "building the seccomp filter: {e}; the gateway needs libseccomp 2.5+ and \
+                 seccomp user notification (Linux 5.5+)"
+            ))
+        })?;
+        let (ours, child_end) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| SandboxError::Prerequisite(format!("socketpair: {e}")))?;
+        Ok(Self {
+            landlock,
+            seccomp,
+            ours,
+            child_end,
+        })
+    }
+
+    pub fn child_side(&self) -> ChildSide {
+        ChildSide {
+            landlock: self.landlock.as_raw_fd(),
+            filter: self.seccomp.as_ptr().cast(),
+            filter_len: (self.seccomp.len() / size_of::<libc::sock_filter>()) as u16,
+            child_end: self.child_end.as_raw_fd(),
+        }
+    }
+
+    /// Receives the seccomp listener the child sent before exec.
+    pub fn receive_listener(self) -> Result<OwnedFd, SandboxError> {
+        drop(self.child_end);
+        let mut buf = [0u8; 1];
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!(RawFd);
+        let msg = nix::sys::socket::recvmsg::<()>(
+            self.ours.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| SandboxError::Prerequisite(format!("receiving the seccomp listener: {e}")))?;
+        for cmsg in msg.cmsgs().map_err(|e| {
+            SandboxError::Prerequisite(format!("receiving the seccomp listener: {e}"))
+        })? {
+            if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = cmsg
+                && let Some(&fd) = fds.first()
+            {
+                // SAFETY: SCM_RIGHTS just installed this fd in our table; we own it.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+        Err(SandboxError::Prerequisite(
+            "the sandboxed command exited before installing its seccomp filter".into(),
+        ))
+    }
+}
+
+fn seccomp_filter() -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let mut ctx = ScmpFilterContext::new(ScmpAction::Allow)?;
+    for name in ["socket", "socketpair"] {
+        let nr = ScmpSyscall::from_name(name)?;
+        let deny = ScmpAction::Notify;
+        // Allowed: exactly AF_UNIX, AF_INET, AF_INET6, and AF_NETLINK with NETLINK_ROUTE.
+        // Compared as 64-bit values, so stray upper bits make a call refused, never allowed.
+        // libseccomp takes one comparison per argument and rule, hence one rule per family.
+        ctx.add_rule_conditional(deny, nr, &[scmp_cmp!($arg0 > AF_NETLINK)])?;
+        for family in (0..AF_NETLINK).filter(|f| ![AF_UNIX, AF_INET, AF_INET6].contains(f)) {
+            ctx.add_rule_conditional(deny, nr, &[scmp_cmp!($arg0 == family)])?;
+        }
+        ctx.add_rule_conditional(
+            deny,
+            nr,
+            &[
+                scmp_cmp!($arg0 == AF_NETLINK),
+                scmp_cmp!($arg2 != NETLINK_ROUTE),
+            ],
+        )?;
+    }
+    ctx.add_rule(
+        ScmpAction::Notify,
+        ScmpSyscall::from_name("io_uring_setup")?,
+    )?;
+    // The compiled filter is small, well under a pipe's buffer.
+    let (mut read, write) = std::io::pipe()?;
+    ctx.export_bpf(&write)?;
+    drop(write);
+    let mut bpf = Vec::new();
+    io::Read::read_to_end(&mut read, &mut bpf)?;
+    Ok(bpf)
+}
+
+impl ChildSide {
+    /// Runs in the forked child after the uid change and no_new_privs.
+    pub fn apply(self) -> io::Result<()> {
+        // SAFETY: raw system calls on fds and memory prepared before the fork.
+        unsafe {
+            const LANDLOCK_RESTRICT_SELF: libc::c_long = 446;
+            check(libc::syscall(LANDLOCK_RESTRICT_SELF, self.landlock, 0u32))?;
+            let prog = libc::sock_fprog {
+                len: self.filter_len,
+                filter: self.filter.cast_mut(),
+            };
+            const SECCOMP_FILTER_FLAG_NEW_LISTENER: libc::c_ulong = 1 << 3;
+            let listener = libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                &prog as *const libc::sock_fprog,
+            );
+            check(listener)?;
+            let listener = listener as RawFd;
+            send_fd(self.child_end, listener)?;
+            libc::close(listener);
+            libc::close(self.child_end);
+            libc::close(self.landlock);
+        }
+        Ok(())
+    }
+}
+
+/// sendmsg with one SCM_RIGHTS fd, built on the stack.
+unsafe fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
+    #[repr(C)]
+    union Cmsg {
+        buf: [u8; 64],
+        _align: libc::cmsghdr,
+    }
+    let mut data = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut cmsg = Cmsg { buf: [0; 64] };
+    // SAFETY: the control buffer is aligned for cmsghdr and large enough for one fd.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.buf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<RawFd>() as u32) as usize;
+        let hdr = libc::CMSG_FIRSTHDR(&msg);
+        (*hdr).cmsg_level = libc::SOL_SOCKET;
+        (*hdr).cmsg_type = libc::SCM_RIGHTS;
+        (*hdr).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(hdr).cast::<RawFd>(), fd);
+        check(libc::sendmsg(sock, &msg, 0) as libc::c_long)?;
+    }
+    Ok(())
+}
+
+fn check(ret: libc::c_long) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
