@@ -1,0 +1,321 @@
+//! Helpers for the privileged end-to-end tests: run the real `gateway` binary as root, with a
+//! real policy file, real eBPF programs on a real cgroup, and real clients inside.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{TcpListener, UdpSocket},
+    os::unix::{fs::PermissionsExt as _, net::UnixListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use serde_json::Value;
+
+pub const EPERM: i64 = 1;
+pub const EACCES: i64 = 13;
+
+/// Python run inside the sandbox: each door is tried and reported as one JSON line.
+pub const PRELUDE: &str = r#"
+import socket, os, sys, json, errno, ctypes, time
+def report(door, fn):
+    try:
+        fn()
+        print(json.dumps({"door": door, "ok": True}), flush=True)
+    except OSError as e:
+        print(json.dumps({"door": door, "ok": False, "errno": e.errno}), flush=True)
+print(json.dumps({"pid": os.getpid()}), flush=True)
+TUNNEL = os.environ["HTTP_PROXY"].rsplit(":", 1)
+TUNNEL_PORT = int(TUNNEL[1])
+"#;
+
+/// A scratch directory the sandbox user can read, removed on drop.
+pub struct Scratch {
+    pub dir: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "gateway-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self { dir }
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn gateway_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_gateway")
+}
+
+pub fn assert_root() {
+    assert!(
+        nix_is_root(),
+        "the privileged tests must run as root (sudo cargo xtask test); they never skip"
+    );
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// One `gateway run` with a policy and a command.
+pub struct Run {
+    pub scratch: Scratch,
+    pub policy: PathBuf,
+    pub audit: PathBuf,
+}
+
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub audit: Vec<Value>,
+    pub lines: Vec<Value>,
+}
+
+impl Run {
+    pub fn new(tag: &str, policy: &str) -> Self {
+        assert_root();
+        let scratch = Scratch::new(tag);
+        let policy = scratch.write("policy.toml", policy);
+        let audit = scratch.dir.join("audit.jsonl");
+        Self {
+            scratch,
+            policy,
+            audit,
+        }
+    }
+
+    pub fn command(&self, cmd: &[&str]) -> Command {
+        let mut c = Command::new(gateway_bin());
+        c.arg("run")
+            .arg("--policy")
+            .arg(&self.policy)
+            .arg("--audit-log")
+            .arg(&self.audit)
+            .arg("--user")
+            .arg("nobody")
+            .arg("--")
+            .args(cmd)
+            .current_dir("/")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn python(&self, body: &str) -> Finished {
+        let script = format!("{PRELUDE}\n{body}");
+        self.finish(self.command(&["python3", "-c", &script]).output().unwrap())
+    }
+
+    pub fn sh(&self, script: &str) -> Finished {
+        self.finish(self.command(&["sh", "-c", script]).output().unwrap())
+    }
+
+    pub fn finish(&self, out: Output) -> Finished {
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let lines = json_lines(&stdout);
+        Finished {
+            status: out.status,
+            audit: self.audit_records(),
+            stdout,
+            stderr,
+            lines,
+        }
+    }
+
+    pub fn audit_records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit)
+            .map(|t| json_lines(&t))
+            .unwrap_or_default()
+    }
+}
+
+pub fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+impl Finished {
+    pub fn pid(&self) -> u64 {
+        self.lines
+            .iter()
+            .find_map(|l| l["pid"].as_u64())
+            .unwrap_or_else(|| panic!("sandboxed script printed no pid\n{}", self.describe()))
+    }
+
+    pub fn door(&self, name: &str) -> &Value {
+        self.lines
+            .iter()
+            .find(|l| l["door"] == name)
+            .unwrap_or_else(|| panic!("door `{name}` was not tried\n{}", self.describe()))
+    }
+
+    /// The door must have failed with EPERM or EACCES.
+    pub fn assert_refused(&self, name: &str) {
+        let d = self.door(name);
+        assert_eq!(d["ok"], false, "door `{name}` opened\n{}", self.describe());
+        let errno = d["errno"].as_i64().unwrap_or(-1);
+        assert!(
+            errno == EPERM || errno == EACCES,
+            "door `{name}` failed with errno {errno}, not EPERM/EACCES\n{}",
+            self.describe()
+        );
+    }
+
+    pub fn assert_open(&self, name: &str) {
+        assert_eq!(
+            self.door(name)["ok"],
+            true,
+            "door `{name}` should be open\n{}",
+            self.describe()
+        );
+    }
+
+    /// A kernel deny record with this hook and destination, from the script's own process.
+    pub fn assert_audited(&self, hook: &str, dst: &str) {
+        let pid = self.pid();
+        let found = self.audit.iter().any(|r| {
+            r["layer"] == "kernel"
+                && r["verdict"] == "deny"
+                && r["hook"] == hook
+                && r["dst"] == dst
+                && r["pid"].as_u64() == Some(pid)
+                && r["comm"] == "python3"
+                && r["uid"].as_u64() == Some(65534)
+                && r["ts"].as_str().is_some_and(|t| t.ends_with('Z'))
+                && r["sandbox"].is_string()
+                && r["reason"] == "not-allowlisted"
+        });
+        assert!(
+            found,
+            "no kernel audit record hook={hook} dst={dst} pid={pid}\n{}",
+            self.describe()
+        );
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "status: {:?}\n--- stdout\n{}\n--- stderr\n{}\n--- audit\n{}",
+            self.status,
+            self.stdout,
+            self.stderr,
+            self.audit
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    }
+}
+
+/// A host TCP listener that must see nothing (or something) from the sandbox.
+pub struct HostTcp {
+    pub listener: TcpListener,
+    pub port: u16,
+}
+
+impl HostTcp {
+    pub fn bind(addr: &str) -> Self {
+        let listener = TcpListener::bind(addr).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        Self { listener, port }
+    }
+
+    /// Connections that reached the listener (queued ones count: accept drains the backlog).
+    pub fn accepted(&self) -> usize {
+        let mut n = 0;
+        while self.listener.accept().is_ok() {
+            n += 1;
+        }
+        n
+    }
+}
+
+pub struct HostUdp {
+    pub socket: UdpSocket,
+    pub port: u16,
+}
+
+impl HostUdp {
+    pub fn bind(addr: &str) -> Self {
+        let socket = UdpSocket::bind(addr).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        Self { socket, port }
+    }
+
+    pub fn received(&self) -> usize {
+        let mut buf = [0u8; 2048];
+        let mut n = 0;
+        while self.socket.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    }
+}
+
+pub struct HostUnix {
+    pub listener: UnixListener,
+    pub path: PathBuf,
+}
+
+impl HostUnix {
+    /// A world-connectable socket, so only the sandbox's own rules can refuse it.
+    pub fn bind(dir: &Path, name: &str) -> Self {
+        let path = dir.join(name);
+        let listener = UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        Self { listener, path }
+    }
+
+    pub fn accepted(&self) -> usize {
+        let mut n = 0;
+        while self.listener.accept().is_ok() {
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Reads lines from a running sandbox's stdout until one matches.
+pub fn wait_for_line(child: &mut Child, want: &str) -> BufReader<std::process::ChildStdout> {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).unwrap();
+        assert!(n > 0, "sandbox exited before printing `{want}`");
+        if line.trim() == want {
+            return reader;
+        }
+    }
+}
+
+pub fn policy(name: &str, extra: &str) -> String {
+    format!("version = 1\nname = \"{name}\"\n{extra}\n")
+}
