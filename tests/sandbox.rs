@@ -178,6 +178,15 @@ report("io_uring_setup", setup)
 fn host_unix_sockets_are_refused() {
     let scratch = Scratch::new("unix");
     let by_path = HostUnix::bind(&scratch.dir, "host.sock");
+    let allowed = HostUnix::bind(&scratch.dir, "allowed.sock");
+    let dgram_path = scratch.dir.join("host-dgram.sock");
+    let dgram = std::os::unix::net::UnixDatagram::bind(&dgram_path).unwrap();
+    dgram.set_nonblocking(true).unwrap();
+    std::fs::set_permissions(
+        &dgram_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let name = format!("gateway-test-abstract-{}", std::process::id());
     let abstract_listener = {
         use std::os::linux::net::SocketAddrExt as _;
@@ -186,24 +195,41 @@ fn host_unix_sockets_are_refused() {
         l.set_nonblocking(true).unwrap();
         l
     };
-    let run = Run::new("unix", &policy("unix-doors", ""));
+    let run = Run::new(
+        "unix",
+        &policy(
+            "unix-doors",
+            &format!(
+                "[[unix.allow]]\npath = {:?}\n",
+                allowed.path.to_str().unwrap()
+            ),
+        ),
+    );
     let out = run.python(&format!(
         r#"
-def by_path():
+def connect(addr):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect({path:?})
-def abstract():
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect("\0{name}")
-report("path", by_path)
-report("abstract", abstract)
+    s.connect(addr)
+report("path", lambda: connect({path:?}))
+report("abstract", lambda: connect("\0{name}"))
+report("allowed", lambda: connect({allowed:?}))
+report("dgram", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"x", {dgram:?}))
 "#,
         path = by_path.path.to_str().unwrap(),
+        allowed = allowed.path.to_str().unwrap(),
+        dgram = dgram_path.to_str().unwrap(),
     ));
     out.assert_refused("path");
     out.assert_refused("abstract");
+    out.assert_refused("dgram");
+    out.assert_open("allowed");
+    out.assert_audited("unix_connect", by_path.path.to_str().unwrap());
+    out.assert_audited("unix_connect", &format!("@{name}"));
+    out.assert_audited("unix_sendmsg", dgram_path.to_str().unwrap());
     assert_eq!(by_path.accepted(), 0, "{}", out.describe());
+    assert_eq!(allowed.accepted(), 1, "{}", out.describe());
     assert!(abstract_listener.accept().is_err(), "{}", out.describe());
+    assert!(dgram.recv(&mut [0u8; 16]).is_err(), "{}", out.describe());
 }
 
 #[test]
@@ -223,7 +249,14 @@ report("netlink-route", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW
 "#,
     );
     for door in [
-        "raw", "raw6", "packet", "icmp", "vsock", "mptcp", "udplite", "sock_diag",
+        "raw",
+        "raw6",
+        "packet",
+        "icmp",
+        "vsock",
+        "mptcp",
+        "udplite",
+        "sock_diag",
     ] {
         out.assert_refused(door);
     }
@@ -234,14 +267,24 @@ report("netlink-route", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW
             r["hook"] == "sock_create"
                 && r["reason"] == reason
                 && r["pid"].as_u64() == Some(pid)
-                && r["proto"].as_str().is_some_and(|p| p.starts_with(proto_prefix))
+                && r["proto"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(proto_prefix))
         })
     };
     assert!(audited("socket-family", "packet/"), "{}", out.describe());
     assert!(audited("socket-family", "vsock/"), "{}", out.describe());
     assert!(audited("socket-family", "netlink/"), "{}", out.describe());
-    assert!(audited("socket-protocol", "inet/stream/262"), "{}", out.describe());
-    assert!(audited("socket-protocol", "inet6/dgram/136"), "{}", out.describe());
+    assert!(
+        audited("socket-protocol", "inet/stream/262"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        audited("socket-protocol", "inet6/dgram/136"),
+        "{}",
+        out.describe()
+    );
 }
 
 #[test]
@@ -428,7 +471,11 @@ fn credential_variables_are_removed_from_the_sandbox() {
             .unwrap(),
     );
     assert!(out.status.success());
-    assert!(!out.stdout.contains("GATEWAY_TEST_SECRET"), "{}", out.stdout);
+    assert!(
+        !out.stdout.contains("GATEWAY_TEST_SECRET"),
+        "{}",
+        out.stdout
+    );
     assert!(!out.stdout.contains("s3cr3t"), "{}", out.stdout);
     assert!(out.stdout.contains("GATEWAY_TEST_PLAIN=kept"));
     for var in [
@@ -444,7 +491,11 @@ fn credential_variables_are_removed_from_the_sandbox() {
         "NODE_EXTRA_CA_CERTS=",
         "GIT_SSL_CAINFO=",
     ] {
-        assert!(out.stdout.contains(var), "missing {var:?} in\n{}", out.stdout);
+        assert!(
+            out.stdout.contains(var),
+            "missing {var:?} in\n{}",
+            out.stdout
+        );
     }
 }
 
@@ -519,9 +570,8 @@ fn inherited_descriptors_are_closed() {
 fn two_sandboxes_do_not_share_allowances() {
     let a = HostTcp::bind("127.0.0.1:0");
     let b = HostTcp::bind("127.0.0.1:0");
-    let allow = |port: u16| {
-        format!("[[network.allow]]\ncidr = \"127.0.0.1/32\"\nports = [{port}]\n")
-    };
+    let allow =
+        |port: u16| format!("[[network.allow]]\ncidr = \"127.0.0.1/32\"\nports = [{port}]\n");
     let run_a = Run::new("two-a", &policy("two-a", &allow(a.port)));
     let run_b = Run::new("two-b", &policy("two-b", &allow(b.port)));
     let script = |go: &std::path::Path| {

@@ -6,6 +6,7 @@
 mod event;
 mod net;
 mod socket;
+mod unix;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -169,7 +169,11 @@ async fn launch_and_wait(
     audit: &AuditLog,
 ) -> anyhow::Result<i32> {
     let ca_bundle = env::write_ca_bundle(run_dir).context("writing the CA bundle")?;
-    let confinement = Confinement::prepare()?;
+    let abstract_allowed = policy
+        .unix
+        .iter()
+        .any(|r| matches!(r, crate::policy::UnixRule::Abstract(_)));
+    let confinement = Confinement::prepare(abstract_allowed)?;
     let (program, args) = command.split_first().context("no command given after --")?;
     let procs = cgroup.procs();
     let mut child = Launch {

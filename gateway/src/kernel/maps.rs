@@ -7,15 +7,16 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, LpmTrie, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
 };
 use gateway_common::{
-    IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RULES, PortRule, PortRules, SandboxConfig,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RULES, PortRule, PortRules, SandboxConfig, UNIX_PATH_MAX,
+    UnixPath,
 };
 use ipnet::IpNet;
 
 use super::{KernelError, Target};
-use crate::policy::{NetRule, Protocol};
+use crate::policy::{NetRule, Protocol, UnixRule};
 
 pub(super) fn fill(ebpf: &mut Ebpf, target: &Target<'_>) -> Result<(), KernelError> {
     let map_err = |map| move |source| KernelError::Map { map, source };
@@ -43,7 +44,32 @@ pub(super) fn fill(ebpf: &mut Ebpf, target: &Target<'_>) -> Result<(), KernelErr
             .map_err(map_err("NET_ALLOW"))?;
     }
 
+    let mut unix: HashMap<_, UnixPath, u8> = ebpf
+        .map_mut("UNIX_ALLOW")
+        .ok_or_else(|| super::missing("UNIX_ALLOW"))?
+        .try_into()
+        .map_err(map_err("UNIX_ALLOW"))?;
+    for rule in &target.policy.unix {
+        unix.insert(unix_key(rule), 1, 0)
+            .map_err(map_err("UNIX_ALLOW"))?;
+    }
     Ok(())
+}
+
+/// `sun_path` as the unix programs see it: a path up to its NUL, an abstract name after its
+/// leading NUL, zero-padded.
+fn unix_key(rule: &UnixRule) -> UnixPath {
+    let mut key = UnixPath {
+        bytes: [0; UNIX_PATH_MAX],
+        _pad: [0; 4],
+    };
+    let raw: Vec<u8> = match rule {
+        UnixRule::Path(p) => p.as_os_str().as_encoded_bytes().to_vec(),
+        UnixRule::Abstract(name) => std::iter::once(0).chain(name.iter().copied()).collect(),
+    };
+    let n = raw.len().min(UNIX_PATH_MAX);
+    key.bytes[..n].copy_from_slice(&raw[..n]);
+    key
 }
 
 /// IPv4 as `::ffff:a.b.c.d`, the one form the programs compare.

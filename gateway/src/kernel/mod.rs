@@ -3,6 +3,7 @@
 
 mod events;
 mod maps;
+mod unix;
 
 use std::{
     fs::File,
@@ -106,6 +107,8 @@ impl Enforcer {
             source,
         })?;
         enforcer.attach_cgroup_programs(&cgroup)?;
+        let unix_links = unix::attach(&enforcer.ebpf, &cgroup, target.pin_dir)?;
+        enforcer.links.extend(unix_links);
         Ok(enforcer)
     }
 

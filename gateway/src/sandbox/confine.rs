@@ -49,10 +49,17 @@ unsafe impl Send for ChildSide {}
 unsafe impl Sync for ChildSide {}
 
 impl Confinement {
-    pub fn prepare() -> Result<Self, SandboxError> {
+    /// `abstract_allowed`: the policy lists an abstract socket, so the Landlock scope that
+    /// would refuse every outside abstract socket is left to the cgroup unix programs.
+    pub fn prepare(abstract_allowed: bool) -> Result<Self, SandboxError> {
+        let scopes = if abstract_allowed {
+            Scope::Signal.into()
+        } else {
+            Scope::AbstractUnixSocket | Scope::Signal
+        };
         let landlock = Ruleset::default()
             .set_compatibility(CompatLevel::HardRequirement)
-            .scope(Scope::AbstractUnixSocket | Scope::Signal)
+            .scope(scopes)
             .and_then(|r| r.create())
             .map_err(|e| {
                 SandboxError::Prerequisite(format!(
