@@ -90,12 +90,17 @@ fn net_key(net: &IpNet) -> (u32, [u8; 16]) {
     }
 }
 
+/// (prefix length, address) as the LPM trie keys it.
+type LpmKey = (u32, [u8; 16]);
+/// (protocol, first port, last port)
+type RuleTuple = (u8, u16, u16);
+
 /// LPM entries for `[[network.allow]]`. The kernel returns only the longest matching prefix,
 /// so each entry also carries the rules of every shorter prefix that covers it.
 pub fn compile_net_allow(
     rules: &[NetRule],
 ) -> Result<Vec<(u32, [u8; 16], PortRules)>, KernelError> {
-    let mut own: BTreeMap<(u32, [u8; 16]), BTreeSet<(u8, u16, u16)>> = BTreeMap::new();
+    let mut own: BTreeMap<LpmKey, BTreeSet<RuleTuple>> = BTreeMap::new();
     for rule in rules {
         let proto = match rule.protocol {
             Protocol::Tcp => IPPROTO_TCP,
@@ -107,7 +112,7 @@ pub fn compile_net_allow(
         }
     }
     let mut out = Vec::with_capacity(own.len());
-    for (&(len, addr), _) in &own {
+    for &(len, addr) in own.keys() {
         let mut merged = BTreeSet::new();
         for shorter in 0..=len {
             if let Some(set) = own.get(&(shorter, truncate(addr, shorter))) {

@@ -9,6 +9,7 @@ pub struct PortRange {
 }
 
 impl PortRange {
+    #[cfg(test)]
     pub fn single(port: u16) -> Self {
         Self {
             first: port,

@@ -74,7 +74,7 @@ pub fn ensure_bpffs() -> Result<(), SandboxError> {
 }
 
 fn is_fs(path: &Path, magic: i64) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == magic)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == magic)
 }
 
 /// The kernel must describe itself in BTF for the LSM programs to load.
