@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Cost of the kernel hooks on connect(): connect()+close() to an allowed loopback listener,
+# inside a sandbox vs outside any sandbox, interleaved in one run. Run as root, after
+# `cargo build --release --workspace --bins` (cargo xtask bench does both).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+n=${CONNECTS:-20000}
+rounds=${ROUNDS:-5}
+work=$(mktemp -d /tmp/gateway-bench.XXXXXX)
+chmod 755 "$work"
+trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
+# Copies the sandbox user can execute wherever the checkout lives.
+install -m 755 "$root/target/release/connect-loop" "$root/target/release/gateway" "$work/"
+
+"$work/connect-loop" serve 127.0.0.1:0 > "$work/port" &
+server=$!
+while [ ! -s "$work/port" ]; do sleep 0.05; done
+port=$(cat "$work/port")
+cat > "$work/policy.toml" <<TOML
+version = 1
+name = "bench-connect"
+[[network.allow]]
+cidr = "127.0.0.1/32"
+ports = [$port]
+TOML
+
+inside=()
+outside=()
+for r in $(seq "$rounds"); do
+  outside+=("$("$work/connect-loop" connect "127.0.0.1:$port" "$n")")
+  inside+=("$(GATEWAY_LOG=warn "$work/gateway" run --policy "$work/policy.toml" \
+      --audit-log "$work/audit.jsonl" --user nobody -- \
+      "$work/connect-loop" connect "127.0.0.1:$port" "$n")")
+done
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+out=$(median "${outside[@]}")
+in=$(median "${inside[@]}")
+echo "connect()+close() to an allowed loopback listener, $n per round, $rounds rounds"
+echo "outside any sandbox: ${outside[*]} ns/op (median $out)"
+echo "inside the sandbox:  ${inside[*]} ns/op (median $in)"
+awk -v i="$in" -v o="$out" 'BEGIN { printf "ratio inside/outside: %.3f (%+.1f%% per connect)\n", i/o, (i/o-1)*100 }'
