@@ -23,6 +23,10 @@ pub enum Hook {
     SockCreate = 5,
     UnixConnect = 6,
     UnixSendmsg = 7,
+    Bind4 = 8,
+    Bind6 = 9,
+    SkbEgress = 10,
+    SkbIngress = 11,
 }
 
 impl Hook {
@@ -35,6 +39,10 @@ impl Hook {
             5 => Self::SockCreate,
             6 => Self::UnixConnect,
             7 => Self::UnixSendmsg,
+            8 => Self::Bind4,
+            9 => Self::Bind6,
+            10 => Self::SkbEgress,
+            11 => Self::SkbIngress,
             _ => return None,
         })
     }
@@ -48,6 +56,10 @@ impl Hook {
             Self::SockCreate => "sock_create",
             Self::UnixConnect => "unix_connect",
             Self::UnixSendmsg => "unix_sendmsg",
+            Self::Bind4 => "bind4",
+            Self::Bind6 => "bind6",
+            Self::SkbEgress => "skb_egress",
+            Self::SkbIngress => "skb_ingress",
         }
     }
 }
@@ -62,6 +74,10 @@ pub enum Reason {
     IcmpSocket = 4,
     SocketFamily = 5,
     SocketProtocol = 6,
+    BindNotLoopback = 7,
+    IpOptions = 8,
+    Ipv6ExtensionHeader = 9,
+    InboundConnection = 10,
 }
 
 impl Reason {
@@ -73,6 +89,10 @@ impl Reason {
             4 => Self::IcmpSocket,
             5 => Self::SocketFamily,
             6 => Self::SocketProtocol,
+            7 => Self::BindNotLoopback,
+            8 => Self::IpOptions,
+            9 => Self::Ipv6ExtensionHeader,
+            10 => Self::InboundConnection,
             _ => return None,
         })
     }
@@ -85,6 +105,10 @@ impl Reason {
             Self::IcmpSocket => "icmp-socket",
             Self::SocketFamily => "socket-family",
             Self::SocketProtocol => "socket-protocol",
+            Self::BindNotLoopback => "bind-not-loopback",
+            Self::IpOptions => "ip-options",
+            Self::Ipv6ExtensionHeader => "ipv6-extension-header",
+            Self::InboundConnection => "inbound-connection",
         }
     }
 }

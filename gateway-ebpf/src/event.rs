@@ -45,8 +45,42 @@ impl Target<'_> {
     }
 }
 
+/// Who caused an event: the current task, or only a socket's owner for packet hooks,
+/// which may run in another task's context (softirq) and cannot ask for the current one.
+pub struct Who {
+    pub pid: u32,
+    pub uid: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+impl Who {
+    #[inline(always)]
+    pub fn current() -> Self {
+        Self {
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            uid: bpf_get_current_uid_gid() as u32,
+            comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        }
+    }
+
+    #[inline(always)]
+    pub const fn socket_owner(uid: u32) -> Self {
+        Self {
+            pid: 0,
+            uid,
+            comm: [0; COMM_LEN],
+        }
+    }
+}
+
+/// A refusal by the current task.
 #[inline(always)]
 pub fn emit(hook: Hook, reason: Reason, cgroup_id: u64, target: &Target<'_>) {
+    emit_as(&Who::current(), hook, reason, cgroup_id, target);
+}
+
+#[inline(always)]
+pub fn emit_as(who: &Who, hook: Hook, reason: Reason, cgroup_id: u64, target: &Target<'_>) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         if let Some(lost) = LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU slot, no concurrent writer on this CPU.
@@ -54,9 +88,6 @@ pub fn emit(hook: Hook, reason: Reason, cgroup_id: u64, target: &Target<'_>) {
         }
         return;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
-    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` points at a reserved, writable Event in the ring buffer; every field is
     // written before submit.
@@ -64,14 +95,14 @@ pub fn emit(hook: Hook, reason: Reason, cgroup_id: u64, target: &Target<'_>) {
         (*ev).cgroup_id = cgroup_id;
         (*ev).hook = hook as u32;
         (*ev).reason = reason as u32;
-        (*ev).pid = (pid_tgid >> 32) as u32;
-        (*ev).uid = uid_gid as u32;
+        (*ev).pid = who.pid;
+        (*ev).uid = who.uid;
         (*ev).family = target.family;
         (*ev).sock_type = target.sock_type;
         (*ev).protocol = target.protocol;
         (*ev).port = target.port;
         (*ev).addr = target.addr;
-        (*ev).comm = comm;
+        (*ev).comm = who.comm;
         match target.path {
             Some((path, len)) => {
                 (*ev).path = *path;

@@ -5,6 +5,7 @@
 
 mod event;
 mod net;
+mod skb;
 mod socket;
 mod unix;
 

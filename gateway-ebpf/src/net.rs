@@ -39,14 +39,61 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     judge6(&ctx, Hook::Sendmsg6)
 }
 
+/// Listening is for loopback only: a socket bound to a wildcard or external address could
+/// take connections from other hosts.
+#[cgroup_sock_addr(bind4)]
+pub fn bind4(ctx: SockAddrContext) -> i32 {
+    let (addr, port, protocol) = addr4(&ctx);
+    judge_bind(Hook::Bind4, AF_INET, addr, port, protocol)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn bind6(ctx: SockAddrContext) -> i32 {
+    let (addr, port, protocol) = addr6(&ctx);
+    judge_bind(Hook::Bind6, AF_INET6, addr, port, protocol)
+}
+
 #[inline(always)]
-fn judge4(ctx: &SockAddrContext, hook: Hook) -> i32 {
-    // SAFETY: the kernel hands sock_addr programs a valid bpf_sock_addr.
-    let (ip, port, protocol) = unsafe {
-        let sa = &*ctx.sock_addr;
-        (sa.user_ip4, sa.user_port, sa.protocol)
-    };
-    let v4 = ip.to_ne_bytes();
+fn judge_bind(hook: Hook, family: u32, addr: [u8; 16], port: u16, protocol: u32) -> i32 {
+    if is_loopback(&addr) {
+        return ALLOW;
+    }
+    // SAFETY: helper without preconditions.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let mut target = Target::socket(family, 0, protocol);
+    target.port = port as u32;
+    target.addr = addr;
+    emit(hook, Reason::BindNotLoopback, cgroup_id, &target);
+    DENY
+}
+
+/// 127.0.0.0/8 (as `::ffff:127.x.y.z`) or `::1`.
+#[inline(always)]
+pub fn is_loopback(addr: &[u8; 16]) -> bool {
+    let mut i = 0;
+    let mut zero_head = true;
+    while i < 10 {
+        if addr[i] != 0 {
+            zero_head = false;
+        }
+        i += 1;
+    }
+    if !zero_head {
+        return false;
+    }
+    let mapped_v4 = addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127;
+    let v6_one = addr[10] == 0
+        && addr[11] == 0
+        && addr[12] == 0
+        && addr[13] == 0
+        && addr[14] == 0
+        && addr[15] == 1;
+    mapped_v4 || v6_one
+}
+
+/// IPv4 as `::ffff:a.b.c.d` from four bytes in network order.
+#[inline(always)]
+pub fn mapped(v4: [u8; 4]) -> [u8; 16] {
     let mut addr = [0u8; 16];
     addr[10] = 0xff;
     addr[11] = 0xff;
@@ -54,11 +101,35 @@ fn judge4(ctx: &SockAddrContext, hook: Hook) -> i32 {
     addr[13] = v4[1];
     addr[14] = v4[2];
     addr[15] = v4[3];
-    judge(hook, AF_INET, addr, port_of(port), protocol)
+    addr
+}
+
+#[inline(always)]
+fn judge4(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    let (addr, port, protocol) = addr4(ctx);
+    judge(hook, AF_INET, addr, port, protocol)
+}
+
+#[inline(always)]
+fn addr4(ctx: &SockAddrContext) -> ([u8; 16], u16, u32) {
+    // SAFETY: the kernel hands sock_addr programs a valid bpf_sock_addr.
+    let (ip, port, protocol) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (sa.user_ip4, sa.user_port, sa.protocol)
+    };
+    (mapped(ip.to_ne_bytes()), port_of(port), protocol)
 }
 
 #[inline(always)]
 fn judge6(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    let (addr, port, protocol) = addr6(ctx);
+    // A v4-mapped address is judged as the IPv4 address it is: the map and the tunnel
+    // address use the same mapped form, so the lookup below is already the IPv4 verdict.
+    judge(hook, AF_INET6, addr, port, protocol)
+}
+
+#[inline(always)]
+fn addr6(ctx: &SockAddrContext) -> ([u8; 16], u16, u32) {
     // SAFETY: as in judge4; user_ip6 is read word by word as the verifier requires.
     let (w, port, protocol) = unsafe {
         let sa = &*ctx.sock_addr;
@@ -83,9 +154,7 @@ fn judge6(ctx: &SockAddrContext, hook: Hook) -> i32 {
         addr[i * 4 + 3] = b[3];
         i += 1;
     }
-    // A v4-mapped address is judged as the IPv4 address it is: the map and the tunnel
-    // address use the same mapped form, so the lookup below is already the IPv4 verdict.
-    judge(hook, AF_INET6, addr, port_of(port), protocol)
+    (addr, port_of(port), protocol)
 }
 
 #[inline(always)]
@@ -113,8 +182,9 @@ fn judge(hook: Hook, family: u32, addr: [u8; 16], port: u16, protocol: u32) -> i
     DENY
 }
 
+/// Does a `[[network.allow]]` entry cover this address, port and protocol?
 #[inline(always)]
-fn allowed_by_policy(addr: &[u8; 16], port: u16, protocol: u32) -> bool {
+pub fn allowed_by_policy(addr: &[u8; 16], port: u16, protocol: u32) -> bool {
     let Some(rules) = NET_ALLOW.get(Key::new(128, *addr)) else {
         return false;
     };
@@ -131,4 +201,12 @@ fn allowed_by_policy(addr: &[u8; 16], port: u16, protocol: u32) -> bool {
         i += 1;
     }
     false
+}
+
+/// Does any `[[network.allow]]` entry cover this address, whatever the port?
+#[inline(always)]
+pub fn address_listed(addr: &[u8; 16]) -> bool {
+    NET_ALLOW
+        .get(Key::new(128, *addr))
+        .is_some_and(|rules| rules.count > 0)
 }

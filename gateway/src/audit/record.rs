@@ -7,7 +7,10 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 #[serde(rename_all = "lowercase")]
 pub enum Layer {
     Kernel,
-    #[expect(dead_code, reason = "written by the tunnel's proxy once it decides requests")]
+    #[expect(
+        dead_code,
+        reason = "written by the tunnel's proxy once it decides requests"
+    )]
     Proxy,
 }
 
@@ -15,7 +18,10 @@ pub enum Layer {
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Deny,
-    #[expect(dead_code, reason = "written by the tunnel's proxy once it decides requests")]
+    #[expect(
+        dead_code,
+        reason = "written by the tunnel's proxy once it decides requests"
+    )]
     Allow,
 }
 

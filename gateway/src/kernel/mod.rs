@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
         links::{FdLink, PinnedLink},
     },
 };
@@ -27,7 +27,9 @@ use crate::policy::Policy;
 /// The eBPF object built by build.rs from `gateway-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"));
 
-const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+const SOCK_ADDR_PROGRAMS: [&str; 6] = [
+    "connect4", "connect6", "sendmsg4", "sendmsg6", "bind4", "bind6",
+];
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     /// The embedded object or one of its programs was refused by the kernel.
@@ -72,6 +74,35 @@ pub enum KernelError {
     },
 }
 
+/// Loads program `$name` of type `$kind`, attaches it as `$attach` says, returns its link.
+macro_rules! attach_one {
+    ($self:ident, $kind:ty, $name:expr, |$p:ident| $attach:expr) => {{
+        let name: &'static str = $name;
+        let err = |source| KernelError::Program {
+            program: name,
+            source,
+        };
+        let prog: &mut $kind = $self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| missing(name))?
+            .try_into()
+            .map_err(err)?;
+        prog.load().map_err(err)?;
+        let $p = &mut *prog;
+        let id = $attach.map_err(err)?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(err)?
+            .try_into()
+            .map_err(|source| KernelError::Link {
+                program: name,
+                source,
+            })?;
+        link
+    }};
+}
+
 /// Where the sandbox is, and what it may reach directly.
 pub struct Target<'a> {
     pub cgroup_dir: &'a Path,
@@ -114,50 +145,25 @@ impl Enforcer {
 
     fn attach_cgroup_programs(&mut self, cgroup: &File) -> Result<(), KernelError> {
         for name in SOCK_ADDR_PROGRAMS {
-            let err = |source| KernelError::Program {
-                program: name,
-                source,
-            };
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| missing(name))?
-                .try_into()
-                .map_err(err)?;
-            prog.load().map_err(err)?;
-            let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(err)?
-                .try_into()
-                .map_err(|source| KernelError::Link {
-                    program: name,
-                    source,
-                })?;
+            let link = attach_one!(self, CgroupSockAddr, name, |p| p
+                .attach(cgroup, CgroupAttachMode::Single));
             self.pin(name, link)?;
         }
-        let name = "sock_create";
-        let err = |source| KernelError::Program {
-            program: name,
-            source,
-        };
-        let prog: &mut CgroupSock = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| missing(name))?
-            .try_into()
-            .map_err(err)?;
-        prog.load().map_err(err)?;
-        let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(err)?
-            .try_into()
-            .map_err(|source| KernelError::Link {
-                program: name,
-                source,
-            })?;
-        self.pin(name, link)
+        let link = attach_one!(self, CgroupSock, "sock_create", |p| p
+            .attach(cgroup, CgroupAttachMode::Single));
+        self.pin("sock_create", link)?;
+        for (name, direction) in [
+            ("skb_egress", CgroupSkbAttachType::Egress),
+            ("skb_ingress", CgroupSkbAttachType::Ingress),
+        ] {
+            let link = attach_one!(self, CgroupSkb, name, |p| p.attach(
+                cgroup,
+                direction,
+                CgroupAttachMode::Single
+            ));
+            self.pin(name, link)?;
+        }
+        Ok(())
     }
 
     fn pin(&mut self, name: &str, link: FdLink) -> Result<(), KernelError> {
