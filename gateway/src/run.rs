@@ -47,6 +47,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(NOT_ROOT);
     }
+    // The gateway holds the credentials and the sandbox's kernel objects: no core dumps, and
+    // no ptrace by same-uid processes.
+    nix::sys::prctl::set_dumpable(false).context("making the gateway non-dumpable")?;
     let policy = policy::load(&args.policy)?;
     host::check_btf()?;
     let cgroup_root = host::cgroup2_root()?;
