@@ -1,1 +1,116 @@
-fn main(){}
+//! `cargo xtask`: bootstraps the eBPF toolchain, builds, and runs the privileged tests.
+#![forbid(unsafe_code)]
+
+mod bootstrap;
+mod cmd;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install nightly's rust-src and build bpf-linker (once, under target/tools).
+    Bootstrap,
+    /// Bootstrap, then build every binary of the workspace.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Bootstrap, lint, build, and run every test as root (README.md's test command).
+    Test {
+        /// Passed to `cargo test` after `--`, e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Bootstrap, build in release mode, and run the benchmarks (figures, not pass/fail).
+    Bench,
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root()?;
+    match Cli::parse().command {
+        Command::Bootstrap => bootstrap::run(&root),
+        Command::Build { release } => {
+            bootstrap::run(&root)?;
+            build(&root, release)
+        }
+        Command::Test { args } => test(&root, &args),
+        Command::Bench => {
+            bootstrap::run(&root)?;
+            build(&root, true)?;
+            cmd::step("benchmarks");
+            cmd::run(root.join("tests/bench/connect.sh").as_os_str(), &[], &root)
+        }
+    }
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .context("xtask has no parent directory")
+}
+
+fn build(root: &Path, release: bool) -> anyhow::Result<()> {
+    cmd::step("build");
+    let mut args = vec!["build", "--workspace", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    cmd::cargo(&args, root)
+}
+
+fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
+    bootstrap::run(root)?;
+    bootstrap::check_host()?;
+    if !bootstrap::is_root() {
+        anyhow::bail!("the privileged tests need root: run `sudo cargo xtask test`");
+    }
+    cmd::step("format");
+    cmd::cargo(&["fmt", "--all", "--check"], root)?;
+    cmd::step("clippy (userspace)");
+    cmd::cargo(
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        root,
+    )?;
+    cmd::step("clippy (eBPF)");
+    cmd::cargo_nightly(
+        &[
+            "clippy",
+            "--package",
+            "gateway-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        root,
+    )?;
+    cmd::step("build");
+    cmd::cargo(&["build", "--workspace", "--bins", "--tests"], root)?;
+    cmd::step("tests (as root, one at a time: they share kernel state)");
+    let mut args = vec!["test", "--workspace", "--no-fail-fast", "--"];
+    args.push("--test-threads=1");
+    args.extend(extra.iter().map(String::as_str));
+    cmd::cargo(&args, root)
+}
