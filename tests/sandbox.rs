@@ -455,6 +455,24 @@ fn sigterm_is_forwarded_to_the_command() {
 }
 
 #[test]
+fn a_second_sigterm_kills_a_command_that_ignores_the_first() {
+    let run = Run::new("sigterm-twice", &policy("sigterm-twice", ""));
+    let mut gateway = run
+        .command(&["sh", "-c", "trap '' TERM; echo ready; sleep 60"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _reader = wait_for_line(&mut gateway, "ready");
+    for _ in 0..2 {
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(gateway.id() as i32, libc::SIGTERM) };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let status = gateway.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "{status:?}");
+}
+
+#[test]
 fn credential_variables_are_removed_from_the_sandbox() {
     let run = Run::new(
         "secret-env",
@@ -620,4 +638,45 @@ report("b", lambda: socket.create_connection(("127.0.0.1", {pb}), timeout=3))
     assert_eq!(door(&out_b, "a")["errno"], EPERM, "{out_b:?}");
     assert_eq!(a.accepted(), 1);
     assert_eq!(b.accepted(), 1);
+}
+
+#[test]
+fn every_refusal_is_recorded_or_counted_as_lost() {
+    let run = Run::new("flood", &policy("flood", ""));
+    let attempts = 20_000;
+    let out = run.python(&format!(
+        r#"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+refused = 0
+for _ in range({attempts}):
+    try:
+        s.sendto(b"x", ("127.0.0.1", 9))
+    except PermissionError:
+        refused += 1
+print(json.dumps({{"refused": refused}}), flush=True)
+"#
+    ));
+    let refused = out
+        .lines
+        .iter()
+        .find_map(|l| l["refused"].as_u64())
+        .unwrap();
+    assert_eq!(refused, attempts, "{}", out.stdout);
+    let pid = out.pid();
+    let recorded = out
+        .audit
+        .iter()
+        .filter(|r| r["hook"] == "sendmsg4" && r["pid"].as_u64() == Some(pid))
+        .count() as u64;
+    let lost: u64 = out
+        .audit
+        .iter()
+        .filter(|r| r["reason"] == "events-lost")
+        .filter_map(|r| r["lost"].as_u64())
+        .sum();
+    assert_eq!(
+        recorded + lost,
+        attempts,
+        "recorded {recorded} + lost {lost} != {attempts} refusals"
+    );
 }

@@ -171,6 +171,9 @@ async fn launch_and_wait(
     run_dir: &std::path::Path,
     audit: &AuditLog,
 ) -> anyhow::Result<i32> {
+    // Handlers first: a signal that arrives once CMD runs must be forwarded, not kill us.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let ca_bundle = env::write_ca_bundle(run_dir).context("writing the CA bundle")?;
     let abstract_allowed = policy
         .unix
@@ -196,18 +199,24 @@ async fn launch_and_wait(
         std::thread::spawn(move || notify::serve(listener, audit, sandbox, stop))
     };
     let pid = child.id().map(|p| Pid::from_raw(p as i32));
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut forwarded = false;
     let status: ExitStatus = loop {
-        let forward = tokio::select! {
+        let signal = tokio::select! {
             status = child.wait() => break status?,
             _ = sigint.recv() => Signal::SIGINT,
             _ = sigterm.recv() => Signal::SIGTERM,
         };
-        if let Some(pid) = pid {
-            tracing::info!("forwarding {forward} to the sandboxed command");
-            let _ = nix::sys::signal::kill(pid, forward);
+        if forwarded {
+            // A second signal: the command had its chance to exit cleanly.
+            tracing::warn!("{signal} again: killing the sandbox");
+            cgroup.kill()?;
+            continue;
         }
+        if let Some(pid) = pid {
+            tracing::info!("forwarding {signal} to the sandboxed command (again to kill it)");
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
+        forwarded = true;
     };
     stop_notify.store(true, Ordering::Relaxed);
     let _ = notifier.join();
