@@ -63,6 +63,9 @@ pub enum KernelError {
     /// The policy does not fit the kernel maps.
     #[error("{0}")]
     Policy(String),
+    /// A program loaded without aya (kernel/unix.rs) could not be loaded or attached.
+    #[error("{0}")]
+    Raw(String),
     /// The embedded object lacks a program or map this gateway expects.
     #[error("the embedded eBPF object has no `{0}`: rebuild the gateway")]
     Missing(String),

@@ -125,7 +125,7 @@ fn map_fd(map: &Map) -> Result<RawFd, KernelError> {
         | Map::LpmTrie(d)
         | Map::RingBuf(d) => d,
         _ => {
-            return Err(KernelError::Policy(
+            return Err(KernelError::Raw(
                 "unexpected map type in the eBPF object".into(),
             ));
         }
@@ -176,7 +176,7 @@ fn load(
     } else {
         ""
     };
-    Err(KernelError::Policy(format!(
+    Err(KernelError::Raw(format!(
         "loading eBPF program {name}: {error}{hint}\n{verifier}"
     )))
 }
@@ -222,9 +222,9 @@ unsafe fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<OwnedFd> {
 }
 
 fn unix_err(what: &str, e: impl std::fmt::Display) -> KernelError {
-    KernelError::Policy(format!("preparing the unix socket programs ({what}): {e}"))
+    KernelError::Raw(format!("preparing the unix socket programs ({what}): {e}"))
 }
 
 fn io_err(name: &str, e: std::io::Error) -> KernelError {
-    KernelError::Policy(format!("attaching eBPF program {name}: {e}"))
+    KernelError::Raw(format!("attaching eBPF program {name}: {e}"))
 }
