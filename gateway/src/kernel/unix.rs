@@ -69,21 +69,17 @@ pub(super) fn attach(
     pin_dir: &Path,
 ) -> Result<Vec<PinnedLink>, KernelError> {
     let mut obj = aya_obj::Object::parse(OBJECT).map_err(|e| unix_err("parse", e))?;
-    let mut fds = Vec::new();
-    for name in obj.maps.keys() {
-        let map = ebpf.map(name).ok_or_else(|| super::missing(name))?;
-        fds.push((name.clone(), map_fd(map)?));
-    }
-    let text_sections = obj.functions.keys().map(|(section, _)| *section).collect();
-    let maps = fds
+    // relocate_maps borrows the object mutably, so it gets its own copies of the definitions,
+    // each with the fd of the map aya already created under that name.
+    let defs = obj
+        .maps
         .iter()
-        .filter_map(|(name, fd)| Some((name.as_str(), *fd, obj.maps.get(name)?)))
-        .collect::<Vec<_>>();
-    // relocate_maps borrows obj mutably, so hand it owned copies of the map definitions.
-    let defs: Vec<(String, RawFd, aya_obj::Map)> = maps
-        .into_iter()
-        .map(|(n, fd, m)| (n.to_owned(), fd, m.clone()))
-        .collect();
+        .map(|(name, def)| {
+            let map = ebpf.map(name).ok_or_else(|| super::missing(name))?;
+            Ok((name.clone(), map_fd(map)?, def.clone()))
+        })
+        .collect::<Result<Vec<(String, RawFd, aya_obj::Map)>, KernelError>>()?;
+    let text_sections = obj.functions.keys().map(|(section, _)| *section).collect();
     obj.relocate_maps(
         defs.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)),
         &text_sections,
