@@ -371,3 +371,58 @@ report("udp-rthdr6", udp_rthdr6)
     // is the backstop's to stop.
     assert!(audited("ipv6-extension-header"), "{}", out.describe());
 }
+
+/// A socket made outside the sandbox would be judged as the outside's. pidfd_getfd could
+/// take one from a same-uid process outside; Landlock refuses the ptrace access it needs.
+#[test]
+fn sockets_cannot_be_taken_from_processes_outside() {
+    let udp = HostUdp::bind("127.0.0.1:0");
+    // Same uid as the sandbox, holding a socket that may send to the listener, as fd 3.
+    let holder_script = format!(
+        "import socket, os, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.connect(('127.0.0.1', {port}))\n\
+         os.dup2(s.fileno(), 3)\n\
+         print('ready', flush=True)\n\
+         time.sleep(30)\n",
+        port = udp.port
+    );
+    let mut holder = Command::new("/usr/bin/python3");
+    holder
+        .args(["-c", &holder_script])
+        .stdout(Stdio::piped())
+        .current_dir("/");
+    // SAFETY: setgid/setuid between fork and exec.
+    unsafe {
+        holder.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut holder = holder.spawn().unwrap();
+    let _holder_out = wait_for_line(&mut holder, "ready");
+    let run = Run::new("pidfd", &policy("pidfd", ""));
+    let out = run.python(&format!(
+        r#"
+libc = ctypes.CDLL(None, use_errno=True)
+def take():
+    pidfd = libc.syscall(434, {pid}, 0)
+    if pidfd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    fd = libc.syscall(438, pidfd, 3, 0)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    os.write(fd, b"taken")
+report("pidfd_getfd", take)
+"#,
+        pid = holder.id()
+    ));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    out.assert_refused("pidfd_getfd");
+    assert_eq!(udp.received(), 0, "{}", out.describe());
+}
