@@ -86,6 +86,8 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         &[
             "clippy",
             "--workspace",
+            "--exclude",
+            EBPF_CRATE,
             "--all-targets",
             "--",
             "-D",
