@@ -1,0 +1,1371 @@
+//! The tunnel end to end: real clients (curl, git, python) inside a real sandbox, real TLS
+//! upstreams on 127.0.0.1 (tests/fixtures), the real `gateway` binary as root. Each upstream
+//! logs every request it receives, so "nothing reached it" is read from its log.
+
+mod support;
+
+use std::{
+    collections::HashMap,
+    ffi::OsStr,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, Output, Stdio},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use support::*;
+
+/// The credential's value: the upstream gets it, nothing else ever shows it.
+const SECRET: &str = "gwtest-secret-7Hq2xV9kLm4Rt8Zp";
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+const API_CREDENTIAL: &str = "[credentials.api]\nenv = \"API_TOKEN\"\n";
+/// Names the upstream certificate is valid for.
+const NAMES: [&str; 5] = [
+    "api.test",
+    "other.test",
+    "git.test",
+    "down.test",
+    "localhost",
+];
+
+/// A shell function for the sandbox: `r NAME CURL-ARGS...` prints the response between
+/// `<<< NAME` and `>>> HTTP_CODE CONNECT_CODE`, then `=== NAME EXIT`.
+const CURL: &str = r#"
+r() {
+    n=$1; shift
+    echo "<<< $n"
+    curl -sS -m 20 -w '\n>>> %{http_code} %{http_connect}\n' "$@"
+    echo "=== $n $?"
+}
+"#;
+
+// ---------------------------------------------------------------------------------------
+// Certificates, upstream servers, policies
+
+/// A test CA and one server certificate for every name in `NAMES`, as PEM files.
+struct Pki {
+    scratch: Scratch,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Pki {
+    fn new() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        let scratch = Scratch::new("pki");
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "gateway test upstream CA");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf =
+            CertificateParams::new(NAMES.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        leaf.distinguished_name.push(DnType::CommonName, "api.test");
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+        let ca = scratch.write("upstream-ca.pem", &ca_cert.pem());
+        let cert = scratch.write("upstream.pem", &leaf_cert.pem());
+        let key = scratch.write("upstream-key.pem", &leaf_key.serialize_pem());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Self {
+            scratch,
+            ca,
+            cert,
+            key,
+        }
+    }
+
+    /// `curl` arguments that reach an upstream directly, outside any sandbox.
+    fn direct_curl(&self, name: &str, port: u16) -> Command {
+        let mut c = Command::new("curl");
+        c.arg("-sS")
+            .arg("-m")
+            .arg("10")
+            .arg("--noproxy")
+            .arg("*")
+            .arg("--cacert")
+            .arg(&self.ca)
+            .arg("--resolve")
+            .arg(format!("{name}:{port}:127.0.0.1"));
+        c
+    }
+}
+
+/// A fixture server (tests/fixtures) on 127.0.0.1, killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Server {
+    fn spawn(dir: &Path, name: &str, script: &str, args: &[&OsStr]) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let stderr = dir.join(format!("{name}.stderr"));
+        let mut child = Command::new("python3")
+            .arg(Path::new(FIXTURES).join(script))
+            .arg("--log")
+            .arg(&log)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!(
+                    "{script} did not start: {line:?}\n{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                )
+            });
+        Self {
+            child,
+            port,
+            log,
+            stderr,
+        }
+    }
+
+    /// tests/fixtures/upstream.py over TLS with the test certificate.
+    fn upstream(pki: &Pki, name: &str) -> Self {
+        Self::spawn(
+            &pki.scratch.dir,
+            name,
+            "upstream.py",
+            &[
+                OsStr::new("--cert"),
+                pki.cert.as_os_str(),
+                OsStr::new("--key"),
+                pki.key.as_os_str(),
+            ],
+        )
+    }
+
+    /// tests/fixtures/git_server.py serving the repositories under `root`.
+    fn git(pki: &Pki, root: &Path, token: &str) -> Self {
+        Self::spawn(
+            &pki.scratch.dir,
+            "git",
+            "git_server.py",
+            &[
+                OsStr::new("--root"),
+                root.as_os_str(),
+                OsStr::new("--token"),
+                OsStr::new(token),
+                OsStr::new("--cert"),
+                pki.cert.as_os_str(),
+                OsStr::new("--key"),
+                pki.key.as_os_str(),
+            ],
+        )
+    }
+
+    /// Every request the server received, in order.
+    fn requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .map(|t| json_lines(&t))
+            .unwrap_or_default()
+    }
+
+    fn paths(&self) -> Vec<String> {
+        self.requests()
+            .iter()
+            .map(|r| r["path"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "--- upstream log {}\n{}\n--- upstream stderr\n{}",
+            self.log.display(),
+            std::fs::read_to_string(&self.log).unwrap_or_default(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Values of one header of a logged request, by case-insensitive name.
+fn header<'a>(request: &'a Value, name: &str) -> Vec<&'a str> {
+    request["headers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+        .filter_map(|h| h[1].as_str())
+        .collect()
+}
+
+fn all_header_values(request: &Value) -> Vec<&str> {
+    request["headers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h[1].as_str())
+        .collect()
+}
+
+/// An `[[http.allow]]` rule for `host`:443 that dials the upstream on 127.0.0.1.
+fn rule(host: &str, upstream: u16, extra: &str) -> String {
+    format!(
+        "[[http.allow]]\nhost = \"{host}\"\nport = 443\nconnect = \"127.0.0.1:{upstream}\"\n{extra}\n"
+    )
+}
+
+/// A policy with `body` (rules and credentials) that trusts the test CA upstream.
+fn tunnel_policy(name: &str, pki: &Pki, body: &str) -> String {
+    policy(
+        name,
+        &format!(
+            "{body}\n[tls]\nupstream_ca = [{:?}]\n",
+            pki.ca.to_str().unwrap()
+        ),
+    )
+}
+
+/// Runs a shell script in the sandbox with the secret in the gateway's environment.
+fn sh(run: &Run, script: &str) -> Finished {
+    run.finish(
+        run.command(&["sh", "-c", script])
+            .env("API_TOKEN", SECRET)
+            .output()
+            .unwrap(),
+    )
+}
+
+/// Runs python in the sandbox (support's PRELUDE first) with the secret in the gateway's
+/// environment.
+fn python(run: &Run, body: &str) -> Finished {
+    let script = format!("{PRELUDE}\nTUNNEL_HOST = TUNNEL[0].split('//')[-1]\n{body}");
+    run.finish(
+        run.command(&["python3", "-c", &script])
+            .env("API_TOKEN", SECRET)
+            .output()
+            .unwrap(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading results
+
+/// One curl call made by the `r` shell function.
+#[derive(Debug, Default, Clone)]
+struct Reply {
+    body: String,
+    code: u16,
+    connect: u16,
+    exit: i32,
+}
+
+impl Reply {
+    /// Refused by policy: 403 on the request, or 403 on the CONNECT that carried it.
+    fn forbidden(&self) -> bool {
+        self.code == 403 || (self.code == 0 && self.connect == 403)
+    }
+}
+
+fn replies(stdout: &str) -> HashMap<String, Reply> {
+    let mut all = HashMap::new();
+    let mut current: Option<(String, Reply)> = None;
+    for line in stdout.lines() {
+        if let Some(name) = line.strip_prefix("<<< ") {
+            current = Some((name.to_owned(), Reply::default()));
+        } else if let Some(codes) = line.strip_prefix(">>> ") {
+            if let Some((_, reply)) = current.as_mut() {
+                let mut it = codes.split_whitespace().map(|c| c.parse().unwrap_or(0));
+                reply.code = it.next().unwrap_or(0);
+                reply.connect = it.next().unwrap_or(0);
+            }
+        } else if let Some(rest) = line.strip_prefix("=== ") {
+            if let Some((name, mut reply)) = current.take() {
+                reply.exit = rest
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|e| e.parse().ok())
+                    .unwrap_or(-1);
+                all.insert(name, reply);
+            }
+        } else if let Some((_, reply)) = current.as_mut() {
+            reply.body.push_str(line);
+            reply.body.push('\n');
+        }
+    }
+    all
+}
+
+fn reply<'a>(replies: &'a HashMap<String, Reply>, name: &str, out: &Finished) -> &'a Reply {
+    replies
+        .get(name)
+        .unwrap_or_else(|| panic!("no reply `{name}`\n{}", out.describe()))
+}
+
+/// The value a sandboxed python script printed under `key`.
+fn printed<'a>(out: &'a Finished, key: &str) -> &'a Value {
+    out.lines
+        .iter()
+        .find_map(|l| l.get(key))
+        .unwrap_or_else(|| panic!("the script printed no `{key}`\n{}", out.describe()))
+}
+
+fn proxy_records(out: &Finished) -> Vec<&Value> {
+    out.audit.iter().filter(|r| r["layer"] == "proxy").collect()
+}
+
+/// A proxy audit record with every field of DESIGN.md and the wanted values.
+fn assert_proxy_record(out: &Finished, what: &str, want: &Value) {
+    let want = want.as_object().unwrap();
+    let found = proxy_records(out).into_iter().any(|r| {
+        let complete = [
+            "ts",
+            "layer",
+            "verdict",
+            "sandbox",
+            "reason",
+            "method",
+            "host",
+            "port",
+            "path",
+            "status",
+            "rule",
+            "credential",
+        ]
+        .iter()
+        .all(|k| r.get(*k).is_some());
+        complete
+            && r["ts"].as_str().is_some_and(|t| t.ends_with('Z'))
+            && r["sandbox"].is_string()
+            && want.iter().all(|(k, v)| &r[k.as_str()] == v)
+    });
+    assert!(
+        found,
+        "no proxy audit record for {what} with all fields and {}\n{}",
+        Value::Object(want.clone()),
+        out.describe()
+    );
+}
+
+/// A deny record refusing a request with 403 because no rule matched.
+fn assert_not_allowlisted(out: &Finished, method: &str, host: &str, port: u16, path: &str) {
+    assert_proxy_record(
+        out,
+        &format!("{method} {host}:{port}{path}"),
+        &json!({
+            "verdict": "deny",
+            "reason": "not-allowlisted",
+            "method": method,
+            "host": host,
+            "port": port,
+            "path": path,
+            "status": 403,
+            "rule": null,
+            "credential": null,
+        }),
+    );
+}
+
+/// A refusal of a host without a rule may come at CONNECT (method CONNECT, no path) or on
+/// the intercepted request inside it.
+fn assert_host_refused(out: &Finished, host: &str, port: u16, reason: &str) {
+    let found = proxy_records(out).into_iter().any(|r| {
+        r["verdict"] == "deny"
+            && r["reason"] == reason
+            && r["host"] == host
+            && r["port"] == port
+            && r["status"] == 403
+            && r.get("rule").is_some()
+            && r.get("credential").is_some()
+    });
+    assert!(
+        found,
+        "no proxy deny record `{reason}` with status 403 for {host}:{port}\n{}",
+        out.describe()
+    );
+}
+
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The forms the secret could leak in: itself, and base64 of it alone or as Basic auth.
+fn secret_forms() -> Vec<String> {
+    vec![
+        SECRET.to_owned(),
+        base64(SECRET.as_bytes()),
+        base64(format!("x-access-token:{SECRET}").as_bytes()),
+    ]
+}
+
+fn assert_no_secret(place: &str, text: &str) {
+    for form in secret_forms() {
+        assert!(
+            !text.contains(&form),
+            "the secret (as {form:?}) appears in {place}:\n{text}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn base64_matches_rfc4648() {
+    assert_eq!(base64(b""), "");
+    assert_eq!(base64(b"f"), "Zg==");
+    assert_eq!(base64(b"fo"), "Zm8=");
+    assert_eq!(base64(b"foo"), "Zm9v");
+    assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    assert_eq!(
+        base64(b"x-access-token:tok123"),
+        "eC1hY2Nlc3MtdG9rZW46dG9rMTIz"
+    );
+}
+
+#[test]
+fn curl_gets_the_credential_injected_and_a_forged_one_replaced() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let rules = rule(
+        "api.test",
+        api.port,
+        "methods = [\"GET\", \"POST\"]\npaths = [\"/v1/**\", \"/redirect\"]\ncredential = \"api\"",
+    );
+    let run = Run::new(
+        "tunnel-curl",
+        &tunnel_policy("tunnel-curl", &pki, &format!("{rules}{API_CREDENTIAL}")),
+    );
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}
+r plain https://api.test/v1/items?limit=1
+r forged -H 'Authorization: Bearer forged-by-the-agent' https://api.test/v1/forged
+r post -X POST --data-binary hello https://api.test/v1/post
+r redirect https://api.test/redirect
+"
+        ),
+    );
+    let replies = replies(&out.stdout);
+    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    for name in ["plain", "forged", "post"] {
+        assert_eq!(reply(&replies, name, &out).code, 200, "{name}\n{}", ctx());
+    }
+    let echo: Value = serde_json::from_str(&reply(&replies, "plain", &out).body).unwrap();
+    assert_eq!(echo["path"], "/v1/items?limit=1", "{}", ctx());
+
+    let requests = api.requests();
+    let paths: Vec<_> = requests.iter().map(|r| r["path"].clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            json!("/v1/items?limit=1"),
+            json!("/v1/forged"),
+            json!("/v1/post"),
+            json!("/redirect")
+        ],
+        "the tunnel must not follow the redirect to /landing\n{}",
+        ctx()
+    );
+    let bearer = format!("Bearer {SECRET}");
+    for r in &requests {
+        assert_eq!(header(r, "authorization"), [bearer.as_str()], "{r}");
+        assert!(
+            all_header_values(r)
+                .iter()
+                .all(|v| !v.contains("forged-by-the-agent")),
+            "the agent's Authorization was forwarded: {r}"
+        );
+        let host = header(r, "host");
+        assert!(
+            host == ["api.test"] || host == ["api.test:443"],
+            "Host sent upstream: {host:?}"
+        );
+    }
+    assert_eq!(requests[2]["method"], "POST");
+    assert_eq!(requests[2]["body_len"], 5);
+
+    let redirect = reply(&replies, "redirect", &out);
+    assert_eq!(redirect.code, 302, "{}", ctx());
+
+    let allowed = proxy_records(&out).into_iter().any(|r| {
+        r["verdict"] == "allow"
+            && r["method"] == "GET"
+            && r["host"] == "api.test"
+            && r["port"] == 443
+            && r["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/v1/items"))
+            && r["rule"] == 0
+            && r["credential"] == "api"
+    });
+    assert!(allowed, "no allow record for GET /v1/items\n{}", ctx());
+}
+
+#[test]
+fn wrong_method_wrong_path_and_unlisted_hosts_get_403_and_reach_nothing() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    // Listens, but no rule names it: a request that reached it was let through.
+    let other = Server::upstream(&pki, "other");
+    let rules = rule(
+        "api.test",
+        api.port,
+        "methods = [\"GET\"]\npaths = [\"/v1/**\"]\ncredential = \"api\"",
+    );
+    let run = Run::new(
+        "tunnel-deny",
+        &tunnel_policy("tunnel-deny", &pki, &format!("{rules}{API_CREDENTIAL}")),
+    );
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}
+r allowed https://api.test/v1/items
+r wrong-method -X DELETE https://api.test/v1/items
+r wrong-path https://api.test/admin/users
+r unlisted https://other.test/v1/items
+r unlisted-local https://localhost:{p}/v1/items
+",
+            p = other.port
+        ),
+    );
+    let replies = replies(&out.stdout);
+    let ctx = || {
+        format!(
+            "{}\n{}\n{}",
+            out.describe(),
+            api.describe(),
+            other.describe()
+        )
+    };
+    assert_eq!(reply(&replies, "allowed", &out).code, 200, "{}", ctx());
+    for name in ["wrong-method", "wrong-path", "unlisted", "unlisted-local"] {
+        let r = reply(&replies, name, &out);
+        assert!(r.forbidden(), "{name}: {r:?}\n{}", ctx());
+    }
+    assert_eq!(api.paths(), ["/v1/items"], "{}", ctx());
+    assert_eq!(api.requests()[0]["method"], "GET");
+    assert!(other.requests().is_empty(), "{}", ctx());
+
+    assert_not_allowlisted(&out, "DELETE", "api.test", 443, "/v1/items");
+    assert_not_allowlisted(&out, "GET", "api.test", 443, "/admin/users");
+    assert_host_refused(&out, "other.test", 443, "not-allowlisted");
+    assert_host_refused(&out, "localhost", other.port, "not-allowlisted");
+}
+
+#[test]
+fn git_clones_over_https_with_the_token_injected() {
+    let pki = Pki::new();
+    let repos = pki.scratch.dir.join("repos");
+    let work = pki.scratch.dir.join("work");
+    let git = |args: &[&str], dir: &Path| {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.name=gateway test",
+                "-c",
+                "user.email=test@gateway.test",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+    };
+    std::fs::create_dir_all(&repos).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    git(&["init", "-q", "--bare", "-b", "main", "demo.git"], &repos);
+    git(&["init", "-q", "-b", "main"], &work);
+    std::fs::write(work.join("README"), "cloned through the tunnel\n").unwrap();
+    git(&["add", "README"], &work);
+    git(&["commit", "-q", "-m", "first"], &work);
+    git(
+        &[
+            "push",
+            "-q",
+            repos.join("demo.git").to_str().unwrap(),
+            "main",
+        ],
+        &work,
+    );
+
+    let server = Server::git(&pki, &repos, SECRET);
+    // Without the token the server refuses: a clone that works got it from the tunnel.
+    let direct = pki
+        .direct_curl("git.test", server.port)
+        .args(["-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!(
+            "https://git.test:{}/demo.git/info/refs?service=git-upload-pack",
+            server.port
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&direct.stdout), "401", "{direct:?}");
+    let before = server.requests().len();
+
+    let rules = rule("git.test", server.port, "credential = \"git\"");
+    let credential = "[credentials.git]\nenv = \"GIT_TOKEN\"\nbasic_user = \"x-access-token\"\n";
+    let run = Run::new(
+        "tunnel-git",
+        &tunnel_policy("tunnel-git", &pki, &format!("{rules}{credential}")),
+    );
+    let home = run.scratch.dir.join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    let script = format!(
+        r#"export HOME={home:?} GIT_TERMINAL_PROMPT=0
+cd "$HOME"
+git clone -q https://git.test/demo.git demo
+echo "git-exit $?"
+cat demo/README
+echo "--- env"
+env
+"#,
+        home = home.to_str().unwrap()
+    );
+    let out = run.finish(
+        run.command(&["sh", "-c", &script])
+            .env("GIT_TOKEN", SECRET)
+            .output()
+            .unwrap(),
+    );
+    let ctx = || format!("{}\n{}", out.describe(), server.describe());
+    assert!(out.stdout.contains("git-exit 0\n"), "{}", ctx());
+    assert!(
+        out.stdout.contains("cloned through the tunnel"),
+        "{}",
+        ctx()
+    );
+    let requests = server.requests().split_off(before);
+    assert!(
+        requests
+            .iter()
+            .any(|r| r["method"] == "POST" && r["path"] == "/demo.git/git-upload-pack"),
+        "{}",
+        ctx()
+    );
+    let basic = format!(
+        "Basic {}",
+        base64(format!("x-access-token:{SECRET}").as_bytes())
+    );
+    for r in &requests {
+        assert_eq!(r["status"], 200, "{r}\n{}", ctx());
+        assert_eq!(header(r, "authorization"), [basic.as_str()], "{r}");
+    }
+    assert!(!out.stdout.contains("GIT_TOKEN="), "{}", out.stdout);
+    assert_no_secret("the sandbox's output and environment", &out.stdout);
+    assert_no_secret("the gateway's stderr", &out.stderr);
+}
+
+#[test]
+fn python_urllib_goes_through_the_tunnel() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let rules = rule(
+        "api.test",
+        api.port,
+        "paths = [\"/v1/**\"]\ncredential = \"api\"",
+    );
+    let run = Run::new(
+        "tunnel-python",
+        &tunnel_policy("tunnel-python", &pki, &format!("{rules}{API_CREDENTIAL}")),
+    );
+    let out = python(
+        &run,
+        r#"
+import urllib.request, urllib.error
+print(json.dumps({"proxies": urllib.request.getproxies()}), flush=True)
+req = urllib.request.Request("https://api.test/v1/py?q=1", data=b"from-python", method="POST",
+                             headers={"Content-Type": "text/plain"})
+with urllib.request.urlopen(req, timeout=20) as resp:
+    print(json.dumps({"status": resp.status, "echo": json.loads(resp.read())}), flush=True)
+try:
+    urllib.request.urlopen("https://api.test/admin", timeout=20)
+    print(json.dumps({"denied": 200}), flush=True)
+except urllib.error.HTTPError as e:
+    print(json.dumps({"denied": e.code}), flush=True)
+"#,
+    );
+    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    assert_eq!(printed(&out, "status"), 200, "{}", ctx());
+    let echo = printed(&out, "echo");
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["body"], "from-python");
+    assert_eq!(printed(&out, "denied"), 403, "{}", ctx());
+    let requests = api.requests();
+    assert_eq!(api.paths(), ["/v1/py?q=1"], "{}", ctx());
+    assert_eq!(
+        header(&requests[0], "authorization"),
+        [format!("Bearer {SECRET}").as_str()]
+    );
+    assert_eq!(requests[0]["body_len"], 11);
+}
+
+#[test]
+fn server_sent_events_arrive_one_by_one() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let rules = rule("api.test", api.port, "credential = \"api\"");
+    let run = Run::new(
+        "tunnel-sse",
+        &tunnel_policy("tunnel-sse", &pki, &format!("{rules}{API_CREDENTIAL}")),
+    );
+    // The upstream sends `second` only after /release, which the client requests only after
+    // it read `first`: a tunnel that buffers the stream makes the first read time out.
+    let out = python(
+        &run,
+        r#"
+import urllib.request
+resp = urllib.request.urlopen("https://api.test/sse", timeout=10)
+print(json.dumps({"step": "open", "status": resp.status,
+                  "type": resp.headers.get("Content-Type")}), flush=True)
+def next_event():
+    try:
+        while True:
+            line = resp.readline()
+            if not line:
+                return "end of stream"
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                return line[len("data: "):]
+    except Exception as e:
+        return "error: " + repr(e)
+print(json.dumps({"step": "event", "data": next_event()}), flush=True)
+with urllib.request.urlopen("https://api.test/release", timeout=10) as rel:
+    print(json.dumps({"step": "release", "status": rel.status}), flush=True)
+print(json.dumps({"step": "event", "data": next_event()}), flush=True)
+"#,
+    );
+    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    let steps: Vec<&Value> = out
+        .lines
+        .iter()
+        .filter(|l| l.get("step").is_some())
+        .collect();
+    assert_eq!(steps.len(), 4, "{}", ctx());
+    assert_eq!(steps[0]["status"], 200, "{}", ctx());
+    assert!(
+        steps[0]["type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("text/event-stream")),
+        "{}",
+        ctx()
+    );
+    assert_eq!(steps[1]["data"], "first", "{}", ctx());
+    assert_eq!(steps[2]["status"], 200, "{}", ctx());
+    assert_eq!(steps[3]["data"], "second", "{}", ctx());
+    assert_eq!(api.paths(), ["/sse", "/release"], "{}", ctx());
+}
+
+#[test]
+fn websocket_echo_through_connect() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let rules = rule("api.test", api.port, "credential = \"api\"");
+    let run = Run::new(
+        "tunnel-ws",
+        &tunnel_policy("tunnel-ws", &pki, &format!("{rules}{API_CREDENTIAL}")),
+    );
+    let out = python(
+        &run,
+        r#"
+import ssl, base64, hashlib, struct
+def read_head(s):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode("latin-1")
+def recv_exact(s, n):
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise EOFError("closed")
+        data += chunk
+    return data
+def send_text(s, text):
+    payload = text.encode()
+    mask = os.urandom(4)
+    n = len(payload)
+    head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n))
+    s.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+def recv_frame(s):
+    b0, b1 = recv_exact(s, 2)
+    n = b1 & 0x7F
+    if n == 126:
+        (n,) = struct.unpack("!H", recv_exact(s, 2))
+    elif n == 127:
+        (n,) = struct.unpack("!Q", recv_exact(s, 8))
+    return {"opcode": b0 & 0x0F, "masked": bool(b1 & 0x80), "text": recv_exact(s, n).decode()}
+
+s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
+s.sendall(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
+print(json.dumps({"connect": read_head(s).split("\r\n")[0]}), flush=True)
+t = ssl.create_default_context().wrap_socket(s, server_hostname="api.test")
+key = base64.b64encode(os.urandom(16)).decode()
+t.sendall(("GET /ws HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: " + key + "\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+head = read_head(t)
+accept = [l.split(":", 1)[1].strip() for l in head.split("\r\n") if l.lower().startswith("sec-websocket-accept:")]
+expected = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+print(json.dumps({"handshake": head.split("\r\n")[0], "accept_ok": accept == [expected]}), flush=True)
+long = "x" * 300
+send_text(t, "hello through the tunnel")
+print(json.dumps({"echo1": recv_frame(t)}), flush=True)
+send_text(t, long)
+print(json.dumps({"echo2_ok": recv_frame(t)["text"] == long}), flush=True)
+"#,
+    );
+    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    assert_eq!(
+        printed(&out, "connect")
+            .as_str()
+            .map(|l| l.split(' ').nth(1)),
+        Some(Some("200")),
+        "{}",
+        ctx()
+    );
+    assert_eq!(
+        printed(&out, "handshake")
+            .as_str()
+            .map(|l| l.split(' ').nth(1)),
+        Some(Some("101")),
+        "{}",
+        ctx()
+    );
+    assert_eq!(printed(&out, "accept_ok"), true, "{}", ctx());
+    let echo = printed(&out, "echo1");
+    assert_eq!(echo["opcode"], 1, "{}", ctx());
+    assert_eq!(echo["masked"], false, "{}", ctx());
+    assert_eq!(echo["text"], "hello through the tunnel", "{}", ctx());
+    assert_eq!(printed(&out, "echo2_ok"), true, "{}", ctx());
+    let requests = api.requests();
+    assert_eq!(api.paths(), ["/ws"], "{}", ctx());
+    assert_eq!(
+        header(&requests[0], "authorization"),
+        [format!("Bearer {SECRET}").as_str()]
+    );
+}
+
+#[test]
+fn placeholder_works_toward_its_host_and_is_refused_elsewhere() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let other = Server::upstream(&pki, "other");
+    let body = format!(
+        "{}{}[credentials.api]\nenv = \"API_TOKEN\"\nplaceholder = \"API_TOKEN_PLACEHOLDER\"\n",
+        rule("api.test", api.port, "credential = \"api\""),
+        rule("other.test", other.port, ""),
+    );
+    let run = Run::new(
+        "tunnel-placeholder",
+        &tunnel_policy("tunnel-placeholder", &pki, &body),
+    );
+    let out = sh(
+        &run,
+        &format!(
+            r#"{CURL}
+echo "placeholder=$API_TOKEN_PLACEHOLDER"
+r api -H "Authorization: Bearer $API_TOKEN_PLACEHOLDER" https://api.test/v1/with-placeholder
+r control https://other.test/v1/control
+r leak -H "Authorization: Bearer $API_TOKEN_PLACEHOLDER" https://other.test/v1/leak
+r leak-header -H "X-Token: $API_TOKEN_PLACEHOLDER" https://other.test/v1/leak-header
+echo "--- env"
+env
+"#
+        ),
+    );
+    let ctx = || {
+        format!(
+            "{}\n{}\n{}",
+            out.describe(),
+            api.describe(),
+            other.describe()
+        )
+    };
+    let placeholder = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("placeholder="))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        !placeholder.is_empty(),
+        "no placeholder in the sandbox\n{}",
+        ctx()
+    );
+    assert!(!placeholder.contains(SECRET), "{}", ctx());
+    assert!(
+        out.stdout.lines().all(|l| !l.starts_with("API_TOKEN=")),
+        "{}",
+        ctx()
+    );
+    assert_no_secret("the sandbox's output and environment", &out.stdout);
+
+    let replies = replies(&out.stdout);
+    assert_eq!(reply(&replies, "api", &out).code, 200, "{}", ctx());
+    assert_eq!(reply(&replies, "control", &out).code, 200, "{}", ctx());
+    for name in ["leak", "leak-header"] {
+        let r = reply(&replies, name, &out);
+        assert!(r.forbidden(), "{name}: {r:?}\n{}", ctx());
+    }
+    let requests = api.requests();
+    assert_eq!(api.paths(), ["/v1/with-placeholder"], "{}", ctx());
+    assert_eq!(
+        header(&requests[0], "authorization"),
+        [format!("Bearer {SECRET}").as_str()],
+        "{}",
+        ctx()
+    );
+    assert!(
+        all_header_values(&requests[0])
+            .iter()
+            .all(|v| !v.contains(&placeholder)),
+        "the placeholder itself reached api.test\n{}",
+        ctx()
+    );
+    assert_eq!(other.paths(), ["/v1/control"], "{}", ctx());
+    for path in ["/v1/leak", "/v1/leak-header"] {
+        assert_proxy_record(
+            &out,
+            path,
+            &json!({
+                "verdict": "deny",
+                "reason": "placeholder-to-unlisted-host",
+                "host": "other.test",
+                "port": 443,
+                "path": path,
+                "status": 403,
+            }),
+        );
+    }
+}
+
+#[test]
+fn a_name_that_resolves_to_loopback_is_refused_without_private() {
+    let pki = Pki::new();
+    let target = Server::upstream(&pki, "local");
+    let policy_with = |extra: &str| {
+        tunnel_policy(
+            "tunnel-private",
+            &pki,
+            &format!(
+                "[[http.allow]]\nhost = \"localhost\"\nport = {}\n{extra}\n",
+                target.port
+            ),
+        )
+    };
+    let script = format!(
+        "{CURL}\nr local https://localhost:{}/v1/private\n",
+        target.port
+    );
+
+    let refused = Run::new("tunnel-private", &policy_with(""));
+    let out = sh(&refused, &script);
+    let ctx = |out: &Finished| format!("{}\n{}", out.describe(), target.describe());
+    let r = reply(&replies(&out.stdout), "local", &out).clone();
+    assert!(r.forbidden(), "{r:?}\n{}", ctx(&out));
+    assert!(target.requests().is_empty(), "{}", ctx(&out));
+    assert_host_refused(&out, "localhost", target.port, "private-address");
+
+    // The same request with `private = true` gets through: the refusal above was the rule.
+    let allowed = Run::new("tunnel-private-ok", &policy_with("private = true"));
+    let out = sh(&allowed, &script);
+    let r = reply(&replies(&out.stdout), "local", &out).clone();
+    assert_eq!(r.code, 200, "{r:?}\n{}", ctx(&out));
+    assert_eq!(target.paths(), ["/v1/private"], "{}", ctx(&out));
+}
+
+#[test]
+fn malformed_and_ambiguous_requests_are_never_forwarded() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let other = Server::upstream(&pki, "other");
+    let body = format!(
+        "{}{}{API_CREDENTIAL}",
+        rule("api.test", api.port, "credential = \"api\""),
+        rule("other.test", other.port, ""),
+    );
+    let run = Run::new(
+        "tunnel-malformed",
+        &tunnel_policy("tunnel-malformed", &pki, &body),
+    );
+    let out = python(
+        &run,
+        r#"
+import ssl
+CTX = ssl.create_default_context()
+BIG = b"a" * (1 << 20)
+def read_head(s):
+    data = b""
+    while b"\r\n\r\n" not in data and b"\n\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+def outcome(s, payload):
+    try:
+        s.sendall(payload)
+    except OSError:
+        return "closed"
+    try:
+        data = read_head(s)
+    except socket.timeout:
+        return "timeout"
+    except OSError:
+        return "closed"
+    if not data:
+        return "closed"
+    try:
+        return int(data.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return "garbage: " + repr(data[:80])
+def tunnel():
+    return socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
+def intercepted(sni="api.test"):
+    s = tunnel()
+    s.sendall(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
+    head = read_head(s)
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError("CONNECT refused: " + repr(head[:80]))
+    return CTX.wrap_socket(s, server_hostname=sni)
+def case(name, connect, payload):
+    try:
+        s = connect()
+    except ssl.SSLError:
+        result = "closed"
+    except Exception as e:
+        result = "error: " + repr(e)
+    else:
+        result = outcome(s, payload)
+    print(json.dumps({"case": name, "outcome": result}), flush=True)
+
+case("control", intercepted,
+     b"GET /v1/control HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
+INNER = {
+    "cl-te": b"POST /v1/cl-te HTTP/1.1\r\nHost: api.test\r\nContent-Length: 5\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two-cl": b"POST /v1/two-cl HTTP/1.1\r\nHost: api.test\r\nContent-Length: 5\r\n"
+              b"Content-Length: 6\r\n\r\nhello!",
+    "same-cl-twice": b"POST /v1/same-cl-twice HTTP/1.1\r\nHost: api.test\r\nContent-Length: 5\r\n"
+                     b"Content-Length: 5\r\n\r\nhello",
+    "obs-fold": b"GET /v1/obs-fold HTTP/1.1\r\nHost: api.test\r\nX-Folded: one\r\n two\r\n\r\n",
+    "bare-lf": b"GET /v1/bare-lf HTTP/1.1\nHost: api.test\n\n",
+    "big-header": b"GET /v1/big-header HTTP/1.1\r\nHost: api.test\r\nX-Big: " + BIG + b"\r\n\r\n",
+    "host-mismatch": b"GET /v1/host-mismatch HTTP/1.1\r\nHost: other.test\r\n\r\n",
+}
+for name, payload in INNER.items():
+    case(name, intercepted, payload)
+case("sni-mismatch", lambda: intercepted(sni="other.test"),
+     b"GET /v1/sni-mismatch HTTP/1.1\r\nHost: api.test\r\n\r\n")
+OUTER = {
+    "connect-bare-lf": b"CONNECT api.test:443 HTTP/1.1\nHost: api.test:443\n\n",
+    "connect-obs-fold": b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n"
+                        b"X-Folded: one\r\n two\r\n\r\n",
+    "connect-big-header": b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\nX-Big: "
+                          + BIG + b"\r\n\r\n",
+}
+for name, payload in OUTER.items():
+    case(name, tunnel, payload)
+"#,
+    );
+    let ctx = || {
+        format!(
+            "{}\n{}\n{}",
+            out.describe(),
+            api.describe(),
+            other.describe()
+        )
+    };
+    let outcomes: HashMap<&str, &Value> = out
+        .lines
+        .iter()
+        .filter_map(|l| Some((l["case"].as_str()?, &l["outcome"])))
+        .collect();
+    assert_eq!(
+        outcomes.get("control").copied(),
+        Some(&json!(200)),
+        "the well-formed control request must pass\n{}",
+        ctx()
+    );
+    let cases = [
+        "cl-te",
+        "two-cl",
+        "same-cl-twice",
+        "obs-fold",
+        "bare-lf",
+        "big-header",
+        "host-mismatch",
+        "sni-mismatch",
+        "connect-bare-lf",
+        "connect-obs-fold",
+        "connect-big-header",
+    ];
+    for name in cases {
+        let got = outcomes
+            .get(name)
+            .unwrap_or_else(|| panic!("case {name} did not run\n{}", ctx()));
+        assert!(
+            **got == json!(400) || **got == json!(431) || **got == json!("closed"),
+            "{name}: expected 400, 431 or a closed connection, got {got}\n{}",
+            ctx()
+        );
+    }
+    assert_eq!(api.paths(), ["/v1/control"], "{}", ctx());
+    assert!(other.requests().is_empty(), "{}", ctx());
+}
+
+#[test]
+fn a_process_outside_every_sandbox_is_refused() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let rules = rule("api.test", api.port, "credential = \"api\"");
+    let run = Run::new(
+        "tunnel-outside",
+        &tunnel_policy("tunnel-outside", &pki, &format!("{rules}{API_CREDENTIAL}")),
+    );
+    let go = run.scratch.dir.join("go");
+    let script = format!(
+        r#"{CURL}
+echo "proxy=$HTTPS_PROXY"
+echo "ca=$SSL_CERT_FILE"
+i=0
+while [ ! -e {go:?} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+r inside https://api.test/v1/inside
+"#,
+        go = go.to_str().unwrap()
+    );
+    let mut gateway = run
+        .command(&["sh", "-c", &script])
+        .env("API_TOKEN", SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(gateway.stdout.take().unwrap());
+    let read_var = |reader: &mut BufReader<ChildStdout>, prefix: &str| {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        line.trim()
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("expected {prefix}..., got {line:?}"))
+            .to_owned()
+    };
+    let proxy = read_var(&mut reader, "proxy=");
+    let ca_bundle = read_var(&mut reader, "ca=");
+    let tunnel = proxy.strip_prefix("http://").unwrap().to_owned();
+
+    // This test process is root and in no sandbox: a full credentialed request through the
+    // tunnel, as curl makes it, and a plain absolute-form request on a raw socket.
+    let outside = Command::new("curl")
+        .args(["-sS", "-m", "10", "-o", "/dev/null"])
+        .args(["-w", "%{http_code} %{http_connect}"])
+        .args(["--proxy", &proxy, "--cacert", &ca_bundle])
+        .arg("https://api.test/v1/outside")
+        .output()
+        .unwrap();
+    let codes = String::from_utf8_lossy(&outside.stdout).into_owned();
+    let raw = {
+        let mut s = TcpStream::connect(&tunnel).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(
+            b"GET http://api.test:443/v1/outside-plain HTTP/1.1\r\nHost: api.test:443\r\n\r\n",
+        );
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+
+    std::fs::write(&go, "").unwrap();
+    let mut stdout = String::new();
+    reader.read_to_string(&mut stdout).unwrap();
+    let mut stderr = String::new();
+    gateway
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = gateway.wait().unwrap();
+    let out = run.finish(Output {
+        status,
+        stdout: stdout.into_bytes(),
+        stderr: stderr.into_bytes(),
+    });
+    let ctx = || {
+        format!(
+            "outside curl: {codes} {:?}\nraw answer: {raw:?}\n{}\n{}",
+            String::from_utf8_lossy(&outside.stderr),
+            out.describe(),
+            api.describe()
+        )
+    };
+    assert!(
+        !codes.starts_with('2') && !codes.contains(" 2"),
+        "outside curl got through: {}",
+        ctx()
+    );
+    let raw_status = raw.split(' ').nth(1).unwrap_or("");
+    assert!(
+        raw.is_empty() || raw_status.starts_with('4'),
+        "outside raw request was not refused: {}",
+        ctx()
+    );
+    assert_eq!(
+        reply(&replies(&out.stdout), "inside", &out).code,
+        200,
+        "the sandbox itself must get through\n{}",
+        ctx()
+    );
+    assert_eq!(api.paths(), ["/v1/inside"], "{}", ctx());
+    let refusals = proxy_records(&out)
+        .into_iter()
+        .filter(|r| r["verdict"] == "deny" && r["reason"] == "not-a-sandbox")
+        .count();
+    assert!(
+        refusals >= 2,
+        "one not-a-sandbox record per outside connection\n{}",
+        ctx()
+    );
+}
+
+#[test]
+fn the_secret_appears_nowhere() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let other = Server::upstream(&pki, "other");
+    // A port nothing listens on: the upstream error must not carry the secret either.
+    let down = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let body = format!(
+        "{}{}{}[credentials.api]\nenv = \"API_TOKEN\"\nplaceholder = \"API_TOKEN_PLACEHOLDER\"\n",
+        rule(
+            "api.test",
+            api.port,
+            "paths = [\"/v1/**\"]\ncredential = \"api\""
+        ),
+        rule("other.test", other.port, ""),
+        rule("down.test", down, "credential = \"api\""),
+    );
+    let run = Run::new(
+        "tunnel-secret",
+        &tunnel_policy("tunnel-secret", &pki, &body),
+    );
+    let script = format!(
+        r#"{CURL}
+echo "--- env"
+env
+echo "--- gateway environ"
+cat /proc/$PPID/environ 2>&1 | tr '\0' '\n'
+r ok -i https://api.test/v1/ok
+r forged -i -H 'Authorization: Bearer forged' https://api.test/v1/forged
+r denied -i https://api.test/admin
+r leak -i -H "Authorization: Bearer $API_TOKEN_PLACEHOLDER" https://other.test/v1/leak
+r down -i https://down.test/v1/down
+r unlisted -i https://unlisted.test/
+"#
+    );
+    let out = run.finish(
+        run.command(&["sh", "-c", &script])
+            .env("API_TOKEN", SECRET)
+            .env("GATEWAY_LOG", "debug")
+            .output()
+            .unwrap(),
+    );
+    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    let replies = replies(&out.stdout);
+    assert_eq!(reply(&replies, "ok", &out).code, 200, "{}", ctx());
+    assert_eq!(reply(&replies, "forged", &out).code, 200, "{}", ctx());
+    for name in ["denied", "leak", "unlisted"] {
+        let r = reply(&replies, name, &out);
+        assert!(r.forbidden(), "{name}: {r:?}\n{}", ctx());
+    }
+    let down_reply = reply(&replies, "down", &out);
+    assert!(
+        (500..600).contains(&down_reply.code),
+        "down: {down_reply:?}\n{}",
+        ctx()
+    );
+    // The secret was in use: the upstream got it.
+    let bearer = format!("Bearer {SECRET}");
+    assert!(
+        api.requests()
+            .iter()
+            .all(|r| header(r, "authorization") == [bearer.as_str()]),
+        "{}",
+        ctx()
+    );
+    assert_eq!(api.paths().len(), 2, "{}", ctx());
+    let audit_text = std::fs::read_to_string(&run.audit).unwrap_or_default();
+    assert!(
+        proxy_records(&out).len() >= 5,
+        "one proxy record per decision\n{}",
+        ctx()
+    );
+    assert_no_secret("the audit log", &audit_text);
+    assert_no_secret(
+        "the sandbox's environment, the responses or the gateway's stdout",
+        &out.stdout,
+    );
+    assert_no_secret("the gateway's stderr", &out.stderr);
+    assert!(
+        out.stdout.lines().all(|l| !l.starts_with("API_TOKEN=")),
+        "{}",
+        ctx()
+    );
+}
