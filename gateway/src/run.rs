@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     audit::{self, AuditLog},
-    kernel::{self, Enforcer},
+    kernel::{self, Enforcer, TunnelClients},
     policy::{self, Policy},
     sandbox::{
         cgroup::Cgroup,
@@ -30,7 +30,7 @@ use crate::{
         state::{self, RunState},
         user::{self, SandboxUser},
     },
-    tunnel,
+    tunnel::{self, LocalCa, Secrets, Tunnel},
 };
 
 pub struct RunArgs {
@@ -51,6 +51,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // no ptrace by same-uid processes.
     nix::sys::prctl::set_dumpable(false).context("making the gateway non-dumpable")?;
     let policy = policy::load(&args.policy)?;
+    // Secrets first: a missing one is the policy author's to fix before anything is created.
+    let secrets = Secrets::load(&policy)?;
+    let ca = Arc::new(
+        LocalCa::load_or_create(&tunnel::state_dir().join("ca"))
+            .context("loading the gateway CA")?,
+    );
     host::check_btf()?;
     let cgroup_root = host::cgroup2_root()?;
     host::ensure_bpffs()?;
@@ -82,23 +88,53 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(supervise(
-        &policy,
-        &user,
-        &args.command,
-        &run_state,
-        &run_dir,
+        Sandbox {
+            policy: &policy,
+            user: &user,
+            command: &args.command,
+            run_state: &run_state,
+            run_dir: &run_dir,
+        },
         audit,
+        secrets,
+        ca,
     ))
 }
 
+/// What one `run` sets up, borrowed for the life of the sandbox.
+struct Sandbox<'a> {
+    policy: &'a Policy,
+    user: &'a SandboxUser,
+    command: &'a [String],
+    run_state: &'a RunState,
+    run_dir: &'a std::path::Path,
+}
+
+/// The kernel's record of tunnel clients, narrowed to this sandbox's cgroup.
+struct SandboxClients {
+    clients: TunnelClients,
+    cgroup_id: u64,
+}
+
+impl tunnel::ClientIdentity for SandboxClients {
+    fn claim(&self, peer: std::net::SocketAddr) -> bool {
+        self.clients.claim(peer) == Some(self.cgroup_id)
+    }
+}
+
 async fn supervise(
-    policy: &Policy,
-    user: &SandboxUser,
-    command: &[String],
-    run_state: &RunState,
-    run_dir: &std::path::Path,
+    sandbox: Sandbox<'_>,
     audit: AuditLog,
+    secrets: Secrets,
+    ca: Arc<LocalCa>,
 ) -> anyhow::Result<i32> {
+    let Sandbox {
+        policy,
+        user,
+        command,
+        run_state,
+        run_dir,
+    } = sandbox;
     let listener = tunnel::bind(policy.tunnel_listen)
         .await
         .with_context(|| format!("binding the tunnel at {}", policy.tunnel_listen))?;
@@ -133,8 +169,30 @@ async fn supervise(
         }
     };
     let reader = enforcer.events()?;
+    let clients = SandboxClients {
+        clients: enforcer.tunnel_clients()?,
+        cgroup_id: cgroup.id(),
+    };
     let events = tokio::spawn(reader.run(audit.clone(), policy.name.clone(), stop_rx.clone()));
-    let tunnel_task = tokio::spawn(tunnel::serve(listener, stop_rx));
+    let placeholders = secrets.placeholder_env();
+    let proxy = match Tunnel::new(
+        policy,
+        secrets,
+        ca.clone(),
+        audit.clone(),
+        Box::new(clients),
+    ) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            let _ = events.await;
+            let _ = enforcer.detach();
+            let _ = cgroup.destroy();
+            let _ = std::fs::remove_dir_all(run_dir);
+            return Err(e.context("starting the tunnel"));
+        }
+    };
+    let tunnel_task = tokio::spawn(proxy.serve(listener, stop_rx));
     tracing::info!(
         sandbox = %policy.name,
         tunnel = %tunnel_addr,
@@ -143,8 +201,9 @@ async fn supervise(
         "sandbox ready"
     );
 
-    let outcome =
-        launch_and_wait(policy, user, command, &cgroup, tunnel_addr, run_dir, &audit).await;
+    let mut env = env::variables(tunnel_addr, &env::write_ca_bundle(run_dir, ca.pem())?);
+    env.extend(placeholders);
+    let outcome = launch_and_wait(policy, user, command, &cgroup, env, &audit).await;
 
     // Teardown runs whatever happened above: kill, stop, drain, detach, remove.
     let killed = cgroup.kill();
@@ -167,14 +226,12 @@ async fn launch_and_wait(
     user: &SandboxUser,
     command: &[String],
     cgroup: &Cgroup,
-    tunnel_addr: std::net::SocketAddr,
-    run_dir: &std::path::Path,
+    env: Vec<(String, String)>,
     audit: &AuditLog,
 ) -> anyhow::Result<i32> {
     // Handlers first: a signal that arrives once CMD runs must be forwarded, not kill us.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let ca_bundle = env::write_ca_bundle(run_dir).context("writing the CA bundle")?;
     let abstract_allowed = policy
         .unix
         .iter()
@@ -187,7 +244,7 @@ async fn launch_and_wait(
         args,
         user,
         cgroup_procs: &procs,
-        env: env::variables(tunnel_addr, &ca_bundle),
+        env,
         remove: policy.secret_env_vars().map(str::to_owned).collect(),
         confine: confinement.child_side(),
     }

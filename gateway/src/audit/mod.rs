@@ -10,7 +10,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-pub use record::{KernelFields, Layer, Record, Verdict};
+pub use record::{KernelFields, Layer, ProxyFields, Record, Verdict};
 
 /// Where audit records go when `--audit-log` is not given.
 pub const DEFAULT_LOG: &str = "/var/log/gateway/audit.jsonl";

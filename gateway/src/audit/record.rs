@@ -7,10 +7,6 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 #[serde(rename_all = "lowercase")]
 pub enum Layer {
     Kernel,
-    #[expect(
-        dead_code,
-        reason = "written by the tunnel's proxy once it decides requests"
-    )]
     Proxy,
 }
 
@@ -18,10 +14,6 @@ pub enum Layer {
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Deny,
-    #[expect(
-        dead_code,
-        reason = "written by the tunnel's proxy once it decides requests"
-    )]
     Allow,
 }
 
@@ -34,6 +26,8 @@ pub struct Record {
     pub reason: String,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelFields>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyFields>,
     /// Refusals the kernel could not report because the ring buffer was full.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<u64>,
@@ -50,6 +44,21 @@ pub struct KernelFields {
     pub dst: Option<String>,
 }
 
+/// Fields of a decision made by the tunnel. `rule` and `credential` are always present, null
+/// when none applied; the credential is named, never its value.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+pub struct ProxyFields {
+    pub method: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub status: Option<u16>,
+    pub rule: Option<usize>,
+    pub credential: Option<String>,
+    /// The client's address as the tunnel saw it.
+    pub client: String,
+}
+
 impl Record {
     pub fn new(layer: Layer, verdict: Verdict, sandbox: &str, reason: &str) -> Self {
         Self {
@@ -59,6 +68,7 @@ impl Record {
             sandbox: sandbox.to_owned(),
             reason: reason.to_owned(),
             kernel: None,
+            proxy: None,
             lost: None,
         }
     }

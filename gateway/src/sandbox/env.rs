@@ -13,13 +13,17 @@ const SYSTEM_ROOTS: [&str; 4] = [
     "/etc/ssl/cert.pem",
 ];
 
-/// Writes the CA bundle CMD trusts: the system roots (the gateway CA joins them with the
-/// intercepting proxy). Readable by everyone: it holds only public certificates.
-pub fn write_ca_bundle(dir: &Path) -> std::io::Result<PathBuf> {
+/// Writes the CA bundle CMD trusts: the system roots plus the gateway CA that signs the
+/// tunnel's intercepted sessions. Readable by everyone: it holds only public certificates.
+pub fn write_ca_bundle(dir: &Path, gateway_ca: &str) -> std::io::Result<PathBuf> {
     let mut bundle = Vec::new();
     if let Some(roots) = SYSTEM_ROOTS.iter().find(|p| Path::new(p).is_file()) {
         bundle = std::fs::read(roots)?;
     }
+    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(gateway_ca.as_bytes());
     let path = dir.join("ca-bundle.pem");
     std::fs::write(&path, bundle)?;
     use std::os::unix::fs::PermissionsExt as _;

@@ -1,48 +1,207 @@
-//! The tunnel: the one address the sandbox may reach. Until the proxy lands it answers 501.
+//! The tunnel: the one address the sandbox may reach. An HTTP/1.1 forward proxy that decides
+//! every request against `[[http.allow]]`, attaches credentials at this boundary, and serves
+//! only connections the kernel says a sandbox made.
 
-use std::{convert::Infallible, net::SocketAddr};
+pub mod authority;
+mod ca;
+mod connect;
+mod credentials;
+mod guard;
+mod headers;
+mod private;
+mod proxy;
+mod rules;
+mod upstream;
+mod websocket;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::watch};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::{Response, StatusCode, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::{Semaphore, watch},
+};
 
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+pub use ca::{LocalCa, state_dir};
+pub use credentials::{CredentialError, Secrets};
+
+use self::{authority::Authority, guard::HeadGuard, rules::Rules, upstream::Upstreams};
+use crate::{
+    audit::{AuditLog, Layer, ProxyFields, Record, Verdict},
+    policy::Policy,
+};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Longest a client may take to send a request head (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head accepted; hyper answers 431 beyond it.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Open client connections per sandbox.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// Tells whether a sandbox made the TCP connection that arrived from `peer`.
+pub trait ClientIdentity: Send + Sync + 'static {
+    fn claim(&self, peer: SocketAddr) -> bool;
 }
 
-/// Serves until `stop` turns true.
-pub async fn serve(listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    loop {
-        let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!("tunnel accept: {e}");
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        tokio::spawn(async move {
-            let service = service_fn(not_implemented);
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!("tunnel connection: {e}");
+pub fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub struct Tunnel {
+    sandbox: String,
+    rules: Rules,
+    secrets: Secrets,
+    ca: Arc<LocalCa>,
+    upstreams: Upstreams,
+    audit: AuditLog,
+    identity: Box<dyn ClientIdentity>,
+    connections: Arc<Semaphore>,
+}
+
+impl Tunnel {
+    pub fn new(
+        policy: &Policy,
+        secrets: Secrets,
+        ca: Arc<LocalCa>,
+        audit: AuditLog,
+        identity: Box<dyn ClientIdentity>,
+    ) -> anyhow::Result<Self> {
+        let rules = Rules::new(&policy.http)?;
+        let upstreams = Upstreams::new(&rules, &policy.upstream_ca)?;
+        Ok(Self {
+            sandbox: policy.name.clone(),
+            rules,
+            secrets,
+            ca,
+            upstreams,
+            audit,
+            identity,
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        })
+    }
+
+    /// Serves until `stop` turns true.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!("tunnel accept: {e}");
+                        continue;
+                    }
+                },
+                _ = stop.changed() => return,
+            };
+            if !self.identity.claim(peer) {
+                // No sandbox made this connection: another local user must not borrow the
+                // credentials. Closed before a byte is read.
+                self.record(Verdict::Deny, "not-a-sandbox", peer, ProxyFields::default());
+                drop(stream);
+                continue;
             }
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                self.record(
+                    Verdict::Deny,
+                    "too-many-connections",
+                    peer,
+                    ProxyFields::default(),
+                );
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let tunnel = self.clone();
+            tokio::spawn(async move {
+                tunnel.serve_http(stream, peer, None).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Serves HTTP/1.1 on one client stream. `inner` is the CONNECT target when the stream
+    /// is an intercepted TLS session.
+    async fn serve_http<S>(self: Arc<Self>, io: S, client: SocketAddr, inner: Option<Authority>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let tunnel = self.clone();
+        let service = service_fn(move |req| {
+            let tunnel = tunnel.clone();
+            let inner = inner.clone();
+            async move { Ok::<_, std::convert::Infallible>(tunnel.handle(req, client, inner).await) }
         });
+        let served = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .serve_connection(TokioIo::new(HeadGuard::new(io)), service)
+            .with_upgrades()
+            .await;
+        if let Err(e) = served {
+            tracing::debug!(%client, "tunnel connection: {e}");
+            if e.is_parse() || e.is_timeout() || is_ambiguous(&e) {
+                self.record(
+                    Verdict::Deny,
+                    "malformed-request",
+                    client,
+                    ProxyFields::default(),
+                );
+            }
+        }
+    }
+
+    /// Appends one proxy record. A failed write is logged loudly; the request it describes
+    /// was already refused or answered.
+    fn record(&self, verdict: Verdict, reason: &str, client: SocketAddr, mut fields: ProxyFields) {
+        fields.client = client.to_string();
+        let mut record = Record::new(Layer::Proxy, verdict, &self.sandbox, reason);
+        record.proxy = Some(fields);
+        if let Err(e) = self.audit.append(&record) {
+            tracing::error!("{e}");
+        }
     }
 }
 
-async fn not_implemented(
-    _req: Request<hyper::body::Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(
-        b"gateway tunnel: proxying is not implemented yet\n",
-    )));
-    *resp.status_mut() = StatusCode::NOT_IMPLEMENTED;
-    Ok(resp)
+fn is_ambiguous(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::InvalidData;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// A response the tunnel makes itself. The reason goes in a header so clients and people
+/// can tell a gateway refusal from an upstream's answer.
+pub fn local_response(status: StatusCode, reason: &str) -> Response<Body> {
+    let body = format!(
+        "gateway: {} ({reason})\n",
+        status.canonical_reason().unwrap_or("")
+    );
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(reason) {
+        resp.headers_mut().insert("x-gateway-reason", v);
+    }
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
 }

@@ -1,0 +1,126 @@
+//! One canonical form for the host a request names, so rules match what will be dialled:
+//! lower case, no trailing dot, IDNA, no userinfo, numeric IPv4 forms normalised.
+
+use std::{fmt, net::IpAddr};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Authority {
+    /// A lower-case ASCII domain or the textual form of an IP address (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+}
+
+impl Authority {
+    /// Parses `host[:port]` as found in a URI, a CONNECT target or a Host header.
+    pub fn parse(text: &str, default_port: u16) -> Option<Self> {
+        if text.contains('@') || text.is_empty() {
+            return None;
+        }
+        let (host, port) = split_port(text)?;
+        let port = match port {
+            Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0)?,
+            None => default_port,
+        };
+        Some(Self {
+            host: canonical_host(host)?,
+            port,
+        })
+    }
+
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.host.parse().ok()
+    }
+}
+
+impl fmt::Display for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip() {
+            Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            _ => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+fn split_port(text: &str) -> Option<(&str, Option<&str>)> {
+    if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return match after {
+            "" => Some((host, None)),
+            p => Some((host, Some(p.strip_prefix(':')?))),
+        };
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => Some((host, Some(port))),
+        Some(_) => None,
+        None => Some((text, None)),
+    }
+}
+
+/// The canonical host, or `None` when it is not a valid host name or address.
+pub fn canonical_host(host: &str) -> Option<String> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() || host.ends_with('.') {
+        return None;
+    }
+    if let Ok(v6) = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::Ipv6Addr>()
+    {
+        return Some(canonical_ip(IpAddr::V6(v6)));
+    }
+    // The WHATWG host parser applies IDNA and reads every IPv4 spelling (0x7f.1, 2130706433).
+    match url::Host::parse(host).ok()? {
+        url::Host::Domain(d) => d
+            .split('.')
+            .all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+            .then_some(d),
+        url::Host::Ipv4(ip) => Some(ip.to_string()),
+        url::Host::Ipv6(ip) => Some(canonical_ip(IpAddr::V6(ip))),
+    }
+}
+
+/// IPv4-mapped IPv6 is written as the IPv4 address it is.
+fn canonical_ip(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => v6.to_string(),
+        },
+        IpAddr::V4(v4) => v4.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_forms() {
+        let a = |t| Authority::parse(t, 443).map(|a| a.to_string());
+        assert_eq!(a("API.GitHub.com"), Some("api.github.com:443".into()));
+        assert_eq!(
+            a("api.github.com.:8443"),
+            Some("api.github.com:8443".into())
+        );
+        assert_eq!(a("0x7f.1:80"), Some("127.0.0.1:80".into()));
+        assert_eq!(a("2130706433"), Some("127.0.0.1:443".into()));
+        assert_eq!(a("[::FFFF:127.0.0.1]:80"), Some("127.0.0.1:80".into()));
+        assert_eq!(a("[::1]"), Some("[::1]:443".into()));
+        assert_eq!(
+            a("bücher.example"),
+            Some("xn--bcher-kva.example:443".into())
+        );
+        assert_eq!(a("user@host"), None);
+        assert_eq!(a("host:0"), None);
+        assert_eq!(a("host:99999"), None);
+        assert_eq!(a("a..b"), None);
+        assert_eq!(a(""), None);
+    }
+}

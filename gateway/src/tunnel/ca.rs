@@ -1,0 +1,145 @@
+//! The gateway's local CA: made on first use, key readable by root only, reused across runs.
+//! It mints one leaf certificate per intercepted host, cached for the life of the tunnel.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SerialNumber,
+};
+use rustls::ServerConfig;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::{Duration, OffsetDateTime};
+
+/// Where the CA lives unless `GATEWAY_STATE_DIR` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/gateway";
+
+pub struct LocalCa {
+    cert: Certificate,
+    key: KeyPair,
+    pem: String,
+    /// One key for every leaf: minting stays cheap and nothing the sandbox sees depends on it.
+    leaf_key: KeyPair,
+    leaves: Mutex<HashMap<String, Arc<ServerConfig>>>,
+}
+
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("GATEWAY_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
+}
+
+impl LocalCa {
+    /// Loads the CA from `dir`, creating it on first use.
+    pub fn load_or_create(dir: &Path) -> anyhow::Result<Self> {
+        let cert_path = dir.join("ca.pem");
+        let key_path = dir.join("ca-key.pem");
+        let (params, key) = if key_path.exists() {
+            let key_pem = std::fs::read_to_string(&key_path)
+                .with_context(|| format!("reading the gateway CA key {}", key_path.display()))?;
+            let cert_pem = std::fs::read_to_string(&cert_path)
+                .with_context(|| format!("reading the gateway CA {}", cert_path.display()))?;
+            let key = KeyPair::from_pem(&key_pem).with_context(|| {
+                format!(
+                    "{} is not a PEM private key: remove it and {} to make a new CA",
+                    key_path.display(),
+                    cert_path.display()
+                )
+            })?;
+            let params = CertificateParams::from_ca_cert_pem(&cert_pem)
+                .with_context(|| format!("{} is not a PEM CA certificate", cert_path.display()))?;
+            (params, key)
+        } else {
+            create(dir, &cert_path, &key_path)?
+        };
+        let cert = params.self_signed(&key).context("loading the gateway CA")?;
+        let pem = std::fs::read_to_string(&cert_path)?;
+        Ok(Self {
+            cert,
+            key,
+            pem,
+            leaf_key: KeyPair::generate().context("generating the leaf key")?,
+            leaves: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The CA certificate the sandbox trusts, PEM.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// TLS server settings presenting a certificate for `host` (a canonical host).
+    pub fn server_config(&self, host: &str) -> anyhow::Result<Arc<ServerConfig>> {
+        let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = leaves.get(host) {
+            return Ok(c.clone());
+        }
+        let mut params = CertificateParams::new(vec![host.to_owned()])?;
+        params.distinguished_name = name(host);
+        params.use_authority_key_identifier_extension = true;
+        let mut serial = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut serial);
+        serial[0] &= 0x7f;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(7);
+        let leaf = params.signed_by(&self.leaf_key, &self.cert, &self.key)?;
+        // The leaf alone: clients hold the CA from the bundle `run` wrote.
+        let chain = vec![leaf.der().clone()];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.leaf_key.serialize_der()));
+        let mut config = ServerConfig::builder_with_provider(super::crypto())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+        leaves.insert(host.to_owned(), config.clone());
+        Ok(config)
+    }
+}
+
+fn name(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+fn create(
+    dir: &Path,
+    cert_path: &Path,
+    key_path: &Path,
+) -> anyhow::Result<(CertificateParams, KeyPair)> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the gateway state directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name("gateway local CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(3650);
+    let cert = params.clone().self_signed(&key)?;
+    let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(key_path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, key_pem.as_bytes()))
+        .with_context(|| format!("writing the gateway CA key {}", key_path.display()))?;
+    std::fs::write(cert_path, cert.pem())
+        .with_context(|| format!("writing the gateway CA {}", cert_path.display()))?;
+    tracing::info!("created the gateway CA at {}", cert_path.display());
+    Ok((params, key))
+}

@@ -1,0 +1,177 @@
+//! CONNECT: the target must have a rule; its TLS ClientHello must name the same host. Then the
+//! session is intercepted with a leaf from the local CA (rules apply per request inside), or
+//! spliced when the rule says `passthrough = true`.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use http_body_util::BodyExt as _;
+use hyper::{Request, Response, StatusCode, body::Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::{
+    Body, Tunnel,
+    authority::{Authority, canonical_host},
+    guard::Prefixed,
+    upstream,
+};
+use crate::audit::{ProxyFields, Verdict};
+
+/// A ClientHello larger than this is not a ClientHello.
+const MAX_HELLO: usize = 64 * 1024;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Tunnel {
+    pub(super) fn connect(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<Body> {
+        let mut fields = ProxyFields {
+            method: Some("CONNECT".into()),
+            ..Default::default()
+        };
+        let Some(target) = req
+            .uri()
+            .authority()
+            .and_then(|a| Authority::parse(a.as_str(), 443))
+            .filter(|_| {
+                req.uri().scheme().is_none()
+                    && req
+                        .uri()
+                        .path_and_query()
+                        .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/")
+            })
+        else {
+            return self.refuse(
+                StatusCode::BAD_REQUEST,
+                "bad-connect-target",
+                client,
+                fields,
+            );
+        };
+        fields.host = Some(target.host.clone());
+        fields.port = Some(target.port);
+        let Some(rule) = self.rules.for_authority(&target) else {
+            return self.refuse(StatusCode::FORBIDDEN, "not-allowlisted", client, fields);
+        };
+        let (index, passthrough) = (rule.index, rule.spec.passthrough);
+        let on_upgrade = hyper::upgrade::on(req);
+        let tunnel = self.clone();
+        tokio::spawn(async move {
+            let io = match on_upgrade.await {
+                Ok(up) => TokioIo::new(up),
+                Err(e) => {
+                    tracing::debug!("CONNECT upgrade: {e}");
+                    return;
+                }
+            };
+            tunnel
+                .tls_session(io, target, index, passthrough, client, fields)
+                .await;
+        });
+        Response::new(
+            http_body_util::Empty::<bytes::Bytes>::new()
+                .map_err(|n| match n {})
+                .boxed(),
+        )
+    }
+
+    async fn tls_session<S>(
+        self: Arc<Self>,
+        mut io: S,
+        target: Authority,
+        rule: usize,
+        passthrough: bool,
+        client: SocketAddr,
+        mut fields: ProxyFields,
+    ) where
+        S: AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (hello, sni) = match read_client_hello(&mut io).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!(%client, "CONNECT {target}: {e}");
+                self.record(Verdict::Deny, "not-tls", client, fields);
+                return;
+            }
+        };
+        let sni_ok = match &sni {
+            Some(name) => canonical_host(name).as_deref() == Some(target.host.as_str()),
+            // Clients send no SNI for an IP address.
+            None => target.ip().is_some(),
+        };
+        if !sni_ok {
+            self.record(Verdict::Deny, "sni-mismatch", client, fields);
+            return;
+        }
+        if passthrough {
+            let spec = self.rules.iter().nth(rule).map(|r| r.spec.clone());
+            let Some(spec) = spec else { return };
+            match upstream::dial_raw(&spec, &target.host, target.port).await {
+                Ok(mut up) => {
+                    fields.rule = Some(rule);
+                    self.record(Verdict::Allow, "passthrough", client, fields);
+                    if up.write_all(&hello).await.is_ok() {
+                        let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+                    }
+                }
+                Err(e) => {
+                    fields.rule = Some(rule);
+                    let reason = match e {
+                        upstream::DialError::Private { .. } => "private-address",
+                        _ => "upstream-error",
+                    };
+                    tracing::info!(host = %target, "passthrough: {e}");
+                    self.record(Verdict::Deny, reason, client, fields);
+                }
+            }
+            return;
+        }
+        let config = match self.ca.server_config(&target.host) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("minting a certificate for {target}: {e:#}");
+                return;
+            }
+        };
+        let tls = match tokio_rustls::TlsAcceptor::from(config)
+            .accept(Prefixed::new(hello, io))
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(%client, "TLS with the sandbox for {target}: {e}");
+                return;
+            }
+        };
+        self.serve_http(tls, client, Some(target)).await;
+    }
+}
+
+/// Reads until a whole ClientHello has arrived; returns the bytes read and the SNI.
+async fn read_client_hello<S: AsyncRead + Unpin>(
+    io: &mut S,
+) -> anyhow::Result<(Vec<u8>, Option<String>)> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(HELLO_TIMEOUT, io.read(&mut chunk)).await??;
+        anyhow::ensure!(n > 0, "closed before a ClientHello");
+        seen.extend_from_slice(&chunk[..n]);
+        anyhow::ensure!(seen.len() <= MAX_HELLO, "ClientHello too large");
+        let mut fresh = &chunk[..n];
+        while !fresh.is_empty() {
+            acceptor.read_tls(&mut fresh)?;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let sni = accepted.client_hello().server_name().map(str::to_owned);
+                return Ok((seen, sni));
+            }
+            Ok(None) => continue,
+            Err((e, _alert)) => anyhow::bail!("not a TLS ClientHello: {e}"),
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! One request: validate, decide, attach the credential, forward, stream the answer back.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use http_body_util::BodyExt as _;
+use hyper::{
+    Method, Request, Response, StatusCode, Uri, Version, body::Incoming, header,
+    header::HeaderValue,
+};
+
+use super::{
+    Body, Tunnel, authority::Authority, headers, local_response, rules::Rule, upstream, websocket,
+};
+use crate::audit::{ProxyFields, Verdict};
+
+/// What a refusal says: status, audit reason.
+struct Refusal(StatusCode, &'static str);
+
+impl Tunnel {
+    pub(super) async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        inner: Option<Authority>,
+    ) -> Response<Body> {
+        if req.method() == Method::CONNECT && inner.is_none() {
+            return self.connect(req, client);
+        }
+        let mut fields = ProxyFields {
+            method: Some(req.method().to_string()),
+            path: req.uri().path_and_query().map(|p| p.as_str().to_owned()),
+            ..Default::default()
+        };
+        let (scheme, target) = match target_of(&req, inner.as_ref()) {
+            Ok(t) => t,
+            Err(Refusal(status, reason)) => return self.refuse(status, reason, client, fields),
+        };
+        fields.host = Some(target.host.clone());
+        fields.port = Some(target.port);
+        if let Some(reason) =
+            headers::ambiguity(req.headers()).or_else(|| headers::path_ambiguity(req.uri().path()))
+        {
+            return self.refuse(StatusCode::BAD_REQUEST, reason, client, fields);
+        }
+        if req.method() == Method::TRACE {
+            return self.refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "trace-refused",
+                client,
+                fields,
+            );
+        }
+        let this = self.clone();
+        let Some(rule) = this.rules.decide(req.method(), &target, req.uri().path()) else {
+            return self.refuse(StatusCode::FORBIDDEN, "not-allowlisted", client, fields);
+        };
+        fields.rule = Some(rule.index);
+        fields.credential = rule.spec.credential.clone();
+        self.forward(req, scheme, &target, rule, client, fields)
+            .await
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        scheme: &'static str,
+        target: &Authority,
+        rule: &Rule,
+        client: SocketAddr,
+        mut fields: ProxyFields,
+    ) -> Response<Body> {
+        let ws = websocket::is_request(req.headers());
+        let client_upgrade = ws.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        if let Err(Refusal(status, reason)) = self.credentials(&mut parts, rule) {
+            return self.refuse(status, reason, client, fields);
+        }
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = match format!("{scheme}://{target}{path}").parse::<Uri>() {
+            Ok(u) => u,
+            Err(_) => return self.refuse(StatusCode::BAD_REQUEST, "bad-uri", client, fields),
+        };
+        parts.version = Version::HTTP_11;
+        headers::strip_hop_by_hop(&mut parts.headers, ws);
+        // The Host upstream is generated from the checked authority, never copied.
+        parts.headers.remove(header::HOST);
+        let request_headers = ws.then(|| parts.headers.clone());
+        let sent = self
+            .upstreams
+            .client(rule.index, ws)
+            .request(Request::from_parts(parts, body))
+            .await;
+        let mut resp = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                let (status, reason) = match upstream::dial_error(&e) {
+                    Some(upstream::DialError::Private { .. }) => {
+                        (StatusCode::FORBIDDEN, "private-address")
+                    }
+                    Some(upstream::DialError::Timeout { .. }) => {
+                        (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout")
+                    }
+                    _ => (StatusCode::BAD_GATEWAY, "upstream-error"),
+                };
+                tracing::info!(host = %target, "upstream: {}", error_chain(&e));
+                return self.refuse(status, reason, client, fields);
+            }
+        };
+        if let (Some(client_upgrade), Some(sent_headers)) = (client_upgrade, request_headers)
+            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        {
+            if !websocket::accepted(&sent_headers, &resp) {
+                return self.refuse(
+                    StatusCode::BAD_GATEWAY,
+                    "bad-websocket-accept",
+                    client,
+                    fields,
+                );
+            }
+            websocket::pipe(client_upgrade, hyper::upgrade::on(&mut resp));
+            fields.status = Some(101);
+            self.record(Verdict::Allow, "allowlisted", client, fields);
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(
+                parts,
+                http_body_util::Empty::<bytes::Bytes>::new()
+                    .map_err(|n| match n {})
+                    .boxed(),
+            );
+        }
+        fields.status = Some(resp.status().as_u16());
+        self.record(Verdict::Allow, "allowlisted", client, fields);
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        Response::from_parts(parts, body.boxed())
+    }
+
+    /// Swaps placeholders and sets the rule's credential; the agent's own value for that
+    /// header is dropped.
+    fn credentials(
+        &self,
+        parts: &mut hyper::http::request::Parts,
+        rule: &Rule,
+    ) -> Result<(), Refusal> {
+        let named = rule.spec.credential.as_deref();
+        for secret in self.secrets.iter() {
+            let Some(p) = &secret.placeholder else {
+                continue;
+            };
+            let listed = named == Some(secret.name.as_str());
+            if parts.uri.to_string().contains(&p.value) {
+                return Err(Refusal(
+                    StatusCode::FORBIDDEN,
+                    if listed {
+                        "placeholder-in-url"
+                    } else {
+                        "placeholder-to-unlisted-host"
+                    },
+                ));
+            }
+            let carrying: Vec<_> = parts
+                .headers
+                .iter()
+                .filter(|(_, v)| contains(v, &p.value))
+                .map(|(n, _)| n.clone())
+                .collect();
+            if carrying.is_empty() {
+                continue;
+            }
+            if !listed {
+                return Err(Refusal(
+                    StatusCode::FORBIDDEN,
+                    "placeholder-to-unlisted-host",
+                ));
+            }
+            for name in carrying {
+                let values: Vec<HeaderValue> =
+                    parts.headers.get_all(&name).iter().cloned().collect();
+                parts.headers.remove(&name);
+                for v in values {
+                    let swapped = v
+                        .to_str()
+                        .ok()
+                        .and_then(|t| secret.swap_placeholder(t))
+                        .ok_or(Refusal(StatusCode::BAD_REQUEST, "bad-header"))?;
+                    parts.headers.append(name.clone(), swapped);
+                }
+            }
+        }
+        if let Some(name) = named {
+            let secret = self.secrets.get(name).ok_or(Refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "unknown-credential",
+            ))?;
+            parts.headers.remove(&secret.header);
+            parts
+                .headers
+                .insert(secret.header.clone(), secret.header_value());
+        }
+        Ok(())
+    }
+
+    pub(super) fn refuse(
+        &self,
+        status: StatusCode,
+        reason: &'static str,
+        client: SocketAddr,
+        mut fields: ProxyFields,
+    ) -> Response<Body> {
+        fields.status = Some(status.as_u16());
+        self.record(Verdict::Deny, reason, client, fields);
+        local_response(status, reason)
+    }
+}
+
+fn contains(v: &HeaderValue, needle: &str) -> bool {
+    v.as_bytes()
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+/// The scheme and authority a request goes to. On the proxy port only absolute-form is
+/// accepted and its authority decides; inside an intercepted CONNECT the CONNECT target
+/// decides and Host (or an absolute URI) must agree with it.
+fn target_of(
+    req: &Request<Incoming>,
+    inner: Option<&Authority>,
+) -> Result<(&'static str, Authority), Refusal> {
+    let uri = req.uri();
+    let from_uri = match (uri.scheme_str(), uri.authority()) {
+        (Some(s), Some(a)) => {
+            let (scheme, port) = match s {
+                "http" => ("http", 80),
+                "https" => ("https", 443),
+                _ => return Err(Refusal(StatusCode::BAD_REQUEST, "unsupported-scheme")),
+            };
+            if a.as_str().contains('@') {
+                return Err(Refusal(StatusCode::BAD_REQUEST, "userinfo-in-uri"));
+            }
+            Some((
+                scheme,
+                Authority::parse(a.as_str(), port)
+                    .ok_or(Refusal(StatusCode::BAD_REQUEST, "bad-host"))?,
+            ))
+        }
+        (None, None) => None,
+        _ => return Err(Refusal(StatusCode::BAD_REQUEST, "bad-uri")),
+    };
+    match inner {
+        None => from_uri.ok_or(Refusal(StatusCode::BAD_REQUEST, "not-absolute-form")),
+        Some(connect) => {
+            if from_uri.as_ref().is_some_and(|(_, a)| a != connect) {
+                return Err(Refusal(StatusCode::BAD_REQUEST, "host-mismatch"));
+            }
+            if let Some(host) = req.headers().get(header::HOST) {
+                let same = host
+                    .to_str()
+                    .ok()
+                    .and_then(|h| Authority::parse(h, connect.port))
+                    .is_some_and(|h| h == *connect);
+                if !same {
+                    return Err(Refusal(StatusCode::BAD_REQUEST, "host-mismatch"));
+                }
+            }
+            Ok(("https", connect.clone()))
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

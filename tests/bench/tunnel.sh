@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Throughput of the tunnel against nginx doing the same job, with the same client, in one
+# run: wrk inside a sandbox sends GETs that get an Authorization header attached on the way
+# to a loopback HTTP upstream (nginx `return 200`), either through the tunnel (absolute-form
+# proxy requests, a credential injected) or through an nginx reverse proxy (`proxy_pass` with
+# `proxy_set_header Authorization`, upstream keepalive). Then the cost of a new TLS connection
+# through the tunnel (CONNECT, interception, pooled upstream) against one made directly.
+# Run as root after `cargo build --release --workspace --bins` (cargo xtask bench does both).
+# Needs wrk, nginx and openssl: apt-get install wrk nginx-light openssl.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+duration=${DURATION:-10}
+conns=${CONNS:-64}
+rounds=${ROUNDS:-3}
+tls_n=${TLS_CONNECTS:-300}
+for tool in wrk nginx openssl python3; do
+  command -v "$tool" >/dev/null || { echo "tunnel.sh needs $tool: apt-get install wrk nginx-light openssl python3" >&2; exit 2; }
+done
+work=$(mktemp -d /tmp/gateway-bench-tunnel.XXXXXX)
+chmod 755 "$work"
+trap 'nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; kill "$tls_up" 2>/dev/null || true; rm -rf "$work"' EXIT
+install -m 755 "$root/target/release/gateway" "$work/"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+up_port=$(free_port)
+ngx_port=$(free_port)
+mkdir -p "$work/logs"
+cat > "$work/nginx.conf" <<NGINX
+worker_processes 2;
+pid $work/nginx.pid;
+error_log $work/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream up { server 127.0.0.1:$up_port; keepalive 128; }
+  server { listen 127.0.0.1:$up_port; location / { return 200 "ok\n"; } }
+  server {
+    listen 127.0.0.1:$ngx_port;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer \$bench_token";
+    }
+  }
+  map \$host \$bench_token { default "bench-secret-token"; }
+}
+NGINX
+nginx -p "$work" -c "$work/nginx.conf"
+
+# TLS upstream for the new-connection figure: python's ssl server, one request per connection.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+  -keyout "$work/ca.key" -out "$work/ca.pem" -subj "/CN=bench CA" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$work/srv.key" \
+  -out "$work/srv.csr" -subj "/CN=api.bench" 2>/dev/null
+printf 'subjectAltName=DNS:api.bench\nextendedKeyUsage=serverAuth\n' > "$work/ext"
+openssl x509 -req -in "$work/srv.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
+  -CAcreateserial -out "$work/srv.pem" -days 1 -extfile "$work/ext" 2>/dev/null
+chmod 644 "$work"/*.pem
+tls_port=$(free_port)
+python3 - "$work" "$tls_port" <<'PY' &
+import http.server, ssl, sys
+work, port = sys.argv[1], int(sys.argv[2])
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "3"); self.end_headers()
+        self.wfile.write(b"ok\n")
+    def log_message(self, *a): pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); c.load_cert_chain(f"{work}/srv.pem", f"{work}/srv.key")
+s.socket = c.wrap_socket(s.socket, server_side=True)
+s.serve_forever()
+PY
+tls_up=$!
+
+cat > "$work/policy.toml" <<TOML
+version = 1
+name = "bench-tunnel"
+
+[[network.allow]]               # the nginx proxy, reached directly for the baseline
+cidr = "127.0.0.1/32"
+ports = [$ngx_port, $tls_port]
+
+[[http.allow]]
+host = "127.0.0.1"
+port = $up_port
+private = true
+credential = "bench"
+
+[[http.allow]]
+host = "api.bench"
+connect = "127.0.0.1:$tls_port"
+
+[credentials.bench]
+env = "BENCH_TOKEN"
+
+[tls]
+upstream_ca = ["$work/ca.pem"]
+TOML
+cat > "$work/absolute.lua" <<LUA
+wrk.path = "http://127.0.0.1:$up_port/"
+LUA
+cat > "$work/tls.py" <<'PY'
+import http.client, os, socket, ssl, sys, time
+mode, n, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+work = os.path.dirname(os.path.abspath(__file__))
+if mode == "direct":
+    ctx = ssl.create_default_context(cafile=f"{work}/ca.pem")
+else:
+    ctx = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    proxy = os.environ["HTTPS_PROXY"].removeprefix("http://")
+    phost, pport = proxy.rsplit(":", 1)
+class Direct(http.client.HTTPSConnection):
+    """api.bench is not in DNS: dial the loopback upstream, verify the name."""
+    def connect(self):
+        raw = socket.create_connection(("127.0.0.1", port))
+        self.sock = ctx.wrap_socket(raw, server_hostname="api.bench")
+def one():
+    if mode == "direct":
+        c = Direct("api.bench", port, context=ctx)
+    else:
+        c = http.client.HTTPSConnection(phost, int(pport), context=ctx)
+        c.set_tunnel("api.bench", 443)
+    c.request("GET", "/")
+    r = c.getresponse(); r.read(); c.close()
+for _ in range(20):
+    one()
+t = time.perf_counter()
+for _ in range(n):
+    one()
+print(int((time.perf_counter() - t) / n * 1e6))
+PY
+chmod 644 "$work"/*.lua "$work"/*.py "$work/policy.toml"
+
+sandboxed() {
+  BENCH_TOKEN=bench-secret-token GATEWAY_LOG=warn GATEWAY_STATE_DIR="$work/state" \
+    "$work/gateway" run --policy "$work/policy.toml" --audit-log "$work/audit.jsonl" \
+    --user nobody -- "$@"
+}
+rps() { awk '/Requests\/sec/ {print $2}'; }
+lat() { awk -v q="$1" '$1 == q {print $2}'; }
+
+tun_rps=(); ngx_rps=(); tun_p50=(); ngx_p50=(); tun_p99=(); ngx_p99=()
+for r in $(seq "$rounds"); do
+  out=$(sandboxed sh -c "wrk -t2 -c$conns -d${duration}s --latency -s $work/absolute.lua \"\$HTTP_PROXY/\"")
+  tun_rps+=("$(rps <<<"$out")"); tun_p50+=("$(lat 50% <<<"$out")"); tun_p99+=("$(lat 99% <<<"$out")")
+  out=$(sandboxed wrk -t2 -c"$conns" -d"${duration}"s --latency "http://127.0.0.1:$ngx_port/")
+  ngx_rps+=("$(rps <<<"$out")"); ngx_p50+=("$(lat 50% <<<"$out")"); ngx_p99+=("$(lat 99% <<<"$out")")
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+deny=$(grep -c '"verdict":"deny"' "$work/audit.jsonl" || true)
+echo "HTTP GET with a credential attached, wrk -t2 -c$conns -d${duration}s inside the sandbox, $rounds rounds"
+echo "tunnel: ${tun_rps[*]} req/s (median $(median "${tun_rps[@]}")); p50 ${tun_p50[*]}; p99 ${tun_p99[*]}"
+echo "nginx:  ${ngx_rps[*]} req/s (median $(median "${ngx_rps[@]}")); p50 ${ngx_p50[*]}; p99 ${ngx_p99[*]}"
+awk -v t="$(median "${tun_rps[@]}")" -v n="$(median "${ngx_rps[@]}")" \
+  'BEGIN { printf "ratio tunnel/nginx requests per second: %.2f\n", t/n }'
+echo "(deny records during the run: $deny)"
+
+tls_tun=(); tls_dir=()
+for r in $(seq "$rounds"); do
+  tls_dir+=("$(sandboxed python3 "$work/tls.py" direct "$tls_n" "$tls_port")")
+  tls_tun+=("$(sandboxed python3 "$work/tls.py" tunnel "$tls_n" "$tls_port")")
+done
+echo
+echo "new TLS connection + one GET, python http.client inside the sandbox, $tls_n per round"
+echo "direct to the upstream: ${tls_dir[*]} us (median $(median "${tls_dir[@]}"))"
+echo "through the tunnel:     ${tls_tun[*]} us (median $(median "${tls_tun[@]}"))"
+awk -v t="$(median "${tls_tun[@]}")" -v d="$(median "${tls_dir[@]}")" \
+  'BEGIN { printf "ratio tunnel/direct per new TLS connection: %.2f\n", t/d }'
