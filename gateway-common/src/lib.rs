@@ -168,6 +168,18 @@ pub struct UnixPath {
     pub _pad: [u8; 4],
 }
 
+/// Key of the `TUNNEL_CLIENTS` hash: the source of a TCP connection a sandbox made to the
+/// tunnel, as the tunnel sees it as the peer of the accepted connection.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    /// The client's source address as IPv6 (IPv4 as `::ffff:a.b.c.d`), network byte order.
+    pub addr: [u8; 16],
+    /// The client's source port, host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
 /// One refusal, sent through the `EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
@@ -200,5 +212,6 @@ mod pod {
     unsafe impl aya::Pod for super::PortRule {}
     unsafe impl aya::Pod for super::PortRules {}
     unsafe impl aya::Pod for super::UnixPath {}
+    unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::Event {}
 }

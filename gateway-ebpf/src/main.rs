@@ -4,6 +4,7 @@
 #![no_main]
 
 mod event;
+mod ident;
 mod net;
 mod skb;
 mod socket;

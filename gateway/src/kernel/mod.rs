@@ -1,6 +1,7 @@
 //! Loads the eBPF programs, writes the compiled policy into their maps, attaches them to the
 //! sandbox cgroup and pins every link in bpffs.
 
+mod clients;
 mod events;
 mod maps;
 mod unix;
@@ -13,13 +14,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 
+pub use clients::TunnelClients;
 pub use events::EventReader;
 
 use crate::policy::Policy;
@@ -166,6 +168,9 @@ impl Enforcer {
             ));
             self.pin(name, link)?;
         }
+        let link = attach_one!(self, SockOps, "tunnel_clients", |p| p
+            .attach(cgroup, CgroupAttachMode::Single));
+        self.pin("tunnel_clients", link)?;
         Ok(())
     }
 
@@ -195,6 +200,19 @@ impl Enforcer {
                 source,
             })?;
         Ok(EventReader::new(ring, lost))
+    }
+
+    /// Which sandbox made each client connection of the tunnel; call once.
+    pub fn tunnel_clients(&mut self) -> Result<TunnelClients, KernelError> {
+        let map = self
+            .ebpf
+            .take_map("TUNNEL_CLIENTS")
+            .ok_or_else(|| missing("TUNNEL_CLIENTS"))?;
+        let map = HashMap::try_from(map).map_err(|source| KernelError::Map {
+            map: "TUNNEL_CLIENTS",
+            source,
+        })?;
+        Ok(TunnelClients::new(map))
     }
 
     /// Unpins and detaches every program; the sandbox must be dead by now.
