@@ -322,8 +322,12 @@ fn tunnel_is_reachable_with_curl() {
     let run = Run::new("curl", &policy("curl", ""));
     let out = run.sh(r#"curl -sS -m 5 -o /dev/null -w '%{http_code}' http://service.invalid/"#);
     assert!(out.status.success(), "{}", out.stdout);
-    // The tunnel answered through HTTP_PROXY; until the proxy lands it says 501.
-    assert_eq!(out.stdout.trim(), "501", "{}", out.stderr);
+    // The tunnel answered through HTTP_PROXY: no rule allows the host, so 403.
+    assert_eq!(out.stdout.trim(), "403", "{}", out.stderr);
+    let refused = run.audit_records().into_iter().any(|r| {
+        r["layer"] == "proxy" && r["reason"] == "not-allowlisted" && r["host"] == "service.invalid"
+    });
+    assert!(refused, "no proxy record for the refusal");
 }
 
 #[test]

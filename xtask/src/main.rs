@@ -52,7 +52,8 @@ fn main() -> anyhow::Result<()> {
             bootstrap::run(&root)?;
             build(&root, true)?;
             cmd::step("benchmarks");
-            cmd::run(root.join("tests/bench/connect.sh").as_os_str(), &[], &root)
+            cmd::run(root.join("tests/bench/connect.sh").as_os_str(), &[], &root)?;
+            cmd::run(root.join("tests/bench/tunnel.sh").as_os_str(), &[], &root)
         }
     }
 }

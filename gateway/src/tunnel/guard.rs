@@ -1,8 +1,13 @@
 //! Stream wrappers around what clients send.
 //!
-//! `HeadGuard` refuses a request head that hyper's lenient parser would accept but another
-//! parser could read differently (bare LF line ends, obs-fold continuation lines): such a
-//! request is ambiguous, so the connection is closed before anything is forwarded.
+//! `HeadGuard` closes a connection whose request head hyper's lenient parser would accept but
+//! another parser could read differently: bare LF or bare CR line ends, obs-fold continuation
+//! lines, two Content-Lengths, Content-Length with Transfer-Encoding (hyper silently picks
+//! one). hyper still parses every request; the guard only follows the byte stream far enough
+//! to know where each head starts: after a head with Content-Length it skips that many body
+//! bytes, after one with no body it checks the next head, and after a chunked, upgrade or
+//! CONNECT request it stops, because the tunnel closes such connections after the response
+//! (`closes_connection`) or hands them over to a tunnel of their own.
 //! `Prefixed` replays bytes already read (a TLS ClientHello) in front of a stream.
 
 use std::{
@@ -13,59 +18,137 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Head {
-    /// At the start of a line; `first` for the request line.
-    LineStart {
-        first: bool,
-    },
-    InLine,
-    /// Saw CR, want LF.
-    Cr {
-        line_was_empty: bool,
-    },
-    /// The head ended; the body and later requests pass unchecked (see module docs).
+/// Enough of a header line to read its name and a Content-Length value.
+const KEEP: usize = 256;
+
+#[derive(Default)]
+struct Head {
+    line: Vec<u8>,
+    cr: bool,
+    request_line_seen: bool,
+    content_lengths: usize,
+    content_length: Option<u64>,
+    transfer_encoding: bool,
+    /// CONNECT or Upgrade: the stream stops being HTTP after this head.
+    switches: bool,
+}
+
+enum State {
+    Head(Head),
+    Body(u64),
+    /// Past the last head this connection will carry.
     Done,
 }
 
 pub struct HeadGuard<S> {
     inner: S,
-    state: Head,
+    state: State,
 }
 
 impl<S> HeadGuard<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner,
-            state: Head::LineStart { first: true },
+            state: State::Head(Head::default()),
         }
     }
 
-    fn scan(&mut self, bytes: &[u8]) -> io::Result<()> {
-        for &b in bytes {
-            self.state = match (self.state, b) {
-                (Head::Done, _) => return Ok(()),
-                (Head::Cr { line_was_empty }, b'\n') => {
-                    if line_was_empty {
-                        Head::Done
-                    } else {
-                        Head::LineStart { first: false }
+    fn scan(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            match &mut self.state {
+                State::Done => return Ok(()),
+                State::Body(left) => {
+                    let n = (*left).min(bytes.len() as u64);
+                    *left -= n;
+                    bytes = &bytes[n as usize..];
+                    if *left == 0 {
+                        self.state = State::Head(Head::default());
                     }
                 }
-                (Head::Cr { .. }, _) => return Err(ambiguous("CR without LF")),
-                (_, b'\n') => return Err(ambiguous("bare LF line end")),
-                (Head::LineStart { first: false }, b' ' | b'\t') => {
-                    return Err(ambiguous("obs-fold continuation line"));
+                State::Head(head) => {
+                    let b = bytes[0];
+                    bytes = &bytes[1..];
+                    if let Some(next) = head.push(b)? {
+                        self.state = next;
+                    }
                 }
-                (Head::LineStart { .. } | Head::InLine, b'\r') => {
-                    let line_was_empty = matches!(self.state, Head::LineStart { first: false });
-                    Head::Cr { line_was_empty }
-                }
-                (Head::LineStart { .. } | Head::InLine, _) => Head::InLine,
-            };
+            }
         }
         Ok(())
     }
+}
+
+impl Head {
+    /// Takes one byte; returns the next state when the head ends.
+    fn push(&mut self, b: u8) -> io::Result<Option<State>> {
+        if self.cr {
+            if b != b'\n' {
+                return Err(ambiguous("CR without LF"));
+            }
+            self.cr = false;
+            return self.end_line();
+        }
+        match b {
+            b'\r' => self.cr = true,
+            b'\n' => return Err(ambiguous("bare LF line end")),
+            _ if self.line.len() < KEEP => self.line.push(b),
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    fn end_line(&mut self) -> io::Result<Option<State>> {
+        let line = std::mem::take(&mut self.line);
+        if !self.request_line_seen {
+            // Empty lines before a request line are tolerated by RFC 9112.
+            if !line.is_empty() {
+                self.request_line_seen = true;
+                self.switches |= line.starts_with(b"CONNECT ");
+            }
+            return Ok(None);
+        }
+        if line.is_empty() {
+            return self.end_head().map(Some);
+        }
+        if line[0] == b' ' || line[0] == b'\t' {
+            return Err(ambiguous("obs-fold continuation line"));
+        }
+        let Some(colon) = line.iter().position(|&c| c == b':') else {
+            return Ok(None); // hyper refuses it
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if name.eq_ignore_ascii_case(b"content-length") {
+            self.content_lengths += 1;
+            self.content_length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            self.switches = true;
+        }
+        Ok(None)
+    }
+
+    fn end_head(&self) -> io::Result<State> {
+        if self.content_lengths > 1 {
+            return Err(ambiguous("two Content-Length headers"));
+        }
+        if self.content_lengths == 1 && self.transfer_encoding {
+            return Err(ambiguous("Content-Length with Transfer-Encoding"));
+        }
+        if self.switches || self.transfer_encoding {
+            return Ok(State::Done);
+        }
+        Ok(match self.content_length {
+            Some(n) if n > 0 => State::Body(n),
+            _ => State::Head(Head::default()),
+        })
+    }
+}
+
+/// Requests after which the connection is closed, so that no head goes unchecked.
+pub fn closes_connection(headers: &hyper::HeaderMap) -> bool {
+    headers.contains_key(hyper::header::TRANSFER_ENCODING)
+        || headers.contains_key(hyper::header::UPGRADE)
 }
 
 fn ambiguous(what: &str) -> io::Error {
@@ -84,7 +167,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res
-            && self.state != Head::Done
+            && !matches!(self.state, State::Done)
         {
             let fresh = buf.filled()[before..].to_vec();
             self.scan(&fresh)?;
@@ -162,16 +245,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 mod tests {
     use super::*;
 
-    fn check(head: &[u8]) -> io::Result<()> {
-        HeadGuard::new(()).scan(head)
+    fn check(stream: &[u8]) -> io::Result<()> {
+        HeadGuard::new(()).scan(stream)
     }
 
     #[test]
     fn strict_heads() {
-        assert!(check(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\nbody\nwith LF").is_ok());
+        assert!(check(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n").is_ok());
         assert!(check(b"GET http://a/ HTTP/1.1\nHost: a\r\n\r\n").is_err());
         assert!(check(b"GET http://a/ HTTP/1.1\r\nHost: a\n\n").is_err());
         assert!(check(b"GET http://a/ HTTP/1.1\r\nX: a\r\n b\r\n\r\n").is_err());
         assert!(check(b"GET http://a/ HTTP/1.1\r\nX: a\rb\r\n\r\n").is_err());
+        let cl_te =
+            b"POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(check(cl_te).is_err());
+        let two_cl =
+            b"POST http://a/ HTTP/1.1\r\ncontent-length: 3\r\nContent-Length: 3\r\n\r\nabc";
+        assert!(check(two_cl).is_err());
+    }
+
+    #[test]
+    fn every_head_on_a_keep_alive_connection() {
+        // A body may hold anything; the head after it is checked.
+        let ok = b"POST http://a/ HTTP/1.1\r\nContent-Length: 5\r\n\r\na\nb\n\nGET http://a/ HTTP/1.1\r\n\r\n";
+        assert!(check(ok).is_ok());
+        let second_bad = b"GET http://a/ HTTP/1.1\r\n\r\nGET http://a/ HTTP/1.1\nHost: a\r\n\r\n";
+        assert!(check(second_bad).is_err());
+        let after_body = b"POST http://a/ HTTP/1.1\r\nContent-Length: 1\r\n\r\nxGET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
+        assert!(check(after_body).is_err());
+        // After a chunked body the tunnel closes the connection; the guard stops there.
+        let chunked = b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\nx";
+        assert!(check(chunked).is_ok());
     }
 }

@@ -134,7 +134,18 @@ impl Tunnel {
         let service = service_fn(move |req| {
             let tunnel = tunnel.clone();
             let inner = inner.clone();
-            async move { Ok::<_, std::convert::Infallible>(tunnel.handle(req, client, inner).await) }
+            async move {
+                let close = guard::closes_connection(req.headers())
+                    || req.method() == hyper::Method::CONNECT;
+                let mut resp = tunnel.handle(req, client, inner).await;
+                if close && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    resp.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         });
         let served = http1::Builder::new()
             .timer(TokioTimer::new())
