@@ -1369,3 +1369,51 @@ r unlisted -i https://unlisted.test/
         ctx()
     );
 }
+
+#[test]
+fn request_bodies_over_the_configured_limit_are_refused() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let rules = rule("api.test", api.port, "credential = \"api\"");
+    let run = Run::new(
+        "tunnel-body-limit",
+        &tunnel_policy(
+            "tunnel-body-limit",
+            &pki,
+            &format!("[tunnel]\nmax_request_body = 1000\n{rules}{API_CREDENTIAL}"),
+        ),
+    );
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}
+head -c 1000 /dev/zero > /tmp/small
+head -c 1001 /dev/zero > /tmp/big
+r small -X POST --data-binary @/tmp/small https://api.test/v1/upload
+r big -X POST --data-binary @/tmp/big https://api.test/v1/upload
+r big-chunked -X POST -H 'Transfer-Encoding: chunked' --data-binary @/tmp/big https://api.test/v1/chunked
+"
+        ),
+    );
+    let replies = replies(&out.stdout);
+    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    assert_eq!(reply(&replies, "small", &out).code, 200, "{}", ctx());
+    assert_eq!(reply(&replies, "big", &out).code, 413, "{}", ctx());
+    // A chunked body is cut off at the limit: the upstream never gets a whole request.
+    assert_ne!(reply(&replies, "big-chunked", &out).code, 200, "{}", ctx());
+    let seen: Vec<(String, i64)> = api
+        .requests()
+        .iter()
+        .map(|r| {
+            (
+                r["path"].as_str().unwrap_or("").to_owned(),
+                r["body_len"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(seen, [("/v1/upload".to_owned(), 1000)], "{}", ctx());
+    let refused = proxy_records(&out)
+        .into_iter()
+        .any(|r| r["reason"] == "request-body-too-large" && r["status"] == 413);
+    assert!(refused, "no request-body-too-large record\n{}", ctx());
+}

@@ -75,6 +75,7 @@ struct RawPolicy {
 #[serde(deny_unknown_fields)]
 struct RawTunnel {
     listen: Option<Spanned<String>>,
+    max_request_body: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -245,6 +246,19 @@ fn convert(raw: RawPolicy, errs: &mut Errors<'_>) -> Option<Policy> {
             }
         },
     };
+    let max_request_body =
+        raw.tunnel
+            .max_request_body
+            .and_then(|m| match u64::try_from(*m.get_ref()) {
+                Ok(n) if n > 0 => Some(n),
+                _ => {
+                    errs.at(
+                        m.span(),
+                        "tunnel.max_request_body must be a positive number of bytes".into(),
+                    );
+                    None
+                }
+            });
     let network = raw
         .network
         .allow
@@ -273,6 +287,7 @@ fn convert(raw: RawPolicy, errs: &mut Errors<'_>) -> Option<Policy> {
     Some(Policy {
         name,
         tunnel_listen,
+        max_request_body,
         network,
         unix,
         http,

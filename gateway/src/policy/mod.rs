@@ -18,6 +18,8 @@ pub struct Policy {
     /// The sandbox's name in audit records.
     pub name: String,
     pub tunnel_listen: SocketAddr,
+    /// Largest request body the tunnel forwards, in bytes; no limit when `None`.
+    pub max_request_body: Option<u64>,
     pub network: Vec<NetRule>,
     pub unix: Vec<UnixRule>,
     pub http: Vec<HttpRule>,

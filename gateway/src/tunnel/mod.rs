@@ -62,6 +62,7 @@ pub struct Tunnel {
     audit: AuditLog,
     identity: Box<dyn ClientIdentity>,
     connections: Arc<Semaphore>,
+    max_request_body: Option<u64>,
 }
 
 impl Tunnel {
@@ -83,6 +84,7 @@ impl Tunnel {
             audit,
             identity,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            max_request_body: policy.max_request_body,
         })
     }
 

@@ -85,6 +85,25 @@ impl Tunnel {
         // The Host upstream is generated from the checked authority, never copied.
         parts.headers.remove(header::HOST);
         let request_headers = ws.then(|| parts.headers.clone());
+        let body: upstream::RequestBody = match self.max_request_body {
+            None => body.map_err(Into::into).boxed(),
+            Some(limit) => {
+                let declared = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                if declared.is_some_and(|n| n > limit) {
+                    return self.refuse(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request-body-too-large",
+                        client,
+                        fields,
+                    );
+                }
+                // A chunked body is cut off, and the upstream request aborted, at the limit.
+                http_body_util::Limited::new(body, limit as usize).boxed()
+            }
+        };
         let sent = self
             .upstreams
             .client(rule.index, ws)

@@ -11,7 +11,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use hyper::{Uri, body::Incoming};
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::Uri;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::{
     client::legacy::Client,
@@ -26,7 +28,10 @@ use crate::policy::HttpRule;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub type UpstreamClient = Client<HttpsConnector<Dialer>, Incoming>;
+/// A request body on its way upstream: the client's, possibly behind a size limit.
+pub type RequestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub type UpstreamClient = Client<HttpsConnector<Dialer>, RequestBody>;
 
 /// The clients of every rule, by rule index.
 pub struct Upstreams {
