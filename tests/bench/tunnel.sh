@@ -64,6 +64,8 @@ import http.server, ssl, sys
 work, port = sys.argv[1], int(sys.argv[2])
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body in separate small writes would meet delayed ACKs (40 ms a response).
+    disable_nagle_algorithm = True
     def do_GET(self):
         self.send_response(200); self.send_header("Content-Length", "3"); self.end_headers()
         self.wfile.write(b"ok\n")
