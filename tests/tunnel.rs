@@ -1417,3 +1417,46 @@ r big-chunked -X POST -H 'Transfer-Encoding: chunked' --data-binary @/tmp/big ht
         .any(|r| r["reason"] == "request-body-too-large" && r["status"] == 413);
     assert!(refused, "no request-body-too-large record\n{}", ctx());
 }
+
+#[test]
+fn passthrough_splices_tls_after_the_sni_check() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let rules = rule("api.test", api.port, "passthrough = true");
+    let run = Run::new(
+        "tunnel-passthrough",
+        &tunnel_policy("tunnel-passthrough", &pki, &rules),
+    );
+    let ca = pki.ca.display();
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}
+r spliced --cacert {ca} https://api.test/v1/spliced
+r wrong-sni --cacert {ca} --connect-to other.test:443:api.test:443 https://other.test/v1/wrong-sni
+"
+        ),
+    );
+    let replies = replies(&out.stdout);
+    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    // Trusting only the upstream's own CA, curl got through: the session was not intercepted.
+    assert_eq!(reply(&replies, "spliced", &out).code, 200, "{}", ctx());
+    // CONNECT api.test:443 carrying SNI other.test: closed before anything reached upstream.
+    assert_ne!(reply(&replies, "wrong-sni", &out).code, 200, "{}", ctx());
+    assert_eq!(api.paths(), ["/v1/spliced"], "{}", ctx());
+    let records = proxy_records(&out);
+    assert!(
+        records.iter().any(|r| r["verdict"] == "allow"
+            && r["reason"] == "passthrough"
+            && r["host"] == "api.test"),
+        "no passthrough record\n{}",
+        ctx()
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["verdict"] == "deny" && r["reason"] == "sni-mismatch"),
+        "no sni-mismatch record\n{}",
+        ctx()
+    );
+}
