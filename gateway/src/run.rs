@@ -87,7 +87,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(supervise(
+    let written = audit.clone();
+    let status = runtime.block_on(supervise(
         Sandbox {
             policy: &policy,
             user: &user,
@@ -98,7 +99,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         audit,
         secrets,
         ca,
-    ))
+    ));
+    // Nothing is lost on exit: every queued record is in the file before `run` returns.
+    let synced = written.sync();
+    let code = status?;
+    synced?;
+    Ok(code)
 }
 
 /// What one `run` sets up, borrowed for the life of the sandbox.
@@ -182,7 +188,7 @@ async fn supervise(
         audit.clone(),
         Box::new(clients),
     ) {
-        Ok(t) => Arc::new(t),
+        Ok(t) => t,
         Err(e) => {
             let _ = stop_tx.send(true);
             let _ = events.await;
@@ -192,7 +198,7 @@ async fn supervise(
             return Err(e.context("starting the tunnel"));
         }
     };
-    let tunnel_task = tokio::spawn(proxy.serve(listener, stop_rx));
+    let tunnel_threads = proxy.spawn_workers(listener, stop_rx)?;
     tracing::info!(
         sandbox = %policy.name,
         tunnel = %tunnel_addr,
@@ -208,7 +214,12 @@ async fn supervise(
     // Teardown runs whatever happened above: kill, stop, drain, detach, remove.
     let killed = cgroup.kill();
     let _ = stop_tx.send(true);
-    let _ = tunnel_task.await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in tunnel_threads {
+            let _ = t.join();
+        }
+    })
+    .await;
     let drained = events.await;
     let detached = enforcer.detach();
     let removed = cgroup.destroy();

@@ -53,16 +53,31 @@ pub fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-pub struct Tunnel {
+/// What every worker thread of the tunnel shares.
+pub struct Shared {
     sandbox: String,
     rules: Rules,
     secrets: Secrets,
     ca: Arc<LocalCa>,
-    upstreams: Upstreams,
     audit: AuditLog,
     identity: Box<dyn ClientIdentity>,
     connections: Arc<Semaphore>,
     max_request_body: Option<u64>,
+    upstream_ca: Vec<std::path::PathBuf>,
+}
+
+/// One worker: the shared state plus upstream connection pools of its own, so a request and
+/// the pooled connection it uses are driven by the same thread (no cross-thread wakeups).
+pub struct Tunnel {
+    shared: Arc<Shared>,
+    upstreams: Upstreams,
+}
+
+impl std::ops::Deref for Tunnel {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
 }
 
 impl Tunnel {
@@ -76,20 +91,66 @@ impl Tunnel {
         let rules = Rules::new(&policy.http)?;
         let upstreams = Upstreams::new(&rules, &policy.upstream_ca)?;
         Ok(Self {
-            sandbox: policy.name.clone(),
-            rules,
-            secrets,
-            ca,
+            shared: Arc::new(Shared {
+                sandbox: policy.name.clone(),
+                rules,
+                secrets,
+                ca,
+                audit,
+                identity,
+                connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+                max_request_body: policy.max_request_body,
+                upstream_ca: policy.upstream_ca.clone(),
+            }),
             upstreams,
-            audit,
-            identity,
-            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            max_request_body: policy.max_request_body,
         })
     }
 
+    fn worker(&self) -> anyhow::Result<Self> {
+        Ok(Self {
+            shared: self.shared.clone(),
+            upstreams: Upstreams::new(&self.rules, &self.upstream_ca)?,
+        })
+    }
+
+    /// Serves `listener` on one thread per CPU, each with its own single-threaded runtime,
+    /// until `stop` turns true. Join the returned threads after stopping.
+    pub fn spawn_workers(
+        self,
+        listener: TcpListener,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+        let listener = listener.into_std()?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut workers = Vec::with_capacity(threads);
+        for _ in 1..threads {
+            workers.push(self.worker()?);
+        }
+        workers.push(self);
+        let mut handles = Vec::with_capacity(threads);
+        for (i, worker) in workers.into_iter().enumerate() {
+            let listener = listener.try_clone()?;
+            let stop = stop.clone();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = std::thread::Builder::new()
+                .name(format!("tunnel-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(l) => Arc::new(worker).serve(l, stop).await,
+                            Err(e) => tracing::error!("tunnel worker {i}: {e}"),
+                        }
+                    });
+                })?;
+            handles.push(handle);
+        }
+        Ok(handles)
+    }
+
     /// Serves until `stop` turns true.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
