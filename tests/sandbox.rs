@@ -214,6 +214,15 @@ report("path", lambda: connect({path:?}))
 report("abstract", lambda: connect("\0{name}"))
 report("allowed", lambda: connect({allowed:?}))
 report("dgram", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"x", {dgram:?}))
+# The same host socket under other names: a symlink in a directory the sandbox can write,
+# the root as seen through /proc, and a relative path.
+link = "/tmp/gateway-test-link-%d" % os.getpid()
+os.symlink({path:?}, link)
+report("symlink", lambda: connect(link))
+os.unlink(link)
+report("proc-root", lambda: connect("/proc/self/root" + {path:?}))
+os.chdir(os.path.dirname({path:?}))
+report("relative", lambda: connect(os.path.basename({path:?})))
 "#,
         path = by_path.path.to_str().unwrap(),
         allowed = allowed.path.to_str().unwrap(),
@@ -222,6 +231,9 @@ report("dgram", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(
     out.assert_refused("path");
     out.assert_refused("abstract");
     out.assert_refused("dgram");
+    out.assert_refused("symlink");
+    out.assert_refused("proc-root");
+    out.assert_refused("relative");
     out.assert_open("allowed");
     out.assert_audited("unix_connect", by_path.path.to_str().unwrap());
     out.assert_audited("unix_connect", &format!("@{name}"));
