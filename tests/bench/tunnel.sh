@@ -18,13 +18,25 @@ for tool in wrk nginx openssl python3; do
 done
 work=$(mktemp -d /tmp/gateway-bench-tunnel.XXXXXX)
 chmod 755 "$work"
-trap 'nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; kill "$tls_up" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; nginx -p "$work" -c "$work/upstream.conf" -s stop 2>/dev/null || true; kill "$tls_up" 2>/dev/null || true; rm -rf "$work"' EXIT
 install -m 755 "$root/target/release/gateway" "$work/"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port)
 ngx_port=$(free_port)
 mkdir -p "$work/logs"
+# Two nginx instances, so the upstream is a separate server for both proxies: the upstream
+# (`return 200`) and the reverse proxy that is the tunnel's baseline.
+cat > "$work/upstream.conf" <<NGINX
+worker_processes 2;
+pid $work/upstream.pid;
+error_log $work/logs/upstream-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  server { listen 127.0.0.1:$up_port; keepalive_requests 1000000; location / { return 200 "ok\n"; } }
+}
+NGINX
 cat > "$work/nginx.conf" <<NGINX
 worker_processes 2;
 pid $work/nginx.pid;
@@ -32,10 +44,10 @@ error_log $work/logs/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
-  upstream up { server 127.0.0.1:$up_port; keepalive 128; }
-  server { listen 127.0.0.1:$up_port; location / { return 200 "ok\n"; } }
+  upstream up { server 127.0.0.1:$up_port; keepalive 128; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$ngx_port;
+    keepalive_requests 1000000;
     location / {
       proxy_pass http://up;
       proxy_http_version 1.1;
@@ -46,6 +58,7 @@ http {
   map \$host \$bench_token { default "bench-secret-token"; }
 }
 NGINX
+nginx -p "$work" -c "$work/upstream.conf"
 nginx -p "$work" -c "$work/nginx.conf"
 
 # TLS upstream for the new-connection figure: python's ssl server, one request per connection.

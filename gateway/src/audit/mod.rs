@@ -12,6 +12,9 @@ use std::{
 
 pub use record::{KernelFields, Layer, ProxyFields, Record, Verdict};
 
+/// The longest a queued record waits before the writer picks it up under load.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Where audit records go when `--audit-log` is not given.
 pub const DEFAULT_LOG: &str = "/var/log/gateway/audit.jsonl";
 
@@ -35,7 +38,7 @@ pub enum AuditError {
 
 /// An append-only audit log shared by the kernel event reader, the seccomp notifier and the
 /// tunnel. Records are serialized by the caller and written by one writer thread, which
-/// appends whatever has queued up in a single write as soon as it wakes: the tunnel's
+/// appends whatever has queued up in a single write, within a millisecond: the tunnel's
 /// request path never waits on the file. [`AuditLog::sync`] waits until everything queued
 /// before it is written; a write error is reported by every later call.
 #[derive(Clone)]
@@ -141,5 +144,8 @@ fn write_queued(mut file: File, rx: &mpsc::Receiver<Queued>, failed: &Mutex<Opti
         for done in waiting.drain(..) {
             let _ = done.send(());
         }
+        // Under load, let records gather for a moment: one wakeup and one write per batch
+        // instead of per record. A record waits at most this long to reach the file.
+        std::thread::sleep(COALESCE);
     }
 }

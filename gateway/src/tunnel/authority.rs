@@ -62,6 +62,9 @@ pub fn canonical_host(host: &str) -> Option<String> {
     if host.is_empty() || host.ends_with('.') {
         return None;
     }
+    if is_plain_name(host) {
+        return Some(host.to_owned());
+    }
     if let Ok(v6) = host
         .trim_start_matches('[')
         .trim_end_matches(']')
@@ -84,6 +87,24 @@ pub fn canonical_host(host: &str) -> Option<String> {
         url::Host::Ipv4(ip) => Some(ip.to_string()),
         url::Host::Ipv6(ip) => Some(canonical_ip(IpAddr::V6(ip))),
     }
+}
+
+/// Already canonical: lower-case LDH labels, none empty or punycode, and a last label that
+/// is not a number (so no IPv4 spelling hides in it). Most requests take this path.
+fn is_plain_name(host: &str) -> bool {
+    let mut labels = host.split('.');
+    let last_is_alpha = host
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().any(|b| b.is_ascii_lowercase()) && !l.starts_with("0x"));
+    last_is_alpha
+        && labels.all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with("xn--")
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        })
 }
 
 /// IPv4-mapped IPv6 is written as the IPv4 address it is.
@@ -121,6 +142,12 @@ mod tests {
         assert_eq!(a("host:0"), None);
         assert_eq!(a("host:99999"), None);
         assert_eq!(a("a..b"), None);
+        assert_eq!(a("0x7f.0x1"), Some("127.0.0.1:443".into()));
+        assert_eq!(
+            a("xn--bcher-kva.example"),
+            Some("xn--bcher-kva.example:443".into())
+        );
+        assert_eq!(a("a.b-c_d.example"), Some("a.b-c_d.example:443".into()));
         assert_eq!(a(""), None);
     }
 }

@@ -169,8 +169,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
         if let Poll::Ready(Ok(())) = res
             && !matches!(self.state, State::Done)
         {
-            let fresh = buf.filled()[before..].to_vec();
-            self.scan(&fresh)?;
+            self.scan(&buf.filled()[before..])?;
         }
         res
     }

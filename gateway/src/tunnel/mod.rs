@@ -22,8 +22,8 @@ use hyper::{Response, StatusCode, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::TcpListener,
-    sync::{Semaphore, watch},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
 };
 
 pub use ca::{LocalCa, state_dir};
@@ -52,6 +52,9 @@ pub trait ClientIdentity: Send + Sync + 'static {
 pub fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
+
+/// A connection a sandbox made, on its way to the worker that serves it.
+type Accepted = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
 
 /// What every worker thread of the tunnel shares.
 pub struct Shared {
@@ -114,7 +117,9 @@ impl Tunnel {
     }
 
     /// Serves `listener` on one thread per CPU, each with its own single-threaded runtime,
-    /// until `stop` turns true. Join the returned threads after stopping.
+    /// until `stop` turns true. The first thread accepts, checks the client's identity and
+    /// hands connections out in turn, so load is spread evenly whatever the kernel wakes.
+    /// Join the returned threads after stopping.
     pub fn spawn_workers(
         self,
         listener: TcpListener,
@@ -122,14 +127,21 @@ impl Tunnel {
     ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
         let listener = listener.into_std()?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut workers = Vec::with_capacity(threads);
-        for _ in 1..threads {
-            workers.push(self.worker()?);
+        let mut senders = Vec::with_capacity(threads);
+        let mut inboxes = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let (tx, rx) = mpsc::unbounded_channel::<Accepted>();
+            senders.push(tx);
+            inboxes.push(rx);
         }
-        workers.push(self);
+        let mut workers = vec![self];
+        for _ in 1..threads {
+            workers.push(workers[0].worker()?);
+        }
+        let mut listener = Some(listener);
         let mut handles = Vec::with_capacity(threads);
-        for (i, worker) in workers.into_iter().enumerate() {
-            let listener = listener.try_clone()?;
+        for (i, (worker, inbox)) in workers.into_iter().zip(inboxes).enumerate() {
+            let acceptor = listener.take().map(|l| (l, senders.clone()));
             let stop = stop.clone();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -137,20 +149,64 @@ impl Tunnel {
             let handle = std::thread::Builder::new()
                 .name(format!("tunnel-{i}"))
                 .spawn(move || {
-                    runtime.block_on(async move {
-                        match TcpListener::from_std(listener) {
-                            Ok(l) => Arc::new(worker).serve(l, stop).await,
-                            Err(e) => tracing::error!("tunnel worker {i}: {e}"),
-                        }
-                    });
+                    runtime.block_on(Arc::new(worker).run_worker(inbox, acceptor, stop));
                 })?;
             handles.push(handle);
         }
         Ok(handles)
     }
 
-    /// Serves until `stop` turns true.
-    async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    async fn run_worker(
+        self: Arc<Self>,
+        mut inbox: mpsc::UnboundedReceiver<Accepted>,
+        acceptor: Option<(std::net::TcpListener, Vec<mpsc::UnboundedSender<Accepted>>)>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        if let Some((listener, workers)) = acceptor {
+            match TcpListener::from_std(listener) {
+                Ok(l) => {
+                    tokio::spawn(self.clone().accept(l, workers, stop.clone()));
+                }
+                Err(e) => {
+                    tracing::error!("tunnel listener: {e}");
+                    return;
+                }
+            }
+        }
+        loop {
+            let (stream, peer, permit) = tokio::select! {
+                next = inbox.recv() => match next {
+                    Some(a) => a,
+                    None => return,
+                },
+                _ = stop.changed() => return,
+            };
+            let stream = match stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("tunnel connection from {peer}: {e}");
+                    continue;
+                }
+            };
+            let tunnel = self.clone();
+            tokio::spawn(async move {
+                tunnel.serve_http(stream, peer, None).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Accepts until `stop` turns true; only connections a sandbox made are served.
+    async fn accept(
+        self: Arc<Self>,
+        listener: TcpListener,
+        workers: Vec<mpsc::UnboundedSender<Accepted>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut next = 0;
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -179,11 +235,13 @@ impl Tunnel {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let tunnel = self.clone();
-            tokio::spawn(async move {
-                tunnel.serve_http(stream, peer, None).await;
-                drop(permit);
-            });
+            let Ok(stream) = stream.into_std() else {
+                continue;
+            };
+            next = (next + 1) % workers.len();
+            if workers[next].send((stream, peer, permit)).is_err() {
+                return;
+            }
         }
     }
 
