@@ -174,42 +174,45 @@ async fn supervise(
             return Err(e.into());
         }
     };
-    let reader = enforcer.events()?;
-    let clients = SandboxClients {
-        clients: enforcer.tunnel_clients()?,
-        cgroup_id: cgroup.id(),
-    };
-    let events = tokio::spawn(reader.run(audit.clone(), policy.name.clone(), stop_rx.clone()));
-    let placeholders = secrets.placeholder_env();
-    let proxy = match Tunnel::new(
-        policy,
-        secrets,
-        ca.clone(),
-        audit.clone(),
-        Box::new(clients),
-    ) {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = stop_tx.send(true);
-            let _ = events.await;
-            let _ = enforcer.detach();
-            let _ = cgroup.destroy();
-            let _ = std::fs::remove_dir_all(run_dir);
-            return Err(e.context("starting the tunnel"));
-        }
-    };
-    let tunnel_threads = proxy.spawn_workers(listener, stop_rx)?;
-    tracing::info!(
-        sandbox = %policy.name,
-        tunnel = %tunnel_addr,
-        cgroup = %cgroup.dir().display(),
-        audit_log = %audit.path().display(),
-        "sandbox ready"
-    );
-
-    let mut env = env::variables(tunnel_addr, &env::write_ca_bundle(run_dir, ca.pem())?);
-    env.extend(placeholders);
-    let outcome = launch_and_wait(policy, user, command, &cgroup, env, &audit).await;
+    // From here on every error still goes through the teardown below.
+    let mut events = None;
+    let mut tunnel_threads = Vec::new();
+    let outcome: anyhow::Result<i32> = async {
+        let reader = enforcer.events()?;
+        let clients = SandboxClients {
+            clients: enforcer.tunnel_clients()?,
+            cgroup_id: cgroup.id(),
+        };
+        events = Some(tokio::spawn(reader.run(
+            audit.clone(),
+            policy.name.clone(),
+            stop_rx.clone(),
+        )));
+        let placeholders = secrets.placeholder_env();
+        let proxy = Tunnel::new(
+            policy,
+            secrets,
+            ca.clone(),
+            audit.clone(),
+            Box::new(clients),
+        )
+        .context("starting the tunnel")?;
+        tunnel_threads = proxy
+            .spawn_workers(listener, stop_rx)
+            .context("starting the tunnel's threads")?;
+        tracing::info!(
+            sandbox = %policy.name,
+            tunnel = %tunnel_addr,
+            cgroup = %cgroup.dir().display(),
+            audit_log = %audit.path().display(),
+            "sandbox ready"
+        );
+        let bundle = env::write_ca_bundle(run_dir, ca.pem()).context("writing the CA bundle")?;
+        let mut env = env::variables(tunnel_addr, &bundle);
+        env.extend(placeholders);
+        launch_and_wait(policy, user, command, &cgroup, env, &audit).await
+    }
+    .await;
 
     // Teardown runs whatever happened above: kill, stop, drain, detach, remove.
     let killed = cgroup.kill();
@@ -220,13 +223,19 @@ async fn supervise(
         }
     })
     .await;
-    let drained = events.await;
+    let drained: anyhow::Result<()> = match events {
+        Some(task) => match task.await {
+            Ok(read) => read.map_err(anyhow::Error::from),
+            Err(e) => Err(anyhow::Error::from(e).context("kernel event reader")),
+        },
+        None => Ok(()),
+    };
     let detached = enforcer.detach();
     let removed = cgroup.destroy();
     let _ = std::fs::remove_dir_all(run_dir);
     let status = outcome?;
     killed?;
-    drained.context("kernel event reader")??;
+    drained?;
     detached?;
     removed?;
     Ok(status)
