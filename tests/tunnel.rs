@@ -1460,3 +1460,85 @@ r wrong-sni --cacert {ca} --connect-to other.test:443:api.test:443 https://other
         ctx()
     );
 }
+
+/// nginx serving HTTP/2 over TLS (ALPN h2 and http/1.1) on 127.0.0.1, killed on drop. It
+/// answers with the protocol it spoke and the Authorization it received.
+struct NginxH2 {
+    child: Child,
+    port: u16,
+}
+
+impl NginxH2 {
+    fn start(pki: &Pki) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = pki.scratch.dir.join("nginx");
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        let conf = format!(
+            "error_log {d}/logs/error.log warn;\npid {d}/nginx.pid;\nevents {{}}\nhttp {{\n\
+             access_log off;\nclient_body_temp_path {d}/body;\nproxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fcgi;\nuwsgi_temp_path {d}/uwsgi;\nscgi_temp_path {d}/scgi;\n\
+             server {{\n# nginx 1.22 (Debian 12): http2 is a listen parameter.\nlisten 127.0.0.1:{port} ssl http2;\nserver_name api.test;\n\
+             ssl_certificate {cert};\nssl_certificate_key {key};\n\
+             location / {{ return 200 \"$server_protocol $http_authorization\\n\"; }}\n}}\n}}\n",
+            d = dir.display(),
+            cert = pki.cert.display(),
+            key = pki.key.display(),
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-g")
+            .arg("daemon off; master_process off;")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("nginx is needed for this test (apt-get install nginx-light)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Self { child, port };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "nginx did not start: {}",
+            std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for NginxH2 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_upstream_is_spoken_to_in_http2_when_it_offers_it() {
+    let pki = Pki::new();
+    let nginx = NginxH2::start(&pki);
+    let rules = rule("api.test", nginx.port, "credential = \"api\"");
+    let run = Run::new(
+        "tunnel-h2",
+        &tunnel_policy("tunnel-h2", &pki, &format!("{rules}{API_CREDENTIAL}")),
+    );
+    let out = sh(&run, &format!("{CURL}\nr h2 https://api.test/v1/proto\n"));
+    let replies = replies(&out.stdout);
+    let reply = reply(&replies, "h2", &out);
+    assert_eq!(reply.code, 200, "{}", out.describe());
+    // The sandbox spoke HTTP/1.1 to the tunnel; the tunnel negotiated h2 upstream by ALPN
+    // and attached the credential there.
+    assert_eq!(
+        reply.body.trim(),
+        format!("HTTP/2.0 Bearer {SECRET}"),
+        "{}",
+        out.describe()
+    );
+}
