@@ -1542,3 +1542,41 @@ fn the_upstream_is_spoken_to_in_http2_when_it_offers_it() {
         out.describe()
     );
 }
+
+#[test]
+fn a_credential_read_from_a_file_is_attached_in_its_own_header_and_format() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    // Root-only, with the trailing newline editors leave: it is not part of the token.
+    let secret_file = pki.scratch.write("api-key", &format!("{SECRET}\n"));
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let body = format!(
+        "{}[credentials.key]\nfile = {:?}\nheader = \"x-api-key\"\nformat = \"{{secret}}\"\n",
+        rule("api.test", api.port, "credential = \"key\""),
+        secret_file.to_str().unwrap()
+    );
+    let run = Run::new("tunnel-file", &tunnel_policy("tunnel-file", &pki, &body));
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}
+r keyed -H 'x-api-key: agent-made-this-up' https://api.test/v1/messages
+cat {:?} >/dev/null 2>&1 && echo 'file: readable' || echo 'file: unreadable'
+",
+            secret_file.to_str().unwrap()
+        ),
+    );
+    let replies = replies(&out.stdout);
+    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    assert_eq!(reply(&replies, "keyed", &out).code, 200, "{}", ctx());
+    let requests = api.requests();
+    assert_eq!(requests.len(), 1, "{}", ctx());
+    assert_eq!(header(&requests[0], "x-api-key"), [SECRET], "{}", ctx());
+    assert!(
+        header(&requests[0], "authorization").is_empty(),
+        "{}",
+        ctx()
+    );
+    // The sandbox cannot read the file the secret comes from.
+    assert!(out.stdout.contains("file: unreadable"), "{}", ctx());
+}
