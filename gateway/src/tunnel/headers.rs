@@ -54,17 +54,26 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, those the Connection header names, `Upgrade` (kept only for a
 /// WebSocket request) and `HTTP2-Settings` (h2c is never forwarded).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_websocket_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
+    let mut drop: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    // One pass over the (few) names present instead of a lookup per hop-by-hop name: this
+    // runs on every request and response.
+    drop.extend(
+        headers
+            .keys()
+            .filter(|k| {
+                HOP_BY_HOP.contains(k) || *k == header::UPGRADE || k.as_str() == "http2-settings"
+            })
+            .cloned(),
+    );
+    for name in &drop {
         headers.remove(name);
     }
-    headers.remove(HeaderName::from_static("http2-settings"));
     if keep_websocket_upgrade {
         headers.insert(
             header::CONNECTION,
@@ -74,8 +83,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_websocket_upgrade: bool) {
             header::UPGRADE,
             header::HeaderValue::from_static("websocket"),
         );
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
