@@ -1490,7 +1490,7 @@ impl NginxH2 {
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("nginx")
+        let mut child = Command::new("nginx")
             .arg("-p")
             .arg(&dir)
             .arg("-c")
@@ -1506,6 +1506,8 @@ impl NginxH2 {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!(
             "nginx did not start: {}",
             std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default()
