@@ -1,0 +1,3 @@
+//! The audit log end to end (work in progress).
+
+mod support;
