@@ -29,6 +29,10 @@ enum Command {
         /// Append audit records here (JSON Lines).
         #[arg(long, default_value = audit::DEFAULT_LOG)]
         audit_log: PathBuf,
+        /// Rotate the audit log when it would grow past N bytes (also 64K, 10M, 1G):
+        /// FILE becomes FILE.1, FILE.1 becomes FILE.2, ... up to FILE.10.
+        #[arg(long, value_name = "N", value_parser = audit::cli::parse_size)]
+        audit_max_bytes: Option<u64>,
         /// Run CMD as this user (name or uid); default SUDO_UID/SUDO_GID, else nobody.
         #[arg(long)]
         user: Option<String>,
@@ -38,6 +42,8 @@ enum Command {
     },
     /// Remove what crashed runs left behind: sandboxes, pinned programs, cgroups.
     Cleanup,
+    /// Read the audit log (a table, or JSON lines with --json), or verify its hash chain.
+    Audit(audit::cli::AuditCli),
     /// Policy authoring tools.
     Policy {
         #[command(subcommand)]
@@ -69,15 +75,18 @@ fn main() -> ExitCode {
         Command::Run {
             policy,
             audit_log,
+            audit_max_bytes,
             user,
             command,
         } => run::run(run::RunArgs {
             policy,
             audit_log: Some(audit_log),
+            audit_max_bytes,
             user,
             command,
         }),
         Command::Cleanup => cleanup(),
+        Command::Audit(args) => audit::cli::run(args),
         Command::Policy {
             command: PolicyCommand::Check { files },
         } => Ok(check(&files)),

@@ -36,6 +36,7 @@ use crate::{
 pub struct RunArgs {
     pub policy: PathBuf,
     pub audit_log: Option<PathBuf>,
+    pub audit_max_bytes: Option<u64>,
     pub user: Option<String>,
     pub command: Vec<String>,
 }
@@ -68,7 +69,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .audit_log
         .clone()
         .unwrap_or_else(|| audit::DEFAULT_LOG.into());
-    let audit = AuditLog::open(&audit_path)?;
+    let audit = AuditLog::open_with(&audit_path, args.audit_max_bytes)?;
 
     let id = state::run_id();
     let run_dir = state::run_dir(&id);

@@ -1,15 +1,28 @@
 //! The audit log: JSON Lines, one record per decision, appended and flushed as it happens.
+//!
+//! Every line is sealed into a hash chain (`seq`, `prev`: see [`chain`]) by the one writer
+//! thread, which is the single point of order. Size-based rotation renames `FILE` to `FILE.1`
+//! (and `FILE.1` to `FILE.2`, …) and carries the chain on in a new `FILE`.
 
+mod chain;
+pub mod cli;
+mod files;
+mod query;
 mod record;
+mod verify;
 
 use std::{
     fs::{File, OpenOptions},
     io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    },
     path::{Path, PathBuf},
     sync::{Arc, Mutex, mpsc},
 };
 
+use chain::{Chain, Resume};
 pub use record::{KernelFields, Layer, ProxyFields, Record, Verdict};
 
 /// The longest a queued record waits before the writer picks it up under load.
@@ -41,6 +54,10 @@ pub enum AuditError {
 /// appends whatever has queued up in a single write, within a millisecond: the tunnel's
 /// request path never waits on the file. [`AuditLog::sync`] waits until everything queued
 /// before it is written; a write error is reported by every later call.
+///
+/// Several gateways may share one log: each batch is written under an exclusive `flock`, and
+/// a writer that finds the file grown (or replaced by rotation) since its last write picks the
+/// chain up from the file's last line.
 #[derive(Clone)]
 pub struct AuditLog {
     path: PathBuf,
@@ -49,12 +66,23 @@ pub struct AuditLog {
 }
 
 enum Queued {
-    Line(Vec<u8>),
+    Record(Vec<u8>),
     Sync(mpsc::Sender<()>),
 }
 
 impl AuditLog {
+    /// Opens `path` for appending, without rotation.
+    #[allow(
+        dead_code,
+        reason = "the API without rotation; `run` passes its option to open_with"
+    )]
     pub fn open(path: &Path) -> Result<Self, AuditError> {
+        Self::open_with(path, None)
+    }
+
+    /// Opens `path` for appending. With `max_bytes`, a record that would take the file past
+    /// that size goes to a new file instead, after `FILE` becomes `FILE.1` (see [`files`]).
+    pub fn open_with(path: &Path, max_bytes: Option<u64>) -> Result<Self, AuditError> {
         let open_err = |source| AuditError::Open {
             path: path.to_owned(),
             source,
@@ -62,18 +90,13 @@ impl AuditLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(open_err)?;
         }
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o640)
-            .open(path)
-            .map_err(open_err)?;
+        let writer = Writer::open(path, max_bytes).map_err(open_err)?;
         let (tx, rx) = mpsc::channel();
         let failed = Arc::new(Mutex::new(None));
         let writer_failed = failed.clone();
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_queued(file, &rx, &writer_failed))
+            .spawn(move || write_queued(writer, &rx, &writer_failed))
             .map_err(open_err)?;
         Ok(Self {
             path: path.to_owned(),
@@ -86,12 +109,11 @@ impl AuditLog {
         &self.path
     }
 
-    /// Queues one record; it reaches the file as one write, so lines never interleave.
+    /// Queues one record; it reaches the file as one line, so lines never interleave.
     pub fn append(&self, record: &Record) -> Result<(), AuditError> {
-        let mut line = serde_json::to_vec(record).expect("audit records always serialize");
-        line.push(b'\n');
+        let line = serde_json::to_vec(record).expect("audit records always serialize");
         self.check()?;
-        self.tx.send(Queued::Line(line)).map_err(|_| self.gone())
+        self.tx.send(Queued::Record(line)).map_err(|_| self.gone())
     }
 
     /// Returns once every record queued before this call is in the file.
@@ -122,20 +144,20 @@ impl AuditLog {
     }
 }
 
-fn write_queued(mut file: File, rx: &mpsc::Receiver<Queued>, failed: &Mutex<Option<String>>) {
+fn write_queued(mut writer: Writer, rx: &mpsc::Receiver<Queued>, failed: &Mutex<Option<String>>) {
     let mut batch = Vec::new();
     let mut waiting = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(q) = next {
             match q {
-                Queued::Line(line) => batch.extend_from_slice(&line),
+                Queued::Record(record) => batch.push(record),
                 Queued::Sync(done) => waiting.push(done),
             }
             next = rx.try_recv().ok();
         }
         if !batch.is_empty() {
-            if let Err(e) = file.write_all(&batch) {
+            if let Err(e) = writer.write(&batch) {
                 tracing::error!("cannot write the audit log: {e}");
                 *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             }
@@ -147,5 +169,341 @@ fn write_queued(mut file: File, rx: &mpsc::Receiver<Queued>, failed: &Mutex<Opti
         // Under load, let records gather for a moment: one wakeup and one write per batch
         // instead of per record. A record waits at most this long to reach the file.
         std::thread::sleep(COALESCE);
+    }
+}
+
+/// The writer thread's file: seals records into the chain, appends them, rotates.
+struct Writer {
+    path: PathBuf,
+    max_bytes: Option<u64>,
+    file: File,
+    /// The file's size after this writer's last write; `None` until the chain has been read
+    /// from the file, and again after a failed write.
+    end: Option<u64>,
+    chain: Chain,
+}
+
+/// Read as well as append: the chain is picked up from the file's last line.
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)
+}
+
+fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
+    loop {
+        // SAFETY: flock on a descriptor that `file` keeps open; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+impl Writer {
+    /// Opens the log and reads where its chain stands; a damaged last line is dealt with
+    /// (see [`chain`]) before this returns.
+    fn open(path: &Path, max_bytes: Option<u64>) -> std::io::Result<Self> {
+        let mut writer = Self {
+            path: path.to_owned(),
+            max_bytes,
+            file: open_append(path)?,
+            end: None,
+            chain: Chain::FRESH,
+        };
+        writer.write(&[])?;
+        Ok(writer)
+    }
+
+    /// Seals and appends `records` (serialized JSON objects) under the file's lock.
+    fn write(&mut self, records: &[Vec<u8>]) -> std::io::Result<()> {
+        self.lock()?;
+        let written = self.write_locked(records);
+        if written.is_err() {
+            self.end = None;
+        }
+        let unlocked = flock(&self.file, libc::LOCK_UN);
+        written.and(unlocked)
+    }
+
+    /// Takes the lock on the file that is at `path` now, reopening it when a rotation (ours
+    /// or another gateway's) moved the one this writer had.
+    fn lock(&mut self) -> std::io::Result<()> {
+        loop {
+            flock(&self.file, libc::LOCK_EX)?;
+            let held = self.file.metadata()?;
+            match std::fs::metadata(&self.path) {
+                Ok(m) if (m.dev(), m.ino()) == (held.dev(), held.ino()) => return Ok(()),
+                _ => {
+                    flock(&self.file, libc::LOCK_UN)?;
+                    self.file = open_append(&self.path)?;
+                    self.end = None;
+                }
+            }
+        }
+    }
+
+    /// Where the chain stands for a file of `size` bytes that this writer did not just
+    /// write: from its last line, or from `FILE.1`'s when it is empty.
+    fn resume(&self, size: u64) -> std::io::Result<Resume> {
+        let now = record::now_rfc3339();
+        if size > 0 {
+            return Ok(files::tail_of_file(&self.file, size)?.resume(true, &now));
+        }
+        for gz in [false, true] {
+            let rotated = files::rotated(&self.path, 1, gz);
+            if rotated.exists() {
+                return Ok(files::tail_of_path(&rotated)?.resume(false, &now));
+            }
+        }
+        Ok(Resume {
+            chain: Chain::FRESH,
+            prefix: Vec::new(),
+        })
+    }
+
+    fn write_locked(&mut self, records: &[Vec<u8>]) -> std::io::Result<()> {
+        let mut size = self.file.metadata()?.len();
+        let mut out = Vec::new();
+        if self.end != Some(size) {
+            let resume = self.resume(size)?;
+            self.chain = resume.chain;
+            out = resume.prefix;
+        }
+        let mut pending = records;
+        loop {
+            let mut taken = 0;
+            for record in pending {
+                let mark = out.len();
+                let before = self.chain;
+                self.chain.seal(record, &mut out);
+                let over = self
+                    .max_bytes
+                    .is_some_and(|max| size + out.len() as u64 > max && size + mark as u64 > 0);
+                if over {
+                    out.truncate(mark);
+                    self.chain = before;
+                    break;
+                }
+                taken += 1;
+            }
+            self.file.write_all(&out)?;
+            size += out.len() as u64;
+            out.clear();
+            pending = &pending[taken..];
+            if pending.is_empty() {
+                self.end = Some(size);
+                return Ok(());
+            }
+            self.rotate()?;
+            size = self.file.metadata()?.len();
+            if size > 0 {
+                // Another gateway started the new file first: continue after its records.
+                let resume = self.resume(size)?;
+                self.chain = resume.chain;
+                out = resume.prefix;
+            }
+        }
+    }
+
+    /// With the current file locked: `FILE` becomes `FILE.1` (older ones shift up), and a new
+    /// `FILE` is opened and locked. The chain carries on unchanged.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        files::shift(&self.path)?;
+        std::fs::rename(&self.path, files::rotated(&self.path, 1, false))?;
+        // Closing the old file releases its lock; whoever waited on it finds it renamed.
+        self.file = open_append(&self.path)?;
+        self.lock()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::files::{Lines, LogLine};
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("gateway-auditlog-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn record(n: usize) -> Record {
+        Record::new(Layer::Proxy, Verdict::Deny, "test", &format!("reason-{n}"))
+    }
+
+    fn write(log: &AuditLog, range: std::ops::Range<usize>) {
+        for n in range {
+            log.append(&record(n)).unwrap();
+        }
+        log.sync().unwrap();
+    }
+
+    fn verified(path: &Path) -> verify::Intact {
+        let files = files::chronological(path).unwrap();
+        let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+        let lines: Vec<LogLine> = Lines::new(files).map(Result::unwrap).collect();
+        verify::verify(lines, &names).unwrap_or_else(|b| panic!("{}", b.0))
+    }
+
+    fn values(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn records_carry_seq_and_prev_across_runs() {
+        let dir = scratch("runs");
+        let path = dir.join("audit.jsonl");
+        write(&AuditLog::open(&path).unwrap(), 0..3);
+        write(&AuditLog::open(&path).unwrap(), 3..5);
+        let v = values(&path);
+        assert_eq!(v.len(), 5);
+        for (i, r) in v.iter().enumerate() {
+            assert_eq!(r["seq"], i as u64 + 1);
+            assert_eq!(r["reason"], format!("reason-{i}"));
+        }
+        assert_eq!(v[0]["prev"], "0".repeat(64));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("{\"seq\":1,\"prev\":\""), "{text}");
+        let intact = verified(&path);
+        assert_eq!(intact.span.map(|s| (s.0, s.1)), Some((1, 5)));
+        assert!(intact.notes.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rotation_keeps_the_chain_and_the_size() {
+        let dir = scratch("rotate");
+        let path = dir.join("audit.jsonl");
+        let line_len = {
+            let one = dir.join("one.jsonl");
+            write(&AuditLog::open(&one).unwrap(), 0..1);
+            std::fs::metadata(&one).unwrap().len()
+        };
+        let max = line_len * 3;
+        let log = AuditLog::open_with(&path, Some(max)).unwrap();
+        write(&log, 0..8);
+        write(&AuditLog::open_with(&path, Some(max)).unwrap(), 8..10);
+        let files = files::chronological(&path).unwrap();
+        assert_eq!(files.len(), 4, "{files:?}");
+        for f in &files {
+            assert!(std::fs::metadata(f).unwrap().len() <= max, "{f:?}");
+        }
+        assert_eq!(values(&files::rotated(&path, 3, false))[0]["seq"], 1);
+        assert_eq!(values(&path)[0]["seq"], 10);
+        let intact = verified(&path);
+        assert_eq!(intact.records, 10);
+        assert_eq!(intact.span.map(|s| (s.0, s.1)), Some((1, 10)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rotation_keeps_ten_files() {
+        let dir = scratch("keep");
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open_with(&path, Some(1)).unwrap();
+        write(&log, 0..15);
+        let files = files::chronological(&path).unwrap();
+        assert_eq!(files.len(), 11);
+        assert_eq!(values(&path)[0]["seq"], 15);
+        assert_eq!(values(&files::rotated(&path, 10, false))[0]["seq"], 5);
+        let intact = verified(&path);
+        assert_eq!(intact.span.map(|s| (s.0, s.1)), Some((5, 15)));
+        assert!(
+            intact.notes[0].contains("the chain starts at seq 5"),
+            "{:?}",
+            intact.notes
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cut_last_line_restarts_the_chain_honestly() {
+        let dir = scratch("cut");
+        let path = dir.join("audit.jsonl");
+        write(&AuditLog::open(&path).unwrap(), 0..3);
+        let mut text = std::fs::read(&path).unwrap();
+        let cut = text.len() - 20;
+        text.truncate(cut);
+        std::fs::write(&path, &text).unwrap();
+        write(&AuditLog::open(&path).unwrap(), 3..4);
+        let lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        let restart: serde_json::Value = serde_json::from_str(&lines[3]).unwrap();
+        assert_eq!(restart["reason"], chain::RESTARTED);
+        assert_eq!(restart["seq"], 3, "the cut record's seq is taken again");
+        assert_eq!(
+            restart["prev"],
+            chain::hex(&chain::hash(lines[1].as_bytes()))
+        );
+        assert_eq!(
+            restart["fragment_sha256"],
+            chain::hex(&chain::hash(lines[2].as_bytes()))
+        );
+        let last: serde_json::Value = serde_json::from_str(&lines[4]).unwrap();
+        assert_eq!(
+            (last["seq"].as_u64(), last["reason"].as_str()),
+            (Some(4), Some("reason-3"))
+        );
+        let intact = verified(&path);
+        assert_eq!(intact.records, 4);
+        assert!(
+            intact.notes[0].contains(":3: truncated record"),
+            "{:?}",
+            intact.notes
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn two_writers_on_one_file_share_one_chain() {
+        let dir = scratch("two");
+        let path = dir.join("audit.jsonl");
+        let a = AuditLog::open_with(&path, Some(16 << 10)).unwrap();
+        let b = AuditLog::open_with(&path, Some(16 << 10)).unwrap();
+        let threads: Vec<_> = [a, b]
+            .into_iter()
+            .enumerate()
+            .map(|(t, log)| {
+                std::thread::spawn(move || {
+                    for n in 0..200 {
+                        log.append(&record(t * 1000 + n)).unwrap();
+                        if n % 7 == 0 {
+                            log.sync().unwrap();
+                        }
+                    }
+                    log.sync().unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let files = files::chronological(&path).unwrap();
+        assert!(
+            (2..=files::KEEP as usize).contains(&files.len()),
+            "{files:?}"
+        );
+        let intact = verified(&path);
+        assert_eq!(intact.records, 400);
+        assert_eq!(intact.span.map(|s| (s.0, s.1)), Some((1, 400)));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,0 +1,340 @@
+//! The log file and its rotated siblings: `FILE.1` is the newest rotated file, `FILE.N` the
+//! oldest; any of them may be gzip-compressed as `FILE.N.gz` (by logrotate, say).
+
+use std::{
+    ffi::OsString,
+    fs::File,
+    io::{self, BufRead, BufReader, Read as _},
+    os::unix::fs::FileExt as _,
+    path::{Path, PathBuf},
+};
+
+use flate2::read::MultiGzDecoder;
+
+use super::chain::Tail;
+
+/// Rotated files kept: `FILE.1` … `FILE.KEEP`; the oldest beyond is deleted.
+pub const KEEP: u32 = 10;
+
+/// `FILE.n`, or `FILE.n.gz`.
+pub fn rotated(path: &Path, n: u32, gz: bool) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(format!(".{n}{}", if gz { ".gz" } else { "" }));
+    PathBuf::from(name)
+}
+
+/// Makes room for a new `FILE.1`: deletes `FILE.KEEP`, renames `FILE.n` to `FILE.n+1`.
+pub fn shift(path: &Path) -> io::Result<()> {
+    for gz in [false, true] {
+        remove_if_there(&rotated(path, KEEP, gz))?;
+    }
+    for n in (1..KEEP).rev() {
+        for gz in [false, true] {
+            let from = rotated(path, n, gz);
+            match std::fs::rename(&from, rotated(path, n + 1, gz)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The log and its rotated siblings, oldest first: `FILE.N[.gz]` … `FILE.1[.gz]`, `FILE`.
+/// An error when none of them exists.
+pub fn chronological(path: &Path) -> io::Result<Vec<PathBuf>> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other(format!("{} names no file", path.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut siblings = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| with_path(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| with_path(dir, e))?;
+        let file_name = entry.file_name();
+        let Some(rest) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(name.as_str()))
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            continue;
+        };
+        let (digits, gz) = match rest.strip_suffix(".gz") {
+            Some(d) => (d, true),
+            None => (rest, false),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(n) = digits.parse::<u32>() else {
+            continue;
+        };
+        siblings.push((n, gz, path.with_file_name(&file_name)));
+    }
+    // Oldest (highest number) first; a plain file before its compressed twin.
+    siblings.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut files: Vec<PathBuf> = siblings.into_iter().map(|(_, _, p)| p).collect();
+    if path.exists() {
+        files.push(path.to_owned());
+    }
+    if files.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "no audit log at {} (nor rotated files next to it)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(files)
+}
+
+fn with_path(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+fn open_reader(path: &Path) -> io::Result<Box<dyn BufRead>> {
+    let file = File::open(path).map_err(|e| with_path(path, e))?;
+    Ok(if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(BufReader::new(MultiGzDecoder::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    })
+}
+
+/// One line of the log, without its newline.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    /// Index of its file in the list given to [`Lines::new`].
+    pub file: usize,
+    /// 1-based line number within that file.
+    pub number: usize,
+    pub bytes: Vec<u8>,
+    /// Whether a newline ended it (only the last line of a file can lack one).
+    pub terminated: bool,
+}
+
+/// Every line of a list of files, in order, decompressing `.gz` files.
+pub struct Lines {
+    files: Vec<PathBuf>,
+    next_file: usize,
+    current: Option<(usize, Box<dyn BufRead>, usize)>,
+}
+
+impl Lines {
+    pub fn new(files: Vec<PathBuf>) -> Self {
+        Self {
+            files,
+            next_file: 0,
+            current: None,
+        }
+    }
+}
+
+impl Iterator for Lines {
+    type Item = io::Result<LogLine>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.current.is_none() {
+                let path = self.files.get(self.next_file)?;
+                let reader = match open_reader(path) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.next_file = self.files.len();
+                        return Some(Err(e));
+                    }
+                };
+                self.current = Some((self.next_file, reader, 0));
+                self.next_file += 1;
+            }
+            let (file, reader, number) = self.current.as_mut()?;
+            let mut bytes = Vec::new();
+            match reader.read_until(b'\n', &mut bytes) {
+                Ok(0) => self.current = None,
+                Ok(_) => {
+                    *number += 1;
+                    let terminated = bytes.last() == Some(&b'\n');
+                    if terminated {
+                        bytes.pop();
+                    }
+                    return Some(Ok(LogLine {
+                        file: *file,
+                        number: *number,
+                        bytes,
+                        terminated,
+                    }));
+                }
+                Err(e) => {
+                    let e = with_path(&self.files[*file], e);
+                    self.current = None;
+                    self.next_file = self.files.len();
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// The end of an open file of `size` bytes, read backwards until it holds two complete lines.
+pub fn tail_of_file(file: &File, size: u64) -> io::Result<Tail> {
+    const CHUNK: u64 = 16 * 1024;
+    // A record is a few hundred bytes; past this the lines are not records anyway.
+    const LIMIT: u64 = 16 * 1024 * 1024;
+    let mut start = size;
+    let mut data = Vec::new();
+    loop {
+        let newlines = data
+            .strip_suffix(b"\n")
+            .unwrap_or(&data)
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        if start == 0 || newlines >= 2 || data.len() as u64 >= LIMIT {
+            return Ok(Tail::of(&data, start == 0));
+        }
+        let take = CHUNK.min(start);
+        start -= take;
+        let mut chunk = vec![0; take as usize];
+        file.read_exact_at(&mut chunk, start)?;
+        chunk.extend_from_slice(&data);
+        data = chunk;
+    }
+}
+
+/// The end of a rotated file (plain or gzip), read whole.
+pub fn tail_of_path(path: &Path) -> io::Result<Tail> {
+    let mut data = Vec::new();
+    open_reader(path)?
+        .read_to_end(&mut data)
+        .map_err(|e| with_path(path, e))?;
+    Ok(Tail::of(&data, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("gateway-audit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn siblings_come_oldest_first() {
+        let dir = scratch("siblings");
+        let log = dir.join("audit.jsonl");
+        for name in [
+            "audit.jsonl",
+            "audit.jsonl.1",
+            "audit.jsonl.2.gz",
+            "audit.jsonl.10",
+            "audit.jsonl.x",
+            "audit.jsonl.1.bak",
+            "other.jsonl.3",
+        ] {
+            std::fs::write(dir.join(name), "").unwrap();
+        }
+        let names: Vec<String> = chronological(&log)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "audit.jsonl.10",
+                "audit.jsonl.2.gz",
+                "audit.jsonl.1",
+                "audit.jsonl"
+            ]
+        );
+        assert!(chronological(&dir.join("none.jsonl")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shift_keeps_ten() {
+        let dir = scratch("shift");
+        let log = dir.join("a.jsonl");
+        for n in 1..=KEEP {
+            std::fs::write(rotated(&log, n, n == 3), n.to_string()).unwrap();
+        }
+        shift(&log).unwrap();
+        assert!(!rotated(&log, 1, false).exists());
+        assert_eq!(
+            std::fs::read_to_string(rotated(&log, 2, false)).unwrap(),
+            "1"
+        );
+        assert_eq!(
+            std::fs::read_to_string(rotated(&log, 4, true)).unwrap(),
+            "3"
+        );
+        assert_eq!(
+            std::fs::read_to_string(rotated(&log, KEEP, false)).unwrap(),
+            (KEEP - 1).to_string()
+        );
+        assert!(!rotated(&log, KEEP + 1, false).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn lines_cross_files_and_gzip() {
+        use std::io::Write as _;
+        let dir = scratch("lines");
+        let plain = dir.join("a");
+        std::fs::write(&plain, "one\ntwo\n").unwrap();
+        let gz = dir.join("b.gz");
+        let mut enc = flate2::write::GzEncoder::new(
+            File::create(&gz).unwrap(),
+            flate2::Compression::default(),
+        );
+        enc.write_all(b"three\nfour").unwrap();
+        enc.finish().unwrap();
+        let lines: Vec<LogLine> = Lines::new(vec![plain, gz])
+            .collect::<io::Result<_>>()
+            .unwrap();
+        let seen: Vec<(usize, usize, &[u8], bool)> = lines
+            .iter()
+            .map(|l| (l.file, l.number, &l.bytes[..], l.terminated))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (0, 1, &b"one"[..], true),
+                (0, 2, &b"two"[..], true),
+                (1, 1, &b"three"[..], true),
+                (1, 2, &b"four"[..], false),
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tail_of_a_long_file_reads_back_far_enough() {
+        let dir = scratch("tail");
+        let path = dir.join("t");
+        let long = "x".repeat(40_000);
+        std::fs::write(&path, format!("first\n{long}\nlast")).unwrap();
+        let file = File::open(&path).unwrap();
+        let tail = tail_of_file(&file, file.metadata().unwrap().len()).unwrap();
+        assert_eq!(tail.before.as_deref(), Some(long.as_bytes()));
+        assert_eq!(tail.last.as_deref(), Some(&b"last"[..]));
+        assert!(!tail.terminated);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
