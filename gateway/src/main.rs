@@ -58,6 +58,17 @@ enum PolicyCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// What the tunnel would decide for one request, without any network: allow or deny, the
+    /// rule (index and line) and the credential it would attach.
+    Explain {
+        /// The policy file (TOML, version 1).
+        #[arg(long)]
+        policy: PathBuf,
+        /// The request method, e.g. GET.
+        method: String,
+        /// The absolute URL, e.g. https://api.github.com/repos/acme/app.
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,6 +101,14 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Check { files },
         } => Ok(check(&files)),
+        Command::Policy {
+            command:
+                PolicyCommand::Explain {
+                    policy,
+                    method,
+                    url,
+                },
+        } => Ok(explain(&policy, &method, &url)),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
@@ -125,15 +144,13 @@ fn cleanup() -> anyhow::Result<i32> {
 fn check(files: &[PathBuf]) -> i32 {
     let mut code = 0;
     for file in files {
-        match policy::load(file) {
-            Ok(p) => println!(
-                "{}: ok: sandbox `{}`, {} network rule(s), {} http rule(s), {} credential(s)",
-                file.display(),
-                p.name,
-                p.network.len(),
-                p.http.len(),
-                p.credentials.len()
-            ),
+        match policy::check(file) {
+            Ok(checked) => {
+                for w in &checked.warnings {
+                    eprintln!("{}", w.render(file));
+                }
+                println!("{}: ok ({})", file.display(), summary(&checked));
+            }
             Err(e) => {
                 eprintln!("{e}");
                 code = 2;
@@ -141,4 +158,48 @@ fn check(files: &[PathBuf]) -> i32 {
         }
     }
     code
+}
+
+/// `3 http rules, 1 network rule, 2 credentials`, and warnings and unix sockets when any.
+fn summary(checked: &policy::Checked) -> String {
+    let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    let p = &checked.policy;
+    let mut parts = vec![
+        count(p.http.len(), "http rule"),
+        count(p.network.len(), "network rule"),
+        count(p.credentials.len(), "credential"),
+    ];
+    if !p.unix.is_empty() {
+        parts.push(count(p.unix.len(), "unix socket"));
+    }
+    if !checked.warnings.is_empty() {
+        parts.push(count(checked.warnings.len(), "warning"));
+    }
+    parts.join(", ")
+}
+
+fn explain(file: &std::path::Path, method: &str, url: &str) -> i32 {
+    let checked = match policy::check(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
+    match policy::explain::explain(&checked, method, url) {
+        Ok(decision) => {
+            println!(
+                "{}",
+                policy::explain::Explanation {
+                    checked: &checked,
+                    decision,
+                }
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("gateway policy explain: {e}");
+            2
+        }
+    }
 }

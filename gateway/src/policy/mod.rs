@@ -1,13 +1,16 @@
 //! The policy as plain data: what a sandbox may reach. No I/O here; `file` reads TOML.
 
+pub mod explain;
 mod file;
+mod lint;
 mod ports;
+mod tree;
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use ipnet::IpNet;
 
-pub use file::{PolicyError, load};
+pub use file::{Checked, PolicyError, check, load};
 pub use ports::PortRange;
 
 /// Default tunnel address: loopback, ephemeral port.

@@ -7,10 +7,10 @@ mod ca;
 mod connect;
 mod credentials;
 mod guard;
-mod headers;
-mod private;
+pub(crate) mod headers;
+pub(crate) mod private;
 mod proxy;
-mod rules;
+pub(crate) mod rules;
 mod upstream;
 mod websocket;
 

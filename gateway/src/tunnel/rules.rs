@@ -23,7 +23,7 @@ enum HostPattern {
 
 pub struct Rules(Vec<Rule>);
 
-const GLOB: MatchOptions = MatchOptions {
+pub(crate) const GLOB: MatchOptions = MatchOptions {
     case_sensitive: true,
     require_literal_separator: true,
     require_literal_leading_dot: false,
