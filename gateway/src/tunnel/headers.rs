@@ -20,18 +20,18 @@ pub fn ambiguity(headers: &HeaderMap) -> Option<&'static str> {
     None
 }
 
-/// Why a path is refused: dot segments or encoded separators that an upstream could resolve
-/// to a path other than the one the rule was matched against.
+/// Why a path is refused: dot segments, encoded dots or backslashes, NUL — anything an
+/// upstream could resolve to a path other than the one the rule was matched against. An
+/// encoded `/` is allowed (npm names scoped packages `/@scope%2fname`): rules match the path
+/// as sent, where it stays inside one segment, and dot segments are looked for with it
+/// decoded as well, so `/a%2f..%2fadmin` is refused whichever way the upstream reads it.
 pub fn path_ambiguity(path: &str) -> Option<&'static str> {
     let lower = path.to_ascii_lowercase();
-    if ["%2f", "%5c", "%00", "%2e"]
-        .iter()
-        .any(|e| lower.contains(e))
-        || path.contains('\\')
-    {
+    if ["%5c", "%00", "%2e"].iter().any(|e| lower.contains(e)) || path.contains('\\') {
         return Some("encoded-path-separator");
     }
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
+    let dot_segment = |p: &str| p.split('/').any(|seg| seg == "." || seg == "..");
+    if dot_segment(path) || (lower.contains("%2f") && dot_segment(&lower.replace("%2f", "/"))) {
         return Some("dot-segment-in-path");
     }
     if !path.starts_with('/') && path != "*" {
@@ -95,7 +95,9 @@ mod tests {
         assert_eq!(path_ambiguity("/repos/acme/x"), None);
         assert!(path_ambiguity("/repos/acme/../admin").is_some());
         assert!(path_ambiguity("/repos/acme/%2e%2e/admin").is_some());
-        assert!(path_ambiguity("/repos%2Facme").is_some());
+        assert_eq!(path_ambiguity("/@types%2fnode"), None);
+        assert!(path_ambiguity("/a%2F..%2Fadmin").is_some());
+        assert!(path_ambiguity("/a%5cb").is_some());
         assert!(path_ambiguity("/a/./b").is_some());
     }
 
