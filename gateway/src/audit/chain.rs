@@ -29,7 +29,14 @@ pub fn hash(line: &[u8]) -> Hash {
 }
 
 pub fn hex(h: &Hash) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
+    // Runs for every record the writer seals: no per-byte formatting.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(h.len() * 2);
+    for b in h {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// Lower-case hex only: the writer never writes anything else, so anything else was altered.
