@@ -17,7 +17,10 @@ use aya_ebpf::{
 };
 use gateway_common::{ClientKey, SandboxConfig};
 
-use crate::{event::config, net::mapped};
+use crate::{
+    event::config,
+    net::{ip6, mapped},
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -164,21 +167,6 @@ fn endpoints4(ops: *mut bpf_sock_ops) -> ([u8; 16], [u8; 16]) {
         )
     };
     (mapped(local.to_ne_bytes()), mapped(remote.to_ne_bytes()))
-}
-
-#[inline(always)]
-fn ip6(w: [u32; 4]) -> [u8; 16] {
-    let mut addr = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let b = w[i].to_ne_bytes();
-        addr[i * 4] = b[0];
-        addr[i * 4 + 1] = b[1];
-        addr[i * 4 + 2] = b[2];
-        addr[i * 4 + 3] = b[3];
-        i += 1;
-    }
-    addr
 }
 
 #[inline(always)]

@@ -144,6 +144,12 @@ fn addr6(ctx: &SockAddrContext) -> ([u8; 16], u16, u32) {
             sa.protocol,
         )
     };
+    (ip6(w), port_of(port), protocol)
+}
+
+/// An IPv6 address from the four 32-bit words the kernel hands programs (network order).
+#[inline(always)]
+pub(crate) fn ip6(w: [u32; 4]) -> [u8; 16] {
     let mut addr = [0u8; 16];
     let mut i = 0;
     while i < 4 {
@@ -154,7 +160,7 @@ fn addr6(ctx: &SockAddrContext) -> ([u8; 16], u16, u32) {
         addr[i * 4 + 3] = b[3];
         i += 1;
     }
-    (addr, port_of(port), protocol)
+    addr
 }
 
 #[inline(always)]
