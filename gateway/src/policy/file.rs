@@ -353,6 +353,24 @@ impl<'v> Table<'v> {
         }))
     }
 
+    /// An optional array of strings whose absence means "any": an empty array would read the
+    /// same, so it is refused with `empty`. `Err` when wrong or empty; absent gives no items.
+    fn nonempty_strings(
+        &self,
+        d: &mut Diag<'_>,
+        key: &str,
+        empty: &str,
+    ) -> Result<Vec<At<&'v str>>, ()> {
+        match self.strings(d, key)? {
+            None => Ok(Vec::new()),
+            Some(list) if list.value.is_empty() => {
+                d.error(&list.span, empty);
+                Err(())
+            }
+            Some(list) => Ok(list.value),
+        }
+    }
+
     /// A sub-table such as `[tunnel]`; `None` when absent or wrong.
     fn table(&self, d: &mut Diag<'_>, key: &str, keys: Option<&[&str]>) -> Option<Table<'v>> {
         let v = self.get(key)?;
@@ -1085,83 +1103,71 @@ fn http_rule(
             }
         },
     };
-    let methods = match t.strings(d, "methods") {
-        Err(()) => {
+    let methods = t
+        .nonempty_strings(
+            d,
+            "methods",
+            "`methods = []` would allow every method: leave `methods` out to allow any, or list them",
+        )
+        .unwrap_or_else(|()| {
             ok = false;
             Vec::new()
+        });
+    for m in &methods {
+        if !valid_method(m.value) {
+            d.error(
+                &m.span,
+                format!(
+                    "bad method `{}`: expected an HTTP method such as \"GET\"",
+                    m.value
+                ),
+            );
+            ok = false;
+        } else if m.value.eq_ignore_ascii_case("TRACE") {
+            d.warning(&m.span, "the tunnel refuses TRACE whatever the rules say");
+        } else if m.value.eq_ignore_ascii_case("CONNECT") {
+            d.warning(
+                &m.span,
+                "CONNECT never reaches a method list: the tunnel lets a CONNECT through by host and port, then checks the methods of the requests inside it",
+            );
         }
-        Ok(None) => Vec::new(),
-        Ok(Some(list)) => {
-            if list.value.is_empty() {
-                d.error(
-                    &list.span,
-                    "`methods = []` would allow every method: leave `methods` out to allow any, or list them",
-                );
-                ok = false;
-            }
-            for m in &list.value {
-                if !valid_method(m.value) {
-                    d.error(
-                        &m.span,
-                        format!(
-                            "bad method `{}`: expected an HTTP method such as \"GET\"",
-                            m.value
-                        ),
-                    );
-                    ok = false;
-                } else if m.value.eq_ignore_ascii_case("TRACE") {
-                    d.warning(&m.span, "the tunnel refuses TRACE whatever the rules say");
-                } else if m.value.eq_ignore_ascii_case("CONNECT") {
-                    d.warning(
-                        &m.span,
-                        "CONNECT never reaches a method list: the tunnel lets a CONNECT through by host and port, then checks the methods of the requests inside it",
-                    );
-                }
-            }
-            list.value.iter().map(|m| m.value.to_owned()).collect()
-        }
-    };
-    let paths = match t.strings(d, "paths") {
-        Err(()) => {
+    }
+    let methods: Vec<String> = methods.iter().map(|m| m.value.to_owned()).collect();
+    let paths = t
+        .nonempty_strings(
+            d,
+            "paths",
+            "`paths = []` would allow every path: leave `paths` out to allow any, or list globs",
+        )
+        .unwrap_or_else(|()| {
             ok = false;
             Vec::new()
+        });
+    for p in &paths {
+        if let Err(e) = glob::Pattern::new(p.value) {
+            d.error(
+                &p.span,
+                format!(
+                    "bad path glob `{}`: {} (at character {})",
+                    p.value,
+                    e.msg,
+                    e.pos + 1
+                ),
+            );
+            ok = false;
+        } else if !p.value.starts_with('/') {
+            d.error(
+                &p.span,
+                format!(
+                    "bad path glob `{}`: request paths start with `/`, so this never matches; write e.g. \"/{}\"",
+                    p.value,
+                    p.value.trim_start_matches('*')
+                ),
+            );
+            ok = false;
         }
-        Ok(None) => Vec::new(),
-        Ok(Some(list)) => {
-            if list.value.is_empty() {
-                d.error(
-                    &list.span,
-                    "`paths = []` would allow every path: leave `paths` out to allow any, or list globs",
-                );
-                ok = false;
-            }
-            for p in &list.value {
-                if let Err(e) = glob::Pattern::new(p.value) {
-                    d.error(
-                        &p.span,
-                        format!(
-                            "bad path glob `{}`: {} (at character {})",
-                            p.value,
-                            e.msg,
-                            e.pos + 1
-                        ),
-                    );
-                    ok = false;
-                } else if !p.value.starts_with('/') {
-                    d.error(
-                        &p.span,
-                        format!(
-                            "bad path glob `{}`: request paths start with `/`, so this never matches; write e.g. \"/{}\"",
-                            p.value,
-                            p.value.trim_start_matches('*')
-                        ),
-                    );
-                    ok = false;
-                }
-            }
-            list.value.iter().map(|p| p.value.to_owned()).collect()
-        }
-    };
+    }
+    let paths: Vec<String> = paths.iter().map(|p| p.value.to_owned()).collect();
     let credential = match t.string(d, "credential") {
         None => {
             ok &= t.get("credential").is_none();
