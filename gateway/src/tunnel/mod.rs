@@ -66,7 +66,8 @@ pub struct Shared {
     identity: Box<dyn ClientIdentity>,
     connections: Arc<Semaphore>,
     max_request_body: Option<u64>,
-    upstream_ca: Vec<std::path::PathBuf>,
+    /// Upstream TLS settings, read once and shared by every worker's pools.
+    upstream_tls: rustls::ClientConfig,
 }
 
 /// One worker: the shared state plus upstream connection pools of its own, so a request and
@@ -92,7 +93,8 @@ impl Tunnel {
         identity: Box<dyn ClientIdentity>,
     ) -> anyhow::Result<Self> {
         let rules = Rules::new(&policy.http)?;
-        let upstreams = Upstreams::new(&rules, &policy.upstream_ca)?;
+        let upstream_tls = upstream::client_tls(&policy.upstream_ca)?;
+        let upstreams = Upstreams::new(&rules, &upstream_tls);
         Ok(Self {
             shared: Arc::new(Shared {
                 sandbox: policy.name.clone(),
@@ -103,17 +105,17 @@ impl Tunnel {
                 identity,
                 connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
                 max_request_body: policy.max_request_body,
-                upstream_ca: policy.upstream_ca.clone(),
+                upstream_tls,
             }),
             upstreams,
         })
     }
 
-    fn worker(&self) -> anyhow::Result<Self> {
-        Ok(Self {
+    fn worker(&self) -> Self {
+        Self {
             shared: self.shared.clone(),
-            upstreams: Upstreams::new(&self.rules, &self.upstream_ca)?,
-        })
+            upstreams: Upstreams::new(&self.rules, &self.upstream_tls),
+        }
     }
 
     /// Serves `listener` on one thread per CPU, each with its own single-threaded runtime,
@@ -136,7 +138,7 @@ impl Tunnel {
         }
         let mut workers = vec![self];
         for _ in 1..threads {
-            workers.push(workers[0].worker()?);
+            workers.push(workers[0].worker());
         }
         let mut listener = Some(listener);
         let mut handles = Vec::with_capacity(threads);

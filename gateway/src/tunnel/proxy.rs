@@ -162,12 +162,16 @@ impl Tunnel {
         rule: &Rule,
     ) -> Result<(), Refusal> {
         let named = rule.spec.credential.as_deref();
+        let mut uri = None;
         for secret in self.secrets.iter() {
             let Some(p) = &secret.placeholder else {
                 continue;
             };
             let listed = named == Some(secret.name.as_str());
-            if parts.uri.to_string().contains(&p.value) {
+            if uri
+                .get_or_insert_with(|| parts.uri.to_string())
+                .contains(&p.value)
+            {
                 return Err(Refusal(
                     StatusCode::FORBIDDEN,
                     if listed {

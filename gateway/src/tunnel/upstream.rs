@@ -65,8 +65,8 @@ pub enum DialError {
 }
 
 impl Upstreams {
-    pub fn new(rules: &Rules, upstream_ca: &[std::path::PathBuf]) -> anyhow::Result<Self> {
-        let tls = client_tls(upstream_ca)?;
+    /// Clients for every rule, sharing `tls` (see [`client_tls`]).
+    pub fn new(rules: &Rules, tls: &ClientConfig) -> Self {
         let mut normal = Vec::new();
         let mut upgrade = Vec::new();
         for rule in rules.iter() {
@@ -85,7 +85,7 @@ impl Upstreams {
             normal.push(Client::builder(TokioExecutor::new()).build(both));
             upgrade.push(Client::builder(TokioExecutor::new()).build(h1));
         }
-        Ok(Self { normal, upgrade })
+        Self { normal, upgrade }
     }
 
     pub fn client(&self, rule: usize, upgrade: bool) -> &UpstreamClient {
@@ -97,7 +97,8 @@ impl Upstreams {
     }
 }
 
-fn client_tls(upstream_ca: &[std::path::PathBuf]) -> anyhow::Result<ClientConfig> {
+/// The upstream TLS settings: system roots plus `[tls] upstream_ca`. Read once per tunnel.
+pub fn client_tls(upstream_ca: &[std::path::PathBuf]) -> anyhow::Result<ClientConfig> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for e in &native.errors {
