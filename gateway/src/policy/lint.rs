@@ -256,16 +256,7 @@ mod tests {
     }
 
     fn rule(host: &str, methods: &[&str], paths: &[&str]) -> HttpRule {
-        HttpRule {
-            host: host.into(),
-            port: 443,
-            methods: methods.iter().map(|s| s.to_string()).collect(),
-            paths: paths.iter().map(|s| s.to_string()).collect(),
-            credential: None,
-            private: false,
-            connect: None,
-            passthrough: false,
-        }
+        HttpRule::for_test(host, methods, paths)
     }
 
     #[test]

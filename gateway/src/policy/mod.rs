@@ -65,6 +65,23 @@ pub struct HttpRule {
     pub passthrough: bool,
 }
 
+#[cfg(test)]
+impl HttpRule {
+    /// A rule for `host`:443 with these methods and paths and every other key at its default.
+    pub(crate) fn for_test(host: &str, methods: &[&str], paths: &[&str]) -> Self {
+        Self {
+            host: host.into(),
+            port: 443,
+            methods: methods.iter().map(|s| s.to_string()).collect(),
+            paths: paths.iter().map(|s| s.to_string()).collect(),
+            credential: None,
+            private: false,
+            connect: None,
+            passthrough: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
     Env(String),
