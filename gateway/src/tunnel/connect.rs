@@ -106,7 +106,7 @@ impl Tunnel {
             return;
         }
         if passthrough {
-            let spec = self.rules.iter().nth(rule).map(|r| r.spec.clone());
+            let spec = self.rules.get(rule).map(|r| r.spec.clone());
             let Some(spec) = spec else { return };
             match upstream::dial_raw(&spec, &target.host, target.port).await {
                 Ok(mut up) => {

@@ -1,4 +1,9 @@
 //! `[[http.allow]]` matching: default deny, the first rule that matches wins.
+//!
+//! Rules are indexed by (host, port) so a decision looks at the rules for that host only: the
+//! cost stays flat from ten rules to tens of thousands.
+
+use std::collections::HashMap;
 
 use glob::{MatchOptions, Pattern};
 use hyper::Method;
@@ -21,7 +26,13 @@ enum HostPattern {
     Below(String),
 }
 
-pub struct Rules(Vec<Rule>);
+pub struct Rules {
+    rules: Vec<Rule>,
+    /// Rule indices by exact host, ascending.
+    exact: HashMap<String, Vec<usize>>,
+    /// Rule indices by the base of `*.base`, ascending.
+    below: HashMap<String, Vec<usize>>,
+}
 
 pub(crate) const GLOB: MatchOptions = MatchOptions {
     case_sensitive: true,
@@ -55,14 +66,26 @@ impl Rules {
                 spec: spec.clone(),
             });
         }
-        Ok(Self(out))
+        let mut exact: HashMap<_, Vec<usize>> = HashMap::new();
+        let mut below: HashMap<_, Vec<usize>> = HashMap::new();
+        for rule in &out {
+            let (map, host) = match &rule.host {
+                HostPattern::Exact(h) => (&mut exact, h),
+                HostPattern::Below(base) => (&mut below, base),
+            };
+            map.entry(host.clone()).or_default().push(rule.index);
+        }
+        Ok(Self {
+            rules: out,
+            exact,
+            below,
+        })
     }
 
     /// The first rule allowing this request. `path` excludes the query.
     pub fn decide(&self, method: &Method, target: &Authority, path: &str) -> Option<&Rule> {
-        self.0.iter().find(|r| {
-            r.matches_authority(target)
-                && (r.methods.is_empty() || r.methods.iter().any(|m| m == method.as_str()))
+        self.candidates(target).into_iter().find(|r| {
+            (r.methods.is_empty() || r.methods.iter().any(|m| m == method.as_str()))
                 && (r.paths.is_empty() || r.paths.iter().any(|p| p.matches_with(path, GLOB)))
         })
     }
@@ -70,23 +93,60 @@ impl Rules {
     /// The first rule for this host and port, whatever the method and path: decides whether a
     /// CONNECT is intercepted, spliced or refused.
     pub fn for_authority(&self, target: &Authority) -> Option<&Rule> {
-        self.0.iter().find(|r| r.matches_authority(target))
+        self.candidates(target).into_iter().next()
+    }
+
+    pub fn get(&self, index: usize) -> Option<&Rule> {
+        self.rules.get(index)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Rule> {
-        self.0.iter()
+        self.rules.iter()
+    }
+
+    /// Every rule whose host and port match `target`, in policy order.
+    fn candidates(&self, target: &Authority) -> Vec<&Rule> {
+        let mut found: Vec<usize> = Vec::new();
+        if let Some(hit) = self.exact.get(target.host.as_str()) {
+            found.extend(hit);
+        }
+        // `*.base` matches any name strictly below base: look up every proper suffix that
+        // starts after a dot.
+        if !self.below.is_empty() && target.ip().is_none() {
+            let host = target.host.as_str();
+            for (dot, _) in host.match_indices('.') {
+                let base = &host[dot + 1..];
+                if dot == 0 || base.is_empty() {
+                    continue;
+                }
+                if let Some(hit) = self.below.get(base) {
+                    found.extend(hit);
+                }
+            }
+        }
+        found.sort_unstable();
+        found
+            .into_iter()
+            .map(|i| &self.rules[i])
+            .filter(|r| r.spec.port == target.port)
+            .collect()
     }
 }
 
 impl Rule {
+    /// The rule's host and port test, written plainly: the oracle the index is checked against.
+    #[cfg(test)]
     fn matches_authority(&self, target: &Authority) -> bool {
         self.spec.port == target.port
             && match &self.host {
                 HostPattern::Exact(h) => *h == target.host,
-                HostPattern::Below(base) => target
-                    .host
-                    .strip_suffix(base.as_str())
-                    .is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('.')),
+                HostPattern::Below(base) => {
+                    target.ip().is_none()
+                        && target
+                            .host
+                            .strip_suffix(base.as_str())
+                            .is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('.'))
+                }
             }
     }
 }
@@ -128,6 +188,50 @@ mod tests {
         assert_eq!(hit("DELETE", "api.github.com", "/repos/acme/x"), None);
         assert_eq!(hit("GET", "api.github.com:8443", "/repos/acme/x"), None);
         assert_eq!(hit("GET", "example.com", "/"), None);
+    }
+
+    #[test]
+    fn the_index_finds_what_a_scan_of_every_rule_finds() {
+        let hosts = [
+            "api.github.com",
+            "*.github.com",
+            "github.com",
+            "*.api.github.com",
+            "*.com",
+            "example.com",
+            "127.0.0.1",
+            "*.xn--bcher-kva.example",
+        ];
+        let specs: Vec<HttpRule> = hosts
+            .iter()
+            .flat_map(|h| [rule(h, &[], &[]), rule(h, &["GET"], &["/x"])])
+            .collect();
+        let rules = Rules::new(&specs).unwrap();
+        for probe in [
+            "api.github.com",
+            "a.api.github.com",
+            "b.a.api.github.com",
+            "github.com",
+            "x.github.com",
+            "com",
+            "example.com",
+            "evil-github.com",
+            "127.0.0.1",
+            "0.0.1",
+            "bücher.example",
+            "a.bücher.example",
+            "a.b.c.d.e.f",
+            "api.github.com:8443",
+        ] {
+            let target = at(probe);
+            let scan: Vec<usize> = rules
+                .iter()
+                .filter(|r| r.matches_authority(&target))
+                .map(|r| r.index)
+                .collect();
+            let indexed: Vec<usize> = rules.candidates(&target).iter().map(|r| r.index).collect();
+            assert_eq!(indexed, scan, "{probe}");
+        }
     }
 
     #[test]
