@@ -1,15 +1,9 @@
 //! `gateway`: an egress gateway for AI-agent sandboxes.
 
-mod audit;
-mod kernel;
-mod policy;
-mod run;
-mod sandbox;
-mod tunnel;
-
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+use gateway::{audit, policy, run, sandbox, tunnel};
 
 /// Run commands in a sandbox whose only way out is the gateway's tunnel.
 #[derive(Parser)]

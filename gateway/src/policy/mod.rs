@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use ipnet::IpNet;
 
-pub use file::{Checked, PolicyError, check, load};
+pub use file::{Checked, PolicyError, check, check_text, load};
 pub use ports::PortRange;
 
 /// Default tunnel address: loopback, ephemeral port.

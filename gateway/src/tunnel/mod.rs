@@ -10,7 +10,7 @@ mod guard;
 pub(crate) mod headers;
 pub(crate) mod private;
 mod proxy;
-pub(crate) mod rules;
+pub mod rules;
 mod upstream;
 mod websocket;
 
