@@ -68,6 +68,8 @@ enum LayerArg {
 enum VerdictArg {
     Deny,
     Allow,
+    /// What learn mode let through that the policy refuses.
+    WouldDeny,
     /// The gateway's own notes.
     Note,
 }
@@ -173,6 +175,7 @@ fn read(args: ReadArgs) -> anyhow::Result<i32> {
             match v {
                 VerdictArg::Deny => "deny",
                 VerdictArg::Allow => "allow",
+                VerdictArg::WouldDeny => "would-deny",
                 VerdictArg::Note => "note",
             }
             .into()

@@ -334,6 +334,30 @@ mod tests {
     }
 
     #[test]
+    fn learn_mode_records_are_shown_and_filtered() {
+        let learned = PROXY
+            .replace(r#""verdict":"allow""#, r#""verdict":"would-deny""#)
+            .replace(r#""reason":"allowlisted""#, r#""reason":"not-allowlisted""#)
+            .replace(r#""rule":0,"credential":"api""#, r#""rule":null,"credential":null"#);
+        let text = format!("{}{learned}\n", log());
+        let (out, _) = run(
+            &text,
+            &Filter {
+                verdict: Some("would-deny".into()),
+                ..Filter::default()
+            },
+            Format::Json,
+        )
+        .unwrap();
+        assert_eq!(out, format!("{learned}\n"));
+        let (table, _) = run(&text, &Filter::default(), Format::Table).unwrap();
+        let rows: Vec<&str> = table.lines().collect();
+        let col = |name: &str| rows[0].find(name).unwrap();
+        assert_eq!(rows[4].find("would-deny"), Some(col("VERDICT")), "{table}");
+        assert_eq!(rows[4].find("not-allowlisted"), Some(col("REASON")), "{table}");
+    }
+
+    #[test]
     fn a_truncated_last_line_is_reported_not_fatal() {
         let text = format!("{KERNEL}\n{}", &PROXY[..40]);
         let (out, warn) = run(&text, &Filter::default(), Format::Json).unwrap();
