@@ -36,6 +36,16 @@ enum Command {
         /// Run CMD as this user (name or uid); default SUDO_UID/SUDO_GID, else nobody.
         #[arg(long)]
         user: Option<String>,
+        /// Learn mode, for writing a policy: HTTP(S) requests the policy refuses because no
+        /// rule allows them (`not-allowlisted`) or because the name resolves to a private
+        /// address (`private-address`) are forwarded anyway, without any credential, and each
+        /// is recorded with verdict `would-deny`. Everything else is still refused: malformed
+        /// requests, TRACE, placeholders toward unlisted hosts, oversize bodies, clients
+        /// outside the sandbox, and every kernel-level refusal (direct connections, datagrams,
+        /// sockets), which learn mode does not relax. Read the result with
+        /// `gateway policy suggest --from LOG`.
+        #[arg(long)]
+        learn: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -88,6 +98,7 @@ fn main() -> ExitCode {
             audit_log,
             audit_max_bytes,
             user,
+            learn,
             command,
         } => run::run(run::RunArgs {
             policy,
@@ -95,6 +106,7 @@ fn main() -> ExitCode {
             audit_max_bytes,
             user,
             command,
+            learn,
         }),
         Command::Cleanup => cleanup(),
         Command::Audit(args) => audit::cli::run(args),
