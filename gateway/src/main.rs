@@ -79,6 +79,20 @@ enum PolicyCommand {
         /// The absolute URL, e.g. https://api.github.com/repos/acme/app.
         url: String,
     },
+    /// Write a policy that would have allowed what an audit log saw: the requests learn mode
+    /// let through (`would-deny`) and allowed, and the TCP/UDP connections the kernel refused.
+    /// For a person to review; it attaches no credential.
+    Suggest {
+        /// The audit log; its rotated files (FILE.1, FILE.2.gz, ...) are read too, oldest first.
+        #[arg(long, value_name = "AUDIT_LOG")]
+        from: PathBuf,
+        /// Only records of the sandbox with this name (required when the log holds several).
+        #[arg(long, value_name = "NAME")]
+        sandbox: Option<String>,
+        /// Write the policy here instead of to stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -121,6 +135,14 @@ fn main() -> ExitCode {
                     url,
                 },
         } => Ok(explain(&policy, &method, &url)),
+        Command::Policy {
+            command:
+                PolicyCommand::Suggest {
+                    from,
+                    sandbox,
+                    output,
+                },
+        } => policy::suggest::run(&from, sandbox.as_deref(), output.as_deref()),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
