@@ -68,9 +68,7 @@ impl Tunnel {
                     return;
                 }
             };
-            tunnel
-                .tls_session(io, target, splice, client, fields)
-                .await;
+            tunnel.tls_session(io, target, splice, client, fields).await;
         });
         Response::new(
             http_body_util::Empty::<bytes::Bytes>::new()

@@ -12,6 +12,7 @@ use super::{
     Body, Tunnel,
     authority::Authority,
     headers, local_response,
+    private::is_private,
     rules::Rule,
     upstream::{self, PrivateUpstream},
     websocket,
@@ -166,8 +167,16 @@ impl Tunnel {
                 if let Route::Learn = route {
                     // Learn mode let the request through; that it then failed upstream is
                     // in `status`, and the author still learns that the agent wanted it.
+                    let would = match upstream::dial_error(&e) {
+                        Some(upstream::DialError::Connect { addr, .. })
+                            if is_private(addr.ip()) =>
+                        {
+                            "private-address"
+                        }
+                        _ => NOT_ALLOWLISTED,
+                    };
                     fields.status = Some(status.as_u16());
-                    self.record(Verdict::WouldDeny, NOT_ALLOWLISTED, client, fields);
+                    self.record(Verdict::WouldDeny, would, client, fields);
                     return local_response(status, reason);
                 }
                 return self.refuse(status, reason, client, fields);
