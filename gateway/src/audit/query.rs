@@ -357,7 +357,10 @@ mod tests {
         let learned = PROXY
             .replace(r#""verdict":"allow""#, r#""verdict":"would-deny""#)
             .replace(r#""reason":"allowlisted""#, r#""reason":"not-allowlisted""#)
-            .replace(r#""rule":0,"credential":"api""#, r#""rule":null,"credential":null"#);
+            .replace(
+                r#""rule":0,"credential":"api""#,
+                r#""rule":null,"credential":null"#,
+            );
         let text = format!("{}{learned}\n", log());
         let (out, _) = run(
             &text,
@@ -373,7 +376,11 @@ mod tests {
         let rows: Vec<&str> = table.lines().collect();
         let col = |name: &str| rows[0].find(name).unwrap();
         assert_eq!(rows[4].find("would-deny"), Some(col("VERDICT")), "{table}");
-        assert_eq!(rows[4].find("not-allowlisted"), Some(col("REASON")), "{table}");
+        assert_eq!(
+            rows[4].find("not-allowlisted"),
+            Some(col("REASON")),
+            "{table}"
+        );
     }
 
     #[test]

@@ -292,8 +292,9 @@ pub fn run(from: &Path, sandbox: Option<&str>, output: Option<&Path>) -> anyhow:
     }
     let text = seen.render(from, &name);
     // Never hand out a policy `run` would refuse.
-    super::file::check_text(output.unwrap_or(Path::new("<suggested policy>")), &text)
-        .map_err(|e| anyhow::anyhow!("the suggested policy is not valid, please report this:\n{e}"))?;
+    super::file::check_text(output.unwrap_or(Path::new("<suggested policy>")), &text).map_err(
+        |e| anyhow::anyhow!("the suggested policy is not valid, please report this:\n{e}"),
+    )?;
     match output {
         Some(path) => std::fs::write(path, &text)
             .with_context(|| format!("writing the suggested policy to {}", path.display()))?,

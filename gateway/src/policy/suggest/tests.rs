@@ -39,7 +39,12 @@ fn few_paths_are_listed_exactly() {
 
 #[test]
 fn many_paths_under_one_first_segment_become_their_deepest_shared_directory() {
-    let items = ["/v1/items/1", "/v1/items/2", "/v1/items/3", "/v1/items/4/parts"];
+    let items = [
+        "/v1/items/1",
+        "/v1/items/2",
+        "/v1/items/3",
+        "/v1/items/4/parts",
+    ];
     let mut paths = set(&items);
     assert_eq!(path_globs(&paths).len(), 4, "four are still listed");
     paths.insert("/v1/items/5".into());
@@ -85,10 +90,38 @@ fn the_suggested_globs_match_every_path_seen_and_no_sibling_prefix() {
 #[test]
 fn the_suggestion_is_a_valid_policy_allowing_what_was_seen() {
     let lines = [
-        proxy("would-deny", "not-allowlisted", "GET", "api.test", 443, "/v1/items/1?page=2"),
-        proxy("would-deny", "not-allowlisted", "POST", "api.test", 443, "/v1/items"),
-        proxy("would-deny", "not-allowlisted", "GET", "api.test", 443, "/v1/items/1"),
-        proxy("would-deny", "private-address", "GET", "localhost", 8443, "/repo/x"),
+        proxy(
+            "would-deny",
+            "not-allowlisted",
+            "GET",
+            "api.test",
+            443,
+            "/v1/items/1?page=2",
+        ),
+        proxy(
+            "would-deny",
+            "not-allowlisted",
+            "POST",
+            "api.test",
+            443,
+            "/v1/items",
+        ),
+        proxy(
+            "would-deny",
+            "not-allowlisted",
+            "GET",
+            "api.test",
+            443,
+            "/v1/items/1",
+        ),
+        proxy(
+            "would-deny",
+            "private-address",
+            "GET",
+            "localhost",
+            8443,
+            "/repo/x",
+        ),
         proxy("allow", "allowlisted", "GET", "other.test", 443, "/ok"),
         kernel("connect4", "not-allowlisted", "tcp", "127.0.0.1:5432"),
         kernel("connect4", "not-allowlisted", "tcp", "127.0.0.1:6379"),
@@ -107,7 +140,11 @@ fn the_suggestion_is_a_valid_policy_allowing_what_was_seen() {
     assert!(text.contains("REVIEW IT BEFORE USE"), "{text}");
     let checked = crate::policy::file::check_text(Path::new("suggested.toml"), &text)
         .unwrap_or_else(|e| panic!("{e}\n{text}"));
-    assert!(checked.warnings.is_empty(), "{:?}\n{text}", checked.warnings);
+    assert!(
+        checked.warnings.is_empty(),
+        "{:?}\n{text}",
+        checked.warnings
+    );
     let p = &checked.policy;
     assert_eq!(p.name, "learner");
     assert_eq!(p.http.len(), 3, "{text}");
