@@ -153,34 +153,7 @@ impl Tunnel {
         let sent = upstream.request(Request::from_parts(parts, body)).await;
         let mut resp = match sent {
             Ok(r) => r,
-            Err(e) => {
-                let (status, reason) = match upstream::dial_error(&e) {
-                    Some(upstream::DialError::Private { .. }) => {
-                        (StatusCode::FORBIDDEN, "private-address")
-                    }
-                    Some(upstream::DialError::Timeout { .. }) => {
-                        (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout")
-                    }
-                    _ => (StatusCode::BAD_GATEWAY, "upstream-error"),
-                };
-                tracing::info!(host = %target, "upstream: {}", error_chain(&e));
-                if let Route::Learn = route {
-                    // Learn mode let the request through; that it then failed upstream is
-                    // in `status`, and the author still learns that the agent wanted it.
-                    let would = match upstream::dial_error(&e) {
-                        Some(upstream::DialError::Connect { addr, .. })
-                            if is_private(addr.ip()) =>
-                        {
-                            "private-address"
-                        }
-                        _ => NOT_ALLOWLISTED,
-                    };
-                    fields.status = Some(status.as_u16());
-                    self.record(Verdict::WouldDeny, would, client, fields);
-                    return local_response(status, reason);
-                }
-                return self.refuse(status, reason, client, fields);
-            }
+            Err(e) => return self.upstream_failed(&e, route, target, client, fields),
         };
         if let (Some(client_upgrade), Some(sent_headers)) = (client_upgrade, request_headers)
             && resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -211,6 +184,40 @@ impl Tunnel {
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
         Response::from_parts(parts, body.boxed())
+    }
+
+    /// The answer and the record when the upstream could not be reached or failed.
+    fn upstream_failed(
+        &self,
+        e: &hyper_util::client::legacy::Error,
+        route: Route<'_>,
+        target: &Authority,
+        client: SocketAddr,
+        mut fields: ProxyFields,
+    ) -> Response<Body> {
+        let dialed = upstream::dial_error(e);
+        let (status, reason) = match dialed {
+            Some(upstream::DialError::Private { .. }) => (StatusCode::FORBIDDEN, "private-address"),
+            Some(upstream::DialError::Timeout { .. }) => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout")
+            }
+            _ => (StatusCode::BAD_GATEWAY, "upstream-error"),
+        };
+        tracing::info!(host = %target, "upstream: {}", error_chain(e));
+        let Route::Learn = route else {
+            return self.refuse(status, reason, client, fields);
+        };
+        // Learn mode let the request through; that it then failed upstream is in `status`,
+        // and the author still learns that the agent wanted it.
+        let would = match dialed {
+            Some(upstream::DialError::Connect { addr, .. }) if is_private(addr.ip()) => {
+                "private-address"
+            }
+            _ => NOT_ALLOWLISTED,
+        };
+        fields.status = Some(status.as_u16());
+        self.record(Verdict::WouldDeny, would, client, fields);
+        local_response(status, reason)
     }
 
     /// Swaps placeholders and sets the named credential; the agent's own value for that
