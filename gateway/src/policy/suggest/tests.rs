@@ -199,3 +199,26 @@ fn records_of_each_sandbox_are_told_apart() {
         ["learner", "other"]
     );
 }
+
+#[test]
+fn run_writes_a_checked_policy_and_wants_a_sandbox_when_the_log_mixes_them() {
+    let dir = std::env::temp_dir().join(format!("gateway-suggest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (log, out) = (dir.join("audit.jsonl"), dir.join("suggested.toml"));
+    let a = proxy("would-deny", "not-allowlisted", "GET", "a.test", 443, "/x");
+    let b = proxy("would-deny", "not-allowlisted", "GET", "b.test", 443, "/y")
+        .replace("learner", "other");
+    std::fs::write(&log, format!("{a}\n{b}\n")).unwrap();
+    assert_eq!(run(&log, None, Some(&out)).unwrap(), 2);
+    assert!(
+        !out.exists(),
+        "nothing is written when the sandbox is ambiguous"
+    );
+    assert_eq!(run(&log, Some("other"), Some(&out)).unwrap(), 0);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let checked = crate::policy::file::check_text(&out, &text).unwrap();
+    assert_eq!(checked.policy.name, "other");
+    assert_eq!(checked.policy.http.len(), 1);
+    assert_eq!(checked.policy.http[0].host, "b.test");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
