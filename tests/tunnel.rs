@@ -6,11 +6,10 @@ mod support;
 
 use std::{
     collections::HashMap,
-    ffi::OsStr,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
     os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, ChildStdout, Command, Output, Stdio},
     time::Duration,
 };
@@ -20,201 +19,10 @@ use support::*;
 
 /// The credential's value: the upstream gets it, nothing else ever shows it.
 const SECRET: &str = "gwtest-secret-7Hq2xV9kLm4Rt8Zp";
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 const API_CREDENTIAL: &str = "[credentials.api]\nenv = \"API_TOKEN\"\n";
-/// Names the upstream certificate is valid for.
-const NAMES: [&str; 5] = [
-    "api.test",
-    "other.test",
-    "git.test",
-    "down.test",
-    "localhost",
-];
-
-/// A shell function for the sandbox: `r NAME CURL-ARGS...` prints the response between
-/// `<<< NAME` and `>>> HTTP_CODE CONNECT_CODE`, then `=== NAME EXIT`.
-const CURL: &str = r#"
-r() {
-    n=$1; shift
-    echo "<<< $n"
-    curl -sS -m 20 -w '\n>>> %{http_code} %{http_connect}\n' "$@"
-    echo "=== $n $?"
-}
-"#;
 
 // ---------------------------------------------------------------------------------------
-// Certificates, upstream servers, policies
-
-/// A test CA and one server certificate for every name in `NAMES`, as PEM files.
-struct Pki {
-    scratch: Scratch,
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Self {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-            KeyUsagePurpose,
-        };
-        let scratch = Scratch::new("pki");
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "gateway test upstream CA");
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let leaf_key = KeyPair::generate().unwrap();
-        let mut leaf =
-            CertificateParams::new(NAMES.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        leaf.distinguished_name.push(DnType::CommonName, "api.test");
-        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
-        let ca = scratch.write("upstream-ca.pem", &ca_cert.pem());
-        let cert = scratch.write("upstream.pem", &leaf_cert.pem());
-        let key = scratch.write("upstream-key.pem", &leaf_key.serialize_pem());
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        Self {
-            scratch,
-            ca,
-            cert,
-            key,
-        }
-    }
-
-    /// `curl` arguments that reach an upstream directly, outside any sandbox.
-    fn direct_curl(&self, name: &str, port: u16) -> Command {
-        let mut c = Command::new("curl");
-        c.arg("-sS")
-            .arg("-m")
-            .arg("10")
-            .arg("--noproxy")
-            .arg("*")
-            .arg("--cacert")
-            .arg(&self.ca)
-            .arg("--resolve")
-            .arg(format!("{name}:{port}:127.0.0.1"));
-        c
-    }
-}
-
-/// A fixture server (tests/fixtures) on 127.0.0.1, killed on drop.
-struct Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Server {
-    fn spawn(dir: &Path, name: &str, script: &str, args: &[&OsStr]) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let stderr = dir.join(format!("{name}.stderr"));
-        let mut child = Command::new("python3")
-            .arg(Path::new(FIXTURES).join(script))
-            .arg("--log")
-            .arg(&log)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("PORT ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| {
-                let _ = child.kill();
-                panic!(
-                    "{script} did not start: {line:?}\n{}",
-                    std::fs::read_to_string(&stderr).unwrap_or_default()
-                )
-            });
-        Self {
-            child,
-            port,
-            log,
-            stderr,
-        }
-    }
-
-    /// tests/fixtures/upstream.py over TLS with the test certificate.
-    fn upstream(pki: &Pki, name: &str) -> Self {
-        Self::spawn(
-            &pki.scratch.dir,
-            name,
-            "upstream.py",
-            &[
-                OsStr::new("--cert"),
-                pki.cert.as_os_str(),
-                OsStr::new("--key"),
-                pki.key.as_os_str(),
-            ],
-        )
-    }
-
-    /// tests/fixtures/git_server.py serving the repositories under `root`.
-    fn git(pki: &Pki, root: &Path, token: &str) -> Self {
-        Self::spawn(
-            &pki.scratch.dir,
-            "git",
-            "git_server.py",
-            &[
-                OsStr::new("--root"),
-                root.as_os_str(),
-                OsStr::new("--token"),
-                OsStr::new(token),
-                OsStr::new("--cert"),
-                pki.cert.as_os_str(),
-                OsStr::new("--key"),
-                pki.key.as_os_str(),
-            ],
-        )
-    }
-
-    /// Every request the server received, in order.
-    fn requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .map(|t| json_lines(&t))
-            .unwrap_or_default()
-    }
-
-    fn paths(&self) -> Vec<String> {
-        self.requests()
-            .iter()
-            .map(|r| r["path"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "--- upstream log {}\n{}\n--- upstream stderr\n{}",
-            self.log.display(),
-            std::fs::read_to_string(&self.log).unwrap_or_default(),
-            std::fs::read_to_string(&self.stderr).unwrap_or_default()
-        )
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+// Upstream requests, rules, sandboxed clients (support has the certificates and servers)
 
 /// Values of one header of a logged request, by case-insensitive name.
 fn header<'a>(request: &'a Value, name: &str) -> Vec<&'a str> {
@@ -243,17 +51,6 @@ fn rule(host: &str, upstream: u16, extra: &str) -> String {
     )
 }
 
-/// A policy with `body` (rules and credentials) that trusts the test CA upstream.
-fn tunnel_policy(name: &str, pki: &Pki, body: &str) -> String {
-    policy(
-        name,
-        &format!(
-            "{body}\n[tls]\nupstream_ca = [{:?}]\n",
-            pki.ca.to_str().unwrap()
-        ),
-    )
-}
-
 /// Runs a shell script in the sandbox with the secret in the gateway's environment.
 fn sh(run: &Run, script: &str) -> Finished {
     run.finish(
@@ -279,67 +76,12 @@ fn python(run: &Run, body: &str) -> Finished {
 // ---------------------------------------------------------------------------------------
 // Reading results
 
-/// One curl call made by the `r` shell function.
-#[derive(Debug, Default, Clone)]
-struct Reply {
-    body: String,
-    code: u16,
-    connect: u16,
-    exit: i32,
-}
-
-impl Reply {
-    /// Refused by policy: 403 on the request, or 403 on the CONNECT that carried it.
-    fn forbidden(&self) -> bool {
-        self.code == 403 || (self.code == 0 && self.connect == 403)
-    }
-}
-
-fn replies(stdout: &str) -> HashMap<String, Reply> {
-    let mut all = HashMap::new();
-    let mut current: Option<(String, Reply)> = None;
-    for line in stdout.lines() {
-        if let Some(name) = line.strip_prefix("<<< ") {
-            current = Some((name.to_owned(), Reply::default()));
-        } else if let Some(codes) = line.strip_prefix(">>> ") {
-            if let Some((_, reply)) = current.as_mut() {
-                let mut it = codes.split_whitespace().map(|c| c.parse().unwrap_or(0));
-                reply.code = it.next().unwrap_or(0);
-                reply.connect = it.next().unwrap_or(0);
-            }
-        } else if let Some(rest) = line.strip_prefix("=== ") {
-            if let Some((name, mut reply)) = current.take() {
-                reply.exit = rest
-                    .rsplit(' ')
-                    .next()
-                    .and_then(|e| e.parse().ok())
-                    .unwrap_or(-1);
-                all.insert(name, reply);
-            }
-        } else if let Some((_, reply)) = current.as_mut() {
-            reply.body.push_str(line);
-            reply.body.push('\n');
-        }
-    }
-    all
-}
-
-fn reply<'a>(replies: &'a HashMap<String, Reply>, name: &str, out: &Finished) -> &'a Reply {
-    replies
-        .get(name)
-        .unwrap_or_else(|| panic!("no reply `{name}`\n{}", out.describe()))
-}
-
 /// The value a sandboxed python script printed under `key`.
 fn printed<'a>(out: &'a Finished, key: &str) -> &'a Value {
     out.lines
         .iter()
         .find_map(|l| l.get(key))
         .unwrap_or_else(|| panic!("the script printed no `{key}`\n{}", out.describe()))
-}
-
-fn proxy_records(out: &Finished) -> Vec<&Value> {
-    out.audit.iter().filter(|r| r["layer"] == "proxy").collect()
 }
 
 /// A proxy audit record with every field of DESIGN.md and the wanted values.

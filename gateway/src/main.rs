@@ -30,6 +30,16 @@ enum Command {
         /// Run CMD as this user (name or uid); default SUDO_UID/SUDO_GID, else nobody.
         #[arg(long)]
         user: Option<String>,
+        /// Learn mode, for writing a policy: HTTP(S) requests the policy refuses because no
+        /// rule allows them (`not-allowlisted`) or because the name resolves to a private
+        /// address (`private-address`) are forwarded anyway, without any credential, and each
+        /// is recorded with verdict `would-deny`. Everything else is still refused: malformed
+        /// requests, TRACE, placeholders toward unlisted hosts, oversize bodies, clients
+        /// outside the sandbox, and every kernel-level refusal (direct connections, datagrams,
+        /// sockets), which learn mode does not relax. Read the result with
+        /// `gateway policy suggest --from LOG`.
+        #[arg(long)]
+        learn: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -63,6 +73,20 @@ enum PolicyCommand {
         /// The absolute URL, e.g. https://api.github.com/repos/acme/app.
         url: String,
     },
+    /// Write a policy that would have allowed what an audit log saw: the requests learn mode
+    /// let through (`would-deny`) and allowed, and the TCP/UDP connections the kernel refused.
+    /// For a person to review; it attaches no credential.
+    Suggest {
+        /// The audit log; its rotated files (FILE.1, FILE.2.gz, ...) are read too, oldest first.
+        #[arg(long, value_name = "AUDIT_LOG")]
+        from: PathBuf,
+        /// Only records of the sandbox with this name (required when the log holds several).
+        #[arg(long, value_name = "NAME")]
+        sandbox: Option<String>,
+        /// Write the policy here instead of to stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -82,6 +106,7 @@ fn main() -> ExitCode {
             audit_log,
             audit_max_bytes,
             user,
+            learn,
             command,
         } => run::run(run::RunArgs {
             policy,
@@ -89,6 +114,7 @@ fn main() -> ExitCode {
             audit_max_bytes,
             user,
             command,
+            learn,
         }),
         Command::Cleanup => cleanup(),
         Command::Audit(args) => audit::cli::run(args),
@@ -103,6 +129,14 @@ fn main() -> ExitCode {
                     url,
                 },
         } => Ok(explain(&policy, &method, &url)),
+        Command::Policy {
+            command:
+                PolicyCommand::Suggest {
+                    from,
+                    sandbox,
+                    output,
+                },
+        } => policy::suggest::run(&from, sandbox.as_deref(), output.as_deref()),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

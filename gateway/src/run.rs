@@ -39,6 +39,8 @@ pub struct RunArgs {
     pub audit_max_bytes: Option<u64>,
     pub user: Option<String>,
     pub command: Vec<String>,
+    /// Learn mode: the tunnel lets through what no rule allows, recorded `would-deny`.
+    pub learn: bool,
 }
 
 pub const NOT_ROOT: &str = "gateway run needs root (CAP_BPF, CAP_SYS_ADMIN): run it with sudo";
@@ -52,6 +54,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // no ptrace by same-uid processes.
     nix::sys::prctl::set_dumpable(false).context("making the gateway non-dumpable")?;
     let policy = policy::load(&args.policy)?;
+    if args.learn {
+        tracing::warn!(
+            policy = %args.policy.display(),
+            "LEARN MODE: the tunnel forwards HTTP requests this policy refuses (without any credential) and records each as `would-deny`; the kernel still refuses everything else. Never use it for real work; turn the log into a policy with `gateway policy suggest`"
+        );
+    }
     // Secrets first: a missing one is the policy author's to fix before anything is created.
     let secrets = Secrets::load(&policy)?;
     let ca = Arc::new(
@@ -96,6 +104,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             command: &args.command,
             run_state: &run_state,
             run_dir: &run_dir,
+            learn: args.learn,
         },
         audit,
         secrets,
@@ -115,6 +124,7 @@ struct Sandbox<'a> {
     command: &'a [String],
     run_state: &'a RunState,
     run_dir: &'a std::path::Path,
+    learn: bool,
 }
 
 /// The kernel's record of tunnel clients, narrowed to this sandbox's cgroup.
@@ -141,6 +151,7 @@ async fn supervise(
         command,
         run_state,
         run_dir,
+        learn,
     } = sandbox;
     let listener = tunnel::bind(policy.tunnel_listen)
         .await
@@ -196,6 +207,7 @@ async fn supervise(
             ca.clone(),
             audit.clone(),
             Box::new(clients),
+            learn,
         )
         .context("starting the tunnel")?;
         tunnel_threads = proxy
@@ -206,6 +218,7 @@ async fn supervise(
             tunnel = %tunnel_addr,
             cgroup = %cgroup.dir().display(),
             audit_log = %audit.path().display(),
+            learn,
             "sandbox ready"
         );
         let bundle = env::write_ca_bundle(run_dir, ca.pem()).context("writing the CA bundle")?;

@@ -68,6 +68,8 @@ enum LayerArg {
 enum VerdictArg {
     Deny,
     Allow,
+    /// What learn mode let through that the policy refuses.
+    WouldDeny,
     /// The gateway's own notes.
     Note,
 }
@@ -153,6 +155,28 @@ fn log_files(log: &Path) -> anyhow::Result<(Vec<PathBuf>, Vec<String>)> {
     Ok((files, names))
 }
 
+/// Hands `each` every record of `log` and its rotated files, oldest first, of the sandbox
+/// named `sandbox` (every sandbox's when `None`); truncated records are reported on stderr,
+/// any other damage is an error. Returns how many records were handed over.
+pub fn scan(
+    log: &Path,
+    sandbox: Option<&str>,
+    mut each: impl FnMut(&query::View) -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
+    let (files, names) = log_files(log)?;
+    let filter = query::Filter {
+        sandbox: sandbox.map(str::to_owned),
+        ..query::Filter::default()
+    };
+    query::for_each(
+        files::Lines::new(files),
+        &names,
+        &filter,
+        &mut io::stderr(),
+        |_, view| each(view),
+    )
+}
+
 fn read(args: ReadArgs) -> anyhow::Result<i32> {
     let log = args.log.context("--log FILE is required")?;
     let (files, names) = log_files(&log)?;
@@ -173,6 +197,7 @@ fn read(args: ReadArgs) -> anyhow::Result<i32> {
             match v {
                 VerdictArg::Deny => "deny",
                 VerdictArg::Allow => "allow",
+                VerdictArg::WouldDeny => "would-deny",
                 VerdictArg::Note => "note",
             }
             .into()

@@ -23,6 +23,7 @@ use std::{
 };
 
 use chain::{Chain, Resume};
+pub use query::View as RecordView;
 pub use record::{KernelFields, Layer, ProxyFields, Record, Verdict};
 
 /// The longest a queued record waits before the writer picks it up under load.

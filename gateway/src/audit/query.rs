@@ -22,24 +22,26 @@ pub struct Filter {
     pub sandbox: Option<String>,
 }
 
-/// The fields the table shows; everything else stays in the line for `--json`.
+/// The fields the table and `policy suggest` read; everything else stays in the line for
+/// `--json`.
 #[derive(Debug, Deserialize)]
-struct View {
-    ts: String,
-    layer: String,
-    verdict: String,
-    sandbox: Option<String>,
-    reason: Option<String>,
-    pid: Option<u64>,
-    comm: Option<String>,
-    proto: Option<String>,
-    dst: Option<String>,
-    method: Option<String>,
-    host: Option<String>,
-    port: Option<u16>,
-    path: Option<String>,
-    client: Option<String>,
-    lost: Option<u64>,
+pub struct View {
+    pub ts: String,
+    pub layer: String,
+    pub verdict: String,
+    pub sandbox: Option<String>,
+    pub reason: Option<String>,
+    pub hook: Option<String>,
+    pub pid: Option<u64>,
+    pub comm: Option<String>,
+    pub proto: Option<String>,
+    pub dst: Option<String>,
+    pub method: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub client: Option<String>,
+    pub lost: Option<u64>,
 }
 
 impl Filter {
@@ -77,6 +79,33 @@ pub fn print(
     out: &mut dyn Write,
     warn: &mut dyn Write,
 ) -> anyhow::Result<usize> {
+    let mut rows = Vec::new();
+    let matched = for_each(lines, names, filter, warn, |line, view| {
+        match format {
+            Format::Json => {
+                out.write_all(&line.bytes)?;
+                out.write_all(b"\n")?;
+            }
+            Format::Table => rows.push(row(view)),
+        }
+        Ok(())
+    })?;
+    if format == Format::Table {
+        table(&rows, out).context("writing the table")?;
+    }
+    Ok(matched)
+}
+
+/// Calls `each` with every record of `lines` that matches `filter`, in order; truncated
+/// records are reported on `warn`. A line that is no record (and not a truncated one) is an
+/// error naming FILE:LINE. Returns how many records matched.
+pub fn for_each(
+    lines: impl IntoIterator<Item = io::Result<LogLine>>,
+    names: &[String],
+    filter: &Filter,
+    warn: &mut dyn Write,
+    mut each: impl FnMut(&LogLine, &View) -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
     let loc = |l: &LogLine| {
         format!(
             "{}:{}",
@@ -84,7 +113,6 @@ pub fn print(
             l.number
         )
     };
-    let mut rows = Vec::new();
     let mut matched = 0;
     // A line that is not JSON: truncated if the next line is the chain-restarted record that
     // names it, or if it is the log's last line and was cut before its newline.
@@ -114,21 +142,12 @@ pub fn print(
             continue;
         }
         matched += 1;
-        match format {
-            Format::Json => {
-                out.write_all(&line.bytes)?;
-                out.write_all(b"\n")?;
-            }
-            Format::Table => rows.push(row(&view)),
-        }
+        each(&line, &view)?;
     }
     match pending {
         Some((at, _, false)) => writeln!(warn, "{at}: truncated record, ignored")?,
         Some((at, _, true)) => bail!("{at}: not a valid audit record (damaged or altered)"),
         None => {}
-    }
-    if format == Format::Table {
-        table(&rows, out).context("writing the table")?;
     }
     Ok(matched)
 }
@@ -330,6 +349,37 @@ mod tests {
                 ..Filter::default()
             }),
             ""
+        );
+    }
+
+    #[test]
+    fn learn_mode_records_are_shown_and_filtered() {
+        let learned = PROXY
+            .replace(r#""verdict":"allow""#, r#""verdict":"would-deny""#)
+            .replace(r#""reason":"allowlisted""#, r#""reason":"not-allowlisted""#)
+            .replace(
+                r#""rule":0,"credential":"api""#,
+                r#""rule":null,"credential":null"#,
+            );
+        let text = format!("{}{learned}\n", log());
+        let (out, _) = run(
+            &text,
+            &Filter {
+                verdict: Some("would-deny".into()),
+                ..Filter::default()
+            },
+            Format::Json,
+        )
+        .unwrap();
+        assert_eq!(out, format!("{learned}\n"));
+        let (table, _) = run(&text, &Filter::default(), Format::Table).unwrap();
+        let rows: Vec<&str> = table.lines().collect();
+        let col = |name: &str| rows[0].find(name).unwrap();
+        assert_eq!(rows[4].find("would-deny"), Some(col("VERDICT")), "{table}");
+        assert_eq!(
+            rows[4].find("not-allowlisted"),
+            Some(col("REASON")),
+            "{table}"
         );
     }
 

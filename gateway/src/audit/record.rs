@@ -11,10 +11,12 @@ pub enum Layer {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Verdict {
     Deny,
     Allow,
+    /// Learn mode let through what the policy refuses; the reason says why it would have.
+    WouldDeny,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,4 +80,17 @@ pub fn now_rfc3339() -> String {
     OffsetDateTime::now_utc()
         .format(&Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_are_written_as_design_md_names_them() {
+        let name = |v: Verdict| serde_json::to_string(&v).unwrap();
+        assert_eq!(name(Verdict::Deny), r#""deny""#);
+        assert_eq!(name(Verdict::Allow), r#""allow""#);
+        assert_eq!(name(Verdict::WouldDeny), r#""would-deny""#);
+    }
 }

@@ -4,6 +4,7 @@ pub mod explain;
 mod file;
 mod lint;
 mod ports;
+pub mod suggest;
 mod tree;
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};

@@ -1,6 +1,7 @@
 //! CONNECT: the target must have a rule; its TLS ClientHello must name the same host. Then the
 //! session is intercepted with a leaf from the local CA (rules apply per request inside), or
-//! spliced when the rule says `passthrough = true`.
+//! spliced when the rule says `passthrough = true`. In learn mode a target without a rule is
+//! intercepted too, so the method and path of every request inside are seen and recorded.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -52,10 +53,11 @@ impl Tunnel {
         };
         fields.host = Some(target.host.clone());
         fields.port = Some(target.port);
-        let Some(rule) = self.rules.for_authority(&target) else {
-            return self.refuse(StatusCode::FORBIDDEN, "not-allowlisted", client, fields);
+        let splice = match self.rules.for_authority(&target) {
+            Some(rule) => rule.spec.passthrough.then_some(rule.index),
+            None if self.learn => None,
+            None => return self.refuse(StatusCode::FORBIDDEN, "not-allowlisted", client, fields),
         };
-        let (index, passthrough) = (rule.index, rule.spec.passthrough);
         let on_upgrade = hyper::upgrade::on(req);
         let tunnel = self.clone();
         tokio::spawn(async move {
@@ -66,9 +68,7 @@ impl Tunnel {
                     return;
                 }
             };
-            tunnel
-                .tls_session(io, target, index, passthrough, client, fields)
-                .await;
+            tunnel.tls_session(io, target, splice, client, fields).await;
         });
         Response::new(
             http_body_util::Empty::<bytes::Bytes>::new()
@@ -77,12 +77,13 @@ impl Tunnel {
         )
     }
 
+    /// `splice`: the index of the passthrough rule to splice to; else the session is
+    /// intercepted.
     async fn tls_session<S>(
         self: Arc<Self>,
         mut io: S,
         target: Authority,
-        rule: usize,
-        passthrough: bool,
+        splice: Option<usize>,
         client: SocketAddr,
         mut fields: ProxyFields,
     ) where
@@ -105,7 +106,7 @@ impl Tunnel {
             self.record(Verdict::Deny, "sni-mismatch", client, fields);
             return;
         }
-        if passthrough {
+        if let Some(rule) = splice {
             let spec = self.rules.get(rule).map(|r| r.spec.clone());
             let Some(spec) = spec else { return };
             match upstream::dial_raw(&spec, &target.host, target.port).await {

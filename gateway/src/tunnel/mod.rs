@@ -68,6 +68,9 @@ pub struct Shared {
     max_request_body: Option<u64>,
     /// Upstream TLS settings, read once and shared by every worker's pools.
     upstream_tls: rustls::ClientConfig,
+    /// Learn mode (`run --learn`): what no rule allows is forwarded without a credential and
+    /// recorded `would-deny` instead of refused. Every other refusal stands.
+    learn: bool,
 }
 
 /// One worker: the shared state plus upstream connection pools of its own, so a request and
@@ -91,6 +94,7 @@ impl Tunnel {
         ca: Arc<LocalCa>,
         audit: AuditLog,
         identity: Box<dyn ClientIdentity>,
+        learn: bool,
     ) -> anyhow::Result<Self> {
         let rules = Rules::new(&policy.http)?;
         let upstream_tls = upstream::client_tls(&policy.upstream_ca)?;
@@ -106,6 +110,7 @@ impl Tunnel {
                 connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
                 max_request_body: policy.max_request_body,
                 upstream_tls,
+                learn,
             }),
             upstreams,
         })

@@ -9,12 +9,50 @@ use hyper::{
 };
 
 use super::{
-    Body, Tunnel, authority::Authority, headers, local_response, rules::Rule, upstream, websocket,
+    Body, Tunnel,
+    authority::Authority,
+    headers, local_response,
+    private::is_private,
+    rules::Rule,
+    upstream::{self, PrivateUpstream},
+    websocket,
 };
 use crate::audit::{ProxyFields, Verdict};
 
 /// What a refusal says: status, audit reason.
 struct Refusal(StatusCode, &'static str);
+
+/// The audit reason when no rule allows a request.
+const NOT_ALLOWLISTED: &str = "not-allowlisted";
+
+/// Where a request that passed every check goes.
+#[derive(Clone, Copy)]
+enum Route<'a> {
+    /// The first matching rule: its upstream pool and its credential.
+    Rule(&'a Rule),
+    /// Learn mode and no rule matched: no credential, recorded `would-deny`.
+    Learn,
+}
+
+impl<'a> Route<'a> {
+    fn credential(self) -> Option<&'a str> {
+        match self {
+            Route::Rule(rule) => rule.spec.credential.as_deref(),
+            Route::Learn => None,
+        }
+    }
+
+    /// The record of a request this route forwarded and the upstream answered.
+    fn verdict<B>(self, resp: &Response<B>) -> (Verdict, &'static str) {
+        match self {
+            Route::Rule(_) => (Verdict::Allow, "allowlisted"),
+            Route::Learn if resp.extensions().get::<PrivateUpstream>().is_some() => {
+                (Verdict::WouldDeny, "private-address")
+            }
+            Route::Learn => (Verdict::WouldDeny, NOT_ALLOWLISTED),
+        }
+    }
+}
 
 impl Tunnel {
     pub(super) async fn handle(
@@ -51,12 +89,16 @@ impl Tunnel {
             );
         }
         let this = self.clone();
-        let Some(rule) = this.rules.decide(req.method(), &target, req.uri().path()) else {
-            return self.refuse(StatusCode::FORBIDDEN, "not-allowlisted", client, fields);
+        let route = match this.rules.decide(req.method(), &target, req.uri().path()) {
+            Some(rule) => {
+                fields.rule = Some(rule.index);
+                fields.credential = rule.spec.credential.clone();
+                Route::Rule(rule)
+            }
+            None if self.learn => Route::Learn,
+            None => return self.refuse(StatusCode::FORBIDDEN, NOT_ALLOWLISTED, client, fields),
         };
-        fields.rule = Some(rule.index);
-        fields.credential = rule.spec.credential.clone();
-        self.forward(req, scheme, &target, rule, client, fields)
+        self.forward(req, scheme, &target, route, client, fields)
             .await
     }
 
@@ -65,14 +107,14 @@ impl Tunnel {
         mut req: Request<Incoming>,
         scheme: &'static str,
         target: &Authority,
-        rule: &Rule,
+        route: Route<'_>,
         client: SocketAddr,
         mut fields: ProxyFields,
     ) -> Response<Body> {
         let ws = websocket::is_request(req.headers());
         let client_upgrade = ws.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        if let Err(Refusal(status, reason)) = self.credentials(&mut parts, rule) {
+        if let Err(Refusal(status, reason)) = self.credentials(&mut parts, route.credential()) {
             return self.refuse(status, reason, client, fields);
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -104,26 +146,14 @@ impl Tunnel {
                 http_body_util::Limited::new(body, limit as usize).boxed()
             }
         };
-        let sent = self
-            .upstreams
-            .client(rule.index, ws)
-            .request(Request::from_parts(parts, body))
-            .await;
+        let upstream = match route {
+            Route::Rule(rule) => self.upstreams.client(rule.index, ws),
+            Route::Learn => self.upstreams.learn(ws),
+        };
+        let sent = upstream.request(Request::from_parts(parts, body)).await;
         let mut resp = match sent {
             Ok(r) => r,
-            Err(e) => {
-                let (status, reason) = match upstream::dial_error(&e) {
-                    Some(upstream::DialError::Private { .. }) => {
-                        (StatusCode::FORBIDDEN, "private-address")
-                    }
-                    Some(upstream::DialError::Timeout { .. }) => {
-                        (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout")
-                    }
-                    _ => (StatusCode::BAD_GATEWAY, "upstream-error"),
-                };
-                tracing::info!(host = %target, "upstream: {}", error_chain(&e));
-                return self.refuse(status, reason, client, fields);
-            }
+            Err(e) => return self.upstream_failed(&e, route, target, client, fields),
         };
         if let (Some(client_upgrade), Some(sent_headers)) = (client_upgrade, request_headers)
             && resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -136,9 +166,10 @@ impl Tunnel {
                     fields,
                 );
             }
+            let (verdict, reason) = route.verdict(&resp);
             websocket::pipe(client_upgrade, hyper::upgrade::on(&mut resp));
             fields.status = Some(101);
-            self.record(Verdict::Allow, "allowlisted", client, fields);
+            self.record(verdict, reason, client, fields);
             let (parts, _) = resp.into_parts();
             return Response::from_parts(
                 parts,
@@ -148,20 +179,54 @@ impl Tunnel {
             );
         }
         fields.status = Some(resp.status().as_u16());
-        self.record(Verdict::Allow, "allowlisted", client, fields);
+        let (verdict, reason) = route.verdict(&resp);
+        self.record(verdict, reason, client, fields);
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
         Response::from_parts(parts, body.boxed())
     }
 
-    /// Swaps placeholders and sets the rule's credential; the agent's own value for that
-    /// header is dropped.
+    /// The answer and the record when the upstream could not be reached or failed.
+    fn upstream_failed(
+        &self,
+        e: &hyper_util::client::legacy::Error,
+        route: Route<'_>,
+        target: &Authority,
+        client: SocketAddr,
+        mut fields: ProxyFields,
+    ) -> Response<Body> {
+        let dialed = upstream::dial_error(e);
+        let (status, reason) = match dialed {
+            Some(upstream::DialError::Private { .. }) => (StatusCode::FORBIDDEN, "private-address"),
+            Some(upstream::DialError::Timeout { .. }) => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout")
+            }
+            _ => (StatusCode::BAD_GATEWAY, "upstream-error"),
+        };
+        tracing::info!(host = %target, "upstream: {}", error_chain(e));
+        let Route::Learn = route else {
+            return self.refuse(status, reason, client, fields);
+        };
+        // Learn mode let the request through; that it then failed upstream is in `status`,
+        // and the author still learns that the agent wanted it.
+        let would = match dialed {
+            Some(upstream::DialError::Connect { addr, .. }) if is_private(addr.ip()) => {
+                "private-address"
+            }
+            _ => NOT_ALLOWLISTED,
+        };
+        fields.status = Some(status.as_u16());
+        self.record(Verdict::WouldDeny, would, client, fields);
+        local_response(status, reason)
+    }
+
+    /// Swaps placeholders and sets the named credential; the agent's own value for that
+    /// header is dropped. With none named, any placeholder is refused.
     fn credentials(
         &self,
         parts: &mut hyper::http::request::Parts,
-        rule: &Rule,
+        named: Option<&str>,
     ) -> Result<(), Refusal> {
-        let named = rule.spec.credential.as_deref();
         let mut uri = None;
         for secret in self.secrets.iter() {
             let Some(p) = &secret.placeholder else {

@@ -1,6 +1,7 @@
 //! Upstream connections: one pooled client per rule, dialing exactly the address that was
 //! checked (one lookup, then the private-range check, then that address), TLS by rustls with
-//! the system roots plus `[tls] upstream_ca`, HTTP/2 when the upstream offers it.
+//! the system roots plus `[tls] upstream_ca`, HTTP/2 when the upstream offers it. Learn mode
+//! adds one more client for requests no rule allows.
 
 use std::{
     future::Future,
@@ -16,7 +17,10 @@ use http_body_util::combinators::BoxBody;
 use hyper::Uri;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::{
-    client::legacy::Client,
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection},
+    },
     rt::{TokioExecutor, TokioIo},
 };
 use rustls::{ClientConfig, RootCertStore};
@@ -33,12 +37,20 @@ pub type RequestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 pub type UpstreamClient = Client<HttpsConnector<Dialer>, RequestBody>;
 
-/// The clients of every rule, by rule index.
+/// The clients of every rule, by rule index, and the learn-mode client.
 pub struct Upstreams {
     normal: Vec<UpstreamClient>,
     /// HTTP/1.1 only: upgrades (WebSocket) do not exist on an HTTP/2 connection.
     upgrade: Vec<UpstreamClient>,
+    /// For requests no rule allows, in learn mode: normal, then upgrade. Pools are keyed by
+    /// scheme and authority, so one client serves every host.
+    learn: [UpstreamClient; 2],
 }
+
+/// Found in a response's extensions when learn mode dialed a private address for it: the
+/// audit record then says `private-address`, so the suggested rule gets `private = true`.
+#[derive(Debug, Clone, Copy)]
+pub struct PrivateUpstream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
@@ -71,21 +83,18 @@ impl Upstreams {
         let mut upgrade = Vec::new();
         for rule in rules.iter() {
             let dialer = Dialer::for_rule(&rule.spec);
-            let both = HttpsConnectorBuilder::new()
-                .with_tls_config(tls.clone())
-                .https_or_http()
-                .enable_http1()
-                .enable_http2()
-                .wrap_connector(dialer.clone());
-            let h1 = HttpsConnectorBuilder::new()
-                .with_tls_config(tls.clone())
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(dialer);
-            normal.push(Client::builder(TokioExecutor::new()).build(both));
-            upgrade.push(Client::builder(TokioExecutor::new()).build(h1));
+            normal.push(client(tls, dialer.clone(), false));
+            upgrade.push(client(tls, dialer, true));
         }
-        Self { normal, upgrade }
+        let learn = Dialer {
+            connect: None,
+            private: Private::Mark,
+        };
+        Self {
+            normal,
+            upgrade,
+            learn: [client(tls, learn.clone(), false), client(tls, learn, true)],
+        }
     }
 
     pub fn client(&self, rule: usize, upgrade: bool) -> &UpstreamClient {
@@ -95,6 +104,26 @@ impl Upstreams {
             &self.normal[rule]
         }
     }
+
+    /// The client for what learn mode lets through: no `connect`, private addresses dialed
+    /// and marked with [`PrivateUpstream`].
+    pub fn learn(&self, upgrade: bool) -> &UpstreamClient {
+        &self.learn[usize::from(upgrade)]
+    }
+}
+
+/// HTTP/1.1 only for an upgrade, else HTTP/1.1 or HTTP/2 as the upstream offers by ALPN.
+fn client(tls: &ClientConfig, dialer: Dialer, upgrade: bool) -> UpstreamClient {
+    let builder = HttpsConnectorBuilder::new()
+        .with_tls_config(tls.clone())
+        .https_or_http()
+        .enable_http1();
+    let connector = if upgrade {
+        builder.wrap_connector(dialer)
+    } else {
+        builder.enable_http2().wrap_connector(dialer)
+    };
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// The upstream TLS settings: system roots plus `[tls] upstream_ca`. Read once per tunnel.
@@ -136,18 +165,33 @@ pub fn client_tls(upstream_ca: &[std::path::PathBuf]) -> anyhow::Result<ClientCo
 #[derive(Clone)]
 pub struct Dialer {
     connect: Option<SocketAddr>,
-    private: bool,
+    private: Private,
+}
+
+/// What the dialer does when a name resolves to a private address.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Private {
+    /// Refuse the request: the rule does not say `private = true`.
+    Refuse,
+    /// Dial it: the rule says `private = true`.
+    Allow,
+    /// Dial it and mark the connection (learn mode, no rule to say either way).
+    Mark,
 }
 
 impl Dialer {
     fn for_rule(rule: &HttpRule) -> Self {
         Self {
             connect: rule.connect,
-            private: rule.private,
+            private: if rule.private {
+                Private::Allow
+            } else {
+                Private::Refuse
+            },
         }
     }
 
-    async fn dial(self, uri: Uri) -> Result<TokioIo<TcpStream>, DialError> {
+    async fn dial(self, uri: Uri) -> Result<Dialed, DialError> {
         let host = uri
             .host()
             .ok_or(DialError::NoHost)?
@@ -172,7 +216,7 @@ impl Dialer {
                 if found.is_empty() {
                     return Err(DialError::NoAddress { host });
                 }
-                if !self.private {
+                if self.private == Private::Refuse {
                     // One private answer means the name is not what the rule meant.
                     if let Some(addr) = found.iter().find(|a| is_private(a.ip())) {
                         return Err(DialError::Private { host, addr: *addr });
@@ -186,7 +230,12 @@ impl Dialer {
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    return Ok(TokioIo::new(stream));
+                    let private = (self.private == Private::Mark && is_private(addr.ip()))
+                        .then_some(PrivateUpstream);
+                    return Ok(Dialed {
+                        io: TokioIo::new(stream),
+                        private,
+                    });
                 }
                 Ok(Err(source)) => last = Some(DialError::Connect { addr, source }),
                 Err(_) => last = Some(DialError::Timeout { host: host.clone() }),
@@ -196,8 +245,65 @@ impl Dialer {
     }
 }
 
+/// A dialed upstream connection; tells the client pool whether learn mode reached a private
+/// address through it.
+pub struct Dialed {
+    io: TokioIo<TcpStream>,
+    private: Option<PrivateUpstream>,
+}
+
+impl Connection for Dialed {
+    fn connected(&self) -> Connected {
+        let connected = self.io.connected();
+        match self.private {
+            Some(p) => connected.extra(p),
+            None => connected,
+        }
+    }
+}
+
+impl hyper::rt::Read for Dialed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Dialed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
 impl tower_service::Service<Uri> for Dialer {
-    type Response = TokioIo<TcpStream>;
+    type Response = Dialed;
     type Error = DialError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, DialError>> + Send>>;
 
@@ -230,7 +336,7 @@ pub async fn dial_raw(rule: &HttpRule, host: &str, port: u16) -> Result<TcpStrea
     Dialer::for_rule(rule)
         .dial(uri)
         .await
-        .map(TokioIo::into_inner)
+        .map(|d| d.io.into_inner())
 }
 
 fn bracket(host: &str) -> String {
