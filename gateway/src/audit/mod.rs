@@ -19,7 +19,7 @@ use std::{
         unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, OnceLock, mpsc},
 };
 
 use chain::{Chain, Resume};
@@ -63,7 +63,9 @@ pub enum AuditError {
 pub struct AuditLog {
     path: PathBuf,
     tx: mpsc::Sender<Queued>,
-    failed: Arc<Mutex<Option<String>>>,
+    /// The writer's first failure; every later append reports it (a log with a hole in it
+    /// must not look healthy).
+    failed: Arc<OnceLock<String>>,
 }
 
 enum Queued {
@@ -93,7 +95,7 @@ impl AuditLog {
         }
         let writer = Writer::open(path, max_bytes).map_err(open_err)?;
         let (tx, rx) = mpsc::channel();
-        let failed = Arc::new(Mutex::new(None));
+        let failed = Arc::new(OnceLock::new());
         let writer_failed = failed.clone();
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -128,7 +130,7 @@ impl AuditLog {
     }
 
     fn check(&self) -> Result<(), AuditError> {
-        match &*self.failed.lock().unwrap_or_else(|p| p.into_inner()) {
+        match self.failed.get() {
             None => Ok(()),
             Some(e) => Err(AuditError::Write {
                 path: self.path.clone(),
@@ -145,7 +147,7 @@ impl AuditLog {
     }
 }
 
-fn write_queued(mut writer: Writer, rx: &mpsc::Receiver<Queued>, failed: &Mutex<Option<String>>) {
+fn write_queued(mut writer: Writer, rx: &mpsc::Receiver<Queued>, failed: &OnceLock<String>) {
     let mut batch = Vec::new();
     let mut waiting = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -160,7 +162,7 @@ fn write_queued(mut writer: Writer, rx: &mpsc::Receiver<Queued>, failed: &Mutex<
         if !batch.is_empty() {
             if let Err(e) = writer.write(&batch) {
                 tracing::error!("cannot write the audit log: {e}");
-                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                let _ = failed.set(e.to_string());
             }
             batch.clear();
         }

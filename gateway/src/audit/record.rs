@@ -1,6 +1,8 @@
 //! One audit record, with the fields DESIGN.md lists.
 
 use serde::Serialize;
+use std::cell::RefCell;
+
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -77,14 +79,59 @@ impl Record {
 }
 
 pub fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+    rfc3339(OffsetDateTime::now_utc())
+}
+
+thread_local! {
+    /// The last whole second formatted on this thread, without its `Z`: every record of a
+    /// busy second shares it and only the fraction is written anew.
+    static SECOND: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+}
+
+/// The same text as `time`'s RFC 3339 formatting of a UTC time: the fraction has as many
+/// digits as it needs, none when it is zero.
+fn rfc3339(t: OffsetDateTime) -> String {
+    SECOND.with_borrow_mut(|(second, whole)| {
+        if *second != t.unix_timestamp() {
+            let Ok(text) = t.replace_nanosecond(0).unwrap_or(t).format(&Rfc3339) else {
+                return "1970-01-01T00:00:00Z".into();
+            };
+            *whole = text.trim_end_matches('Z').to_owned();
+            *second = t.unix_timestamp();
+        }
+        let mut out = String::with_capacity(whole.len() + 11);
+        out.push_str(whole);
+        let nanos = t.nanosecond();
+        if nanos != 0 {
+            let digits = format!("{nanos:09}");
+            out.push('.');
+            out.push_str(digits.trim_end_matches('0'));
+        }
+        out.push('Z');
+        out
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_read_as_time_writes_them() {
+        let base = OffsetDateTime::from_unix_timestamp(1_795_000_000).unwrap();
+        for nanos in [0, 1, 10, 100_000_000, 123_456_789, 999_999_999, 500_000] {
+            for offset in [0, 1, 0, 86_400] {
+                let t = (base + time::Duration::seconds(offset))
+                    .replace_nanosecond(nanos)
+                    .unwrap();
+                assert_eq!(
+                    rfc3339(t),
+                    t.format(&Rfc3339).unwrap(),
+                    "{nanos} +{offset}s"
+                );
+            }
+        }
+    }
 
     #[test]
     fn verdicts_are_written_as_design_md_names_them() {

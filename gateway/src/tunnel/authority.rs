@@ -65,6 +65,10 @@ pub fn canonical_host(host: &str) -> Option<String> {
     if is_plain_name(host) {
         return Some(host.to_owned());
     }
+    // Plain dotted-decimal (std refuses leading zeros, so no octal spelling gets here).
+    if let Ok(v4) = host.parse::<std::net::Ipv4Addr>() {
+        return Some(v4.to_string());
+    }
     if let Ok(v6) = host
         .trim_start_matches('[')
         .trim_end_matches(']')
