@@ -53,7 +53,20 @@ fn main() -> anyhow::Result<()> {
             build(&root, true)?;
             cmd::step("benchmarks");
             cmd::run(root.join("tests/bench/connect.sh").as_os_str(), &[], &root)?;
-            cmd::run(root.join("tests/bench/tunnel.sh").as_os_str(), &[], &root)
+            cmd::run(root.join("tests/bench/tunnel.sh").as_os_str(), &[], &root)?;
+            cmd::run(root.join("tests/bench/policy-scale.sh").as_os_str(), &[], &root)?;
+            cmd::cargo(
+                &[
+                    "bench",
+                    "--package",
+                    "gateway",
+                    "--bench",
+                    "policy_scale",
+                    "--bench",
+                    "audit_record",
+                ],
+                &root,
+            )
         }
     }
 }
