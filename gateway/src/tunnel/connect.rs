@@ -15,7 +15,10 @@ use super::{
     guard::Prefixed,
     upstream,
 };
-use crate::audit::{ProxyFields, Verdict};
+use crate::{
+    audit::{ProxyFields, Verdict},
+    policy::HttpRule,
+};
 
 /// A ClientHello larger than this is not a ClientHello.
 const MAX_HELLO: usize = 64 * 1024;
@@ -52,10 +55,14 @@ impl Tunnel {
         };
         fields.host = Some(target.host.clone());
         fields.port = Some(target.port);
-        let Some(rule) = self.rules.for_authority(&target) else {
+        let snapshot = self.policy.current();
+        let Some(rule) = snapshot.rules.for_authority(&target) else {
             return self.refuse(StatusCode::FORBIDDEN, "not-allowlisted", client, fields);
         };
-        let (index, passthrough) = (rule.index, rule.spec.passthrough);
+        // A splice is decided here, once; requests inside an intercepted session are each
+        // decided on their own, with the policy in force when they arrive.
+        let index = rule.index;
+        let passthrough = rule.spec.passthrough.then(|| rule.spec.clone());
         let on_upgrade = hyper::upgrade::on(req);
         let tunnel = self.clone();
         tokio::spawn(async move {
@@ -82,7 +89,7 @@ impl Tunnel {
         mut io: S,
         target: Authority,
         rule: usize,
-        passthrough: bool,
+        passthrough: Option<HttpRule>,
         client: SocketAddr,
         mut fields: ProxyFields,
     ) where
@@ -105,9 +112,7 @@ impl Tunnel {
             self.record(Verdict::Deny, "sni-mismatch", client, fields);
             return;
         }
-        if passthrough {
-            let spec = self.rules.iter().nth(rule).map(|r| r.spec.clone());
-            let Some(spec) = spec else { return };
+        if let Some(spec) = passthrough {
             match upstream::dial_raw(&spec, &target.host, target.port).await {
                 Ok(mut up) => {
                     fields.rule = Some(rule);

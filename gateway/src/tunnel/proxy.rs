@@ -9,7 +9,8 @@ use hyper::{
 };
 
 use super::{
-    Body, Tunnel, authority::Authority, headers, local_response, rules::Rule, upstream, websocket,
+    Body, Secrets, Snapshot, Tunnel, authority::Authority, headers, local_response, rules::Rule,
+    upstream, websocket,
 };
 use crate::audit::{ProxyFields, Verdict};
 
@@ -50,21 +51,31 @@ impl Tunnel {
                 fields,
             );
         }
-        let this = self.clone();
-        let Some(rule) = this.rules.decide(req.method(), &target, req.uri().path()) else {
+        // Each request decides with the policy in force when it arrives, and keeps that one
+        // snapshot to the end, whatever a reload puts in force meanwhile.
+        let snapshot = self.policy.current();
+        let Some(rule) = snapshot
+            .rules
+            .decide(req.method(), &target, req.uri().path())
+        else {
             return self.refuse(StatusCode::FORBIDDEN, "not-allowlisted", client, fields);
         };
         fields.rule = Some(rule.index);
         fields.credential = rule.spec.credential.clone();
-        self.forward(req, scheme, &target, rule, client, fields)
+        self.forward(req, scheme, &target, &snapshot, rule, client, fields)
             .await
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one request's parts, each borrowed from a different owner"
+    )]
     async fn forward(
         &self,
         mut req: Request<Incoming>,
         scheme: &'static str,
         target: &Authority,
+        snapshot: &Snapshot,
         rule: &Rule,
         client: SocketAddr,
         mut fields: ProxyFields,
@@ -72,7 +83,7 @@ impl Tunnel {
         let ws = websocket::is_request(req.headers());
         let client_upgrade = ws.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        if let Err(Refusal(status, reason)) = self.credentials(&mut parts, rule) {
+        if let Err(Refusal(status, reason)) = credentials(&snapshot.secrets, &mut parts, rule) {
             return self.refuse(status, reason, client, fields);
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -85,7 +96,7 @@ impl Tunnel {
         // The Host upstream is generated from the checked authority, never copied.
         parts.headers.remove(header::HOST);
         let request_headers = ws.then(|| parts.headers.clone());
-        let body: upstream::RequestBody = match self.max_request_body {
+        let body: upstream::RequestBody = match snapshot.max_request_body {
             None => body.map_err(Into::into).boxed(),
             Some(limit) => {
                 let declared = parts
@@ -105,8 +116,8 @@ impl Tunnel {
             }
         };
         let sent = self
-            .upstreams
-            .client(rule.index, ws)
+            .pools
+            .client(snapshot, rule.index, ws)
             .request(Request::from_parts(parts, body))
             .await;
         let mut resp = match sent {
@@ -154,75 +165,6 @@ impl Tunnel {
         Response::from_parts(parts, body.boxed())
     }
 
-    /// Swaps placeholders and sets the rule's credential; the agent's own value for that
-    /// header is dropped.
-    fn credentials(
-        &self,
-        parts: &mut hyper::http::request::Parts,
-        rule: &Rule,
-    ) -> Result<(), Refusal> {
-        let named = rule.spec.credential.as_deref();
-        let mut uri = None;
-        for secret in self.secrets.iter() {
-            let Some(p) = &secret.placeholder else {
-                continue;
-            };
-            let listed = named == Some(secret.name.as_str());
-            if uri
-                .get_or_insert_with(|| parts.uri.to_string())
-                .contains(&p.value)
-            {
-                return Err(Refusal(
-                    StatusCode::FORBIDDEN,
-                    if listed {
-                        "placeholder-in-url"
-                    } else {
-                        "placeholder-to-unlisted-host"
-                    },
-                ));
-            }
-            let carrying: Vec<_> = parts
-                .headers
-                .iter()
-                .filter(|(_, v)| contains(v, &p.value))
-                .map(|(n, _)| n.clone())
-                .collect();
-            if carrying.is_empty() {
-                continue;
-            }
-            if !listed {
-                return Err(Refusal(
-                    StatusCode::FORBIDDEN,
-                    "placeholder-to-unlisted-host",
-                ));
-            }
-            for name in carrying {
-                let values: Vec<HeaderValue> =
-                    parts.headers.get_all(&name).iter().cloned().collect();
-                parts.headers.remove(&name);
-                for v in values {
-                    let swapped = v
-                        .to_str()
-                        .ok()
-                        .and_then(|t| secret.swap_placeholder(t))
-                        .ok_or(Refusal(StatusCode::BAD_REQUEST, "bad-header"))?;
-                    parts.headers.append(name.clone(), swapped);
-                }
-            }
-        }
-        if let Some(name) = named {
-            let secret = self.secrets.get(name).ok_or(Refusal(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "unknown-credential",
-            ))?;
-            parts.headers.remove(&secret.header);
-            parts
-                .headers
-                .insert(secret.header.clone(), secret.header_value());
-        }
-        Ok(())
-    }
-
     pub(super) fn refuse(
         &self,
         status: StatusCode,
@@ -234,6 +176,74 @@ impl Tunnel {
         self.record(Verdict::Deny, reason, client, fields);
         local_response(status, reason)
     }
+}
+
+/// Swaps placeholders and sets the rule's credential; the agent's own value for that
+/// header is dropped.
+fn credentials(
+    secrets: &Secrets,
+    parts: &mut hyper::http::request::Parts,
+    rule: &Rule,
+) -> Result<(), Refusal> {
+    let named = rule.spec.credential.as_deref();
+    let mut uri = None;
+    for secret in secrets.iter() {
+        let Some(p) = &secret.placeholder else {
+            continue;
+        };
+        let listed = named == Some(secret.name.as_str());
+        if uri
+            .get_or_insert_with(|| parts.uri.to_string())
+            .contains(&p.value)
+        {
+            return Err(Refusal(
+                StatusCode::FORBIDDEN,
+                if listed {
+                    "placeholder-in-url"
+                } else {
+                    "placeholder-to-unlisted-host"
+                },
+            ));
+        }
+        let carrying: Vec<_> = parts
+            .headers
+            .iter()
+            .filter(|(_, v)| contains(v, &p.value))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if carrying.is_empty() {
+            continue;
+        }
+        if !listed {
+            return Err(Refusal(
+                StatusCode::FORBIDDEN,
+                "placeholder-to-unlisted-host",
+            ));
+        }
+        for name in carrying {
+            let values: Vec<HeaderValue> = parts.headers.get_all(&name).iter().cloned().collect();
+            parts.headers.remove(&name);
+            for v in values {
+                let swapped = v
+                    .to_str()
+                    .ok()
+                    .and_then(|t| secret.swap_placeholder(t))
+                    .ok_or(Refusal(StatusCode::BAD_REQUEST, "bad-header"))?;
+                parts.headers.append(name.clone(), swapped);
+            }
+        }
+    }
+    if let Some(name) = named {
+        let secret = secrets.get(name).ok_or(Refusal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unknown-credential",
+        ))?;
+        parts.headers.remove(&secret.header);
+        parts
+            .headers
+            .insert(secret.header.clone(), secret.header_value());
+    }
+    Ok(())
 }
 
 fn contains(v: &HeaderValue, needle: &str) -> bool {

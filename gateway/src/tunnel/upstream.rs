@@ -6,6 +6,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
+    sync::OnceLock,
     task::{Context, Poll},
     time::Duration,
 };
@@ -33,11 +34,18 @@ pub type RequestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 pub type UpstreamClient = Client<HttpsConnector<Dialer>, RequestBody>;
 
-/// The clients of every rule, by rule index.
+/// The clients of every rule, by rule index, each made on the rule's first request: a
+/// policy of thousands of rules costs nothing until they are used, at start and on reload.
 pub struct Upstreams {
-    normal: Vec<UpstreamClient>,
+    tls: ClientConfig,
+    dialers: Vec<Dialer>,
+    clients: Vec<OnceLock<RuleClients>>,
+}
+
+struct RuleClients {
+    normal: UpstreamClient,
     /// HTTP/1.1 only: upgrades (WebSocket) do not exist on an HTTP/2 connection.
-    upgrade: Vec<UpstreamClient>,
+    upgrade: UpstreamClient,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,37 +75,42 @@ pub enum DialError {
 impl Upstreams {
     /// Clients for every rule, sharing `tls` (see [`client_tls`]).
     pub fn new(rules: &Rules, tls: &ClientConfig) -> Self {
-        let mut normal = Vec::new();
-        let mut upgrade = Vec::new();
-        for rule in rules.iter() {
-            let dialer = Dialer::for_rule(&rule.spec);
+        let dialers: Vec<Dialer> = rules.iter().map(|r| Dialer::for_rule(&r.spec)).collect();
+        Self {
+            tls: tls.clone(),
+            clients: dialers.iter().map(|_| OnceLock::new()).collect(),
+            dialers,
+        }
+    }
+
+    pub fn client(&self, rule: usize, upgrade: bool) -> UpstreamClient {
+        let clients = self.clients[rule].get_or_init(|| {
+            let dialer = self.dialers[rule].clone();
             let both = HttpsConnectorBuilder::new()
-                .with_tls_config(tls.clone())
+                .with_tls_config(self.tls.clone())
                 .https_or_http()
                 .enable_http1()
                 .enable_http2()
                 .wrap_connector(dialer.clone());
             let h1 = HttpsConnectorBuilder::new()
-                .with_tls_config(tls.clone())
+                .with_tls_config(self.tls.clone())
                 .https_or_http()
                 .enable_http1()
                 .wrap_connector(dialer);
-            normal.push(Client::builder(TokioExecutor::new()).build(both));
-            upgrade.push(Client::builder(TokioExecutor::new()).build(h1));
-        }
-        Self { normal, upgrade }
-    }
-
-    pub fn client(&self, rule: usize, upgrade: bool) -> &UpstreamClient {
+            RuleClients {
+                normal: Client::builder(TokioExecutor::new()).build(both),
+                upgrade: Client::builder(TokioExecutor::new()).build(h1),
+            }
+        });
         if upgrade {
-            &self.upgrade[rule]
+            clients.upgrade.clone()
         } else {
-            &self.normal[rule]
+            clients.normal.clone()
         }
     }
 }
 
-/// The upstream TLS settings: system roots plus `[tls] upstream_ca`. Read once per tunnel.
+/// The upstream TLS settings: system roots plus `[tls] upstream_ca`. Read once per policy.
 pub fn client_tls(upstream_ca: &[std::path::PathBuf]) -> anyhow::Result<ClientConfig> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
