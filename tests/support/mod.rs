@@ -3,6 +3,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod upstream;
+
 use std::{
     io::{BufRead as _, BufReader},
     net::{TcpListener, UdpSocket},
