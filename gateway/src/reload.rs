@@ -90,6 +90,10 @@ pub struct Reloaded {
     pub network_rules: usize,
     /// From reading the file to both switches done.
     pub elapsed: Duration,
+    /// Of `elapsed`: reading and checking the file.
+    pub checked: Duration,
+    /// Of `elapsed`: filling the kernel's spare buffer while the tunnel's rules compile.
+    pub prepared: Duration,
     /// Emptying the kernel buffer the old policy was in, after the switch.
     pub cleared: Duration,
 }
@@ -130,12 +134,14 @@ impl Reloader {
             policy_file: self.path.display().to_string(),
             ..Default::default()
         };
-        let record = match self.reload() {
+        let mut record = match self.reload() {
             Ok(done) => {
                 let elapsed_ms = millis(done.elapsed);
                 tracing::info!(
                     generation = done.generation,
                     elapsed_ms,
+                    check_ms = millis(done.checked),
+                    prepare_ms = millis(done.prepared),
                     cleared_ms = millis(done.cleared),
                     "policy reloaded: {}",
                     done.summary
@@ -159,7 +165,6 @@ impl Reloader {
                 Record::new(Layer::Gateway, Verdict::Deny, &self.in_force.name, REFUSED)
             }
         };
-        let mut record = record;
         record.reload = Some(fields);
         if let Err(e) = self.audit.append(&record) {
             tracing::error!("{e}");
@@ -174,6 +179,7 @@ impl Reloader {
             tracing::warn!("{}", w.render(&self.path));
         }
         let next = checked.policy;
+        let check_done = start.elapsed();
         let restart = needs_restart(&self.in_force, &next, &self.started, |var| {
             std::env::var_os(var).is_some()
         });
@@ -181,12 +187,33 @@ impl Reloader {
             return Err(ReloadError::Restart(restart));
         }
         let secrets = Secrets::reload(&next, &self.started.placeholders)?;
-        let compiled = Compiled::new(&next)?;
-        let snapshot = Snapshot::new(&next, secrets).map_err(ReloadError::Tunnel)?;
 
-        self.maps.replace(&compiled)?;
-        let generation = self.tunnel.replace(snapshot);
+        // The kernel's spare buffer fills (system calls) while another thread compiles the
+        // tunnel's rules and reads the upstream CAs; nothing is in force until both are done.
+        let prepare = Instant::now();
+        let (filled, snapshot) = std::thread::scope(|scope| {
+            let tunnel = scope.spawn(|| Snapshot::new(&next, secrets));
+            let filled = Compiled::new(&next).and_then(|c| self.maps.fill_spare(&c));
+            let snapshot = tunnel
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("building the tunnel's rules panicked")));
+            (filled, snapshot)
+        });
+        filled?;
+        let snapshot = match snapshot {
+            Ok(s) => s,
+            Err(e) => {
+                self.maps.abandon_spare();
+                return Err(ReloadError::Tunnel(e));
+            }
+        };
+        let prepared = prepare.elapsed();
+
+        // Both switches, back to back: the kernel's (one map update), then the tunnel's.
+        self.maps.switch()?;
+        let (generation, retired) = self.tunnel.replace(snapshot);
         let elapsed = start.elapsed();
+        drop(retired);
 
         let clearing = Instant::now();
         if let Err(e) = self.maps.clear_retired() {
@@ -199,6 +226,8 @@ impl Reloader {
             http_rules: next.http.len(),
             network_rules: next.network.len(),
             elapsed,
+            checked: check_done,
+            prepared,
             cleared: clearing.elapsed(),
         };
         self.in_force = next;

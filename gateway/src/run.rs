@@ -210,7 +210,9 @@ async fn supervise(
             policy_file,
             policy.clone(),
             started,
-            enforcer.policy_maps()?,
+            enforcer
+                .policy_maps()
+                .context("the kernel policy maps were already taken")?,
             proxy.policy_handle(),
             audit.clone(),
         );

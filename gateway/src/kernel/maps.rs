@@ -134,31 +134,46 @@ impl PolicyMaps {
         })
     }
 
-    /// Puts `compiled` in force: fills the buffer not in force, then switches `ACTIVE` to it.
-    /// On an error the policy in force stays and the spare buffer is emptied again. The
-    /// buffer that was in force keeps its entries until [`PolicyMaps::clear_retired`].
+    /// Puts `compiled` in force: [`PolicyMaps::fill_spare`], then [`PolicyMaps::switch`].
     pub fn replace(&mut self, compiled: &Compiled) -> Result<(), KernelError> {
-        let next = 1 - self.in_force;
+        self.fill_spare(compiled)?;
+        self.switch()
+    }
+
+    /// Writes `compiled` into the buffer not in force; the programs do not see it yet. On an
+    /// error the spare buffer is emptied again.
+    pub fn fill_spare(&mut self, compiled: &Compiled) -> Result<(), KernelError> {
+        let spare = 1 - self.in_force;
         // Normally empty already; a failed clear of an earlier reload may have left entries.
-        self.clear(next)?;
-        if let Err(e) = self.fill(next, compiled) {
-            if let Err(cleanup) = self.clear(next) {
-                tracing::warn!("emptying the unused policy buffer: {cleanup}");
-            }
-            return Err(e);
+        self.clear(spare)?;
+        let filled = self.fill(spare, compiled);
+        if filled.is_err() {
+            self.abandon_spare();
         }
+        filled
+    }
+
+    /// Puts the spare buffer in force with one update of `ACTIVE`. The buffer that was in
+    /// force keeps its entries until [`PolicyMaps::clear_retired`].
+    pub fn switch(&mut self) -> Result<(), KernelError> {
+        let spare = 1 - self.in_force;
         if let Err(e) = self
             .active
-            .set(0, next as u32, 0)
+            .set(0, spare as u32, 0)
             .map_err(map_err("ACTIVE"))
         {
-            if let Err(cleanup) = self.clear(next) {
-                tracing::warn!("emptying the unused policy buffer: {cleanup}");
-            }
+            self.abandon_spare();
             return Err(e);
         }
-        self.in_force = next;
+        self.in_force = spare;
         Ok(())
+    }
+
+    /// Empties the spare buffer of a reload that will not happen.
+    pub fn abandon_spare(&mut self) {
+        if let Err(e) = self.clear(1 - self.in_force) {
+            tracing::warn!("emptying the unused policy buffer: {e}");
+        }
     }
 
     /// Empties the buffer that was in force before the last [`PolicyMaps::replace`]. A program

@@ -212,9 +212,9 @@ impl Enforcer {
         Ok(EventReader::new(ring, lost))
     }
 
-    /// The policy maps, for reloads; call once.
-    pub fn policy_maps(&mut self) -> Result<PolicyMaps, KernelError> {
-        self.policy.take().ok_or_else(|| missing("ACTIVE"))
+    /// The policy maps, for reloads; `None` after the first call.
+    pub fn policy_maps(&mut self) -> Option<PolicyMaps> {
+        self.policy.take()
     }
 
     /// Which sandbox made each client connection of the tunnel; call once.

@@ -51,13 +51,13 @@ impl PolicyHandle {
     }
 
     /// Puts `next` in force for every request that starts from now on; returns its
-    /// generation. Reloads come one at a time (the supervisor's SIGHUP loop), so reading the
-    /// generation and storing need no lock between them.
-    pub fn replace(&self, mut next: Snapshot) -> u64 {
+    /// generation and the snapshot it replaced (to be dropped when the caller likes: a large
+    /// one takes a while). Reloads come one at a time (the supervisor's SIGHUP loop), so
+    /// reading the generation and swapping need no lock between them.
+    pub fn replace(&self, mut next: Snapshot) -> (u64, Arc<Snapshot>) {
         next.generation = self.0.load().generation + 1;
         let generation = next.generation;
-        self.0.store(Arc::new(next));
-        generation
+        (generation, self.0.swap(Arc::new(next)))
     }
 }
 
@@ -137,13 +137,15 @@ mod tests {
     fn a_held_snapshot_survives_a_replace_and_the_next_load_sees_the_new_one() {
         let handle = PolicyHandle::new(snapshot(&["a.test"]));
         let held = handle.current();
-        assert_eq!(handle.replace(snapshot(&["a.test", "b.test"])), 1);
+        let (generation, old) = handle.replace(snapshot(&["a.test", "b.test"]));
+        assert_eq!(generation, 1);
+        assert!(Arc::ptr_eq(&old, &held));
         assert_eq!(held.generation, 0);
         assert_eq!(held.rules.iter().count(), 1);
         let now = handle.current();
         assert_eq!(now.generation, 1);
         assert_eq!(now.rules.iter().count(), 2);
-        assert_eq!(handle.replace(snapshot(&["c.test"])), 2);
+        assert_eq!(handle.replace(snapshot(&["c.test"])).0, 2);
     }
 
     #[test]
