@@ -53,7 +53,8 @@ fn main() -> anyhow::Result<()> {
             build(&root, true)?;
             cmd::step("benchmarks");
             cmd::run(root.join("tests/bench/connect.sh").as_os_str(), &[], &root)?;
-            cmd::run(root.join("tests/bench/tunnel.sh").as_os_str(), &[], &root)
+            cmd::run(root.join("tests/bench/tunnel.sh").as_os_str(), &[], &root)?;
+            cmd::run(root.join("tests/bench/reload.sh").as_os_str(), &[], &root)
         }
     }
 }
