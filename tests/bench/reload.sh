@@ -61,7 +61,7 @@ for _ in $(seq 600); do
 done
 
 notes() { grep -c '"policy_file"' "$work/audit.jsonl" 2>/dev/null || true; }
-# Reloads FILE; prints "elapsed_ms cleared_ms" of that reload.
+# Reloads FILE; prints "elapsed_ms cleared_ms check_ms prepare_ms" of that reload.
 reload() {
   local before
   before=$(notes)
@@ -76,10 +76,11 @@ reload() {
     tail -n 1 "$work/audit.jsonl" >&2
     exit 1
   fi
-  local elapsed cleared
+  local elapsed line
   elapsed=$(tail -n 1 "$work/audit.jsonl" | python3 -c 'import json,sys; print(json.load(sys.stdin)["elapsed_ms"])')
-  cleared=$(grep "policy reloaded" "$work/stderr" | tail -n 1 | sed -n 's/.*cleared_ms=\([0-9.]*\).*/\1/p')
-  echo "$elapsed $cleared"
+  line=$(grep "policy reloaded" "$work/stderr" | tail -n 1)
+  field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<< "$line"; }
+  echo "$elapsed $(field cleared_ms) $(field check_ms) $(field prepare_ms)"
 }
 
 small=()
@@ -87,11 +88,15 @@ to_large=()
 large=()
 to_small=()
 cleared_large=()
+check_large=()
+prepare_large=()
 for _ in $(seq "$rounds"); do
-  out=$(reload "$work/small.toml"); small+=("${out% *}")
-  out=$(reload "$work/large.toml"); to_large+=("${out% *}")
-  out=$(reload "$work/large.toml"); large+=("${out% *}"); cleared_large+=("${out#* }")
-  out=$(reload "$work/small.toml"); to_small+=("${out% *}")
+  # An assignment from $(...) stops the script (set -e) when a reload is refused.
+  out=$(reload "$work/small.toml"); read -r e _ <<< "$out"; small+=("$e")
+  out=$(reload "$work/large.toml"); read -r e _ <<< "$out"; to_large+=("$e")
+  out=$(reload "$work/large.toml"); read -r e c k p <<< "$out"
+  large+=("$e"); cleared_large+=("$c"); check_large+=("$k"); prepare_large+=("$p")
+  out=$(reload "$work/small.toml"); read -r e _ <<< "$out"; to_small+=("$e")
 done
 kill -TERM "$gw"
 wait "$gw" || true
@@ -103,4 +108,8 @@ echo "small -> small: ${small[*]} (median $(median "${small[@]}"))"
 echo "small -> large: ${to_large[*]} (median $(median "${to_large[@]}"))"
 echo "large -> large: ${large[*]} (median $(median "${large[@]}"))"
 echo "large -> small: ${to_small[*]} (median $(median "${to_small[@]}"))"
+echo "of large -> large, reading and checking the file: ${check_large[*]} (median $(median "${check_large[@]}"))"
+echo "of large -> large, kernel fill beside the tunnel's rules: ${prepare_large[*]} (median $(median "${prepare_large[@]}"))"
 echo "emptying the retired large buffer after the switch, ms: ${cleared_large[*]} (median $(median "${cleared_large[@]}"))"
+echo "CPU time of \`gateway policy check\` on the large file alone:"
+/usr/bin/time -f "%e s wall, %U s user, %S s system" "$work/gateway" policy check "$work/large.toml"
