@@ -112,4 +112,5 @@ echo "of large -> large, reading and checking the file: ${check_large[*]} (media
 echo "of large -> large, kernel fill beside the tunnel's rules: ${prepare_large[*]} (median $(median "${prepare_large[@]}"))"
 echo "emptying the retired large buffer after the switch, ms: ${cleared_large[*]} (median $(median "${cleared_large[@]}"))"
 echo "CPU time of \`gateway policy check\` on the large file alone:"
-/usr/bin/time -f "%e s wall, %U s user, %S s system" "$work/gateway" policy check "$work/large.toml"
+TIMEFORMAT='%R s wall, %U s user, %S s system'
+time "$work/gateway" policy check "$work/large.toml"
