@@ -9,7 +9,7 @@ mod support;
 use std::{net::TcpListener, process::Command};
 
 use serde_json::{Value, json};
-use support::*;
+use support::{upstream::*, *};
 
 const SECRET: &str = "gwtest-learn-secret-Vb7Qx2Lk9Pz4";
 /// A credential no rule names, with a placeholder in the sandbox: sent anywhere, it leaks.

@@ -15,41 +15,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use support::*;
-
-/// The credential's value: the upstream gets it, nothing else ever shows it.
-const SECRET: &str = "gwtest-secret-7Hq2xV9kLm4Rt8Zp";
-const API_CREDENTIAL: &str = "[credentials.api]\nenv = \"API_TOKEN\"\n";
-
-// ---------------------------------------------------------------------------------------
-// Upstream requests, rules, sandboxed clients (support has the certificates and servers)
-
-/// Values of one header of a logged request, by case-insensitive name.
-fn header<'a>(request: &'a Value, name: &str) -> Vec<&'a str> {
-    request["headers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
-        .filter_map(|h| h[1].as_str())
-        .collect()
-}
-
-fn all_header_values(request: &Value) -> Vec<&str> {
-    request["headers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|h| h[1].as_str())
-        .collect()
-}
-
-/// An `[[http.allow]]` rule for `host`:443 that dials the upstream on 127.0.0.1.
-fn rule(host: &str, upstream: u16, extra: &str) -> String {
-    format!(
-        "[[http.allow]]\nhost = \"{host}\"\nport = 443\nconnect = \"127.0.0.1:{upstream}\"\n{extra}\n"
-    )
-}
+use support::{upstream::*, *};
 
 /// Runs a shell script in the sandbox with the secret in the gateway's environment.
 fn sh(run: &Run, script: &str) -> Finished {

@@ -5,6 +5,10 @@
 
 /// Most port rules one CIDR entry can carry; the policy compiler refuses more.
 pub const MAX_PORT_RULES: usize = 16;
+/// Capacity of each `NET_ALLOW_n` buffer (distinct CIDRs of `[[network.allow]]`).
+pub const NET_ALLOW_ENTRIES: u32 = 131_072;
+/// Capacity of each `UNIX_ALLOW_n` buffer (`[[unix.allow]]` sockets).
+pub const UNIX_ALLOW_ENTRIES: u32 = 1024;
 /// Length of `sun_path` in `struct sockaddr_un`.
 pub const UNIX_PATH_MAX: usize = 108;
 pub const COMM_LEN: usize = 16;

@@ -10,6 +10,12 @@ use gateway_common::{COMM_LEN, Event, Hook, Reason, SandboxConfig, UNIX_PATH_MAX
 #[map]
 pub static CONFIG: Array<SandboxConfig> = Array::with_max_entries(1, 0);
 
+/// Which policy buffer (`NET_ALLOW_n` and `UNIX_ALLOW_n`) is in force. A reload fills the
+/// other buffer completely, then switches both sets at once by writing this one value; any
+/// value but 0 or 1 refuses everything.
+#[map]
+static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -20,6 +26,12 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[inline(always)]
 pub fn config() -> Option<&'static SandboxConfig> {
     CONFIG.get(0)
+}
+
+/// The policy buffer in force; read once per verdict, so one verdict never mixes two policies.
+#[inline(always)]
+pub fn active() -> Option<u32> {
+    ACTIVE.get(0).copied()
 }
 
 /// What an event says about the destination or the socket.

@@ -6,18 +6,21 @@ use aya_ebpf::{
     maps::{LpmTrie, lpm_trie::Key},
     programs::SockAddrContext,
 };
-use gateway_common::{Hook, IPPROTO_TCP, MAX_PORT_RULES, PortRules, Reason};
+use gateway_common::{Hook, IPPROTO_TCP, MAX_PORT_RULES, NET_ALLOW_ENTRIES, PortRules, Reason};
 
-use crate::event::{Target, config, emit};
+use crate::event::{Target, active, config, emit};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 
-/// `[[network.allow]]`, keyed by IPv6 (IPv4 as `::ffff:a.b.c.d`, prefix + 96).
+/// `[[network.allow]]`, keyed by IPv6 (IPv4 as `::ffff:a.b.c.d`, prefix + 96), twice: the
+/// one `ACTIVE` names is in force, the other is where a reload writes the next policy.
 #[map]
-static NET_ALLOW: LpmTrie<[u8; 16], PortRules> = LpmTrie::with_max_entries(131_072, 0);
+static NET_ALLOW_0: LpmTrie<[u8; 16], PortRules> = LpmTrie::with_max_entries(NET_ALLOW_ENTRIES, 0);
+#[map]
+static NET_ALLOW_1: LpmTrie<[u8; 16], PortRules> = LpmTrie::with_max_entries(NET_ALLOW_ENTRIES, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -188,10 +191,21 @@ fn judge(hook: Hook, family: u32, addr: [u8; 16], port: u16, protocol: u32) -> i
     DENY
 }
 
+/// The entries of the `[[network.allow]]` entry in force that covers `addr`.
+#[inline(always)]
+fn lookup(addr: &[u8; 16]) -> Option<&'static PortRules> {
+    let key = Key::new(128, *addr);
+    match active()? {
+        0 => NET_ALLOW_0.get(key),
+        1 => NET_ALLOW_1.get(key),
+        _ => None,
+    }
+}
+
 /// Does a `[[network.allow]]` entry cover this address, port and protocol?
 #[inline(always)]
 pub fn allowed_by_policy(addr: &[u8; 16], port: u16, protocol: u32) -> bool {
-    let Some(rules) = NET_ALLOW.get(Key::new(128, *addr)) else {
+    let Some(rules) = lookup(addr) else {
         return false;
     };
     let count = rules.count as usize;
@@ -212,7 +226,5 @@ pub fn allowed_by_policy(addr: &[u8; 16], port: u16, protocol: u32) -> bool {
 /// Does any `[[network.allow]]` entry cover this address, whatever the port?
 #[inline(always)]
 pub fn address_listed(addr: &[u8; 16]) -> bool {
-    NET_ALLOW
-        .get(Key::new(128, *addr))
-        .is_some_and(|rules| rules.count > 0)
+    lookup(addr).is_some_and(|rules| rules.count > 0)
 }

@@ -11,9 +11,9 @@ use aya_ebpf::{
     maps::HashMap,
     programs::SockAddrContext,
 };
-use gateway_common::{Hook, Reason, UNIX_PATH_MAX, UnixPath};
+use gateway_common::{Hook, Reason, UNIX_ALLOW_ENTRIES, UNIX_PATH_MAX, UnixPath};
 
-use crate::event::{Target, emit};
+use crate::event::{Target, active, emit};
 
 const AF_UNIX: u16 = 1;
 const ALLOW: i32 = 1;
@@ -26,8 +26,11 @@ const SUN_PATH_OFFSET: usize = 2;
 const UADDR_OFFSET: usize = 8;
 const UADDRLEN_OFFSET: usize = 32;
 
+/// `[[unix.allow]]`, twice, like `NET_ALLOW_n`: the one `ACTIVE` names is in force.
 #[map]
-static UNIX_ALLOW: HashMap<UnixPath, u8> = HashMap::with_max_entries(1024, 0);
+static UNIX_ALLOW_0: HashMap<UnixPath, u8> = HashMap::with_max_entries(UNIX_ALLOW_ENTRIES, 0);
+#[map]
+static UNIX_ALLOW_1: HashMap<UnixPath, u8> = HashMap::with_max_entries(UNIX_ALLOW_ENTRIES, 0);
 
 /// Loaded with attach type `BPF_CGROUP_UNIX_CONNECT`.
 #[cgroup_sock_addr(connect4)]
@@ -97,7 +100,11 @@ fn judge(ctx: &SockAddrContext, hook: Hook) -> i32 {
         clippy::needless_borrows_for_generic_args,
         reason = "by reference: a 112-byte copy would crowd the 512-byte BPF stack"
     )]
-    let listed = UNIX_ALLOW.get_ptr(&key).is_some();
+    let listed = match active() {
+        Some(0) => UNIX_ALLOW_0.get_ptr(&key).is_some(),
+        Some(1) => UNIX_ALLOW_1.get_ptr(&key).is_some(),
+        _ => false,
+    };
     if family == AF_UNIX && used > 0 && listed {
         return ALLOW;
     }

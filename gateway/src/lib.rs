@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod kernel;
 pub mod policy;
+pub mod reload;
 pub mod run;
 pub mod sandbox;
 pub mod tunnel;

@@ -188,22 +188,14 @@ fn check(files: &[PathBuf]) -> i32 {
     code
 }
 
-/// `3 http rules, 1 network rule, 2 credentials`, and warnings and unix sockets when any.
+/// The policy's summary, and its warnings when any.
 fn summary(checked: &policy::Checked) -> String {
-    let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
-    let p = &checked.policy;
-    let mut parts = vec![
-        count(p.http.len(), "http rule"),
-        count(p.network.len(), "network rule"),
-        count(p.credentials.len(), "credential"),
-    ];
-    if !p.unix.is_empty() {
-        parts.push(count(p.unix.len(), "unix socket"));
-    }
+    let mut summary = checked.policy.summary();
     if !checked.warnings.is_empty() {
-        parts.push(count(checked.warnings.len(), "warning"));
+        summary.push_str(", ");
+        summary.push_str(&policy::count(checked.warnings.len(), "warning"));
     }
-    parts.join(", ")
+    summary
 }
 
 fn explain(file: &std::path::Path, method: &str, url: &str) -> i32 {

@@ -13,7 +13,7 @@ use std::{
 use anyhow::Context as _;
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal as SignalStream, SignalKind, signal},
     sync::watch,
 };
 
@@ -21,6 +21,7 @@ use crate::{
     audit::{self, AuditLog},
     kernel::{self, Enforcer, TunnelClients},
     policy::{self, Policy},
+    reload::{self, Reloader, Started},
     sandbox::{
         cgroup::Cgroup,
         confine::Confinement,
@@ -100,6 +101,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let status = runtime.block_on(supervise(
         Sandbox {
             policy: &policy,
+            policy_file: &args.policy,
             user: &user,
             command: &args.command,
             run_state: &run_state,
@@ -120,6 +122,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 /// What one `run` sets up, borrowed for the life of the sandbox.
 struct Sandbox<'a> {
     policy: &'a Policy,
+    /// Read again on SIGHUP.
+    policy_file: &'a std::path::Path,
     user: &'a SandboxUser,
     command: &'a [String],
     run_state: &'a RunState,
@@ -147,12 +151,15 @@ async fn supervise(
 ) -> anyhow::Result<i32> {
     let Sandbox {
         policy,
+        policy_file,
         user,
         command,
         run_state,
         run_dir,
         learn,
     } = sandbox;
+    // Before anything exists: SIGHUP's default action would end the gateway without cleanup.
+    let mut sighup = signal(SignalKind::hangup())?;
     let listener = tunnel::bind(policy.tunnel_listen)
         .await
         .with_context(|| format!("binding the tunnel at {}", policy.tunnel_listen))?;
@@ -201,6 +208,7 @@ async fn supervise(
             stop_rx.clone(),
         )));
         let placeholders = secrets.placeholder_env();
+        let started = Started::new(policy, secrets.placeholders());
         let proxy = Tunnel::new(
             policy,
             secrets,
@@ -210,6 +218,16 @@ async fn supervise(
             learn,
         )
         .context("starting the tunnel")?;
+        let mut reloader = Reloader::new(
+            policy_file,
+            policy.clone(),
+            started,
+            enforcer
+                .policy_maps()
+                .context("the kernel policy maps were already taken")?,
+            proxy.policy_handle(),
+            audit.clone(),
+        );
         tunnel_threads = proxy
             .spawn_workers(listener, stop_rx)
             .context("starting the tunnel's threads")?;
@@ -224,7 +242,19 @@ async fn supervise(
         let bundle = env::write_ca_bundle(run_dir, ca.pem()).context("writing the CA bundle")?;
         let mut env = env::variables(tunnel_addr, &bundle);
         env.extend(placeholders);
-        launch_and_wait(policy, user, command, &cgroup, env, &audit).await
+        launch_and_wait(
+            policy,
+            Signals {
+                sighup: &mut sighup,
+                reloader: &mut reloader,
+            },
+            user,
+            command,
+            &cgroup,
+            env,
+            &audit,
+        )
+        .await
     }
     .await;
 
@@ -255,8 +285,15 @@ async fn supervise(
     Ok(status)
 }
 
+/// SIGHUP and what it does while CMD runs.
+struct Signals<'a> {
+    sighup: &'a mut SignalStream,
+    reloader: &'a mut Reloader,
+}
+
 async fn launch_and_wait(
     policy: &Policy,
+    signals: Signals<'_>,
     user: &SandboxUser,
     command: &[String],
     cgroup: &Cgroup,
@@ -266,11 +303,8 @@ async fn launch_and_wait(
     // Handlers first: a signal that arrives once CMD runs must be forwarded, not kill us.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let abstract_allowed = policy
-        .unix
-        .iter()
-        .any(|r| matches!(r, crate::policy::UnixRule::Abstract(_)));
-    let confinement = Confinement::prepare(abstract_allowed)?;
+    let Signals { sighup, reloader } = signals;
+    let confinement = Confinement::prepare(reload::lists_abstract_socket(policy))?;
     let (program, args) = command.split_first().context("no command given after --")?;
     let procs = cgroup.procs();
     let mut child = Launch {
@@ -294,6 +328,12 @@ async fn launch_and_wait(
     let status: ExitStatus = loop {
         let signal = tokio::select! {
             status = child.wait() => break status?,
+            _ = sighup.recv() => {
+                // Up to a second for a very large policy: the supervisor waits, the tunnel
+                // and the kernel event reader do not.
+                tokio::task::block_in_place(|| reloader.on_signal());
+                continue;
+            }
             _ = sigint.recv() => Signal::SIGINT,
             _ = sigterm.recv() => Signal::SIGTERM,
         };

@@ -54,7 +54,12 @@ fn main() -> anyhow::Result<()> {
             cmd::step("benchmarks");
             cmd::run(root.join("tests/bench/connect.sh").as_os_str(), &[], &root)?;
             cmd::run(root.join("tests/bench/tunnel.sh").as_os_str(), &[], &root)?;
-            cmd::run(root.join("tests/bench/policy-scale.sh").as_os_str(), &[], &root)?;
+            cmd::run(
+                root.join("tests/bench/policy-scale.sh").as_os_str(),
+                &[],
+                &root,
+            )?;
+            cmd::run(root.join("tests/bench/reload.sh").as_os_str(), &[], &root)?;
             cmd::cargo(
                 &[
                     "bench",

@@ -60,7 +60,7 @@ struct ReadArgs {
 enum LayerArg {
     Kernel,
     Proxy,
-    /// The gateway's own notes (`chain-restarted`).
+    /// The gateway's own records (policy reloads, `chain-restarted`).
     Gateway,
 }
 

@@ -24,7 +24,7 @@ use std::{
 
 use chain::{Chain, Resume};
 pub use query::View as RecordView;
-pub use record::{KernelFields, Layer, ProxyFields, Record, Verdict};
+pub use record::{KernelFields, Layer, ProxyFields, Record, ReloadFields, Verdict};
 
 /// The longest a queued record waits before the writer picks it up under load.
 const COALESCE: std::time::Duration = std::time::Duration::from_millis(1);

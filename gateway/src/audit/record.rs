@@ -10,6 +10,8 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 pub enum Layer {
     Kernel,
     Proxy,
+    /// The gateway's own notes (a reload, a restarted hash chain).
+    Gateway,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -19,6 +21,8 @@ pub enum Verdict {
     Allow,
     /// Learn mode let through what the policy refuses; the reason says why it would have.
     WouldDeny,
+    /// Something the gateway did, not a decision on traffic.
+    Note,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +36,8 @@ pub struct Record {
     pub kernel: Option<KernelFields>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<ProxyFields>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<ReloadFields>,
     /// Refusals the kernel could not report because the ring buffer was full.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<u64>,
@@ -63,6 +69,30 @@ pub struct ProxyFields {
     pub client: String,
 }
 
+/// Fields of a policy reload: what was put in force, or why nothing was.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct ReloadFields {
+    pub policy_file: String,
+    /// Reloads put in force since start (the first policy is 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// `3 http rules, 1 network rule, 2 credentials`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_rules: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_rules: Option<usize>,
+    /// Reading, checking and compiling the file, filling the kernel maps and switching both
+    /// the kernel and the tunnel to the new policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<f64>,
+    /// Why the reload was refused: `FILE:LINE:COL: message` lines as `policy check` prints
+    /// them, or what else stood in the way. Never a secret.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
 impl Record {
     pub fn new(layer: Layer, verdict: Verdict, sandbox: &str, reason: &str) -> Self {
         Self {
@@ -73,6 +103,7 @@ impl Record {
             reason: reason.to_owned(),
             kernel: None,
             proxy: None,
+            reload: None,
             lost: None,
         }
     }

@@ -1,4 +1,10 @@
-//! The policy compiled into the programs' maps.
+//! The policy compiled into the programs' maps, and replaced in them without a gap.
+//!
+//! `[[network.allow]]` and `[[unix.allow]]` live in two buffers each (`NET_ALLOW_0/1`,
+//! `UNIX_ALLOW_0/1`); the `ACTIVE` array names the one in force, and the programs read it
+//! once per verdict. A new policy is written into the other buffer completely, then one
+//! update of `ACTIVE` puts it in force, then the old buffer is emptied. At no moment do the
+//! programs see an empty set, a half-written one, or the union of two policies.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -7,20 +13,26 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
 };
 use gateway_common::{
-    IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RULES, PortRule, PortRules, SandboxConfig, UNIX_PATH_MAX,
-    UnixPath,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RULES, NET_ALLOW_ENTRIES, PortRule, PortRules,
+    SandboxConfig, UNIX_ALLOW_ENTRIES, UNIX_PATH_MAX, UnixPath,
 };
 use ipnet::IpNet;
 
 use super::{KernelError, Target};
-use crate::policy::{NetRule, Protocol, UnixRule};
+use crate::policy::{NetRule, Policy, Protocol, UnixRule};
 
-pub(super) fn fill(ebpf: &mut Ebpf, target: &Target<'_>) -> Result<(), KernelError> {
-    let map_err = |map| move |source| KernelError::Map { map, source };
+const NET_MAPS: [&str; 2] = ["NET_ALLOW_0", "NET_ALLOW_1"];
+const UNIX_MAPS: [&str; 2] = ["UNIX_ALLOW_0", "UNIX_ALLOW_1"];
 
+fn map_err(map: &'static str) -> impl Fn(MapError) -> KernelError {
+    move |source| KernelError::Map { map, source }
+}
+
+/// Writes the sandbox's identity and the tunnel's address; set once, never reloaded.
+pub(super) fn configure(ebpf: &mut Ebpf, target: &Target<'_>) -> Result<(), KernelError> {
     let mut config: Array<_, SandboxConfig> = ebpf
         .map_mut("CONFIG")
         .ok_or_else(|| super::missing("CONFIG"))?
@@ -32,28 +44,195 @@ pub(super) fn fill(ebpf: &mut Ebpf, target: &Target<'_>) -> Result<(), KernelErr
         tunnel_port: target.tunnel.port(),
         _pad: [0; 6],
     };
-    config.set(0, cfg, 0).map_err(map_err("CONFIG"))?;
+    config.set(0, cfg, 0).map_err(map_err("CONFIG"))
+}
 
-    let mut net: LpmTrie<_, [u8; 16], PortRules> = ebpf
-        .map_mut("NET_ALLOW")
-        .ok_or_else(|| super::missing("NET_ALLOW"))?
-        .try_into()
-        .map_err(map_err("NET_ALLOW"))?;
-    for (prefix_len, addr, rules) in compile_net_allow(&target.policy.network)? {
-        net.insert(&Key::new(prefix_len, addr), rules, 0)
-            .map_err(map_err("NET_ALLOW"))?;
+/// A policy's map entries, computed before any map is touched: a policy that does not fit is
+/// refused while the one in force stays.
+pub struct Compiled {
+    net: Vec<(LpmKey, PortRules)>,
+    unix: Vec<UnixPath>,
+}
+
+impl Compiled {
+    pub fn new(policy: &Policy) -> Result<Self, KernelError> {
+        let net: Vec<_> = compile_net_allow(&policy.network)?
+            .into_iter()
+            .map(|(len, addr, rules)| ((len, addr), rules))
+            .collect();
+        if net.len() > NET_ALLOW_ENTRIES as usize {
+            return Err(KernelError::Policy(format!(
+                "[[network.allow]]: {} distinct CIDRs; the kernel map holds at most \
+                 {NET_ALLOW_ENTRIES}",
+                net.len()
+            )));
+        }
+        let unix: BTreeSet<_> = policy.unix.iter().map(|r| unix_key(r).bytes).collect();
+        if unix.len() > UNIX_ALLOW_ENTRIES as usize {
+            return Err(KernelError::Policy(format!(
+                "[[unix.allow]]: {} sockets; the kernel map holds at most {UNIX_ALLOW_ENTRIES}",
+                unix.len()
+            )));
+        }
+        let unix = unix
+            .into_iter()
+            .map(|bytes| UnixPath {
+                bytes,
+                _pad: [0; 4],
+            })
+            .collect();
+        Ok(Self { net, unix })
+    }
+}
+
+/// The two buffers of each policy map and the switch between them.
+pub struct PolicyMaps {
+    net: [LpmTrie<MapData, [u8; 16], PortRules>; 2],
+    unix: [HashMap<MapData, UnixPath, u8>; 2],
+    active: Array<MapData, u32>,
+    /// The buffer `ACTIVE` names.
+    in_force: usize,
+    /// What was written to each buffer, so emptying one deletes by key.
+    written: [Written; 2],
+}
+
+#[derive(Default)]
+struct Written {
+    net: Vec<LpmKey>,
+    unix: Vec<UnixPath>,
+}
+
+impl PolicyMaps {
+    /// Takes the maps out of `ebpf`; every program that reads them must be loaded by now.
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| super::missing(name))
+                .map(|m| (name, m))
+        };
+        let net = |(name, m)| LpmTrie::try_from(m).map_err(map_err(name));
+        let unix = |(name, m)| HashMap::try_from(m).map_err(map_err(name));
+        let net = [net(take(NET_MAPS[0])?)?, net(take(NET_MAPS[1])?)?];
+        let unix = [unix(take(UNIX_MAPS[0])?)?, unix(take(UNIX_MAPS[1])?)?];
+        let (_, active) = take("ACTIVE")?;
+        let active: Array<_, u32> = Array::try_from(active).map_err(map_err("ACTIVE"))?;
+        let in_force = match active.get(&0, 0).map_err(map_err("ACTIVE"))? {
+            0 => 0,
+            1 => 1,
+            other => {
+                return Err(KernelError::Policy(format!(
+                    "the ACTIVE map holds {other}, not a policy buffer"
+                )));
+            }
+        };
+        Ok(Self {
+            net,
+            unix,
+            active,
+            in_force,
+            written: Default::default(),
+        })
     }
 
-    let mut unix: HashMap<_, UnixPath, u8> = ebpf
-        .map_mut("UNIX_ALLOW")
-        .ok_or_else(|| super::missing("UNIX_ALLOW"))?
-        .try_into()
-        .map_err(map_err("UNIX_ALLOW"))?;
-    for rule in &target.policy.unix {
-        unix.insert(unix_key(rule), 1, 0)
-            .map_err(map_err("UNIX_ALLOW"))?;
+    /// Puts `compiled` in force: [`PolicyMaps::fill_spare`], then [`PolicyMaps::switch`].
+    pub fn replace(&mut self, compiled: &Compiled) -> Result<(), KernelError> {
+        self.fill_spare(compiled)?;
+        self.switch()
     }
-    Ok(())
+
+    /// Writes `compiled` into the buffer not in force; the programs do not see it yet. On an
+    /// error the spare buffer is emptied again.
+    pub fn fill_spare(&mut self, compiled: &Compiled) -> Result<(), KernelError> {
+        let spare = 1 - self.in_force;
+        // Normally empty already; a failed clear of an earlier reload may have left entries.
+        self.clear(spare)?;
+        let filled = self.fill(spare, compiled);
+        if filled.is_err() {
+            self.abandon_spare();
+        }
+        filled
+    }
+
+    /// Puts the spare buffer in force with one update of `ACTIVE`. The buffer that was in
+    /// force keeps its entries until [`PolicyMaps::clear_retired`].
+    pub fn switch(&mut self) -> Result<(), KernelError> {
+        let spare = 1 - self.in_force;
+        if let Err(e) = self
+            .active
+            .set(0, spare as u32, 0)
+            .map_err(map_err("ACTIVE"))
+        {
+            self.abandon_spare();
+            return Err(e);
+        }
+        self.in_force = spare;
+        Ok(())
+    }
+
+    /// Empties the spare buffer of a reload that will not happen.
+    pub fn abandon_spare(&mut self) {
+        if let Err(e) = self.clear(1 - self.in_force) {
+            tracing::warn!("emptying the unused policy buffer: {e}");
+        }
+    }
+
+    /// Empties the buffer that was in force before the last [`PolicyMaps::replace`]. A program
+    /// that read `ACTIVE` just before the switch may still be looking it up: it finds a subset
+    /// of the old policy, so it can only refuse more, never allow more.
+    pub fn clear_retired(&mut self) -> Result<(), KernelError> {
+        self.clear(1 - self.in_force)
+    }
+
+    fn fill(&mut self, buffer: usize, compiled: &Compiled) -> Result<(), KernelError> {
+        let written = &mut self.written[buffer];
+        for &((len, addr), rules) in &compiled.net {
+            self.net[buffer]
+                .insert(&Key::new(len, addr), rules, 0)
+                .map_err(map_err(NET_MAPS[buffer]))?;
+            written.net.push((len, addr));
+        }
+        for key in &compiled.unix {
+            self.unix[buffer]
+                .insert(key, 1, 0)
+                .map_err(map_err(UNIX_MAPS[buffer]))?;
+            written.unix.push(*key);
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self, buffer: usize) -> Result<(), KernelError> {
+        let written = std::mem::take(&mut self.written[buffer]);
+        let net = &mut self.net[buffer];
+        for (len, addr) in written.net {
+            match net.remove(&Key::new(len, addr)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(NET_MAPS[buffer])(e)),
+            }
+        }
+        // The buffer must end empty, whatever the bookkeeping says.
+        let stray: Vec<Key<[u8; 16]>> = net
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(NET_MAPS[buffer]))?;
+        for key in stray {
+            net.remove(&key).map_err(map_err(NET_MAPS[buffer]))?;
+        }
+        let unix = &mut self.unix[buffer];
+        for key in written.unix {
+            match unix.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(UNIX_MAPS[buffer])(e)),
+            }
+        }
+        let stray: Vec<UnixPath> = unix
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(UNIX_MAPS[buffer]))?;
+        for key in stray {
+            unix.remove(&key).map_err(map_err(UNIX_MAPS[buffer]))?;
+        }
+        Ok(())
+    }
 }
 
 /// `sun_path` as the unix programs see it: a path up to its NUL, an abstract name after its
@@ -111,10 +290,12 @@ pub fn compile_net_allow(
             set.insert((proto, p.first, p.last));
         }
     }
+    // Only lengths that occur can cover anything: a policy of many /32s folds in one step.
+    let lengths: BTreeSet<u32> = own.keys().map(|&(len, _)| len).collect();
     let mut out = Vec::with_capacity(own.len());
     for &(len, addr) in own.keys() {
         let mut merged = BTreeSet::new();
-        for shorter in 0..=len {
+        for &shorter in lengths.range(..=len) {
             if let Some(set) = own.get(&(shorter, truncate(addr, shorter))) {
                 merged.extend(set.iter().copied());
             }

@@ -23,6 +23,7 @@ use aya::{
 
 pub use clients::TunnelClients;
 pub use events::EventReader;
+pub use maps::{Compiled, PolicyMaps};
 
 use crate::policy::Policy;
 
@@ -123,16 +124,19 @@ pub struct Enforcer {
     ebpf: Ebpf,
     links: Vec<PinnedLink>,
     pin_dir: PathBuf,
+    policy: Option<PolicyMaps>,
 }
 
 impl Enforcer {
     pub fn attach(target: &Target<'_>) -> Result<Self, KernelError> {
+        let compiled = Compiled::new(target.policy)?;
         let mut ebpf = EbpfLoader::new().load(OBJECT)?;
-        maps::fill(&mut ebpf, target)?;
+        maps::configure(&mut ebpf, target)?;
         let mut enforcer = Self {
             ebpf,
             links: Vec::new(),
             pin_dir: target.pin_dir.to_owned(),
+            policy: None,
         };
         std::fs::create_dir_all(target.pin_dir).map_err(|source| KernelError::Io {
             path: target.pin_dir.to_owned(),
@@ -145,6 +149,12 @@ impl Enforcer {
         enforcer.attach_cgroup_programs(&cgroup)?;
         let unix_links = unix::attach(&enforcer.ebpf, &cgroup, target.pin_dir)?;
         enforcer.links.extend(unix_links);
+        // The cgroup is still empty: until this fill nothing runs there to find the maps
+        // empty, and empty refuses everything anyway.
+        let mut policy = PolicyMaps::take(&mut enforcer.ebpf)?;
+        policy.replace(&compiled)?;
+        policy.clear_retired()?;
+        enforcer.policy = Some(policy);
         Ok(enforcer)
     }
 
@@ -200,6 +210,11 @@ impl Enforcer {
                 source,
             })?;
         Ok(EventReader::new(ring, lost))
+    }
+
+    /// The policy maps, for reloads; `None` after the first call.
+    pub fn policy_maps(&mut self) -> Option<PolicyMaps> {
+        self.policy.take()
     }
 
     /// Which sandbox made each client connection of the tunnel; call once.

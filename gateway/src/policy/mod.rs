@@ -11,6 +11,8 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use ipnet::IpNet;
 
+#[cfg(test)]
+pub use file::parse;
 pub use file::{Checked, PolicyError, check, check_text, load};
 pub use ports::PortRange;
 
@@ -99,7 +101,25 @@ pub struct Credential {
     pub placeholder: Option<String>,
 }
 
+/// `3 http rules` or `1 network rule`.
+pub fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 impl Policy {
+    /// `3 http rules, 1 network rule, 2 credentials`, and unix sockets when any.
+    pub fn summary(&self) -> String {
+        let mut parts = vec![
+            count(self.http.len(), "http rule"),
+            count(self.network.len(), "network rule"),
+            count(self.credentials.len(), "credential"),
+        ];
+        if !self.unix.is_empty() {
+            parts.push(count(self.unix.len(), "unix socket"));
+        }
+        parts.join(", ")
+    }
+
     /// Environment variables that hold secrets; `run` removes them from CMD's environment.
     pub fn secret_env_vars(&self) -> impl Iterator<Item = &str> {
         self.credentials.values().filter_map(|c| match &c.source {

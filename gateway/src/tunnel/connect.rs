@@ -16,7 +16,10 @@ use super::{
     guard::Prefixed,
     upstream,
 };
-use crate::audit::{ProxyFields, Verdict};
+use crate::{
+    audit::{ProxyFields, Verdict},
+    policy::HttpRule,
+};
 
 /// A ClientHello larger than this is not a ClientHello.
 const MAX_HELLO: usize = 64 * 1024;
@@ -53,8 +56,14 @@ impl Tunnel {
         };
         fields.host = Some(target.host.clone());
         fields.port = Some(target.port);
-        let splice = match self.rules.for_authority(&target) {
-            Some(rule) => rule.spec.passthrough.then_some(rule.index),
+        let snapshot = self.policy.current();
+        // A splice is decided here, once; requests inside an intercepted session are each
+        // decided on their own, with the policy in force when they arrive.
+        let splice = match snapshot.rules.for_authority(&target) {
+            Some(rule) => rule
+                .spec
+                .passthrough
+                .then(|| (rule.index, rule.spec.clone())),
             None if self.learn => None,
             None => return self.refuse(StatusCode::FORBIDDEN, "not-allowlisted", client, fields),
         };
@@ -77,13 +86,13 @@ impl Tunnel {
         )
     }
 
-    /// `splice`: the index of the passthrough rule to splice to; else the session is
+    /// `splice`: the passthrough rule (index and spec) to splice to; else the session is
     /// intercepted.
     async fn tls_session<S>(
         self: Arc<Self>,
         mut io: S,
         target: Authority,
-        splice: Option<usize>,
+        splice: Option<(usize, HttpRule)>,
         client: SocketAddr,
         mut fields: ProxyFields,
     ) where
@@ -106,9 +115,7 @@ impl Tunnel {
             self.record(Verdict::Deny, "sni-mismatch", client, fields);
             return;
         }
-        if let Some(rule) = splice {
-            let spec = self.rules.get(rule).map(|r| r.spec.clone());
-            let Some(spec) = spec else { return };
+        if let Some((rule, spec)) = splice {
             match upstream::dial_raw(&spec, &target.host, target.port).await {
                 Ok(mut up) => {
                     fields.rule = Some(rule);

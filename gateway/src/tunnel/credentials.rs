@@ -1,5 +1,5 @@
-//! Secrets, read once at start, attached at the boundary, never printed. Placeholders stand in
-//! for them inside the sandbox.
+//! Secrets, read at start and on each reload, attached at the boundary, never printed.
+//! Placeholders stand in for them inside the sandbox.
 
 use std::{collections::BTreeMap, fmt};
 
@@ -20,6 +20,7 @@ pub struct Secret {
     pub placeholder: Option<Placeholder>,
 }
 
+#[derive(Clone)]
 pub struct Placeholder {
     /// The sandbox's environment variable that holds it.
     pub var: String,
@@ -49,6 +50,10 @@ pub enum CredentialError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "credential `{name}` sets placeholder ${var}, which the sandbox's environment does not have: placeholder credentials cannot be added by reload: restart the sandbox"
+    )]
+    PlaceholderAdded { name: String, var: String },
     #[error("credential `{name}`: the secret is empty")]
     Empty { name: String },
     #[error(
@@ -59,6 +64,11 @@ pub enum CredentialError {
 
 pub struct Secrets(BTreeMap<String, Secret>);
 
+/// The placeholders exported into the sandbox's environment at start, by credential name.
+/// That environment cannot change, so these are the only placeholders a reload may use.
+#[derive(Clone, Default)]
+pub struct Placeholders(BTreeMap<String, Placeholder>);
+
 impl Secrets {
     pub fn load(policy: &Policy) -> Result<Self, CredentialError> {
         let mut out = BTreeMap::new();
@@ -66,6 +76,41 @@ impl Secrets {
             out.insert(name.clone(), load_one(name, cred)?);
         }
         Ok(Self(out))
+    }
+
+    /// Reads every secret of `policy` again (environment, files) for a reload. A credential
+    /// keeps the placeholder it was started with; one whose placeholder the sandbox was not
+    /// started with is refused.
+    pub fn reload(policy: &Policy, started: &Placeholders) -> Result<Self, CredentialError> {
+        let mut out = BTreeMap::new();
+        for (name, cred) in &policy.credentials {
+            let kept = match &cred.placeholder {
+                None => None,
+                Some(var) => match started.0.get(name) {
+                    Some(p) if p.var == *var => Some(p.clone()),
+                    _ => {
+                        return Err(CredentialError::PlaceholderAdded {
+                            name: name.clone(),
+                            var: var.clone(),
+                        });
+                    }
+                },
+            };
+            let mut secret = load_one(name, cred)?;
+            secret.placeholder = kept;
+            out.insert(name.clone(), secret);
+        }
+        Ok(Self(out))
+    }
+
+    /// The placeholders these secrets export, to hand to later reloads.
+    pub fn placeholders(&self) -> Placeholders {
+        Placeholders(
+            self.0
+                .iter()
+                .filter_map(|(name, s)| Some((name.clone(), s.placeholder.clone()?)))
+                .collect(),
+        )
     }
 
     pub fn get(&self, name: &str) -> Option<&Secret> {
@@ -161,4 +206,119 @@ fn new_placeholder(name: &str) -> String {
     rand::thread_rng().fill_bytes(&mut bytes);
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!("gateway-placeholder-{name}-{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Credential, DEFAULT_LISTEN};
+
+    fn policy(credentials: &[(&str, &str, Option<&str>)]) -> Policy {
+        Policy {
+            name: "t".into(),
+            tunnel_listen: DEFAULT_LISTEN.parse().unwrap(),
+            max_request_body: None,
+            network: Vec::new(),
+            unix: Vec::new(),
+            http: Vec::new(),
+            credentials: credentials
+                .iter()
+                .map(|(name, file, placeholder)| {
+                    (
+                        name.to_string(),
+                        Credential {
+                            source: SecretSource::File(file.into()),
+                            header: "Authorization".into(),
+                            format: "Bearer {secret}".into(),
+                            basic_user: None,
+                            placeholder: placeholder.map(str::to_owned),
+                        },
+                    )
+                })
+                .collect(),
+            upstream_ca: Vec::new(),
+        }
+    }
+
+    fn secret_file(name: &str, value: &str) -> String {
+        let path = std::env::temp_dir().join(format!(
+            "gateway-credentials-test-{}-{name}",
+            std::process::id()
+        ));
+        std::fs::write(&path, value).unwrap();
+        path.to_str().unwrap().to_owned()
+    }
+
+    fn placeholder(s: &Secrets, name: &str) -> Option<(String, String)> {
+        s.get(name)?
+            .placeholder
+            .as_ref()
+            .map(|p| (p.var.clone(), p.value.clone()))
+    }
+
+    #[test]
+    fn a_reload_keeps_each_placeholder_and_reads_the_secret_again() {
+        let file = secret_file("keep", "first");
+        let started = Secrets::load(&policy(&[("api", &file, Some("API_PH"))])).unwrap();
+        let before = placeholder(&started, "api").unwrap();
+        assert!(before.1.starts_with("gateway-placeholder-api-"));
+
+        std::fs::write(&file, "second").unwrap();
+        let reloaded = Secrets::reload(
+            &policy(&[("api", &file, Some("API_PH")), ("plain", &file, None)]),
+            &started.placeholders(),
+        )
+        .unwrap();
+        assert_eq!(placeholder(&reloaded, "api"), Some(before.clone()));
+        assert_eq!(placeholder(&reloaded, "plain"), None);
+        let swapped = reloaded
+            .get("api")
+            .unwrap()
+            .swap_placeholder(&format!("Bearer {}", before.1))
+            .unwrap();
+        assert_eq!(swapped.to_str().unwrap(), "Bearer second");
+        let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn a_reload_cannot_add_a_placeholder() {
+        let file = secret_file("add", "s3cret-value");
+        let started = Secrets::load(&policy(&[("api", &file, None)])).unwrap();
+        for (creds, name) in [
+            // A new credential with a placeholder.
+            (
+                vec![("api", file.as_str(), None), ("new", &file, Some("NEW_PH"))],
+                "new",
+            ),
+            // An existing credential that gains one.
+            (vec![("api", file.as_str(), Some("API_PH"))], "api"),
+        ] {
+            let err = Secrets::reload(&policy(&creds), &started.placeholders())
+                .err()
+                .expect("refused");
+            let text = err.to_string();
+            assert!(
+                matches!(err, CredentialError::PlaceholderAdded { .. }),
+                "{text}"
+            );
+            assert!(text.contains(&format!("`{name}`")), "{text}");
+            assert!(
+                text.contains(
+                    "placeholder credentials cannot be added by reload: restart the sandbox"
+                ),
+                "{text}"
+            );
+            assert!(!text.contains("s3cret-value"), "{text}");
+        }
+        // Another variable for a placeholder the sandbox has is a new one too.
+        let with = Secrets::load(&policy(&[("api", &file, Some("API_PH"))])).unwrap();
+        assert!(
+            Secrets::reload(
+                &policy(&[("api", &file, Some("OTHER_PH"))]),
+                &with.placeholders()
+            )
+            .is_err()
+        );
+        let _ = std::fs::remove_file(&file);
+    }
 }

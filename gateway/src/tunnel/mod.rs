@@ -11,6 +11,7 @@ pub(crate) mod headers;
 pub(crate) mod private;
 mod proxy;
 pub mod rules;
+mod snapshot;
 mod upstream;
 mod websocket;
 
@@ -27,9 +28,10 @@ use tokio::{
 };
 
 pub use ca::{LocalCa, state_dir};
-pub use credentials::{CredentialError, Secrets};
+pub use credentials::{CredentialError, Placeholders, Secrets};
+pub use snapshot::{PolicyHandle, Snapshot};
 
-use self::{authority::Authority, guard::HeadGuard, rules::Rules, upstream::Upstreams};
+use self::{authority::Authority, guard::HeadGuard, snapshot::WorkerPools};
 use crate::{
     audit::{AuditLog, Layer, ProxyFields, Record, Verdict},
     policy::Policy,
@@ -59,15 +61,12 @@ type Accepted = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
 /// What every worker thread of the tunnel shares.
 pub struct Shared {
     sandbox: String,
-    rules: Rules,
-    secrets: Secrets,
+    /// Rules, secrets and upstream settings: replaced whole by a reload.
+    policy: PolicyHandle,
     ca: Arc<LocalCa>,
     audit: AuditLog,
     identity: Box<dyn ClientIdentity>,
     connections: Arc<Semaphore>,
-    max_request_body: Option<u64>,
-    /// Upstream TLS settings, read once and shared by every worker's pools.
-    upstream_tls: rustls::ClientConfig,
     /// Learn mode (`run --learn`): what no rule allows is forwarded without a credential and
     /// recorded `would-deny` instead of refused. Every other refusal stands.
     learn: bool,
@@ -77,7 +76,7 @@ pub struct Shared {
 /// the pooled connection it uses are driven by the same thread (no cross-thread wakeups).
 pub struct Tunnel {
     shared: Arc<Shared>,
-    upstreams: Upstreams,
+    pools: WorkerPools,
 }
 
 impl std::ops::Deref for Tunnel {
@@ -96,30 +95,31 @@ impl Tunnel {
         identity: Box<dyn ClientIdentity>,
         learn: bool,
     ) -> anyhow::Result<Self> {
-        let rules = Rules::new(&policy.http)?;
-        let upstream_tls = upstream::client_tls(&policy.upstream_ca)?;
-        let upstreams = Upstreams::new(&rules, &upstream_tls);
+        let snapshot = Snapshot::new(policy, secrets)?;
+        let pools = WorkerPools::new(&snapshot);
         Ok(Self {
             shared: Arc::new(Shared {
                 sandbox: policy.name.clone(),
-                rules,
-                secrets,
+                policy: PolicyHandle::new(snapshot),
                 ca,
                 audit,
                 identity,
                 connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-                max_request_body: policy.max_request_body,
-                upstream_tls,
                 learn,
             }),
-            upstreams,
+            pools,
         })
+    }
+
+    /// Where a reload puts the next snapshot.
+    pub fn policy_handle(&self) -> PolicyHandle {
+        self.policy.clone()
     }
 
     fn worker(&self) -> Self {
         Self {
             shared: self.shared.clone(),
-            upstreams: Upstreams::new(&self.rules, &self.upstream_tls),
+            pools: WorkerPools::new(&self.policy.current()),
         }
     }
 

@@ -9,7 +9,7 @@ use hyper::{
 };
 
 use super::{
-    Body, Tunnel,
+    Body, Secrets, Snapshot, Tunnel,
     authority::Authority,
     headers, local_response,
     private::is_private,
@@ -88,8 +88,13 @@ impl Tunnel {
                 fields,
             );
         }
-        let this = self.clone();
-        let route = match this.rules.decide(req.method(), &target, req.uri().path()) {
+        // Each request decides with the policy in force when it arrives, and keeps that one
+        // snapshot to the end, whatever a reload puts in force meanwhile.
+        let snapshot = self.policy.current();
+        let route = match snapshot
+            .rules
+            .decide(req.method(), &target, req.uri().path())
+        {
             Some(rule) => {
                 fields.rule = Some(rule.index);
                 fields.credential = rule.spec.credential.clone();
@@ -98,15 +103,20 @@ impl Tunnel {
             None if self.learn => Route::Learn,
             None => return self.refuse(StatusCode::FORBIDDEN, NOT_ALLOWLISTED, client, fields),
         };
-        self.forward(req, scheme, &target, route, client, fields)
+        self.forward(req, scheme, &target, &snapshot, route, client, fields)
             .await
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one request's parts, each borrowed from a different owner"
+    )]
     async fn forward(
         &self,
         mut req: Request<Incoming>,
         scheme: &'static str,
         target: &Authority,
+        snapshot: &Snapshot,
         route: Route<'_>,
         client: SocketAddr,
         mut fields: ProxyFields,
@@ -114,7 +124,9 @@ impl Tunnel {
         let ws = websocket::is_request(req.headers());
         let client_upgrade = ws.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        if let Err(Refusal(status, reason)) = self.credentials(&mut parts, route.credential()) {
+        if let Err(Refusal(status, reason)) =
+            credentials(&snapshot.secrets, &mut parts, route.credential())
+        {
             return self.refuse(status, reason, client, fields);
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -127,7 +139,7 @@ impl Tunnel {
         // The Host upstream is generated from the checked authority, never copied.
         parts.headers.remove(header::HOST);
         let request_headers = ws.then(|| parts.headers.clone());
-        let body: upstream::RequestBody = match self.max_request_body {
+        let body: upstream::RequestBody = match snapshot.max_request_body {
             None => body.map_err(Into::into).boxed(),
             Some(limit) => {
                 let declared = parts
@@ -146,11 +158,15 @@ impl Tunnel {
                 http_body_util::Limited::new(body, limit as usize).boxed()
             }
         };
-        let upstream = match route {
-            Route::Rule(rule) => self.upstreams.client(rule.index, ws),
-            Route::Learn => self.upstreams.learn(ws),
+        let rule = match route {
+            Route::Rule(rule) => Some(rule.index),
+            Route::Learn => None,
         };
-        let sent = upstream.request(Request::from_parts(parts, body)).await;
+        let sent = self
+            .pools
+            .client(snapshot, rule, ws)
+            .request(Request::from_parts(parts, body))
+            .await;
         let mut resp = match sent {
             Ok(r) => r,
             Err(e) => return self.upstream_failed(&e, route, target, client, fields),
@@ -220,74 +236,6 @@ impl Tunnel {
         local_response(status, reason)
     }
 
-    /// Swaps placeholders and sets the named credential; the agent's own value for that
-    /// header is dropped. With none named, any placeholder is refused.
-    fn credentials(
-        &self,
-        parts: &mut hyper::http::request::Parts,
-        named: Option<&str>,
-    ) -> Result<(), Refusal> {
-        let mut uri = None;
-        for secret in self.secrets.iter() {
-            let Some(p) = &secret.placeholder else {
-                continue;
-            };
-            let listed = named == Some(secret.name.as_str());
-            if uri
-                .get_or_insert_with(|| parts.uri.to_string())
-                .contains(&p.value)
-            {
-                return Err(Refusal(
-                    StatusCode::FORBIDDEN,
-                    if listed {
-                        "placeholder-in-url"
-                    } else {
-                        "placeholder-to-unlisted-host"
-                    },
-                ));
-            }
-            let carrying: Vec<_> = parts
-                .headers
-                .iter()
-                .filter(|(_, v)| contains(v, &p.value))
-                .map(|(n, _)| n.clone())
-                .collect();
-            if carrying.is_empty() {
-                continue;
-            }
-            if !listed {
-                return Err(Refusal(
-                    StatusCode::FORBIDDEN,
-                    "placeholder-to-unlisted-host",
-                ));
-            }
-            for name in carrying {
-                let values: Vec<HeaderValue> =
-                    parts.headers.get_all(&name).iter().cloned().collect();
-                parts.headers.remove(&name);
-                for v in values {
-                    let swapped = v
-                        .to_str()
-                        .ok()
-                        .and_then(|t| secret.swap_placeholder(t))
-                        .ok_or(Refusal(StatusCode::BAD_REQUEST, "bad-header"))?;
-                    parts.headers.append(name.clone(), swapped);
-                }
-            }
-        }
-        if let Some(name) = named {
-            let secret = self.secrets.get(name).ok_or(Refusal(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "unknown-credential",
-            ))?;
-            parts.headers.remove(&secret.header);
-            parts
-                .headers
-                .insert(secret.header.clone(), secret.header_value());
-        }
-        Ok(())
-    }
-
     pub(super) fn refuse(
         &self,
         status: StatusCode,
@@ -299,6 +247,73 @@ impl Tunnel {
         self.record(Verdict::Deny, reason, client, fields);
         local_response(status, reason)
     }
+}
+
+/// Swaps placeholders and sets the named credential; the agent's own value for that header
+/// is dropped. With none named, any placeholder is refused.
+fn credentials(
+    secrets: &Secrets,
+    parts: &mut hyper::http::request::Parts,
+    named: Option<&str>,
+) -> Result<(), Refusal> {
+    let mut uri = None;
+    for secret in secrets.iter() {
+        let Some(p) = &secret.placeholder else {
+            continue;
+        };
+        let listed = named == Some(secret.name.as_str());
+        if uri
+            .get_or_insert_with(|| parts.uri.to_string())
+            .contains(&p.value)
+        {
+            return Err(Refusal(
+                StatusCode::FORBIDDEN,
+                if listed {
+                    "placeholder-in-url"
+                } else {
+                    "placeholder-to-unlisted-host"
+                },
+            ));
+        }
+        let carrying: Vec<_> = parts
+            .headers
+            .iter()
+            .filter(|(_, v)| contains(v, &p.value))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if carrying.is_empty() {
+            continue;
+        }
+        if !listed {
+            return Err(Refusal(
+                StatusCode::FORBIDDEN,
+                "placeholder-to-unlisted-host",
+            ));
+        }
+        for name in carrying {
+            let values: Vec<HeaderValue> = parts.headers.get_all(&name).iter().cloned().collect();
+            parts.headers.remove(&name);
+            for v in values {
+                let swapped = v
+                    .to_str()
+                    .ok()
+                    .and_then(|t| secret.swap_placeholder(t))
+                    .ok_or(Refusal(StatusCode::BAD_REQUEST, "bad-header"))?;
+                parts.headers.append(name.clone(), swapped);
+            }
+        }
+    }
+    if let Some(name) = named {
+        let secret = secrets.get(name).ok_or(Refusal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unknown-credential",
+        ))?;
+        parts.headers.remove(&secret.header);
+        parts
+            .headers
+            .insert(secret.header.clone(), secret.header_value());
+    }
+    Ok(())
 }
 
 fn contains(v: &HeaderValue, needle: &str) -> bool {

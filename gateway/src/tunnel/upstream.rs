@@ -7,6 +7,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
+    sync::OnceLock,
     task::{Context, Poll},
     time::Duration,
 };
@@ -37,14 +38,22 @@ pub type RequestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 pub type UpstreamClient = Client<HttpsConnector<Dialer>, RequestBody>;
 
-/// The clients of every rule, by rule index, and the learn-mode client.
+/// The clients of every rule, by rule index, each made on the rule's first request (a
+/// policy of thousands of rules costs nothing until they are used, at start and on reload),
+/// and the learn-mode clients.
 pub struct Upstreams {
-    normal: Vec<UpstreamClient>,
+    tls: ClientConfig,
+    dialers: Vec<Dialer>,
+    clients: Vec<OnceLock<RuleClients>>,
+    /// For requests no rule allows, in learn mode. Pools are keyed by scheme and authority,
+    /// so one client serves every host.
+    learn: OnceLock<RuleClients>,
+}
+
+struct RuleClients {
+    normal: UpstreamClient,
     /// HTTP/1.1 only: upgrades (WebSocket) do not exist on an HTTP/2 connection.
-    upgrade: Vec<UpstreamClient>,
-    /// For requests no rule allows, in learn mode: normal, then upgrade. Pools are keyed by
-    /// scheme and authority, so one client serves every host.
-    learn: [UpstreamClient; 2],
+    upgrade: UpstreamClient,
 }
 
 /// Found in a response's extensions when learn mode dialed a private address for it: the
@@ -79,36 +88,48 @@ pub enum DialError {
 impl Upstreams {
     /// Clients for every rule, sharing `tls` (see [`client_tls`]).
     pub fn new(rules: &Rules, tls: &ClientConfig) -> Self {
-        let mut normal = Vec::new();
-        let mut upgrade = Vec::new();
-        for rule in rules.iter() {
-            let dialer = Dialer::for_rule(&rule.spec);
-            normal.push(client(tls, dialer.clone(), false));
-            upgrade.push(client(tls, dialer, true));
-        }
-        let learn = Dialer {
-            connect: None,
-            private: Private::Mark,
-        };
+        let dialers: Vec<Dialer> = rules.iter().map(|r| Dialer::for_rule(&r.spec)).collect();
         Self {
-            normal,
-            upgrade,
-            learn: [client(tls, learn.clone(), false), client(tls, learn, true)],
+            tls: tls.clone(),
+            clients: dialers.iter().map(|_| OnceLock::new()).collect(),
+            dialers,
+            learn: OnceLock::new(),
         }
     }
 
-    pub fn client(&self, rule: usize, upgrade: bool) -> &UpstreamClient {
-        if upgrade {
-            &self.upgrade[rule]
-        } else {
-            &self.normal[rule]
-        }
+    pub fn client(&self, rule: usize, upgrade: bool) -> UpstreamClient {
+        self.clients[rule]
+            .get_or_init(|| RuleClients::new(&self.tls, &self.dialers[rule]))
+            .pick(upgrade)
     }
 
     /// The client for what learn mode lets through: no `connect`, private addresses dialed
     /// and marked with [`PrivateUpstream`].
-    pub fn learn(&self, upgrade: bool) -> &UpstreamClient {
-        &self.learn[usize::from(upgrade)]
+    pub fn learn(&self, upgrade: bool) -> UpstreamClient {
+        let dialer = Dialer {
+            connect: None,
+            private: Private::Mark,
+        };
+        self.learn
+            .get_or_init(|| RuleClients::new(&self.tls, &dialer))
+            .pick(upgrade)
+    }
+}
+
+impl RuleClients {
+    fn new(tls: &ClientConfig, dialer: &Dialer) -> Self {
+        Self {
+            normal: client(tls, dialer.clone(), false),
+            upgrade: client(tls, dialer.clone(), true),
+        }
+    }
+
+    fn pick(&self, upgrade: bool) -> UpstreamClient {
+        if upgrade {
+            self.upgrade.clone()
+        } else {
+            self.normal.clone()
+        }
     }
 }
 
@@ -126,7 +147,7 @@ fn client(tls: &ClientConfig, dialer: Dialer, upgrade: bool) -> UpstreamClient {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
-/// The upstream TLS settings: system roots plus `[tls] upstream_ca`. Read once per tunnel.
+/// The upstream TLS settings: system roots plus `[tls] upstream_ca`. Read once per policy.
 pub fn client_tls(upstream_ca: &[std::path::PathBuf]) -> anyhow::Result<ClientConfig> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();

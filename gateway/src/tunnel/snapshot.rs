@@ -1,0 +1,168 @@
+//! Everything the tunnel takes from a policy, as one value a reload replaces whole.
+//!
+//! A request loads the snapshot in force once (one atomic load) and decides, attaches its
+//! credential and picks its upstream pool from that one snapshot. A reload stores a new one;
+//! whatever already holds the old one (a request in flight, its streaming body, a spliced or
+//! WebSocket pipe) carries on with it, and the next request gets the new one.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::{credentials::Secrets, rules::Rules, upstream};
+use crate::policy::Policy;
+
+pub struct Snapshot {
+    /// Counts reloads; a worker rebuilds its upstream pools when it sees a new one.
+    pub(super) generation: u64,
+    pub(super) rules: Rules,
+    pub(super) secrets: Secrets,
+    /// Largest request body forwarded, in bytes.
+    pub(super) max_request_body: Option<u64>,
+    /// Upstream TLS settings: system roots plus `[tls] upstream_ca`, read once per policy.
+    pub(super) upstream_tls: rustls::ClientConfig,
+}
+
+impl Snapshot {
+    /// Compiles `policy` for the tunnel. Reads the upstream CA files; touches nothing in force.
+    pub fn new(policy: &Policy, secrets: Secrets) -> anyhow::Result<Self> {
+        Ok(Self {
+            generation: 0,
+            rules: Rules::new(&policy.http)?,
+            secrets,
+            max_request_body: policy.max_request_body,
+            upstream_tls: upstream::client_tls(&policy.upstream_ca)?,
+        })
+    }
+}
+
+/// The snapshot in force, shared by every worker and by whoever reloads. Cheap to clone.
+#[derive(Clone)]
+pub struct PolicyHandle(Arc<ArcSwap<Snapshot>>);
+
+impl PolicyHandle {
+    pub(super) fn new(snapshot: Snapshot) -> Self {
+        Self(Arc::new(ArcSwap::from_pointee(snapshot)))
+    }
+
+    /// The snapshot in force, kept for as long as the caller holds it.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.0.load_full()
+    }
+
+    /// Puts `next` in force for every request that starts from now on; returns its
+    /// generation and the snapshot it replaced (to be dropped when the caller likes: a large
+    /// one takes a while). Reloads come one at a time (the supervisor's SIGHUP loop), so
+    /// reading the generation and swapping need no lock between them.
+    pub fn replace(&self, mut next: Snapshot) -> (u64, Arc<Snapshot>) {
+        next.generation = self.0.load().generation + 1;
+        let generation = next.generation;
+        (generation, self.0.swap(Arc::new(next)))
+    }
+}
+
+/// One worker's upstream pools and the snapshot generation they were made for.
+pub(super) struct Pools {
+    generation: u64,
+    upstreams: upstream::Upstreams,
+}
+
+impl Pools {
+    pub(super) fn new(snapshot: &Snapshot) -> Self {
+        Self {
+            generation: snapshot.generation,
+            upstreams: upstream::Upstreams::new(&snapshot.rules, &snapshot.upstream_tls),
+        }
+    }
+}
+
+/// A worker's pools, replaced the first time the worker serves a request of a newer
+/// snapshot. Pooled connections of the old pools close once nothing in flight uses them.
+pub(super) struct WorkerPools(ArcSwap<Pools>);
+
+impl WorkerPools {
+    pub(super) fn new(snapshot: &Snapshot) -> Self {
+        Self(ArcSwap::from_pointee(Pools::new(snapshot)))
+    }
+
+    /// The client of rule `rule` of `snapshot`; with `None`, learn mode's client.
+    pub(super) fn client(
+        &self,
+        snapshot: &Snapshot,
+        rule: Option<usize>,
+        upgrade: bool,
+    ) -> upstream::UpstreamClient {
+        let pick = |u: &upstream::Upstreams| match rule {
+            Some(rule) => u.client(rule, upgrade),
+            None => u.learn(upgrade),
+        };
+        let pools = self.0.load();
+        if pools.generation == snapshot.generation {
+            return pick(&pools.upstreams);
+        }
+        let fresh = Arc::new(Pools::new(snapshot));
+        let client = pick(&fresh.upstreams);
+        // A request of an older snapshot gets pools of its own rather than setting the
+        // worker back.
+        if snapshot.generation > pools.generation {
+            self.0.store(fresh);
+        }
+        client
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::HttpRule;
+
+    fn policy(hosts: &[&str]) -> Policy {
+        Policy {
+            name: "t".into(),
+            tunnel_listen: crate::policy::DEFAULT_LISTEN.parse().unwrap(),
+            max_request_body: None,
+            network: Vec::new(),
+            unix: Vec::new(),
+            http: hosts
+                .iter()
+                .map(|h| HttpRule::for_test(h, &[], &[]))
+                .collect(),
+            credentials: Default::default(),
+            upstream_ca: Vec::new(),
+        }
+    }
+
+    fn snapshot(hosts: &[&str]) -> Snapshot {
+        let p = policy(hosts);
+        Snapshot::new(&p, Secrets::load(&p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_held_snapshot_survives_a_replace_and_the_next_load_sees_the_new_one() {
+        let handle = PolicyHandle::new(snapshot(&["a.test"]));
+        let held = handle.current();
+        let (generation, old) = handle.replace(snapshot(&["a.test", "b.test"]));
+        assert_eq!(generation, 1);
+        assert!(Arc::ptr_eq(&old, &held));
+        assert_eq!(held.generation, 0);
+        assert_eq!(held.rules.iter().count(), 1);
+        let now = handle.current();
+        assert_eq!(now.generation, 1);
+        assert_eq!(now.rules.iter().count(), 2);
+        assert_eq!(handle.replace(snapshot(&["c.test"])).0, 2);
+    }
+
+    #[test]
+    fn worker_pools_follow_newer_snapshots_only() {
+        let handle = PolicyHandle::new(snapshot(&["a.test"]));
+        let old = handle.current();
+        let pools = WorkerPools::new(&old);
+        handle.replace(snapshot(&["a.test", "b.test"]));
+        let new = handle.current();
+        let _ = pools.client(&new, Some(1), false);
+        assert_eq!(pools.0.load().generation, 1);
+        // Rule 0 of the old snapshot still gets a client; the worker stays on generation 1.
+        let _ = pools.client(&old, Some(0), false);
+        assert_eq!(pools.0.load().generation, 1);
+    }
+}

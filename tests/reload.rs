@@ -1,0 +1,457 @@
+//! SIGHUP to `gateway run` while the sandbox works: the policy file read again and put in
+//! force in the tunnel and the kernel maps at once, or refused with the old policy left in
+//! force. Real gateway as root, real TLS upstreams and listeners on 127.0.0.1.
+
+mod support;
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    path::PathBuf,
+    process::{Child, ChildStdout, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use support::{upstream::*, *};
+
+/// Python helpers for the sandbox, after support's PRELUDE.
+const HELPERS: &str = r#"
+import re, urllib.request, urllib.error
+def status(url):
+    try:
+        with urllib.request.urlopen(url, timeout=20) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except urllib.error.URLError as e:
+        # A CONNECT the tunnel refused: urllib reports its status only in the message.
+        m = re.search(r"Tunnel connection failed: (\d+)", str(e.reason))
+        return int(m.group(1)) if m else repr(e.reason)
+def wait_for(path):
+    for _ in range(1200):
+        if os.path.exists(path):
+            return
+        time.sleep(0.05)
+    print(json.dumps({"gave_up_waiting_for": path}), flush=True)
+    sys.exit(3)
+def say(key, value):
+    print(json.dumps({key: value}), flush=True)
+"#;
+
+/// A `gateway run` still running: the test reads the sandbox's lines as they come, changes
+/// the policy file, and signals the gateway in between.
+struct Live<'a> {
+    run: &'a Run,
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    read: String,
+    stderr: PathBuf,
+}
+
+impl<'a> Live<'a> {
+    fn python(run: &'a Run, body: &str) -> Self {
+        let script = format!("{PRELUDE}\n{HELPERS}\n{body}");
+        let stderr = run.scratch.dir.join("gateway.stderr");
+        let mut child = run
+            .command(&["python3", "-c", &script])
+            .env("API_TOKEN", SECRET)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Self {
+            run,
+            child,
+            stdout,
+            read: String::new(),
+            stderr,
+        }
+    }
+
+    /// Reads the sandbox's output up to the first JSON line with `key`; returns its value.
+    fn until(&mut self, key: &str) -> Value {
+        loop {
+            let mut line = String::new();
+            let n = self.stdout.read_line(&mut line).unwrap();
+            assert!(
+                n > 0,
+                "the sandbox ended before printing `{key}`\n{}\n--- stderr\n{}",
+                self.read,
+                std::fs::read_to_string(&self.stderr).unwrap_or_default()
+            );
+            self.read.push_str(&line);
+            if let Some(v) = serde_json::from_str::<Value>(&line)
+                .ok()
+                .and_then(|v| v.get(key).cloned())
+            {
+                return v;
+            }
+        }
+    }
+
+    /// Replaces the policy file, then sends SIGHUP to the gateway and waits for the audit
+    /// record of the outcome: the `nth` reload record (counting from 1).
+    fn reload(&self, policy: &str, nth: usize) -> Value {
+        std::fs::write(&self.run.policy, policy).unwrap();
+        // SAFETY: kill has no memory preconditions; the pid is our own child, still running.
+        let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGHUP) };
+        assert_eq!(sent, 0, "SIGHUP to the gateway");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let notes: Vec<Value> = self
+                .run
+                .audit_records()
+                .into_iter()
+                .filter(|r| r["layer"] == "gateway" && r.get("policy_file").is_some())
+                .collect();
+            if let Some(note) = notes.get(nth - 1) {
+                return note.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no audit record of reload {nth}\n--- stderr\n{}",
+                std::fs::read_to_string(&self.stderr).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn finish(mut self) -> Finished {
+        let mut rest = String::new();
+        self.stdout.read_to_string(&mut rest).unwrap();
+        let status = self.child.wait().unwrap();
+        self.read.push_str(&rest);
+        let stderr = std::fs::read(&self.stderr).unwrap_or_default();
+        self.run.finish(Output {
+            status,
+            stdout: std::mem::take(&mut self.read).into_bytes(),
+            stderr,
+        })
+    }
+}
+
+fn printed<'a>(out: &'a Finished, key: &str) -> &'a Value {
+    out.lines
+        .iter()
+        .find_map(|l| l.get(key))
+        .unwrap_or_else(|| panic!("the script printed no `{key}`\n{}", out.describe()))
+}
+
+fn proxy_record<'a>(out: &'a Finished, verdict: &str, host: &str) -> Option<&'a Value> {
+    out.audit
+        .iter()
+        .find(|r| r["layer"] == "proxy" && r["verdict"] == verdict && r["host"] == host)
+}
+
+fn assert_reload_refused(note: &Value, out_stderr: &str, wanted: &str) {
+    assert_eq!(note["verdict"], "deny", "{note}");
+    assert_eq!(note["reason"], "policy-reload-refused", "{note}");
+    let errors: Vec<&str> = note["errors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no errors in {note}"))
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains(wanted)),
+        "no error with {wanted:?} in {note}"
+    );
+    for e in errors {
+        assert!(
+            out_stderr.contains(e),
+            "the error {e:?} is not on the gateway's stderr\n{out_stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_reload_allows_a_new_host_and_an_open_stream_carries_on() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let other = Server::upstream(&pki, "other");
+    let api_rule = rule("api.test", api.port, "credential = \"api\"");
+    let before = tunnel_policy("reload-allow", &pki, &format!("{api_rule}{API_CREDENTIAL}"));
+    let after = tunnel_policy(
+        "reload-allow",
+        &pki,
+        &format!(
+            "{api_rule}{}{API_CREDENTIAL}",
+            rule("other.test", other.port, "credential = \"api\"")
+        ),
+    );
+    let run = Run::new("reload-allow", &before);
+    let go = run.scratch.dir.join("go");
+    // The stream is opened under the first policy and read to its end after the reload; the
+    // upstream sends its second event only once /release was requested.
+    let mut live = Live::python(
+        &run,
+        &format!(
+            r#"
+stream = urllib.request.urlopen("https://api.test/sse", timeout=30)
+def next_event():
+    try:
+        while True:
+            line = stream.readline()
+            if not line:
+                return "end of stream"
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                return line[len("data: "):]
+    except Exception as e:
+        return "error: " + repr(e)
+say("first", next_event())
+say("b_before", status("https://other.test/v1/before"))
+wait_for({go:?})
+say("b_after", status("https://other.test/v1/after"))
+say("release", status("https://api.test/release"))
+say("second", next_event())
+say("rest", next_event())
+"#,
+            go = go.to_str().unwrap()
+        ),
+    );
+    assert_eq!(live.until("first"), "first");
+    assert_eq!(live.until("b_before"), 403);
+    let note = live.reload(&after, 1);
+    std::fs::write(&go, "").unwrap();
+    let out = live.finish();
+    let ctx = || {
+        format!(
+            "{}\n{}\n{}",
+            out.describe(),
+            api.describe(),
+            other.describe()
+        )
+    };
+
+    assert_eq!(note["layer"], "gateway", "{note}");
+    assert_eq!(note["verdict"], "note", "{note}");
+    assert_eq!(note["reason"], "policy-reloaded", "{note}");
+    assert_eq!(note["sandbox"], "reload-allow", "{note}");
+    assert_eq!(note["generation"], 1, "{note}");
+    assert_eq!(note["http_rules"], 2, "{note}");
+    assert_eq!(note["network_rules"], 0, "{note}");
+    assert!(
+        note["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("2 http rules, 0 network rules, 1 credential")),
+        "{note}"
+    );
+    let elapsed = note["elapsed_ms"].as_f64().unwrap_or(f64::MAX);
+    assert!(elapsed < 1000.0, "reload took {elapsed} ms\n{note}");
+
+    assert!(out.status.success(), "{}", ctx());
+    assert_eq!(printed(&out, "b_after"), 200, "{}", ctx());
+    assert_eq!(printed(&out, "release"), 200, "{}", ctx());
+    assert_eq!(
+        printed(&out, "second"),
+        "second",
+        "the stream opened before the reload was cut\n{}",
+        ctx()
+    );
+    assert_eq!(printed(&out, "rest"), "end of stream", "{}", ctx());
+
+    assert_eq!(other.paths(), ["/v1/after"], "{}", ctx());
+    let bearer = format!("Bearer {SECRET}");
+    assert_eq!(
+        header(&other.requests()[0], "authorization"),
+        [bearer.as_str()],
+        "{}",
+        ctx()
+    );
+    assert_eq!(api.paths(), ["/sse", "/release"], "{}", ctx());
+    assert!(
+        proxy_record(&out, "deny", "other.test").is_some(),
+        "{}",
+        ctx()
+    );
+    let allowed = proxy_record(&out, "allow", "other.test").unwrap_or_else(|| panic!("{}", ctx()));
+    assert_eq!(allowed["rule"], 1, "{}", ctx());
+    assert_eq!(allowed["credential"], "api", "{}", ctx());
+    assert!(out.stderr.contains("policy reloaded"), "{}", ctx());
+    for (place, text) in [("stderr", &out.stderr), ("stdout", &out.stdout)] {
+        assert!(!text.contains(SECRET), "the secret is in the {place}");
+    }
+    let log = std::fs::read_to_string(&run.audit).unwrap();
+    assert!(!log.contains(SECRET), "the secret is in the audit log");
+}
+
+#[test]
+fn a_refused_reload_leaves_the_old_policy_in_force() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let other = Server::upstream(&pki, "other");
+    let good = tunnel_policy(
+        "reload-refused",
+        &pki,
+        &format!(
+            "{}{API_CREDENTIAL}",
+            rule("api.test", api.port, "credential = \"api\"")
+        ),
+    );
+    // Every kind of refusal, each with what would open other.test if it went through.
+    let other_rule = rule("other.test", other.port, "");
+    let broken = format!(
+        "{good}{other_rule}[[network.allow]]\ncidr = \"127.0.0.300/32\"\nports = [80]\n\
+         [[http.allow]]\nhots = \"x.test\"\n"
+    );
+    let placeholder = good.replace(
+        API_CREDENTIAL,
+        &format!("{other_rule}[credentials.api]\nenv = \"API_TOKEN\"\nplaceholder = \"API_PH\"\n"),
+    );
+    let moved = format!("{good}{other_rule}[tunnel]\nlisten = \"127.0.0.1:9\"\n")
+        .replace("name = \"reload-refused\"", "name = \"renamed\"");
+
+    let run = Run::new("reload-refused", &good);
+    let go = run.scratch.dir.join("go");
+    let mut live = Live::python(
+        &run,
+        &format!(
+            r#"
+say("ready", True)
+wait_for({go:?})
+say("a", status("https://api.test/v1/a"))
+say("b", status("https://other.test/v1/b"))
+"#,
+            go = go.to_str().unwrap()
+        ),
+    );
+    assert_eq!(live.until("ready"), true);
+    let broken_note = live.reload(&broken, 1);
+    let placeholder_note = live.reload(&placeholder, 2);
+    let moved_note = live.reload(&moved, 3);
+    // The file `policy check` reads is the broken one again, for the same messages.
+    std::fs::write(&run.policy, &broken).unwrap();
+    let check = Command::new(gateway_bin())
+        .args(["policy", "check"])
+        .arg(&run.policy)
+        .output()
+        .unwrap();
+    std::fs::write(&go, "").unwrap();
+    let out = live.finish();
+    let ctx = || {
+        format!(
+            "{}\n{}\n{}",
+            out.describe(),
+            api.describe(),
+            other.describe()
+        )
+    };
+
+    assert_eq!(check.status.code(), Some(2), "{check:?}");
+    let check_lines: Vec<String> = String::from_utf8_lossy(&check.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(check_lines.len() >= 2, "{check_lines:?}");
+    assert_eq!(
+        broken_note["errors"],
+        serde_json::json!(check_lines),
+        "a refused reload reports what policy check reports\n{}",
+        ctx()
+    );
+    assert_reload_refused(&broken_note, &out.stderr, "127.0.0.300");
+    assert_reload_refused(
+        &placeholder_note,
+        &out.stderr,
+        "placeholder credentials cannot be added by reload: restart the sandbox",
+    );
+    assert_reload_refused(&moved_note, &out.stderr, "[tunnel] listen");
+    assert_reload_refused(&moved_note, &out.stderr, "sandbox's name");
+    for note in [&broken_note, &placeholder_note, &moved_note] {
+        assert_eq!(note["layer"], "gateway", "{note}");
+        assert_eq!(note["sandbox"], "reload-refused", "{note}");
+    }
+
+    assert!(out.status.success(), "{}", ctx());
+    assert_eq!(printed(&out, "a"), 200, "{}", ctx());
+    assert_eq!(printed(&out, "b"), 403, "{}", ctx());
+    assert_eq!(api.paths(), ["/v1/a"], "{}", ctx());
+    assert_eq!(
+        header(&api.requests()[0], "authorization"),
+        [format!("Bearer {SECRET}").as_str()],
+        "the credential in force is still attached\n{}",
+        ctx()
+    );
+    assert!(other.requests().is_empty(), "{}", ctx());
+    assert!(!out.stderr.contains(SECRET), "the secret is on stderr");
+}
+
+#[test]
+fn a_reload_adds_and_removes_kernel_allowances() {
+    let added = HostTcp::bind("127.0.0.1:0");
+    let removed = HostTcp::bind("127.0.0.1:0");
+    let scratch = Scratch::new("reload-unix");
+    let unix = HostUnix::bind(&scratch.dir, "added.sock");
+    let net = |port: u16| {
+        format!(
+            "[[network.allow]]\ncidr = \"127.0.0.1/32\"\nports = [{port}]\nprotocol = \"tcp\"\n"
+        )
+    };
+    let before = policy("reload-kernel", &net(removed.port));
+    let after = policy(
+        "reload-kernel",
+        &format!(
+            "{}[[unix.allow]]\npath = {:?}\n",
+            net(added.port),
+            unix.path.to_str().unwrap()
+        ),
+    );
+    let run = Run::new("reload-kernel", &before);
+    let go = run.scratch.dir.join("go");
+    let mut live = Live::python(
+        &run,
+        &format!(
+            r#"
+def tcp(port):
+    socket.create_connection(("127.0.0.1", port), timeout=3).close()
+def unix(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.close()
+report("added-before", lambda: tcp({a}))
+report("removed-before", lambda: tcp({r}))
+report("unix-before", lambda: unix({u:?}))
+say("ready", True)
+wait_for({go:?})
+report("added-after", lambda: tcp({a}))
+report("removed-after", lambda: tcp({r}))
+report("unix-after", lambda: unix({u:?}))
+"#,
+            a = added.port,
+            r = removed.port,
+            u = unix.path.to_str().unwrap(),
+            go = go.to_str().unwrap()
+        ),
+    );
+    assert_eq!(live.until("ready"), true);
+    assert_eq!(added.accepted(), 0);
+    assert_eq!(removed.accepted(), 1);
+    assert_eq!(unix.accepted(), 0);
+    let note = live.reload(&after, 1);
+    std::fs::write(&go, "").unwrap();
+    let out = live.finish();
+
+    assert_eq!(
+        note["reason"],
+        "policy-reloaded",
+        "{note}\n{}",
+        out.describe()
+    );
+    assert_eq!(note["network_rules"], 1, "{note}");
+    assert!(out.status.success(), "{}", out.describe());
+    out.assert_refused("added-before");
+    out.assert_open("removed-before");
+    out.assert_refused("unix-before");
+    out.assert_open("added-after");
+    out.assert_refused("removed-after");
+    out.assert_open("unix-after");
+    assert_eq!(added.accepted(), 1, "{}", out.describe());
+    assert_eq!(removed.accepted(), 0, "{}", out.describe());
+    assert_eq!(unix.accepted(), 1, "{}", out.describe());
+    out.assert_audited("connect4", &format!("127.0.0.1:{}", added.port));
+    out.assert_audited("connect4", &format!("127.0.0.1:{}", removed.port));
+    out.assert_audited("unix_connect", unix.path.to_str().unwrap());
+}
