@@ -6,6 +6,7 @@
 //! the walk, since there is no tree to walk after it.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     fmt,
     net::{IpAddr, SocketAddr},
@@ -196,15 +197,21 @@ struct At<T> {
 /// One table of the file, with the keys it may hold.
 struct Table<'v> {
     /// How messages name it: `[[http.allow]]`, `[credentials.github]`, `the top level`.
-    name: String,
+    name: Cow<'static, str>,
     span: Span,
-    entries: &'v [(Key, Value)],
+    entries: &'v [(Key<'v>, Value<'v>)],
 }
 
 impl<'v> Table<'v> {
     /// `value` as a table that may hold `keys` (any key when `None`). A value that is no
     /// table and every unknown key are reported.
-    fn of(d: &mut Diag<'_>, value: &'v Value, name: &str, keys: Option<&[&str]>) -> Option<Self> {
+    fn of(
+        d: &mut Diag<'_>,
+        value: &'v Value<'v>,
+        name: impl Into<Cow<'static, str>>,
+        keys: Option<&[&str]>,
+    ) -> Option<Self> {
+        let name = name.into();
         let Node::Table(entries) = &value.node else {
             d.error(
                 &value.span,
@@ -214,7 +221,7 @@ impl<'v> Table<'v> {
         };
         if let Some(keys) = keys {
             for (k, _) in entries {
-                if keys.contains(&k.name.as_str()) {
+                if keys.contains(&k.name.as_ref()) {
                     continue;
                 }
                 let hint = match lint::did_you_mean(&k.name, keys) {
@@ -223,22 +230,22 @@ impl<'v> Table<'v> {
                 };
                 d.error(
                     &k.span,
-                    format!("unknown key `{}` {}: {hint}", k.name, place(name)),
+                    format!("unknown key `{}` {}: {hint}", k.name, place(&name)),
                 );
             }
         }
         Some(Self {
-            name: name.to_owned(),
+            name,
             span: value.span.clone(),
             entries,
         })
     }
 
-    fn entry(&self, key: &str) -> Option<&'v (Key, Value)> {
+    fn entry(&self, key: &str) -> Option<&'v (Key<'v>, Value<'v>)> {
         self.entries.iter().find(|(k, _)| k.name == key)
     }
 
-    fn get(&self, key: &str) -> Option<&'v Value> {
+    fn get(&self, key: &str) -> Option<&'v Value<'v>> {
         self.entry(key).map(|(_, v)| v)
     }
 
@@ -252,7 +259,7 @@ impl<'v> Table<'v> {
         );
     }
 
-    fn wrong_type(d: &mut Diag<'_>, key: &str, expected: &str, found: &Value) {
+    fn wrong_type(d: &mut Diag<'_>, key: &str, expected: &str, found: &Value<'_>) {
         d.error(
             &found.span,
             format!("`{key}` must be {expected}, found {}", found.kind()),
@@ -263,7 +270,7 @@ impl<'v> Table<'v> {
         let v = self.get(key)?;
         match &v.node {
             Node::String(s) => Some(At {
-                value: s.as_str(),
+                value: s.as_ref(),
                 span: v.span.clone(),
             }),
             _ => {
@@ -301,7 +308,7 @@ impl<'v> Table<'v> {
         }
     }
 
-    fn array(&self, d: &mut Diag<'_>, key: &str, expected: &str) -> Option<At<&'v [Value]>> {
+    fn array(&self, d: &mut Diag<'_>, key: &str, expected: &str) -> Option<At<&'v [Value<'v>]>> {
         let v = self.get(key)?;
         match &v.node {
             Node::Array(items) => Some(At {
@@ -329,7 +336,7 @@ impl<'v> Table<'v> {
         for item in items.value {
             match &item.node {
                 Node::String(s) => out.push(At {
-                    value: s.as_str(),
+                    value: s.as_ref(),
                     span: item.span.clone(),
                 }),
                 _ => {
@@ -374,11 +381,11 @@ impl<'v> Table<'v> {
     /// A sub-table such as `[tunnel]`; `None` when absent or wrong.
     fn table(&self, d: &mut Diag<'_>, key: &str, keys: Option<&[&str]>) -> Option<Table<'v>> {
         let v = self.get(key)?;
-        Table::of(d, v, &format!("[{key}]"), keys)
+        Table::of(d, v, format!("[{key}]"), keys)
     }
 
     /// The tables of an array of tables such as `[[http.allow]]`.
-    fn tables(&self, d: &mut Diag<'_>, key: &str, name: &str) -> Vec<&'v Value> {
+    fn tables(&self, d: &mut Diag<'_>, key: &str, name: &str) -> Vec<&'v Value<'v>> {
         let Some(v) = self.get(key) else {
             return Vec::new();
         };
@@ -472,7 +479,7 @@ const CREDENTIAL_KEYS: &[&str] = &[
 const TLS_KEYS: &[&str] = &["upstream_ca"];
 
 /// The whole file; `None` when some part could not be built (its errors are in `d`).
-fn convert(root: &Value, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
+fn convert(root: &Value<'_>, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
     let top = Table::of(d, root, "the top level", Some(TOP_KEYS))?;
     let version_ok = match top.get("version") {
         None => {
@@ -656,7 +663,7 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-fn net_rule(d: &mut Diag<'_>, value: &Value) -> Option<NetRule> {
+fn net_rule(d: &mut Diag<'_>, value: &Value<'_>) -> Option<NetRule> {
     let t = Table::of(d, value, "[[network.allow]]", Some(NET_RULE_KEYS))?;
     let cidr = match t.string(d, "cidr") {
         None => {
@@ -780,7 +787,7 @@ fn duplicate_net_rules(d: &mut Diag<'_>, rules: &[Numbered<NetRule>]) {
     }
 }
 
-fn unix_rule(d: &mut Diag<'_>, value: &Value) -> Option<UnixRule> {
+fn unix_rule(d: &mut Diag<'_>, value: &Value<'_>) -> Option<UnixRule> {
     let t = Table::of(d, value, "[[unix.allow]]", Some(UNIX_RULE_KEYS))?;
     let Some(path) = t.string(d, "path") else {
         if t.get("path").is_none() {
@@ -825,10 +832,10 @@ fn credentials(
     let mut ok = true;
     let mut placeholders: Vec<(String, String)> = Vec::new();
     for (key, value) in table.entries {
-        names.push((key.name.clone(), key.span.clone()));
+        names.push((key.name.to_string(), key.span.clone()));
         match credential(d, &key.name, value, &mut placeholders) {
             Some(c) => {
-                out.insert(key.name.clone(), c);
+                out.insert(key.name.to_string(), c);
             }
             None => ok = false,
         }
@@ -839,13 +846,13 @@ fn credentials(
 fn credential(
     d: &mut Diag<'_>,
     name: &str,
-    value: &Value,
+    value: &Value<'_>,
     placeholders: &mut Vec<(String, String)>,
 ) -> Option<Credential> {
     let t = Table::of(
         d,
         value,
-        &format!("[credentials.{name}]"),
+        format!("[credentials.{name}]"),
         Some(CREDENTIAL_KEYS),
     )?;
     let mut ok = true;
@@ -1068,7 +1075,7 @@ fn host_problem(host: &str) -> Option<String> {
 
 fn http_rule(
     d: &mut Diag<'_>,
-    value: &Value,
+    value: &Value<'_>,
     credential_names: &[(String, Span)],
     used_credentials: &mut Vec<String>,
 ) -> Option<HttpRule> {

@@ -3,9 +3,9 @@
 //!
 //! `toml`'s own document tree (`DeTable`) already spans every key and value; an implicit
 //! table (`credentials` in `[credentials.x]` or `credentials.x.env = ...`) is spanned by its
-//! key. Its tables are maps sorted by key, so entries are put back in the order written.
+//! key. Its tables keep the order written (`preserve_order`), which messages follow.
 
-use std::ops::Range;
+use std::{borrow::Cow, ops::Range};
 
 use toml::{
     Spanned,
@@ -14,32 +14,33 @@ use toml::{
 
 pub type Span = Range<usize>;
 
-/// A key and where it is written.
+/// A key and where it is written. Names and strings borrow from the text unless they had
+/// escapes: a large policy holds hundreds of thousands of them.
 #[derive(Debug, Clone)]
-pub struct Key {
+pub struct Key<'t> {
     pub span: Span,
-    pub name: String,
+    pub name: Cow<'t, str>,
 }
 
 /// A value and where it is written (a table: from its header on).
 #[derive(Debug, Clone)]
-pub struct Value {
+pub struct Value<'t> {
     pub span: Span,
-    pub node: Node,
+    pub node: Node<'t>,
 }
 
 #[derive(Debug, Clone)]
-pub enum Node {
-    String(String),
+pub enum Node<'t> {
+    String(Cow<'t, str>),
     Integer(i64),
     Float,
     Boolean(bool),
     Datetime,
-    Array(Vec<Value>),
-    Table(Vec<(Key, Value)>),
+    Array(Vec<Value<'t>>),
+    Table(Vec<(Key<'t>, Value<'t>)>),
 }
 
-impl Value {
+impl Value<'_> {
     /// What the value is, for "must be X, found Y" messages.
     pub fn kind(&self) -> &'static str {
         match self.node {
@@ -56,7 +57,7 @@ impl Value {
 
 /// Parses TOML text. A syntax error (the only kind that stops the walk) comes back with its
 /// span and message.
-pub fn parse(text: &str) -> Result<Value, (Span, String)> {
+pub fn parse(text: &str) -> Result<Value<'_>, (Span, String)> {
     match DeTable::parse(text) {
         Ok(root) => {
             let span = root.span();
@@ -93,10 +94,10 @@ fn syntax_error(message: &str) -> String {
     }
 }
 
-fn value(v: Spanned<DeValue<'_>>) -> Result<Value, (Span, String)> {
+fn value(v: Spanned<DeValue<'_>>) -> Result<Value<'_>, (Span, String)> {
     let span = v.span();
     let node = match v.into_inner() {
-        DeValue::String(s) => Node::String(s.into_owned()),
+        DeValue::String(s) => Node::String(s),
         // The parser checks an integer's digits, not its size.
         DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
             Ok(n) => Node::Integer(n),
@@ -116,7 +117,7 @@ fn value(v: Spanned<DeValue<'_>>) -> Result<Value, (Span, String)> {
     Ok(Value { span, node })
 }
 
-fn array(items: DeArray<'_>) -> Result<Node, (Span, String)> {
+fn array(items: DeArray<'_>) -> Result<Node<'_>, (Span, String)> {
     items
         .into_iter()
         .map(value)
@@ -124,19 +125,18 @@ fn array(items: DeArray<'_>) -> Result<Node, (Span, String)> {
         .map(Node::Array)
 }
 
-fn table(entries: DeTable<'_>) -> Result<Node, (Span, String)> {
-    let mut out = entries
+fn table(entries: DeTable<'_>) -> Result<Node<'_>, (Span, String)> {
+    entries
         .into_iter()
         .map(|(k, v)| {
             let key = Key {
                 span: k.span(),
-                name: k.into_inner().into_owned(),
+                name: k.into_inner(),
             };
             Ok((key, value(v)?))
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    out.sort_by_key(|(k, _)| k.span.start);
-    Ok(Node::Table(out))
+        .collect::<Result<_, _>>()
+        .map(Node::Table)
 }
 
 #[cfg(test)]
@@ -155,7 +155,7 @@ mod tests {
         let Node::Table(top) = &root.node else {
             panic!("not a table")
         };
-        let names: Vec<_> = top.iter().map(|(k, _)| k.name.as_str()).collect();
+        let names: Vec<_> = top.iter().map(|(k, _)| k.name.as_ref()).collect();
         assert_eq!(names, ["version", "credentials", "when", "http"]);
         assert_eq!(at(text, &top[0].1.span), "1");
         // `credentials` is implicit: it borrows its key's span.
