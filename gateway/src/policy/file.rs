@@ -7,7 +7,7 @@
 
 use std::{
     borrow::Cow,
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -520,6 +520,7 @@ fn convert(root: &Value<'_>, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
 
     let network_table = top.table(d, "network", Some(&["allow"]));
     let mut network = Vec::new();
+    let mut network_at = Vec::new();
     let mut network_ok = top.get("network").is_none() || network_table.is_some();
     for (index, v) in network_table
         .map(|t| t.tables(d, "allow", "[[network.allow]]"))
@@ -528,15 +529,17 @@ fn convert(root: &Value<'_>, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
         .enumerate()
     {
         match net_rule(d, v) {
-            Some(rule) => network.push(Numbered {
-                index,
-                rule,
-                span: v.span.clone(),
-            }),
+            Some(rule) => {
+                network.push(rule);
+                network_at.push(Place {
+                    index,
+                    span: v.span.clone(),
+                });
+            }
             None => network_ok = false,
         }
     }
-    duplicate_net_rules(d, &network);
+    duplicate_net_rules(d, &network, &network_at);
 
     let unix_table = top.table(d, "unix", Some(&["allow"]));
     let mut unix = Vec::new();
@@ -555,6 +558,7 @@ fn convert(root: &Value<'_>, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
 
     let http_table = top.table(d, "http", Some(&["allow"]));
     let mut http = Vec::new();
+    let mut http_at = Vec::new();
     let mut used_credentials = Vec::new();
     let mut http_ok = top.get("http").is_none() || http_table.is_some();
     for (index, v) in http_table
@@ -564,15 +568,17 @@ fn convert(root: &Value<'_>, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
         .enumerate()
     {
         match http_rule(d, v, &credential_names, &mut used_credentials) {
-            Some(rule) => http.push(Numbered {
-                index,
-                rule,
-                span: v.span.clone(),
-            }),
+            Some(rule) => {
+                http.push(rule);
+                http_at.push(Place {
+                    index,
+                    span: v.span.clone(),
+                });
+            }
             None => http_ok = false,
         }
     }
-    http_lints(d, &http, http_ok);
+    http_lints(d, &http, &http_at, http_ok);
     for (name, span) in &credential_names {
         if !used_credentials.iter().any(|u| u == name) {
             d.warning(
@@ -598,9 +604,7 @@ fn convert(root: &Value<'_>, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
     if !(version_ok && network_ok && unix_ok && credentials_ok && http_ok) {
         return None;
     }
-    let http_lines = http.iter().map(|n| d.line_of(&n.span)).collect();
-    let network = network.into_iter().map(|n| n.rule).collect();
-    let http = http.into_iter().map(|n| n.rule).collect();
+    let http_lines = http_at.iter().map(|n| d.line_of(&n.span)).collect();
     Some((
         Policy {
             name: name?,
@@ -705,9 +709,7 @@ fn net_rule(d: &mut Diag<'_>, value: &Value<'_>) -> Option<NetRule> {
             let mut ok = true;
             for p in items.value {
                 let parsed = match &p.node {
-                    Node::Integer(n) => u16::try_from(*n)
-                        .map_err(|_| format!("bad port {n}: expected 1-65535"))
-                        .and_then(|n| PortRange::parse(&n.to_string())),
+                    Node::Integer(n) => PortRange::number(*n),
                     Node::String(s) => PortRange::parse(s),
                     _ => Err(format!(
                         "a port must be a number or a \"first-last\" range, found {}",
@@ -759,23 +761,29 @@ fn cidr(d: &mut Diag<'_>, c: &At<&str>) -> Option<ipnet::IpNet> {
     None
 }
 
-/// A rule that was valid, with its index among all rules of its kind and where it is.
-struct Numbered<R> {
+/// Where a valid rule is: its index among all rules of its kind, and its span.
+struct Place {
     index: usize,
-    rule: R,
     span: Span,
 }
 
-fn duplicate_net_rules(d: &mut Diag<'_>, rules: &[Numbered<NetRule>]) {
-    let mut seen = BTreeMap::new();
-    for (k, b) in rules.iter().enumerate() {
-        let mut ports = b.rule.ports.clone();
-        ports.sort();
-        let key = (b.rule.cidr, b.rule.protocol, ports);
-        let Some(a) = seen.get(&key).map(|&first: &usize| &rules[first]) else {
+/// `rules` are the valid rules, `at` where each is.
+fn duplicate_net_rules(d: &mut Diag<'_>, rules: &[NetRule], at: &[Place]) {
+    let mut seen = HashMap::with_capacity(rules.len());
+    for (k, rule) in rules.iter().enumerate() {
+        let ports = if rule.ports.is_sorted() {
+            Cow::Borrowed(rule.ports.as_slice())
+        } else {
+            let mut ports = rule.ports.clone();
+            ports.sort_unstable();
+            Cow::Owned(ports)
+        };
+        let key = (rule.cidr, rule.protocol, ports);
+        let Some(a) = seen.get(&key).map(|&first: &usize| &at[first]) else {
             seen.insert(key, k);
             continue;
         };
+        let b = &at[k];
         let line = d.line_of(&a.span);
         d.error(
             &b.span,
@@ -1251,13 +1259,14 @@ fn http_rule(
 
 /// Duplicates (errors) and rules an earlier one shadows (warnings), among the rules that
 /// are valid; then, when all are, the tunnel's own compiler, which must accept them.
-fn http_lints(d: &mut Diag<'_>, rules: &[Numbered<HttpRule>], all_valid: bool) {
-    let specs: Vec<&HttpRule> = rules.iter().map(|n| &n.rule).collect();
-    for (b, found) in rules.iter().zip(lint::conflicts(&specs)) {
+/// `rules` are the valid rules, `at` where each is.
+fn http_lints(d: &mut Diag<'_>, rules: &[HttpRule], at: &[Place], all_valid: bool) {
+    let specs: Vec<&HttpRule> = rules.iter().collect();
+    for (b, found) in at.iter().zip(lint::conflicts(&specs)) {
         let Some((position, conflict)) = found else {
             continue;
         };
-        let a = &rules[position];
+        let a = &at[position];
         let (i, j, l) = (b.index, a.index, d.line_of(&a.span));
         let (severity, message) = match conflict {
             lint::Conflict::Duplicate => (
@@ -1290,9 +1299,8 @@ fn http_lints(d: &mut Diag<'_>, rules: &[Numbered<HttpRule>], all_valid: bool) {
     if !all_valid {
         return;
     }
-    let owned: Vec<HttpRule> = specs.into_iter().cloned().collect();
-    if let Err(e) = crate::tunnel::rules::Rules::new(&owned) {
-        let at = rules.first().map_or(0..0, |n| n.span.clone());
+    if let Err(e) = crate::tunnel::rules::Rules::new(rules) {
+        let at = at.first().map_or(0..0, |n| n.span.clone());
         d.error(&at, format!("the tunnel cannot compile these rules: {e}"));
     }
 }
