@@ -76,10 +76,12 @@ pub fn parse(text: &str) -> Result<Value<'_>, (Span, String)> {
                 .collect::<Vec<_>>()
                 .join(": ");
             // toml names neither key of a duplicate; the span is the second one.
-            if message == "duplicate key" {
-                if let Some(key) = text.get(span.clone()).filter(|k| !k.is_empty()) {
-                    message = format!("duplicate key `{key}`");
-                }
+            let duplicate = (message == "duplicate key")
+                .then(|| text.get(span.clone()))
+                .flatten()
+                .filter(|k| !k.is_empty());
+            if let Some(key) = duplicate {
+                message = format!("duplicate key `{key}`");
             }
             Err((span, syntax_error(&message)))
         }
