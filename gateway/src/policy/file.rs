@@ -6,7 +6,8 @@
 //! the walk, since there is no tree to walk after it.
 
 use std::{
-    collections::BTreeMap,
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
     fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -196,15 +197,21 @@ struct At<T> {
 /// One table of the file, with the keys it may hold.
 struct Table<'v> {
     /// How messages name it: `[[http.allow]]`, `[credentials.github]`, `the top level`.
-    name: String,
+    name: Cow<'static, str>,
     span: Span,
-    entries: &'v [(Key, Value)],
+    entries: &'v [(Key<'v>, Value<'v>)],
 }
 
 impl<'v> Table<'v> {
     /// `value` as a table that may hold `keys` (any key when `None`). A value that is no
     /// table and every unknown key are reported.
-    fn of(d: &mut Diag<'_>, value: &'v Value, name: &str, keys: Option<&[&str]>) -> Option<Self> {
+    fn of(
+        d: &mut Diag<'_>,
+        value: &'v Value<'v>,
+        name: impl Into<Cow<'static, str>>,
+        keys: Option<&[&str]>,
+    ) -> Option<Self> {
+        let name = name.into();
         let Node::Table(entries) = &value.node else {
             d.error(
                 &value.span,
@@ -214,7 +221,7 @@ impl<'v> Table<'v> {
         };
         if let Some(keys) = keys {
             for (k, _) in entries {
-                if keys.contains(&k.name.as_str()) {
+                if keys.contains(&k.name.as_ref()) {
                     continue;
                 }
                 let hint = match lint::did_you_mean(&k.name, keys) {
@@ -223,22 +230,22 @@ impl<'v> Table<'v> {
                 };
                 d.error(
                     &k.span,
-                    format!("unknown key `{}` {}: {hint}", k.name, place(name)),
+                    format!("unknown key `{}` {}: {hint}", k.name, place(&name)),
                 );
             }
         }
         Some(Self {
-            name: name.to_owned(),
+            name,
             span: value.span.clone(),
             entries,
         })
     }
 
-    fn entry(&self, key: &str) -> Option<&'v (Key, Value)> {
+    fn entry(&self, key: &str) -> Option<&'v (Key<'v>, Value<'v>)> {
         self.entries.iter().find(|(k, _)| k.name == key)
     }
 
-    fn get(&self, key: &str) -> Option<&'v Value> {
+    fn get(&self, key: &str) -> Option<&'v Value<'v>> {
         self.entry(key).map(|(_, v)| v)
     }
 
@@ -252,7 +259,7 @@ impl<'v> Table<'v> {
         );
     }
 
-    fn wrong_type(d: &mut Diag<'_>, key: &str, expected: &str, found: &Value) {
+    fn wrong_type(d: &mut Diag<'_>, key: &str, expected: &str, found: &Value<'_>) {
         d.error(
             &found.span,
             format!("`{key}` must be {expected}, found {}", found.kind()),
@@ -263,7 +270,7 @@ impl<'v> Table<'v> {
         let v = self.get(key)?;
         match &v.node {
             Node::String(s) => Some(At {
-                value: s.as_str(),
+                value: s.as_ref(),
                 span: v.span.clone(),
             }),
             _ => {
@@ -301,7 +308,7 @@ impl<'v> Table<'v> {
         }
     }
 
-    fn array(&self, d: &mut Diag<'_>, key: &str, expected: &str) -> Option<At<&'v [Value]>> {
+    fn array(&self, d: &mut Diag<'_>, key: &str, expected: &str) -> Option<At<&'v [Value<'v>]>> {
         let v = self.get(key)?;
         match &v.node {
             Node::Array(items) => Some(At {
@@ -329,7 +336,7 @@ impl<'v> Table<'v> {
         for item in items.value {
             match &item.node {
                 Node::String(s) => out.push(At {
-                    value: s.as_str(),
+                    value: s.as_ref(),
                     span: item.span.clone(),
                 }),
                 _ => {
@@ -374,11 +381,11 @@ impl<'v> Table<'v> {
     /// A sub-table such as `[tunnel]`; `None` when absent or wrong.
     fn table(&self, d: &mut Diag<'_>, key: &str, keys: Option<&[&str]>) -> Option<Table<'v>> {
         let v = self.get(key)?;
-        Table::of(d, v, &format!("[{key}]"), keys)
+        Table::of(d, v, format!("[{key}]"), keys)
     }
 
     /// The tables of an array of tables such as `[[http.allow]]`.
-    fn tables(&self, d: &mut Diag<'_>, key: &str, name: &str) -> Vec<&'v Value> {
+    fn tables(&self, d: &mut Diag<'_>, key: &str, name: &str) -> Vec<&'v Value<'v>> {
         let Some(v) = self.get(key) else {
             return Vec::new();
         };
@@ -472,7 +479,7 @@ const CREDENTIAL_KEYS: &[&str] = &[
 const TLS_KEYS: &[&str] = &["upstream_ca"];
 
 /// The whole file; `None` when some part could not be built (its errors are in `d`).
-fn convert(root: &Value, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
+fn convert(root: &Value<'_>, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
     let top = Table::of(d, root, "the top level", Some(TOP_KEYS))?;
     let version_ok = match top.get("version") {
         None => {
@@ -513,6 +520,7 @@ fn convert(root: &Value, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
 
     let network_table = top.table(d, "network", Some(&["allow"]));
     let mut network = Vec::new();
+    let mut network_at = Vec::new();
     let mut network_ok = top.get("network").is_none() || network_table.is_some();
     for (index, v) in network_table
         .map(|t| t.tables(d, "allow", "[[network.allow]]"))
@@ -521,15 +529,17 @@ fn convert(root: &Value, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
         .enumerate()
     {
         match net_rule(d, v) {
-            Some(rule) => network.push(Numbered {
-                index,
-                rule,
-                span: v.span.clone(),
-            }),
+            Some(rule) => {
+                network.push(rule);
+                network_at.push(Place {
+                    index,
+                    span: v.span.clone(),
+                });
+            }
             None => network_ok = false,
         }
     }
-    duplicate_net_rules(d, &network);
+    duplicate_net_rules(d, &network, &network_at);
 
     let unix_table = top.table(d, "unix", Some(&["allow"]));
     let mut unix = Vec::new();
@@ -548,6 +558,7 @@ fn convert(root: &Value, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
 
     let http_table = top.table(d, "http", Some(&["allow"]));
     let mut http = Vec::new();
+    let mut http_at = Vec::new();
     let mut used_credentials = Vec::new();
     let mut http_ok = top.get("http").is_none() || http_table.is_some();
     for (index, v) in http_table
@@ -557,15 +568,17 @@ fn convert(root: &Value, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
         .enumerate()
     {
         match http_rule(d, v, &credential_names, &mut used_credentials) {
-            Some(rule) => http.push(Numbered {
-                index,
-                rule,
-                span: v.span.clone(),
-            }),
+            Some(rule) => {
+                http.push(rule);
+                http_at.push(Place {
+                    index,
+                    span: v.span.clone(),
+                });
+            }
             None => http_ok = false,
         }
     }
-    http_lints(d, &http, http_ok);
+    http_lints(d, &http, &http_at, http_ok);
     for (name, span) in &credential_names {
         if !used_credentials.iter().any(|u| u == name) {
             d.warning(
@@ -591,9 +604,7 @@ fn convert(root: &Value, d: &mut Diag<'_>) -> Option<(Policy, Vec<usize>)> {
     if !(version_ok && network_ok && unix_ok && credentials_ok && http_ok) {
         return None;
     }
-    let http_lines = http.iter().map(|n| d.line_of(&n.span)).collect();
-    let network = network.into_iter().map(|n| n.rule).collect();
-    let http = http.into_iter().map(|n| n.rule).collect();
+    let http_lines = http_at.iter().map(|n| d.line_of(&n.span)).collect();
     Some((
         Policy {
             name: name?,
@@ -656,7 +667,7 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-fn net_rule(d: &mut Diag<'_>, value: &Value) -> Option<NetRule> {
+fn net_rule(d: &mut Diag<'_>, value: &Value<'_>) -> Option<NetRule> {
     let t = Table::of(d, value, "[[network.allow]]", Some(NET_RULE_KEYS))?;
     let cidr = match t.string(d, "cidr") {
         None => {
@@ -698,9 +709,7 @@ fn net_rule(d: &mut Diag<'_>, value: &Value) -> Option<NetRule> {
             let mut ok = true;
             for p in items.value {
                 let parsed = match &p.node {
-                    Node::Integer(n) => u16::try_from(*n)
-                        .map_err(|_| format!("bad port {n}: expected 1-65535"))
-                        .and_then(|n| PortRange::parse(&n.to_string())),
+                    Node::Integer(n) => PortRange::number(*n),
                     Node::String(s) => PortRange::parse(s),
                     _ => Err(format!(
                         "a port must be a number or a \"first-last\" range, found {}",
@@ -752,23 +761,29 @@ fn cidr(d: &mut Diag<'_>, c: &At<&str>) -> Option<ipnet::IpNet> {
     None
 }
 
-/// A rule that was valid, with its index among all rules of its kind and where it is.
-struct Numbered<R> {
+/// Where a valid rule is: its index among all rules of its kind, and its span.
+struct Place {
     index: usize,
-    rule: R,
     span: Span,
 }
 
-fn duplicate_net_rules(d: &mut Diag<'_>, rules: &[Numbered<NetRule>]) {
-    let mut seen = BTreeMap::new();
-    for (k, b) in rules.iter().enumerate() {
-        let mut ports = b.rule.ports.clone();
-        ports.sort();
-        let key = (b.rule.cidr, b.rule.protocol, ports);
-        let Some(a) = seen.get(&key).map(|&first: &usize| &rules[first]) else {
+/// `rules` are the valid rules, `at` where each is.
+fn duplicate_net_rules(d: &mut Diag<'_>, rules: &[NetRule], at: &[Place]) {
+    let mut seen = HashMap::with_capacity(rules.len());
+    for (k, rule) in rules.iter().enumerate() {
+        let ports = if rule.ports.is_sorted() {
+            Cow::Borrowed(rule.ports.as_slice())
+        } else {
+            let mut ports = rule.ports.clone();
+            ports.sort_unstable();
+            Cow::Owned(ports)
+        };
+        let key = (rule.cidr, rule.protocol, ports);
+        let Some(a) = seen.get(&key).map(|&first: &usize| &at[first]) else {
             seen.insert(key, k);
             continue;
         };
+        let b = &at[k];
         let line = d.line_of(&a.span);
         d.error(
             &b.span,
@@ -780,7 +795,7 @@ fn duplicate_net_rules(d: &mut Diag<'_>, rules: &[Numbered<NetRule>]) {
     }
 }
 
-fn unix_rule(d: &mut Diag<'_>, value: &Value) -> Option<UnixRule> {
+fn unix_rule(d: &mut Diag<'_>, value: &Value<'_>) -> Option<UnixRule> {
     let t = Table::of(d, value, "[[unix.allow]]", Some(UNIX_RULE_KEYS))?;
     let Some(path) = t.string(d, "path") else {
         if t.get("path").is_none() {
@@ -825,10 +840,10 @@ fn credentials(
     let mut ok = true;
     let mut placeholders: Vec<(String, String)> = Vec::new();
     for (key, value) in table.entries {
-        names.push((key.name.clone(), key.span.clone()));
+        names.push((key.name.to_string(), key.span.clone()));
         match credential(d, &key.name, value, &mut placeholders) {
             Some(c) => {
-                out.insert(key.name.clone(), c);
+                out.insert(key.name.to_string(), c);
             }
             None => ok = false,
         }
@@ -839,13 +854,13 @@ fn credentials(
 fn credential(
     d: &mut Diag<'_>,
     name: &str,
-    value: &Value,
+    value: &Value<'_>,
     placeholders: &mut Vec<(String, String)>,
 ) -> Option<Credential> {
     let t = Table::of(
         d,
         value,
-        &format!("[credentials.{name}]"),
+        format!("[credentials.{name}]"),
         Some(CREDENTIAL_KEYS),
     )?;
     let mut ok = true;
@@ -1068,7 +1083,7 @@ fn host_problem(host: &str) -> Option<String> {
 
 fn http_rule(
     d: &mut Diag<'_>,
-    value: &Value,
+    value: &Value<'_>,
     credential_names: &[(String, Span)],
     used_credentials: &mut Vec<String>,
 ) -> Option<HttpRule> {
@@ -1244,13 +1259,14 @@ fn http_rule(
 
 /// Duplicates (errors) and rules an earlier one shadows (warnings), among the rules that
 /// are valid; then, when all are, the tunnel's own compiler, which must accept them.
-fn http_lints(d: &mut Diag<'_>, rules: &[Numbered<HttpRule>], all_valid: bool) {
-    let specs: Vec<&HttpRule> = rules.iter().map(|n| &n.rule).collect();
-    for (b, found) in rules.iter().zip(lint::conflicts(&specs)) {
+/// `rules` are the valid rules, `at` where each is.
+fn http_lints(d: &mut Diag<'_>, rules: &[HttpRule], at: &[Place], all_valid: bool) {
+    let specs: Vec<&HttpRule> = rules.iter().collect();
+    for (b, found) in at.iter().zip(lint::conflicts(&specs)) {
         let Some((position, conflict)) = found else {
             continue;
         };
-        let a = &rules[position];
+        let a = &at[position];
         let (i, j, l) = (b.index, a.index, d.line_of(&a.span));
         let (severity, message) = match conflict {
             lint::Conflict::Duplicate => (
@@ -1283,9 +1299,8 @@ fn http_lints(d: &mut Diag<'_>, rules: &[Numbered<HttpRule>], all_valid: bool) {
     if !all_valid {
         return;
     }
-    let owned: Vec<HttpRule> = specs.into_iter().cloned().collect();
-    if let Err(e) = crate::tunnel::rules::Rules::new(&owned) {
-        let at = rules.first().map_or(0..0, |n| n.span.clone());
+    if let Err(e) = crate::tunnel::rules::Rules::new(rules) {
+        let at = at.first().map_or(0..0, |n| n.span.clone());
         d.error(&at, format!("the tunnel cannot compile these rules: {e}"));
     }
 }

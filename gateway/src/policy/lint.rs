@@ -192,26 +192,27 @@ pub enum Conflict {
 /// rules for different hosts is checked in about linear time.
 pub fn conflicts(rules: &[&HttpRule]) -> Vec<Option<(usize, Conflict)>> {
     let prepared: Vec<Prepared> = rules.iter().map(|r| Prepared::new(r)).collect();
-    let mut seen: std::collections::HashMap<(u16, Host), Vec<usize>> = Default::default();
+    // Earlier rules by port, `*.` or not, and host name (borrowed from `prepared`).
+    let mut seen: std::collections::HashMap<(u16, bool, &str), Vec<usize>> = Default::default();
     let mut out = Vec::with_capacity(rules.len());
     for (k, b) in prepared.iter().enumerate() {
         let mut candidates: Vec<usize> = Vec::new();
         if let Some(host) = &b.host {
             // Earlier rules for the same host pattern, and `*.PARENT` ones above it.
-            let name = match host {
-                Host::Exact(h) | Host::Below(h) => h.as_str(),
+            let key = match host {
+                Host::Exact(h) => (b.port, false, h.as_str()),
+                Host::Below(h) => (b.port, true, h.as_str()),
             };
-            let key = |h: Host| (b.port, h);
-            if let Some(v) = seen.get(&key(host.clone())) {
+            if let Some(v) = seen.get(&key) {
                 candidates.extend(v);
             }
-            for parent in parents(name) {
-                if let Some(v) = seen.get(&key(Host::Below(parent.to_owned()))) {
+            for parent in parents(key.2) {
+                if let Some(v) = seen.get(&(b.port, true, parent)) {
                     candidates.extend(v);
                 }
             }
             candidates.sort_unstable();
-            seen.entry(key(host.clone())).or_default().push(k);
+            seen.entry(key).or_default().push(k);
         }
         let first = |test: fn(&Prepared, &Prepared) -> bool| {
             candidates.iter().copied().find(|&j| test(&prepared[j], b))

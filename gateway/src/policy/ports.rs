@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortRange {
     pub first: u16,
     pub last: u16,
@@ -14,6 +14,18 @@ impl PortRange {
         Self {
             first: port,
             last: port,
+        }
+    }
+
+    /// A port written as a number; port 0 is never valid.
+    pub fn number(n: i64) -> Result<Self, String> {
+        match u16::try_from(n) {
+            Ok(0) => Err("bad port `0`: expected 1-65535 or a range like \"8000-8100\"".to_owned()),
+            Ok(port) => Ok(Self {
+                first: port,
+                last: port,
+            }),
+            Err(_) => Err(format!("bad port {n}: expected 1-65535")),
         }
     }
 
@@ -71,5 +83,16 @@ mod tests {
         assert!(PortRange::parse("9-1").is_err());
         assert!(PortRange::parse("70000").is_err());
         assert!(PortRange::parse("http").is_err());
+    }
+
+    #[test]
+    fn a_number_is_judged_as_its_text_would_be() {
+        assert_eq!(PortRange::number(443), Ok(PortRange::single(443)));
+        assert_eq!(PortRange::number(0), PortRange::parse("0"));
+        assert_eq!(
+            PortRange::number(70000),
+            Err("bad port 70000: expected 1-65535".to_owned())
+        );
+        assert!(PortRange::number(-1).is_err());
     }
 }

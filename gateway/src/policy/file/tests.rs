@@ -181,3 +181,29 @@ fn tunnel_must_be_loopback() {
         "{e:?}"
     );
 }
+
+#[test]
+fn network_duplicates_ignore_port_order_and_keep_rule_numbers() {
+    let text = r#"version = 1
+[[network.allow]]
+cidr = "10.0.0.1/32"
+ports = [443, 80]
+[[network.allow]]
+cidr = "10.0.0.2/32"
+ports = [0]
+[[network.allow]]
+cidr = "10.0.0.1"
+ports = [80, 443]
+[[network.allow]]
+cidr = "10.0.0.1/32"
+ports = [80, 443]
+protocol = "udp"
+"#;
+    assert_eq!(
+        errors(text),
+        [
+            "p.toml:7:10: bad port `0`: expected 1-65535 or a range like \"8000-8100\"",
+            "p.toml:8:1: duplicate rule: network rule 2 allows exactly what network rule 0 (line 2) allows; remove one",
+        ]
+    );
+}
