@@ -13,7 +13,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
+    maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, lpm_trie::Key},
 };
 use gateway_common::{
     IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RULES, NET_ALLOW_ENTRIES, PortRule, PortRules,
@@ -21,7 +21,7 @@ use gateway_common::{
 };
 use ipnet::IpNet;
 
-use super::{KernelError, Target};
+use super::{KernelError, Target, batch};
 use crate::policy::{NetRule, Policy, Protocol, UnixRule};
 
 const NET_MAPS: [&str; 2] = ["NET_ALLOW_0", "NET_ALLOW_1"];
@@ -29,6 +29,10 @@ const UNIX_MAPS: [&str; 2] = ["UNIX_ALLOW_0", "UNIX_ALLOW_1"];
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> KernelError {
     move |source| KernelError::Map { map, source }
+}
+
+fn batch_err(map: &'static str, e: std::io::Error) -> KernelError {
+    KernelError::Raw(format!("writing the policy into the {map} map: {e}"))
 }
 
 /// Writes the sandbox's identity and the tunnel's address; set once, never reloaded.
@@ -185,25 +189,36 @@ impl PolicyMaps {
 
     fn fill(&mut self, buffer: usize, compiled: &Compiled) -> Result<(), KernelError> {
         let written = &mut self.written[buffer];
-        for &((len, addr), rules) in &compiled.net {
-            self.net[buffer]
-                .insert(&Key::new(len, addr), rules, 0)
-                .map_err(map_err(NET_MAPS[buffer]))?;
-            written.net.push((len, addr));
-        }
-        for key in &compiled.unix {
-            self.unix[buffer]
-                .insert(key, 1, 0)
-                .map_err(map_err(UNIX_MAPS[buffer]))?;
-            written.unix.push(*key);
-        }
+        // Recorded before the write: whatever part of it lands, emptying finds it by key.
+        written.net.extend(compiled.net.iter().map(|(key, _)| *key));
+        let (keys, values): (Vec<_>, Vec<_>) = compiled
+            .net
+            .iter()
+            .map(|&((len, addr), rules)| (Key::new(len, addr), rules))
+            .unzip();
+        batch::update(self.net[buffer].map(), &keys, &values)
+            .map_err(|e| batch_err(NET_MAPS[buffer], e))?;
+        written.unix.extend(compiled.unix.iter().copied());
+        let ones = vec![1u8; compiled.unix.len()];
+        batch::update(self.unix[buffer].map(), &compiled.unix, &ones)
+            .map_err(|e| batch_err(UNIX_MAPS[buffer], e))?;
         Ok(())
     }
 
     fn clear(&mut self, buffer: usize) -> Result<(), KernelError> {
         let written = std::mem::take(&mut self.written[buffer]);
         let net = &mut self.net[buffer];
-        for (len, addr) in written.net {
+        let keys: Vec<Key<[u8; 16]>> = written
+            .net
+            .iter()
+            .map(|&(len, addr)| Key::new(len, addr))
+            .collect();
+        // In batches while every key is there; from the first one that is not, one by one.
+        let deleted = match batch::delete(net.map(), &keys) {
+            Ok(()) => keys.len(),
+            Err((n, _)) => n,
+        };
+        for (len, addr) in written.net.into_iter().skip(deleted) {
             match net.remove(&Key::new(len, addr)) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(NET_MAPS[buffer])(e)),
@@ -218,7 +233,11 @@ impl PolicyMaps {
             net.remove(&key).map_err(map_err(NET_MAPS[buffer]))?;
         }
         let unix = &mut self.unix[buffer];
-        for key in written.unix {
+        let deleted = match batch::delete(unix.map(), &written.unix) {
+            Ok(()) => written.unix.len(),
+            Err((n, _)) => n,
+        };
+        for key in written.unix.into_iter().skip(deleted) {
             match unix.remove(&key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(map_err(UNIX_MAPS[buffer])(e)),

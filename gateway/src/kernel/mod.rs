@@ -1,6 +1,7 @@
 //! Loads the eBPF programs, writes the compiled policy into their maps, attaches them to the
 //! sandbox cgroup and pins every link in bpffs.
 
+mod batch;
 mod clients;
 mod events;
 mod maps;
