@@ -17,7 +17,7 @@ fn fields() -> ProxyFields {
         status: Some(200),
         rule: Some(3),
         credential: Some("github".into()),
-        client: String::new(),
+        client: None,
     }
 }
 
@@ -42,14 +42,14 @@ fn main() {
     let client: SocketAddr = "127.0.0.1:41234".parse().unwrap();
     let build = per_op(|| {
         let mut f = fields();
-        f.client = client.to_string();
+        f.client = Some(client);
         let mut r = Record::new(Layer::Proxy, Verdict::Allow, "agent-1", "allowlisted");
         r.proxy = Some(f);
         black_box(r);
     });
     let line = per_op(|| {
         let mut f = fields();
-        f.client = client.to_string();
+        f.client = Some(client);
         let mut r = Record::new(Layer::Proxy, Verdict::Allow, "agent-1", "allowlisted");
         r.proxy = Some(f);
         black_box(serde_json::to_vec(&r).unwrap());

@@ -157,12 +157,31 @@ sandboxed() {
 rps() { awk '/Requests\/sec/ {print $2}'; }
 lat() { awk -v q="$1" '$1 == q {print $2}'; }
 
-tun_rps=(); ngx_rps=(); tun_p50=(); ngx_p50=(); tun_p99=(); ngx_p99=()
+# CPU the proxy itself spends per request (user and system, from /proc), sampled over the
+# middle of each run: steadier than requests per second on a shared machine.
+ticks() { local u=0 s=0 a b; for p in "$@"; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)); s=$((s + b)); done; echo "$u $s"; }
+sample_cpu() { # PIDS-COMMAND: prints "user_ticks sys_ticks seconds"
+  sleep 1
+  local pids a b
+  pids=$(eval "$1")
+  a=$(ticks $pids)
+  sleep $((duration - 2))
+  b=$(ticks $pids)
+  echo "$a $b" | awk -v d=$((duration - 2)) '{print $3 - $1, $4 - $2, d}'
+}
+per_req() { awk -v rps="$2" '{ hz = 100; printf "%.1f/%.1f", $1 / hz / ($3 * rps) * 1e6, $2 / hz / ($3 * rps) * 1e6 }' <<<"$1"; }
+tun_rps=(); ngx_rps=(); tun_p50=(); ngx_p50=(); tun_p99=(); ngx_p99=(); tun_cpu=(); ngx_cpu=()
 for r in $(seq "$rounds"); do
+  sample_cpu "pgrep -f '$work/gateway run' | head -1" > "$work/cpu" &
   out=$(sandboxed sh -c "wrk -t2 -c$conns -d${duration}s --latency -s $work/absolute.lua \"\$HTTP_PROXY/\"")
+  wait $!
   tun_rps+=("$(rps <<<"$out")"); tun_p50+=("$(lat 50% <<<"$out")"); tun_p99+=("$(lat 99% <<<"$out")")
+  tun_cpu+=("$(per_req "$(cat "$work/cpu")" "$(rps <<<"$out")")")
+  sample_cpu "pgrep -P $(cat "$work/nginx.pid")" > "$work/cpu" &
   out=$(sandboxed wrk -t2 -c"$conns" -d"${duration}"s --latency "http://127.0.0.1:$ngx_port/")
+  wait $!
   ngx_rps+=("$(rps <<<"$out")"); ngx_p50+=("$(lat 50% <<<"$out")"); ngx_p99+=("$(lat 99% <<<"$out")")
+  ngx_cpu+=("$(per_req "$(cat "$work/cpu")" "$(rps <<<"$out")")")
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 deny=$(grep -c '"verdict":"deny"' "$work/audit.jsonl" || true)
@@ -171,6 +190,7 @@ echo "tunnel: ${tun_rps[*]} req/s (median $(median "${tun_rps[@]}")); p50 ${tun_
 echo "nginx:  ${ngx_rps[*]} req/s (median $(median "${ngx_rps[@]}")); p50 ${ngx_p50[*]}; p99 ${ngx_p99[*]}"
 awk -v t="$(median "${tun_rps[@]}")" -v n="$(median "${ngx_rps[@]}")" \
   'BEGIN { printf "ratio tunnel/nginx requests per second: %.2f\n", t/n }'
+echo "proxy CPU per request, user/system us: tunnel ${tun_cpu[*]}; nginx ${ngx_cpu[*]}"
 echo "(deny records during the run: $deny)"
 
 tls_tun=(); tls_dir=()

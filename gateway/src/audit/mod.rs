@@ -114,7 +114,9 @@ impl AuditLog {
 
     /// Queues one record; it reaches the file as one line, so lines never interleave.
     pub fn append(&self, record: &Record) -> Result<(), AuditError> {
-        let line = serde_json::to_vec(record).expect("audit records always serialize");
+        // Sized for a typical proxy record, so serializing does not grow it step by step.
+        let mut line = Vec::with_capacity(512);
+        serde_json::to_writer(&mut line, record).expect("audit records always serialize");
         self.check()?;
         self.tx.send(Queued::Record(line)).map_err(|_| self.gone())
     }

@@ -65,8 +65,8 @@ pub struct ProxyFields {
     pub status: Option<u16>,
     pub rule: Option<usize>,
     pub credential: Option<String>,
-    /// The client's address as the tunnel saw it.
-    pub client: String,
+    /// The client's address as the tunnel saw it (written as text, `ADDR:PORT`).
+    pub client: Option<std::net::SocketAddr>,
 }
 
 /// Fields of a policy reload: what was put in force, or why nothing was.

@@ -298,7 +298,7 @@ impl Tunnel {
     /// Appends one proxy record. A failed write is logged loudly; the request it describes
     /// was already refused or answered.
     fn record(&self, verdict: Verdict, reason: &str, client: SocketAddr, mut fields: ProxyFields) {
-        fields.client = client.to_string();
+        fields.client = Some(client);
         let mut record = Record::new(Layer::Proxy, verdict, &self.sandbox, reason);
         record.proxy = Some(fields);
         if let Err(e) = self.audit.append(&record) {

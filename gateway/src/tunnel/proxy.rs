@@ -129,10 +129,9 @@ impl Tunnel {
         {
             return self.refuse(status, reason, client, fields);
         }
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = match format!("{scheme}://{target}{path}").parse::<Uri>() {
-            Ok(u) => u,
-            Err(_) => return self.refuse(StatusCode::BAD_REQUEST, "bad-uri", client, fields),
+        parts.uri = match upstream_uri(&parts.uri, scheme, target) {
+            Some(u) => u,
+            None => return self.refuse(StatusCode::BAD_REQUEST, "bad-uri", client, fields),
         };
         parts.version = Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers, ws);
@@ -368,6 +367,28 @@ fn target_of(
             Ok(("https", connect.clone()))
         }
     }
+}
+
+/// The URI sent upstream: the checked authority, never the client's spelling of it, and the
+/// client's path and query as already parsed.
+fn upstream_uri(uri: &Uri, scheme: &'static str, target: &Authority) -> Option<Uri> {
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(if scheme == "https" {
+        hyper::http::uri::Scheme::HTTPS
+    } else {
+        hyper::http::uri::Scheme::HTTP
+    });
+    let checked = target.to_string();
+    parts.authority = Some(match uri.authority() {
+        Some(a) if a.as_str() == checked => a.clone(),
+        _ => checked.parse().ok()?,
+    });
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).ok()
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
