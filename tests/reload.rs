@@ -188,26 +188,15 @@ fn a_reload_allows_a_new_host_and_an_open_stream_carries_on() {
     let mut live = Live::python(
         &run,
         &format!(
-            r#"
+            r#"{SSE_EVENTS}
 stream = urllib.request.urlopen("https://api.test/sse", timeout=30)
-def next_event():
-    try:
-        while True:
-            line = stream.readline()
-            if not line:
-                return "end of stream"
-            line = line.decode().strip()
-            if line.startswith("data: "):
-                return line[len("data: "):]
-    except Exception as e:
-        return "error: " + repr(e)
-say("first", next_event())
+say("first", next_event(stream))
 say("b_before", status("https://other.test/v1/before"))
 wait_for({go:?})
 say("b_after", status("https://other.test/v1/after"))
 say("release", status("https://api.test/release"))
-say("second", next_event())
-say("rest", next_event())
+say("second", next_event(stream))
+say("rest", next_event(stream))
 "#,
             go = go.to_str().unwrap()
         ),

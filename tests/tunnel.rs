@@ -470,27 +470,19 @@ fn server_sent_events_arrive_one_by_one() {
     // it read `first`: a tunnel that buffers the stream makes the first read time out.
     let out = python(
         &run,
-        r#"
+        &format!(
+            "{SSE_EVENTS}{}",
+            r#"
 import urllib.request
 resp = urllib.request.urlopen("https://api.test/sse", timeout=10)
 print(json.dumps({"step": "open", "status": resp.status,
                   "type": resp.headers.get("Content-Type")}), flush=True)
-def next_event():
-    try:
-        while True:
-            line = resp.readline()
-            if not line:
-                return "end of stream"
-            line = line.decode().strip()
-            if line.startswith("data: "):
-                return line[len("data: "):]
-    except Exception as e:
-        return "error: " + repr(e)
-print(json.dumps({"step": "event", "data": next_event()}), flush=True)
+print(json.dumps({"step": "event", "data": next_event(resp)}), flush=True)
 with urllib.request.urlopen("https://api.test/release", timeout=10) as rel:
     print(json.dumps({"step": "release", "status": rel.status}), flush=True)
-print(json.dumps({"step": "event", "data": next_event()}), flush=True)
-"#,
+print(json.dumps({"step": "event", "data": next_event(resp)}), flush=True)
+"#
+        ),
     );
     let ctx = || format!("{}\n{}", out.describe(), api.describe());
     let steps: Vec<&Value> = out

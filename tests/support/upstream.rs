@@ -17,7 +17,25 @@ use super::{Scratch, json_lines, policy};
 pub const SECRET: &str = "gwtest-secret-7Hq2xV9kLm4Rt8Zp";
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 pub const API_CREDENTIAL: &str = "[credentials.api]\nenv = \"API_TOKEN\"\n";
-/// Names the upstream certificate is valid for.
+
+/// Python for a sandboxed client of a server-sent-event stream: `next_event(stream)` returns
+/// the next event's data, "end of stream", or "error: ..." (a timeout when the tunnel holds
+/// the stream back).
+pub const SSE_EVENTS: &str = r#"
+def next_event(stream):
+    try:
+        while True:
+            line = stream.readline()
+            if not line:
+                return "end of stream"
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                return line[len("data: "):]
+    except Exception as e:
+        return "error: " + repr(e)
+"#;
+
+/// Names (and the address) the upstream certificate is valid for.
 pub const NAMES: [&str; 6] = [
     "api.test",
     "other.test",
