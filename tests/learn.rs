@@ -152,6 +152,7 @@ r post-item -X POST -d '{{"name":"x"}}' https://localhost:{pa}/v1/items
 r get-repo https://127.0.0.1:{pb}/repo/x
 r down https://localhost:{closed}/v1/down
 r leak -H "Authorization: Bearer $API_TOKEN_PLACEHOLDER" https://localhost:{pa}/v1/leak
+r metadata https://[fe80::1]:8443/latest/meta-data
 python3 {client} {pa} {port}
 "#,
         client = client.display(),
@@ -210,6 +211,15 @@ python3 {client} {pa} {port}
         &out,
         record(&out, "GET", "localhost", pa, "/v1/leak"),
         &json!({"verdict": "deny", "reason": "placeholder-to-unlisted-host", "status": 403}),
+    );
+    // Link-local (where clouds serve instance credentials) is refused before any dial; an
+    // fe80:: address without a zone cannot be dialled anyway, so nothing leaves the host.
+    let metadata = reply(&answered, "metadata", &out);
+    assert!(metadata.forbidden(), "metadata: {metadata:?}\n{}", ctx(&out));
+    assert_fields(
+        &out,
+        record(&out, "GET", "fe80::1", 8443, "/latest/meta-data"),
+        &json!({"verdict": "deny", "reason": "private-address", "status": 403}),
     );
     let smuggled = outcome(&out, "cl-te");
     assert!(

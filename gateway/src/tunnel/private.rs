@@ -11,6 +11,35 @@ pub fn is_private(ip: IpAddr) -> bool {
     }
 }
 
+/// Link-local addresses, where clouds serve instance metadata and its credentials
+/// (169.254.169.254, fd00:ec2::254), in every IPv6 form that reaches them. Learn mode, which
+/// lets through what no rule allows, still never dials these.
+pub fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            let seg = v6.segments();
+            (seg[0] & 0xffc0) == 0xfe80
+                || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                || embedded_v4(v6).is_some_and(|v4| v4.is_link_local())
+        }
+    }
+}
+
+/// The IPv4 address an IPv6 one stands for: mapped, compatible, NAT64 or 6to4.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let seg = ip.segments();
+    let o = ip.octets();
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    if seg[..6] == [0, 0, 0, 0, 0, 0] || (seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0; 4])
+    {
+        return Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+    }
+    (seg[0] == 0x2002).then(|| Ipv4Addr::new(o[2], o[3], o[4], o[5]))
+}
+
 fn private_v4(ip: Ipv4Addr) -> bool {
     let [a, b, ..] = ip.octets();
     ip.is_unspecified()
@@ -52,6 +81,33 @@ mod tests {
 
     fn p(s: &str) -> bool {
         is_private(s.parse().unwrap())
+    }
+
+    #[test]
+    fn link_local_in_every_form() {
+        let ll = |s: &str| is_link_local(s.parse().unwrap());
+        for s in [
+            "169.254.169.254",
+            "169.254.0.1",
+            "fe80::1",
+            "fd00:ec2::254",
+            "::ffff:169.254.169.254",
+            "::169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+        ] {
+            assert!(ll(s), "{s} is link-local");
+        }
+        for s in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "::1",
+            "fd00::1",
+            "2002:7f00:1::1",
+            "8.8.8.8",
+        ] {
+            assert!(!ll(s), "{s} is not link-local");
+        }
     }
 
     #[test]

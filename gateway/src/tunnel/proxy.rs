@@ -219,9 +219,12 @@ impl Tunnel {
             _ => (StatusCode::BAD_GATEWAY, "upstream-error"),
         };
         tracing::info!(host = %target, "upstream: {}", error_chain(e));
-        let Route::Learn = route else {
+        // Outside learn mode, and for learn mode's own refusal (a link-local address), the
+        // request was refused, not let through.
+        let refused_here = matches!(dialed, Some(upstream::DialError::Private { .. }));
+        if !matches!(route, Route::Learn) || refused_here {
             return self.refuse(status, reason, client, fields);
-        };
+        }
         // Learn mode let the request through; that it then failed upstream is in `status`,
         // and the author still learns that the agent wanted it.
         let would = match dialed {

@@ -28,7 +28,10 @@ use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, pem::PemObject as _};
 use tokio::net::TcpStream;
 
-use super::{private::is_private, rules::Rules};
+use super::{
+    private::{is_link_local, is_private},
+    rules::Rules,
+};
 use crate::policy::HttpRule;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -237,11 +240,15 @@ impl Dialer {
                 if found.is_empty() {
                     return Err(DialError::NoAddress { host });
                 }
-                if self.private == Private::Refuse {
-                    // One private answer means the name is not what the rule meant.
-                    if let Some(addr) = found.iter().find(|a| is_private(a.ip())) {
-                        return Err(DialError::Private { host, addr: *addr });
-                    }
+                // One private answer means the name is not what the rule meant; learn mode,
+                // with no rule, still never goes near the metadata service.
+                let refused = match self.private {
+                    Private::Refuse => found.iter().find(|a| is_private(a.ip())),
+                    Private::Mark => found.iter().find(|a| is_link_local(a.ip())),
+                    Private::Allow => None,
+                };
+                if let Some(addr) = refused {
+                    return Err(DialError::Private { host, addr: *addr });
                 }
                 found
             }
