@@ -11,6 +11,7 @@ use std::{
 };
 
 use gateway::{
+    kernel::Compiled,
     policy::{self, Policy},
     tunnel::{authority::Authority, rules::Rules},
 };
@@ -88,6 +89,7 @@ struct Scale {
 struct Figures {
     load: Duration,
     compile: Duration,
+    kernel: Duration,
     decisions: Vec<(&'static str, f64)>,
 }
 
@@ -98,6 +100,7 @@ fn measure(scale: &Scale) -> Figures {
     let policy: Policy = policy::check_text(path, &text).unwrap().policy;
     let compile = time(|| Rules::new(&policy.http).unwrap());
     let rules = Rules::new(&policy.http).unwrap();
+    let kernel = time(|| Compiled::new(&policy).unwrap());
     let last = scale.hosts - 2; // the last exact-host rule
     let last_zone = scale.hosts - 1;
     let probes: Vec<(&'static str, Method, String, &str)> = vec![
@@ -140,6 +143,7 @@ fn measure(scale: &Scale) -> Figures {
     Figures {
         load,
         compile,
+        kernel,
         decisions,
     }
 }
@@ -181,5 +185,11 @@ fn main() {
         "compile the tunnel's rules",
         ms(small.compile),
         ms(large.compile)
+    );
+    println!(
+        "{:<34} {:>12.3} {:>12.1}",
+        "compile the kernel's map entries",
+        ms(small.kernel),
+        ms(large.kernel)
     );
 }
