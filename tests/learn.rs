@@ -215,7 +215,11 @@ python3 {client} {pa} {port}
     // Link-local (where clouds serve instance credentials) is refused before any dial; an
     // fe80:: address without a zone cannot be dialled anyway, so nothing leaves the host.
     let metadata = reply(&answered, "metadata", &out);
-    assert!(metadata.forbidden(), "metadata: {metadata:?}\n{}", ctx(&out));
+    assert!(
+        metadata.forbidden(),
+        "metadata: {metadata:?}\n{}",
+        ctx(&out)
+    );
     assert_fields(
         &out,
         record(&out, "GET", "fe80::1", 8443, "/latest/meta-data"),
