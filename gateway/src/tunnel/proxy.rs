@@ -225,7 +225,7 @@ impl Tunnel {
         client: SocketAddr,
         mut fields: ProxyFields,
     ) -> Response<Body> {
-        if has_source::<PlaceholderInBody>(e) {
+        if upstream::source_of::<PlaceholderInBody>(e).is_some() {
             return self.refuse(
                 StatusCode::FORBIDDEN,
                 "placeholder-to-unlisted-host",
@@ -415,18 +415,6 @@ fn upstream_uri(uri: &Uri, scheme: &'static str, target: &Authority) -> Option<U
             .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
     );
     Uri::from_parts(parts).ok()
-}
-
-/// Whether an error of type `T` is anywhere in `e`'s source chain.
-fn has_source<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err.is::<T>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

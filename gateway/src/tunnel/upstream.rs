@@ -346,10 +346,17 @@ impl tower_service::Service<Uri> for Dialer {
 
 /// The dial error somewhere in a client error's chain, if that is what failed.
 pub fn dial_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
+    source_of(err)
+}
+
+/// The first error of type `T` in `err`'s source chain: what hyper's errors wrap of ours.
+pub fn source_of<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
     let mut cur = Some(err);
     while let Some(e) = cur {
-        if let Some(d) = e.downcast_ref::<DialError>() {
-            return Some(d);
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
         }
         cur = e.source();
     }
