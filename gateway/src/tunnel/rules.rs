@@ -106,9 +106,16 @@ impl Rules {
 
     /// Every rule whose host and port match `target`, in policy order.
     fn candidates(&self, target: &Authority) -> Vec<&Rule> {
-        let mut found: Vec<usize> = Vec::new();
+        let mut found: Vec<&Rule> = Vec::new();
+        let mut take = |hit: &Vec<usize>| {
+            found.extend(
+                hit.iter()
+                    .map(|&i| &self.rules[i])
+                    .filter(|r| r.spec.port == target.port),
+            );
+        };
         if let Some(hit) = self.exact.get(target.host.as_str()) {
-            found.extend(hit);
+            take(hit);
         }
         // `*.base` matches any name strictly below base: look up every proper suffix that
         // starts after a dot.
@@ -120,16 +127,12 @@ impl Rules {
                     continue;
                 }
                 if let Some(hit) = self.below.get(base) {
-                    found.extend(hit);
+                    take(hit);
                 }
             }
         }
-        found.sort_unstable();
+        found.sort_unstable_by_key(|r| r.index);
         found
-            .into_iter()
-            .map(|i| &self.rules[i])
-            .filter(|r| r.spec.port == target.port)
-            .collect()
     }
 }
 
