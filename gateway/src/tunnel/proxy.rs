@@ -141,18 +141,22 @@ impl Tunnel {
         let request_headers = ws.then(|| parts.headers.clone());
         // Placeholders of credentials this host's rule does not name must not leave in the
         // body either; headers and URL were checked above.
-        let unlisted: Vec<String> = snapshot
-            .secrets
-            .iter()
-            .filter(|s| route.credential() != Some(s.name.as_str()))
-            .filter_map(|s| Some(s.placeholder.as_ref()?.value.clone()))
-            .collect();
-        let body: upstream::RequestBody =
-            if unlisted.is_empty() || http_body::Body::is_end_stream(&body) {
-                body.map_err(Into::into).boxed()
-            } else {
-                body_scan::Scanned::new(body, unlisted).boxed()
-            };
+        // (A bodiless request, most of them, has nothing to scan.)
+        let unlisted: Vec<String> = if http_body::Body::is_end_stream(&body) {
+            Vec::new()
+        } else {
+            snapshot
+                .secrets
+                .iter()
+                .filter(|s| route.credential() != Some(s.name.as_str()))
+                .filter_map(|s| Some(s.placeholder.as_ref()?.value.clone()))
+                .collect()
+        };
+        let body: upstream::RequestBody = if unlisted.is_empty() {
+            body.map_err(Into::into).boxed()
+        } else {
+            body_scan::Scanned::new(body, unlisted).boxed()
+        };
         let body: upstream::RequestBody = match snapshot.max_request_body {
             None => body,
             Some(limit) => {
