@@ -88,6 +88,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         sandbox: policy.name.clone(),
         cgroup_dir: cgroup_root.join(crate::sandbox::cgroup::PARENT).join(&id),
         pin_dir: state::pin_dir(&id),
+        keep_cgroup: false,
     };
     // Saved before anything exists, so a crash at any later point can be cleaned up.
     run_state.save(&run_dir)?;
@@ -138,8 +139,8 @@ struct SandboxClients {
 }
 
 impl tunnel::ClientIdentity for SandboxClients {
-    fn claim(&self, peer: std::net::SocketAddr) -> bool {
-        self.clients.claim(peer) == Some(self.cgroup_id)
+    fn claim(&self, peer: std::net::SocketAddr) -> Option<usize> {
+        (self.clients.claim(peer) == Some(self.cgroup_id)).then_some(0)
     }
 }
 
@@ -209,15 +210,8 @@ async fn supervise(
         )));
         let placeholders = secrets.placeholder_env();
         let started = Started::new(policy, secrets.placeholders());
-        let proxy = Tunnel::new(
-            policy,
-            secrets,
-            ca.clone(),
-            audit.clone(),
-            Box::new(clients),
-            learn,
-        )
-        .context("starting the tunnel")?;
+        let proxy = Tunnel::new(policy, secrets, ca.clone(), audit.clone(), learn)
+            .context("starting the tunnel")?;
         let mut reloader = Reloader::new(
             policy_file,
             policy.clone(),
@@ -228,8 +222,12 @@ async fn supervise(
             proxy.policy_handle(),
             audit.clone(),
         );
-        tunnel_threads = proxy
-            .spawn_workers(listener, stop_rx)
+        let doorman = tunnel::Doorman {
+            identity: Box::new(clients),
+            unclaimed: policy.name.clone(),
+            audit: audit.clone(),
+        };
+        tunnel_threads = tunnel::spawn_workers(vec![proxy], doorman, listener, stop_rx)
             .context("starting the tunnel's threads")?;
         tracing::info!(
             sandbox = %policy.name,

@@ -15,6 +15,7 @@ pub mod rules;
 mod snapshot;
 mod upstream;
 mod websocket;
+mod workers;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -24,13 +25,14 @@ use hyper::{Response, StatusCode, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
 
 pub use ca::{LocalCa, state_dir};
 pub use credentials::{CredentialError, Placeholders, Secrets};
 pub use snapshot::{PolicyHandle, Snapshot};
+pub use workers::{Doorman, spawn_workers};
 
 use self::{authority::Authority, guard::HeadGuard, snapshot::WorkerPools};
 use crate::{
@@ -47,34 +49,37 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Open client connections per sandbox.
 const MAX_CONNECTIONS: usize = 1024;
 
-/// Tells whether a sandbox made the TCP connection that arrived from `peer`.
+/// Tells which sandbox made the TCP connection that arrived from `peer`: the index of its
+/// tunnel among those one listener serves, or `None` when no sandbox made it.
 pub trait ClientIdentity: Send + Sync + 'static {
-    fn claim(&self, peer: SocketAddr) -> bool;
+    fn claim(&self, peer: SocketAddr) -> Option<usize>;
 }
 
 pub fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A connection a sandbox made, on its way to the worker that serves it.
-type Accepted = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
+/// A connection a sandbox made, on its way to the worker that serves it: the stream, its
+/// client, the sandbox's connection permit, and the index of the sandbox's tunnel.
+type Accepted = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit, usize);
 
-/// What every worker thread of the tunnel shares.
+/// What every worker thread shares about one sandbox.
 pub struct Shared {
     sandbox: String,
     /// Rules, secrets and upstream settings: replaced whole by a reload.
     policy: PolicyHandle,
     ca: Arc<LocalCa>,
     audit: AuditLog,
-    identity: Box<dyn ClientIdentity>,
+    /// This sandbox's open client connections; another sandbox cannot use them up.
     connections: Arc<Semaphore>,
     /// Learn mode (`run --learn`): what no rule allows is forwarded without a credential and
     /// recorded `would-deny` instead of refused. Every other refusal stands.
     learn: bool,
 }
 
-/// One worker: the shared state plus upstream connection pools of its own, so a request and
-/// the pooled connection it uses are driven by the same thread (no cross-thread wakeups).
+/// One sandbox on one worker: the sandbox's shared state plus upstream connection pools of
+/// the worker's own, so a request and the pooled connection it uses are driven by the same
+/// thread (no cross-thread wakeups) and sandboxes never share an upstream connection.
 pub struct Tunnel {
     shared: Arc<Shared>,
     pools: WorkerPools,
@@ -93,7 +98,6 @@ impl Tunnel {
         secrets: Secrets,
         ca: Arc<LocalCa>,
         audit: AuditLog,
-        identity: Box<dyn ClientIdentity>,
         learn: bool,
     ) -> anyhow::Result<Self> {
         let snapshot = Snapshot::new(policy, secrets)?;
@@ -104,7 +108,6 @@ impl Tunnel {
                 policy: PolicyHandle::new(snapshot),
                 ca,
                 audit,
-                identity,
                 connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
                 learn,
             }),
@@ -121,135 +124,6 @@ impl Tunnel {
         Self {
             shared: self.shared.clone(),
             pools: WorkerPools::new(&self.policy.current()),
-        }
-    }
-
-    /// Serves `listener` on one thread per CPU, each with its own single-threaded runtime,
-    /// until `stop` turns true. The first thread accepts, checks the client's identity and
-    /// hands connections out in turn, so load is spread evenly whatever the kernel wakes.
-    /// Join the returned threads after stopping.
-    pub fn spawn_workers(
-        self,
-        listener: TcpListener,
-        stop: watch::Receiver<bool>,
-    ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
-        let listener = listener.into_std()?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut senders = Vec::with_capacity(threads);
-        let mut inboxes = Vec::with_capacity(threads);
-        for _ in 0..threads {
-            let (tx, rx) = mpsc::unbounded_channel::<Accepted>();
-            senders.push(tx);
-            inboxes.push(rx);
-        }
-        let mut workers = vec![self];
-        for _ in 1..threads {
-            workers.push(workers[0].worker());
-        }
-        let mut listener = Some(listener);
-        let mut handles = Vec::with_capacity(threads);
-        for (i, (worker, inbox)) in workers.into_iter().zip(inboxes).enumerate() {
-            let acceptor = listener.take().map(|l| (l, senders.clone()));
-            let stop = stop.clone();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let handle = std::thread::Builder::new()
-                .name(format!("tunnel-{i}"))
-                .spawn(move || {
-                    runtime.block_on(Arc::new(worker).run_worker(inbox, acceptor, stop));
-                })?;
-            handles.push(handle);
-        }
-        Ok(handles)
-    }
-
-    async fn run_worker(
-        self: Arc<Self>,
-        mut inbox: mpsc::UnboundedReceiver<Accepted>,
-        acceptor: Option<(std::net::TcpListener, Vec<mpsc::UnboundedSender<Accepted>>)>,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        if let Some((listener, workers)) = acceptor {
-            match TcpListener::from_std(listener) {
-                Ok(l) => {
-                    tokio::spawn(self.clone().accept(l, workers, stop.clone()));
-                }
-                Err(e) => {
-                    tracing::error!("tunnel listener: {e}");
-                    return;
-                }
-            }
-        }
-        loop {
-            let (stream, peer, permit) = tokio::select! {
-                next = inbox.recv() => match next {
-                    Some(a) => a,
-                    None => return,
-                },
-                _ = stop.changed() => return,
-            };
-            let stream = match stream
-                .set_nonblocking(true)
-                .and_then(|()| TcpStream::from_std(stream))
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("tunnel connection from {peer}: {e}");
-                    continue;
-                }
-            };
-            let tunnel = self.clone();
-            tokio::spawn(async move {
-                tunnel.serve_http(stream, peer, None).await;
-                drop(permit);
-            });
-        }
-    }
-
-    /// Accepts until `stop` turns true; only connections a sandbox made are served.
-    async fn accept(
-        self: Arc<Self>,
-        listener: TcpListener,
-        workers: Vec<mpsc::UnboundedSender<Accepted>>,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        let mut next = 0;
-        loop {
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!("tunnel accept: {e}");
-                        continue;
-                    }
-                },
-                _ = stop.changed() => return,
-            };
-            if !self.identity.claim(peer) {
-                // No sandbox made this connection: another local user must not borrow the
-                // credentials. Closed before a byte is read.
-                self.record(Verdict::Deny, "not-a-sandbox", peer, ProxyFields::default());
-                drop(stream);
-                continue;
-            }
-            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                self.record(
-                    Verdict::Deny,
-                    "too-many-connections",
-                    peer,
-                    ProxyFields::default(),
-                );
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let Ok(stream) = stream.into_std() else {
-                continue;
-            };
-            next = (next + 1) % workers.len();
-            if workers[next].send((stream, peer, permit)).is_err() {
-                return;
-            }
         }
     }
 
@@ -298,13 +172,24 @@ impl Tunnel {
 
     /// Appends one proxy record. A failed write is logged loudly; the request it describes
     /// was already refused or answered.
-    fn record(&self, verdict: Verdict, reason: &str, client: SocketAddr, mut fields: ProxyFields) {
-        fields.client = Some(client);
-        let mut record = Record::new(Layer::Proxy, verdict, &self.sandbox, reason);
-        record.proxy = Some(fields);
-        if let Err(e) = self.audit.append(&record) {
-            tracing::error!("{e}");
-        }
+    fn record(&self, verdict: Verdict, reason: &str, client: SocketAddr, fields: ProxyFields) {
+        record(&self.audit, &self.sandbox, verdict, reason, client, fields);
+    }
+}
+
+fn record(
+    audit: &AuditLog,
+    sandbox: &str,
+    verdict: Verdict,
+    reason: &str,
+    client: SocketAddr,
+    mut fields: ProxyFields,
+) {
+    fields.client = Some(client);
+    let mut record = Record::new(Layer::Proxy, verdict, sandbox, reason);
+    record.proxy = Some(fields);
+    if let Err(e) = audit.append(&record) {
+        tracing::error!("{e}");
     }
 }
 

@@ -1,0 +1,188 @@
+//! The tunnel's threads: one listener, one accepting task that asks the kernel which sandbox
+//! made each connection, and one single-threaded runtime per CPU serving the connections of
+//! every sandbox, each under its own sandbox's policy.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+
+use super::{Accepted, ClientIdentity, Shared, Tunnel, record};
+use crate::audit::{AuditLog, ProxyFields, Verdict};
+
+/// Decides at accept which sandbox a connection belongs to, before a byte of it is read.
+pub struct Doorman {
+    pub identity: Box<dyn ClientIdentity>,
+    /// The `sandbox` of records about connections no sandbox made.
+    pub unclaimed: String,
+    pub audit: AuditLog,
+}
+
+/// Serves `listener` for `tunnels` (one per sandbox; `doorman.identity` answers indices
+/// into it) on one thread per CPU, each with its own single-threaded runtime, until `stop`
+/// turns true. The first thread accepts, checks the client's identity and hands connections
+/// out in turn, so load is spread evenly whatever the kernel wakes. Join the returned
+/// threads after stopping.
+pub fn spawn_workers(
+    tunnels: Vec<Tunnel>,
+    doorman: Doorman,
+    listener: TcpListener,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    anyhow::ensure!(!tunnels.is_empty(), "the tunnel serves no sandbox");
+    let listener = listener.into_std()?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut senders = Vec::with_capacity(threads);
+    let mut inboxes = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        let (tx, rx) = mpsc::unbounded_channel::<Accepted>();
+        senders.push(tx);
+        inboxes.push(rx);
+    }
+    let door = Arc::new(Door {
+        doorman,
+        sandboxes: tunnels.iter().map(|t| t.shared.clone()).collect(),
+    });
+    let mut per_worker: Vec<Vec<Arc<Tunnel>>> = Vec::with_capacity(threads);
+    for _ in 1..threads {
+        per_worker.push(tunnels.iter().map(|t| Arc::new(t.worker())).collect());
+    }
+    per_worker.insert(0, tunnels.into_iter().map(Arc::new).collect());
+    let mut acceptor = Some((listener, senders));
+    let mut handles = Vec::with_capacity(threads);
+    for (i, (tunnels, inbox)) in per_worker.into_iter().zip(inboxes).enumerate() {
+        let accepting = acceptor.take().map(|(l, s)| (l, s, door.clone()));
+        let stop = stop.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = std::thread::Builder::new()
+            .name(format!("tunnel-{i}"))
+            .spawn(move || runtime.block_on(run_worker(tunnels, inbox, accepting, stop)))?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+/// What the accepting task holds: the doorman and each sandbox's connection limit.
+struct Door {
+    doorman: Doorman,
+    sandboxes: Vec<Arc<Shared>>,
+}
+
+type Acceptor = (
+    std::net::TcpListener,
+    Vec<mpsc::UnboundedSender<Accepted>>,
+    Arc<Door>,
+);
+
+async fn run_worker(
+    tunnels: Vec<Arc<Tunnel>>,
+    mut inbox: mpsc::UnboundedReceiver<Accepted>,
+    acceptor: Option<Acceptor>,
+    mut stop: watch::Receiver<bool>,
+) {
+    if let Some((listener, workers, door)) = acceptor {
+        match TcpListener::from_std(listener) {
+            Ok(l) => {
+                tokio::spawn(accept(door, l, workers, stop.clone()));
+            }
+            Err(e) => {
+                tracing::error!("tunnel listener: {e}");
+                return;
+            }
+        }
+    }
+    loop {
+        let (stream, peer, permit, sandbox) = tokio::select! {
+            next = inbox.recv() => match next {
+                Some(a) => a,
+                None => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let stream = match stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("tunnel connection from {peer}: {e}");
+                continue;
+            }
+        };
+        // The index came from the doorman, which only answers indices of `tunnels`.
+        let Some(tunnel) = tunnels.get(sandbox).cloned() else {
+            continue;
+        };
+        tokio::spawn(async move {
+            tunnel.serve_http(stream, peer, None).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Accepts until `stop` turns true; only connections a sandbox made are served, each by its
+/// own sandbox's tunnel.
+async fn accept(
+    door: Arc<Door>,
+    listener: TcpListener,
+    workers: Vec<mpsc::UnboundedSender<Accepted>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut next = 0;
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("tunnel accept: {e}");
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let claimed = door.doorman.identity.claim(peer);
+        let Some((index, sandbox)) = claimed.and_then(|i| Some((i, door.sandboxes.get(i)?))) else {
+            // No sandbox made this connection: another local user must not borrow the
+            // credentials. Closed before a byte is read.
+            door.refuse("not-a-sandbox", peer);
+            drop(stream);
+            continue;
+        };
+        let Ok(permit) = sandbox.connections.clone().try_acquire_owned() else {
+            record(
+                &sandbox.audit,
+                &sandbox.sandbox,
+                Verdict::Deny,
+                "too-many-connections",
+                peer,
+                ProxyFields::default(),
+            );
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        next = (next + 1) % workers.len();
+        if workers[next].send((stream, peer, permit, index)).is_err() {
+            return;
+        }
+    }
+}
+
+impl Door {
+    fn refuse(&self, reason: &str, peer: SocketAddr) {
+        record(
+            &self.doorman.audit,
+            &self.doorman.unclaimed,
+            Verdict::Deny,
+            reason,
+            peer,
+            ProxyFields::default(),
+        );
+    }
+}
