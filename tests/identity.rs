@@ -10,7 +10,6 @@ use std::{
     io::{BufRead as _, BufReader},
     net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream},
     os::unix::fs::MetadataExt as _,
-    path::PathBuf,
     process::{Child, ChildStdout, Stdio},
     time::{Duration, Instant},
 };
@@ -205,15 +204,7 @@ fn cgroup_id_of(pid: u32) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .expect("no cgroup v2 line");
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let root = mountinfo
-        .lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            (right.split(' ').next() == Some("cgroup2")).then(|| left.split(' ').nth(4))?
-        })
-        .expect("cgroup v2 is not mounted");
-    let dir = PathBuf::from(root).join(path.trim_start_matches('/'));
+    let dir = cgroup2_root().join(path.trim_start_matches('/'));
     std::fs::metadata(dir).unwrap().ino()
 }
 

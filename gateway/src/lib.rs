@@ -6,4 +6,5 @@ pub mod policy;
 pub mod reload;
 pub mod run;
 pub mod sandbox;
+pub mod serve;
 pub mod tunnel;

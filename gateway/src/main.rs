@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use gateway::{audit, policy, run, sandbox, tunnel};
+use gateway::{audit, policy, run, sandbox, serve, tunnel};
 
 /// Run commands in a sandbox whose only way out is the gateway's tunnel.
 #[derive(Parser)]
@@ -43,6 +43,16 @@ enum Command {
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
+    },
+    /// Lock down several existing cgroups, each under its own policy, behind one tunnel; runs
+    /// until SIGINT or SIGTERM (which kill every sandbox). SIGHUP reloads every policy file.
+    /// Start it before placing processes in the cgroups (it refuses cgroups that have any);
+    /// give those processes the variables in /run/gateway/serve/NAME/env.
+    Serve {
+        /// The serve config (TOML): `listen`, `audit_log`, and one `[[sandbox]]` per cgroup
+        /// with `cgroup` (under the cgroup v2 root) and `policy` (relative to the config).
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Remove what crashed runs left behind: sandboxes, pinned programs, cgroups.
     Cleanup,
@@ -116,6 +126,7 @@ fn main() -> ExitCode {
             command,
             learn,
         }),
+        Command::Serve { config } => serve::serve(&config),
         Command::Cleanup => cleanup(),
         Command::Audit(args) => audit::cli::run(args),
         Command::Policy {

@@ -325,6 +325,19 @@ pub fn wait_for_line(child: &mut Child, want: &str) -> BufReader<std::process::C
     }
 }
 
+/// Where cgroup v2 is mounted.
+pub fn cgroup2_root() -> PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = mountinfo
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split(' ').next() == Some("cgroup2")).then(|| left.split(' ').nth(4))?
+        })
+        .expect("cgroup v2 is not mounted");
+    PathBuf::from(root)
+}
+
 pub fn policy(name: &str, extra: &str) -> String {
     format!("version = 1\nname = \"{name}\"\n{extra}\n")
 }

@@ -660,7 +660,7 @@ fn tunnel(d: &mut Diag<'_>, top: &Table<'_>) -> Option<(SocketAddr, Option<u64>)
     Some((listen, max))
 }
 
-fn valid_name(name: &str) -> bool {
+pub fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .bytes()

@@ -35,6 +35,30 @@ impl Cgroup {
         Self::open(dir)
     }
 
+    /// Opens `<root>/<path>` for `gateway serve`, creating it and any missing parent (mode
+    /// 0755, owned by root). Returns the directories it created, deepest last.
+    pub fn open_or_create(root: &Path, path: &Path) -> Result<(Self, Vec<PathBuf>), SandboxError> {
+        let mut created = Vec::new();
+        let mut dir = root.to_owned();
+        let mut builder = std::fs::DirBuilder::new();
+        builder.mode(0o755);
+        for part in path.iter() {
+            dir.push(part);
+            match builder.create(&dir) {
+                Ok(()) => created.push(dir.clone()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+                Err(e) => {
+                    // Whatever this call made is undone; the caller never saw it.
+                    for made in created.iter().rev() {
+                        let _ = std::fs::remove_dir(made);
+                    }
+                    return Err(SandboxError::io("creating cgroup", &dir)(e));
+                }
+            }
+        }
+        Ok((Self::open(dir)?, created))
+    }
+
     pub fn open(dir: PathBuf) -> Result<Self, SandboxError> {
         let meta = std::fs::metadata(&dir).map_err(SandboxError::io("reading cgroup", &dir))?;
         // On cgroup v2 the directory's inode number is the id bpf_get_current_cgroup_id sees.
@@ -73,7 +97,8 @@ impl Cgroup {
         Ok(())
     }
 
-    fn populated(&self) -> Result<bool, SandboxError> {
+    /// Whether any process is in the cgroup or below it.
+    pub fn populated(&self) -> Result<bool, SandboxError> {
         let events = self.dir.join("cgroup.events");
         let text =
             std::fs::read_to_string(&events).map_err(SandboxError::io("reading", &events))?;

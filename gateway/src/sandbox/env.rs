@@ -53,3 +53,22 @@ pub fn variables(tunnel: SocketAddr, ca_bundle: &Path) -> Vec<(String, String)> 
     );
     vars
 }
+
+/// Writes `vars` as `KEY='value'` lines, the form both systemd's `EnvironmentFile=` and a
+/// shell's `set -a; . FILE` read, for `gateway serve`'s launchers. Readable by everyone: it
+/// holds the tunnel's address, CA paths and placeholders, never a secret.
+pub fn write_env_file(path: &Path, vars: &[(String, String)]) -> std::io::Result<()> {
+    let mut text = String::new();
+    for (key, value) in vars {
+        if value.contains(['\'', '\n', '\\']) {
+            return Err(std::io::Error::other(format!(
+                "environment variable {key} holds a quote, backslash or newline; it cannot be written to {}",
+                path.display()
+            )));
+        }
+        text.push_str(&format!("{key}='{value}'\n"));
+    }
+    std::fs::write(path, text)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+}

@@ -18,6 +18,10 @@ pub struct RunState {
     pub sandbox: String,
     pub cgroup_dir: PathBuf,
     pub pin_dir: PathBuf,
+    /// A cgroup `gateway serve` was given rather than made: cleanup kills what is in it but
+    /// leaves the directory.
+    #[serde(default)]
+    pub keep_cgroup: bool,
 }
 
 /// The id of this run: the gateway's pid, which is unique among live runs.
@@ -79,7 +83,12 @@ pub fn clean_stale() -> Result<Vec<String>, anyhow::Error> {
         }
         // Kill first: the pinned links keep the sandbox locked until it is gone.
         if state.cgroup_dir.exists() {
-            Cgroup::open(state.cgroup_dir.clone())?.destroy()?;
+            let cgroup = Cgroup::open(state.cgroup_dir.clone())?;
+            if state.keep_cgroup {
+                cgroup.kill()?;
+            } else {
+                cgroup.destroy()?;
+            }
         }
         crate::kernel::remove_pin_dir(&state.pin_dir)?;
         std::fs::remove_dir_all(&dir)?;

@@ -1,0 +1,341 @@
+//! `gateway serve`: a daemon that locks down several existing sandbox cgroups, each under its
+//! own policy, behind one tunnel. The kernel tells the tunnel which sandbox made each client
+//! connection, and that sandbox's policy, credentials, connection limit and upstream pools
+//! serve it. Whoever launches the sandboxed processes (a container runtime, systemd, a
+//! script) places them in the cgroup and gives them the environment file serve writes.
+
+pub mod config;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use crate::{
+    audit::AuditLog,
+    kernel::{self, Enforcer, EventReader, TunnelClients},
+    reload::{Reloader, Started},
+    sandbox::{
+        cgroup::Cgroup,
+        env, host,
+        state::{self, RUN_DIR, RunState},
+    },
+    tunnel::{self, LocalCa, Secrets, Tunnel},
+};
+
+pub use config::Config;
+
+pub const NOT_ROOT: &str = "gateway serve needs root (CAP_BPF, CAP_SYS_ADMIN): run it with sudo";
+
+/// Where each sandbox's environment file and CA bundle go: `<ENV_DIR>/<name>/`.
+pub fn env_dir(sandbox: &str) -> PathBuf {
+    Path::new(RUN_DIR).join("serve").join(sandbox)
+}
+
+/// Runs until SIGINT or SIGTERM; returns the status `gateway` exits with.
+pub fn serve(config_file: &Path) -> anyhow::Result<i32> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(NOT_ROOT);
+    }
+    nix::sys::prctl::set_dumpable(false).context("making the gateway non-dumpable")?;
+    let config = config::load(config_file)?;
+    // Every secret read before anything is created: a missing one is the policy author's.
+    let secrets = config
+        .sandboxes
+        .iter()
+        .map(|s| Secrets::load(&s.policy))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ca = Arc::new(
+        LocalCa::load_or_create(&tunnel::state_dir().join("ca"))
+            .context("loading the gateway CA")?,
+    );
+    host::check_btf()?;
+    let cgroup_root = host::cgroup2_root()?;
+    host::ensure_bpffs()?;
+    for gone in state::clean_stale().context("removing what a crashed gateway left behind")? {
+        tracing::warn!("cleaned up after a crashed gateway: {gone}");
+    }
+    let audit = AuditLog::open_with(&config.audit_log, config.audit_max_bytes)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let written = audit.clone();
+    let status = runtime.block_on(supervise(&config, &cgroup_root, secrets, ca, audit));
+    let synced = written.sync();
+    let code = status?;
+    synced?;
+    Ok(code)
+}
+
+/// One sandbox with its programs attached.
+struct Attached {
+    name: String,
+    cgroup: Cgroup,
+    /// Directories serve made for the cgroup, deepest last; removed at exit.
+    created: Vec<PathBuf>,
+    enforcer: Enforcer,
+    /// Holds the state a later gateway needs to clean up after a crash.
+    run_dir: PathBuf,
+}
+
+impl Attached {
+    /// Kills what runs in the sandbox, unpins its programs and removes its state; returns
+    /// the cgroup directories serve made for it, for the caller to remove once no other
+    /// sandbox is inside them.
+    fn teardown(self) -> (Vec<PathBuf>, anyhow::Result<()>) {
+        let killed = self.cgroup.kill();
+        let detached = self.enforcer.detach();
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+        let _ = std::fs::remove_dir_all(env_dir(&self.name));
+        let name = &self.name;
+        let done = killed
+            .map_err(anyhow::Error::from)
+            .and_then(|()| detached.map_err(anyhow::Error::from))
+            .with_context(|| format!("sandbox {name}"));
+        (self.created, done)
+    }
+}
+
+/// Attaches the programs of sandbox `index` to its cgroup, after recording how to undo it.
+fn attach(
+    config: &Config,
+    index: usize,
+    cgroup_root: &Path,
+    tunnel_addr: SocketAddr,
+) -> anyhow::Result<Attached> {
+    let entry = &config.sandboxes[index];
+    let (cgroup, created) = Cgroup::open_or_create(cgroup_root, &entry.cgroup)?;
+    let undo_created = |created: &[PathBuf]| {
+        for dir in created.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    };
+    // A process already inside may hold sockets made before the programs were attached,
+    // which the address hooks would never judge.
+    match cgroup.populated() {
+        Ok(false) => {}
+        Ok(true) => {
+            undo_created(&created);
+            anyhow::bail!(
+                "cgroup {} already has processes: serve locks down only empty cgroups, so nothing inside holds a socket made before the lockdown; stop them (echo 1 > {}/cgroup.kill) and start serve before placing processes there",
+                cgroup.dir().display(),
+                cgroup.dir().display()
+            );
+        }
+        Err(e) => {
+            undo_created(&created);
+            return Err(e.into());
+        }
+    }
+    let id = format!("{}-{index}", state::run_id());
+    let run_dir = state::run_dir(&id);
+    let run_state = RunState {
+        pid: std::process::id(),
+        start_time: state::process_start_time(std::process::id()).unwrap_or(0),
+        sandbox: entry.policy.name.clone(),
+        cgroup_dir: cgroup.dir().to_owned(),
+        pin_dir: state::pin_dir(&id),
+        keep_cgroup: created.is_empty(),
+    };
+    // Saved before anything is attached, so a crash at any later point can be cleaned up.
+    if let Err(e) = run_state.save(&run_dir) {
+        undo_created(&created);
+        return Err(e.into());
+    }
+    let attached = Enforcer::attach(&kernel::Target {
+        cgroup_dir: cgroup.dir(),
+        cgroup_id: cgroup.id(),
+        tunnel: tunnel_addr,
+        policy: &entry.policy,
+        pin_dir: &run_state.pin_dir,
+    });
+    match attached {
+        Ok(enforcer) => Ok(Attached {
+            name: entry.policy.name.clone(),
+            cgroup,
+            created,
+            enforcer,
+            run_dir,
+        }),
+        Err(e) => {
+            let _ = kernel::remove_pin_dir(&run_state.pin_dir);
+            let _ = std::fs::remove_dir_all(&run_dir);
+            undo_created(&created);
+            Err(anyhow::Error::from(e).context(format!(
+                "attaching the programs of sandbox {} to {}",
+                entry.policy.name,
+                cgroup.dir().display()
+            )))
+        }
+    }
+}
+
+/// The kernel's record of tunnel clients of every sandbox: the index of the sandbox whose
+/// map holds the client. Each sandbox's programs write only its own map.
+struct Clients(Vec<(TunnelClients, u64)>);
+
+impl tunnel::ClientIdentity for Clients {
+    fn claim(&self, peer: SocketAddr) -> Option<usize> {
+        self.0
+            .iter()
+            .position(|(clients, cgroup_id)| clients.claim(peer) == Some(*cgroup_id))
+    }
+}
+
+async fn supervise(
+    config: &Config,
+    cgroup_root: &Path,
+    secrets: Vec<Secrets>,
+    ca: Arc<LocalCa>,
+    audit: AuditLog,
+) -> anyhow::Result<i32> {
+    // Before anything exists: SIGHUP's default action would end the gateway without cleanup.
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let listener = tunnel::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the tunnel at {}", config.listen))?;
+    let tunnel_addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut attached: Vec<Attached> = Vec::with_capacity(config.sandboxes.len());
+    let mut readers = Vec::new();
+    let mut tunnel_threads = Vec::new();
+    let outcome: anyhow::Result<i32> = async {
+        for index in 0..config.sandboxes.len() {
+            attached.push(attach(config, index, cgroup_root, tunnel_addr)?);
+        }
+        let mut tunnels = Vec::with_capacity(attached.len());
+        let mut clients = Vec::with_capacity(attached.len());
+        let mut reloaders = Vec::with_capacity(attached.len());
+        for ((index, sandbox), secrets) in attached.iter_mut().enumerate().zip(secrets) {
+            let entry = &config.sandboxes[index];
+            let policy = &entry.policy;
+            let reader: EventReader = sandbox.enforcer.events()?;
+            readers.push(tokio::spawn(reader.run(
+                audit.clone(),
+                policy.name.clone(),
+                stop_rx.clone(),
+            )));
+            clients.push((sandbox.enforcer.tunnel_clients()?, sandbox.cgroup.id()));
+            let mut vars = env::variables(
+                tunnel_addr,
+                &write_bundle(&sandbox.name, ca.pem()).context("writing the CA bundle")?,
+            );
+            vars.extend(secrets.placeholder_env());
+            let env_file = env_dir(&sandbox.name).join("env");
+            env::write_env_file(&env_file, &vars)
+                .with_context(|| format!("writing {}", env_file.display()))?;
+            let started = Started::new(policy, secrets.placeholders());
+            let proxy = Tunnel::new(policy, secrets, ca.clone(), audit.clone(), false)
+                .with_context(|| format!("starting the tunnel for sandbox {}", policy.name))?;
+            reloaders.push(Reloader::new(
+                &entry.policy_file,
+                policy.clone(),
+                started,
+                sandbox
+                    .enforcer
+                    .policy_maps()
+                    .context("the kernel policy maps were already taken")?,
+                proxy.policy_handle(),
+                audit.clone(),
+            ));
+            tunnels.push(proxy);
+            tracing::info!(
+                sandbox = %policy.name,
+                cgroup = %sandbox.cgroup.dir().display(),
+                policy = %entry.policy_file.display(),
+                env_file = %env_file.display(),
+                "sandbox locked down"
+            );
+        }
+        let doorman = tunnel::Doorman {
+            identity: Box::new(Clients(clients)),
+            unclaimed: config.name.clone(),
+            audit: audit.clone(),
+        };
+        tunnel_threads = tunnel::spawn_workers(tunnels, doorman, listener, stop_rx.clone())
+            .context("starting the tunnel's threads")?;
+        tracing::info!(
+            tunnel = %tunnel_addr,
+            sandboxes = attached.len(),
+            audit_log = %audit.path().display(),
+            "serving; SIGHUP reloads every sandbox's policy, SIGINT or SIGTERM stops (killing every sandbox)"
+        );
+        loop {
+            tokio::select! {
+                _ = sighup.recv() => {
+                    // Each policy is reloaded or refused on its own; one sandbox's broken
+                    // file leaves the others' reloads in force.
+                    tokio::task::block_in_place(|| {
+                        for r in &mut reloaders {
+                            r.on_signal();
+                        }
+                    });
+                }
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+            }
+        }
+        tracing::info!("stopping: killing every sandbox, then detaching");
+        Ok(0)
+    }
+    .await;
+
+    // Kill first: the tunnel stops only once nothing inside can still use it.
+    let mut failures = Vec::new();
+    for sandbox in &attached {
+        if let Err(e) = sandbox.cgroup.kill() {
+            failures.push(anyhow::Error::from(e));
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in tunnel_threads {
+            let _ = t.join();
+        }
+    })
+    .await;
+    for task in readers {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(e.into()),
+            Err(e) => failures.push(anyhow::Error::from(e).context("kernel event reader")),
+        }
+    }
+    let mut created = Vec::new();
+    for sandbox in attached {
+        let (made, done) = sandbox.teardown();
+        created.extend(made);
+        if let Err(e) = done {
+            failures.push(e);
+        }
+    }
+    // Deepest first: a parent serve made for two sandboxes goes after both.
+    for dir in created.iter().rev() {
+        if let Err(e) = std::fs::remove_dir(dir) {
+            failures
+                .push(anyhow::Error::from(e).context(format!("removing cgroup {}", dir.display())));
+        }
+    }
+    let status = outcome?;
+    match failures.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(status),
+    }
+}
+
+fn write_bundle(sandbox: &str, ca_pem: &str) -> std::io::Result<PathBuf> {
+    let dir = env_dir(sandbox);
+    std::fs::create_dir_all(&dir)?;
+    env::write_ca_bundle(&dir, ca_pem)
+}

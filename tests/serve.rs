@@ -1,0 +1,444 @@
+//! `gateway serve`: several cgroups locked down behind one tunnel, each sandbox under its own
+//! policy, credentials and audit name; the kernel tells the tunnel which sandbox made each
+//! connection. Real gateway as root, real cgroups, curl inside, TLS upstreams on 127.0.0.1.
+//! Run by `cargo xtask test` (README.md).
+
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use support::{upstream::*, *};
+
+/// A second credential's value, for sandbox B.
+const SECRET_B: &str = "gwtest-secret-b-Qw3rTy8UiOp2";
+
+/// A running `gateway serve`.
+struct Serve {
+    child: Child,
+    stderr: PathBuf,
+    audit: PathBuf,
+}
+
+impl Serve {
+    /// Starts serve with `config` and waits until it serves (or panics with its stderr).
+    fn start(scratch: &Scratch, config: &str) -> Self {
+        let config = scratch.write("serve.toml", config);
+        let stderr = scratch.dir.join("serve.stderr");
+        let child = Command::new(gateway_bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("API_TOKEN", SECRET)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let mut serve = Self {
+            child,
+            stderr,
+            audit: scratch.dir.join("audit.jsonl"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !serve.log().contains("serving;") {
+            if let Some(status) = serve.child.try_wait().unwrap() {
+                panic!("serve exited with {status} before serving\n{}", serve.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve not ready\n{}",
+                serve.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        serve
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn audit_records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit)
+            .map(|t| json_lines(&t))
+            .unwrap_or_default()
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill has no memory preconditions; the pid is our own child.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as libc::pid_t, sig) },
+            0
+        );
+    }
+
+    fn stop(mut self) -> (ExitStatus, String) {
+        self.signal(libc::SIGTERM);
+        let status = self.child.wait().unwrap();
+        (status, self.log())
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.signal(libc::SIGTERM);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `script` run by sh inside cgroup `cgroup` (relative to the cgroup v2 root) as nobody,
+/// with the environment file serve wrote for sandbox `name`: what a launcher does.
+fn in_sandbox(cgroup: &str, name: &str, script: &str) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(
+            r#"echo $$ > "$1/cgroup.procs" && set -a && . "$2" && set +a && exec setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs sh -c "$3""#,
+        )
+        .arg("sh")
+        .arg(cgroup2_root().join(cgroup))
+        .arg(env_file(name))
+        .arg(script)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .current_dir("/")
+        .stdin(Stdio::null());
+    c
+}
+
+fn env_file(sandbox: &str) -> PathBuf {
+    Path::new("/run/gateway/serve").join(sandbox).join("env")
+}
+
+fn run(c: &mut Command) -> (Output, String) {
+    let out = c.output().unwrap();
+    let text = format!(
+        "status: {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
+
+fn curl_replies(out: &Output) -> std::collections::HashMap<String, Reply> {
+    replies(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn proxy(records: &[Value], sandbox: &str, verdict: &str, host: &str) -> bool {
+    records.iter().any(|r| {
+        r["layer"] == "proxy"
+            && r["sandbox"] == sandbox
+            && r["verdict"] == verdict
+            && r["host"] == host
+    })
+}
+
+fn test_cgroup(tag: &str) -> String {
+    format!("gateway-test-serve-{}-{tag}", std::process::id())
+}
+
+#[test]
+fn one_tunnel_serves_two_sandboxes_each_under_its_own_policy() {
+    assert_root();
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let other = Server::upstream(&pki, "other");
+    let scratch = Scratch::new("serve");
+    let secret_b = scratch.write("secret-b", SECRET_B);
+    let a = tunnel_policy(
+        "serve-a",
+        &pki,
+        &format!(
+            "{}{API_CREDENTIAL}",
+            rule("api.test", api.port, "credential = \"api\"")
+        ),
+    );
+    let b = tunnel_policy(
+        "serve-b",
+        &pki,
+        &format!(
+            "{}[credentials.other]\nfile = {:?}\nformat = \"Token {{secret}}\"\n",
+            rule("other.test", other.port, "credential = \"other\""),
+            secret_b.to_str().unwrap()
+        ),
+    );
+    scratch.write("a.toml", &a);
+    scratch.write("b.toml", &b);
+    let parent = test_cgroup("ab");
+    let serve = Serve::start(
+        &scratch,
+        &format!(
+            "version = 1\nname = \"serve-host\"\naudit_log = {:?}\n[[sandbox]]\ncgroup = \"{parent}/a\"\npolicy = \"a.toml\"\n[[sandbox]]\ncgroup = \"{parent}/b\"\npolicy = \"b.toml\"\n",
+            scratch.dir.join("audit.jsonl").to_str().unwrap()
+        ),
+    );
+
+    let env_a = std::fs::read_to_string(env_file("serve-a")).unwrap();
+    let env_b = std::fs::read_to_string(env_file("serve-b")).unwrap();
+    let proxy_line = env_a
+        .lines()
+        .find(|l| l.starts_with("HTTPS_PROXY="))
+        .unwrap_or_else(|| panic!("no HTTPS_PROXY in the env file\n{env_a}"))
+        .to_owned();
+    assert!(
+        env_b.contains(&proxy_line),
+        "the sandboxes do not share the tunnel\n{env_a}\n{env_b}"
+    );
+    assert!(env_a.contains("SSL_CERT_FILE='/run/gateway/serve/serve-a/ca-bundle.pem'"));
+
+    let script = |first: &str, second: &str| {
+        format!(
+            "{CURL}\nr {first} https://{first}/v1/{first}\nr {second} https://{second}/v1/{second}\npython3 -c 'import socket; s=socket.socket(); s.settimeout(5); s.connect((\"127.0.0.1\", {}))' 2>&1 | tail -1\n",
+            api.port
+        )
+    };
+    let (out_a, ctx_a) = run(&mut in_sandbox(
+        &format!("{parent}/a"),
+        "serve-a",
+        &script("api.test", "other.test"),
+    ));
+    let (out_b, ctx_b) = run(&mut in_sandbox(
+        &format!("{parent}/b"),
+        "serve-b",
+        &script("other.test", "api.test"),
+    ));
+    // A host process outside every sandbox, through the same tunnel.
+    let tunnel = proxy_line
+        .trim_start_matches("HTTPS_PROXY=")
+        .trim_matches('\'')
+        .to_owned();
+    let (host_out, host_ctx) = run(Command::new("curl")
+        .args(["-sS", "-m", "10", "-x", &tunnel, "http://api.test/v1/host"])
+        .env_clear());
+    let records = serve.audit_records();
+    let ctx = || {
+        format!(
+            "--- sandbox a\n{ctx_a}\n--- sandbox b\n{ctx_b}\n--- host\n{host_ctx}\n--- api\n{}\n--- other\n{}\n--- serve\n{}\n--- audit\n{}",
+            api.describe(),
+            other.describe(),
+            serve.log(),
+            records
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    };
+
+    let ra = curl_replies(&out_a);
+    let rb = curl_replies(&out_b);
+    let got = |r: &std::collections::HashMap<String, Reply>, n: &str| {
+        r.get(n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no reply {n}\n{}", ctx()))
+    };
+    assert_eq!(got(&ra, "api.test").code, 200, "{}", ctx());
+    assert!(got(&ra, "other.test").forbidden(), "{}", ctx());
+    assert_eq!(got(&rb, "other.test").code, 200, "{}", ctx());
+    assert!(got(&rb, "api.test").forbidden(), "{}", ctx());
+    // Each upstream saw only its own sandbox's request, with that sandbox's credential.
+    assert_eq!(api.paths(), ["/v1/api.test"], "{}", ctx());
+    assert_eq!(other.paths(), ["/v1/other.test"], "{}", ctx());
+    assert_eq!(
+        header(&api.requests()[0], "authorization"),
+        [format!("Bearer {SECRET}")],
+        "{}",
+        ctx()
+    );
+    assert_eq!(
+        header(&other.requests()[0], "authorization"),
+        [format!("Token {SECRET_B}")],
+        "{}",
+        ctx()
+    );
+    // Each refusal carries the name of the sandbox that made the request.
+    assert!(proxy(&records, "serve-a", "allow", "api.test"), "{}", ctx());
+    assert!(
+        proxy(&records, "serve-a", "deny", "other.test"),
+        "{}",
+        ctx()
+    );
+    assert!(
+        proxy(&records, "serve-b", "allow", "other.test"),
+        "{}",
+        ctx()
+    );
+    assert!(proxy(&records, "serve-b", "deny", "api.test"), "{}", ctx());
+    // The kernel refuses a direct connection from either sandbox, under its own name.
+    for (out, sandbox) in [(&out_a, "serve-a"), (&out_b, "serve-b")] {
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("PermissionError"),
+            "{}",
+            ctx()
+        );
+        let dst = format!("127.0.0.1:{}", api.port);
+        assert!(
+            records.iter().any(|r| r["layer"] == "kernel"
+                && r["sandbox"] == sandbox
+                && r["hook"] == "connect4"
+                && r["dst"] == dst),
+            "{}",
+            ctx()
+        );
+    }
+    // The host process got nothing and was recorded under the config's name.
+    assert!(!host_out.status.success(), "{}", ctx());
+    assert!(
+        records.iter().any(|r| r["layer"] == "proxy"
+            && r["sandbox"] == "serve-host"
+            && r["reason"] == "not-a-sandbox"),
+        "{}",
+        ctx()
+    );
+    for text in [&env_a, &env_b, &serve.log(), &ctx_a, &ctx_b] {
+        assert!(
+            !text.contains(SECRET) && !text.contains(SECRET_B),
+            "{}",
+            ctx()
+        );
+    }
+
+    // A clean stop removes what serve made: cgroups, pins, environment files.
+    let (status, log) = serve.stop();
+    assert!(status.success(), "serve exited with {status}\n{log}");
+    assert!(!cgroup2_root().join(&parent).exists(), "{log}");
+    assert!(!env_file("serve-a").exists() && !env_file("serve-b").exists());
+    let audit = std::fs::read_to_string(scratch.dir.join("audit.jsonl")).unwrap();
+    assert!(!audit.contains(SECRET) && !audit.contains(SECRET_B));
+}
+
+#[test]
+fn serve_refuses_busy_cgroups_reloads_on_sighup_and_kills_its_sandboxes_at_exit() {
+    assert_root();
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let scratch = Scratch::new("serve-reload");
+    let cgroup = test_cgroup("given");
+    let dir = cgroup2_root().join(&cgroup);
+    std::fs::create_dir(&dir).unwrap();
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _remove = Remove(dir.clone());
+    let config = format!(
+        "version = 1\naudit_log = {:?}\n[[sandbox]]\ncgroup = \"{cgroup}\"\npolicy = \"p.toml\"\n",
+        scratch.dir.join("audit.jsonl").to_str().unwrap()
+    );
+    let config_file = scratch.write("serve.toml", &config);
+    let closed = tunnel_policy("serve-reload", &pki, "");
+    scratch.write("p.toml", &closed);
+
+    // A process already in the cgroup could hold a socket made before the lockdown.
+    let mut early = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/cgroup.procs" && exec sleep 60"#)
+        .arg("sh")
+        .arg(&dir)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let (refused, ctx) = run(Command::new(gateway_bin())
+        .args(["serve", "--config"])
+        .arg(&config_file));
+    assert_eq!(refused.status.code(), Some(1), "{ctx}");
+    assert!(ctx.contains("already has processes"), "{ctx}");
+    assert!(
+        early.try_wait().unwrap().is_none(),
+        "serve killed a process it refused to take over"
+    );
+    assert!(dir.is_dir(), "serve removed a cgroup it was given");
+    let _ = early.kill();
+    let _ = early.wait();
+
+    let serve = Serve::start(&scratch, &config);
+    let curl = format!("{CURL}\nr api https://api.test/v1/reload\n");
+    let (before, before_ctx) = run(&mut in_sandbox(&cgroup, "serve-reload", &curl));
+    scratch.write(
+        "p.toml",
+        &tunnel_policy("serve-reload", &pki, &rule("api.test", api.port, "")),
+    );
+    serve.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !serve
+        .audit_records()
+        .iter()
+        .any(|r| r["reason"] == "policy-reloaded" && r["sandbox"] == "serve-reload")
+    {
+        assert!(Instant::now() < deadline, "no reload\n{}", serve.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (after, after_ctx) = run(&mut in_sandbox(&cgroup, "serve-reload", &curl));
+    let ctx = || format!("{before_ctx}\n{after_ctx}\n{}", serve.log());
+    assert!(curl_replies(&before)["api"].forbidden(), "{}", ctx());
+    assert_eq!(curl_replies(&after)["api"].code, 200, "{}", ctx());
+    assert_eq!(api.paths(), ["/v1/reload"], "{}", ctx());
+
+    // A sandboxed process still running when serve stops is killed, not left without a
+    // tunnel; the cgroup serve was given stays.
+    let mut lingering = in_sandbox(&cgroup, "serve-reload", "exec sleep 600")
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, log) = serve.stop();
+    assert!(status.success(), "serve exited with {status}\n{log}");
+    let killed = lingering.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&killed),
+        Some(libc::SIGKILL),
+        "{log}"
+    );
+    assert!(dir.is_dir(), "serve removed a cgroup it was given\n{log}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("cgroup.procs")).unwrap(),
+        "",
+        "{log}"
+    );
+}
+
+#[test]
+fn config_errors_name_file_line_and_column() {
+    assert_root();
+    let scratch = Scratch::new("serve-config");
+    let config = scratch.write(
+        "serve.toml",
+        "version = 1\nlisten = \"0.0.0.0:3128\"\n[[sandbox]]\ncgroup = \"x\"\npolicy = \"missing.toml\"\n",
+    );
+    let (out, ctx) = run(Command::new(gateway_bin())
+        .args(["serve", "--config"])
+        .arg(&config));
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "{}:2:10: listen must be a loopback address",
+            config.display()
+        )),
+        "{ctx}"
+    );
+    let config = scratch.write(
+        "serve.toml",
+        "version = 1\n[[sandbox]]\ncgroup = \"x\"\npolicy = \"missing.toml\"\n",
+    );
+    let (out, ctx) = run(Command::new(gateway_bin())
+        .args(["serve", "--config"])
+        .arg(&config));
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("missing.toml:1:1: cannot read policy file"),
+        "{ctx}"
+    );
+    assert!(!cgroup2_root().join("x").exists(), "{ctx}");
+}
