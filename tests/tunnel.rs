@@ -457,6 +457,77 @@ except urllib.error.HTTPError as e:
     assert_eq!(requests[0]["body_len"], 11);
 }
 
+/// Node has no proxy support of its own (before NODE_USE_ENV_PROXY); libraries such as
+/// https-proxy-agent do what this script does: CONNECT, then TLS over that socket, trusting
+/// the CA bundle `run` names in NODE_EXTRA_CA_CERTS.
+const NODE_CLIENT: &str = r#"
+const http = require("http"), https = require("https"), tls = require("tls");
+const proxy = new URL(process.env.HTTPS_PROXY);
+function request(method, host, path, body) {
+  return new Promise((resolve) => {
+    const connect = http.request({ host: proxy.hostname, port: proxy.port, method: "CONNECT",
+                                   path: host + ":443", headers: { host: host + ":443" } });
+    connect.on("connect", (res, socket) => {
+      if (res.statusCode !== 200) { socket.destroy(); return resolve({ connect: res.statusCode }); }
+      // With createConnection node uses no agent, so it must be told the port (else 80).
+      const req = https.request({ host, port: 443, path, method, headers: { "content-type": "application/json" },
+        createConnection: () => tls.connect({ socket, servername: host }) }, (resp) => {
+          let data = "";
+          resp.on("data", (c) => (data += c));
+          resp.on("end", () => resolve({ status: resp.statusCode, body: data }));
+        });
+      req.on("error", (e) => resolve({ error: String(e) }));
+      req.end(body);
+    });
+    connect.on("error", (e) => resolve({ error: String(e) }));
+    connect.end();
+  });
+}
+(async () => {
+  const ok = await request("POST", "api.test", "/v1/node", JSON.stringify({ from: "node" }));
+  console.log(JSON.stringify({ ok }));
+  const denied = await request("GET", "api.test", "/admin");
+  console.log(JSON.stringify({ denied }));
+  const unlisted = await request("GET", "other.test", "/v1/node");
+  console.log(JSON.stringify({ unlisted }));
+})();
+"#;
+
+#[test]
+fn node_goes_through_the_tunnel_trusting_the_ca_bundle() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let rules = rule(
+        "api.test",
+        api.port,
+        "paths = [\"/v1/**\"]\ncredential = \"api\"",
+    );
+    let run = Run::new(
+        "tunnel-node",
+        &tunnel_policy("tunnel-node", &pki, &format!("{rules}{API_CREDENTIAL}")),
+    );
+    let out = run.finish(
+        run.command(&["node", "-e", NODE_CLIENT])
+            .env("API_TOKEN", SECRET)
+            .output()
+            .unwrap(),
+    );
+    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    let ok = printed(&out, "ok");
+    assert_eq!(ok["status"], 200, "{}", ctx());
+    let echo: Value = serde_json::from_str(ok["body"].as_str().unwrap()).unwrap();
+    assert_eq!(echo["method"], "POST", "{}", ctx());
+    assert_eq!(echo["body"], r#"{"from":"node"}"#, "{}", ctx());
+    assert_eq!(printed(&out, "denied")["status"], 403, "{}", ctx());
+    assert_eq!(printed(&out, "unlisted")["connect"], 403, "{}", ctx());
+    assert_eq!(api.paths(), ["/v1/node"], "{}", ctx());
+    assert_eq!(
+        header(&api.requests()[0], "authorization"),
+        [format!("Bearer {SECRET}").as_str()]
+    );
+    assert_not_allowlisted(&out, "GET", "api.test", 443, "/admin");
+}
+
 #[test]
 fn server_sent_events_arrive_one_by_one() {
     let pki = Pki::new();

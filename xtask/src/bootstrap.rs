@@ -151,11 +151,11 @@ pub fn check_host() -> anyhow::Result<()> {
                 .to_owned(),
         );
     }
-    for tool in ["python3", "curl", "ip", "git", "nginx"] {
+    for tool in ["python3", "curl", "ip", "git", "nginx", "node", "setpriv"] {
         if on_path(tool).is_none() {
             missing.push(format!(
                 "{tool}: the tests run it (Debian: apt-get install python3 curl iproute2 git \
-                 nginx-light)"
+                 nginx-light nodejs util-linux)"
             ));
         }
     }
