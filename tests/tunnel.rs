@@ -948,6 +948,92 @@ for name, payload in OUTER.items():
 }
 
 #[test]
+fn a_request_head_slower_than_the_header_timeout_is_cut() {
+    let run = Run::new("tunnel-slow-head", &policy("tunnel-slow-head", ""));
+    let out = python(
+        &run,
+        r#"
+s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
+s.sendall(b"GET http://api.test/ HTTP/1.1\r\nHost: api.test\r\n")
+start = time.time()
+s.settimeout(60)
+try:
+    got = s.recv(4096).decode(errors="replace")
+except socket.timeout:
+    got = "still open"
+except ConnectionResetError:
+    got = ""
+print(json.dumps({"waited": time.time() - start, "got": got}), flush=True)
+"#,
+    );
+    let ctx = || out.describe();
+    let got = printed(&out, "got").as_str().unwrap_or_default();
+    assert!(
+        got.is_empty() || got.starts_with("HTTP/1.1 408"),
+        "the tunnel kept a stalled request head open: {got:?}\n{}",
+        ctx()
+    );
+    // Cut by the header timeout (10 s), not by anything sooner.
+    let waited = printed(&out, "waited").as_f64().unwrap();
+    assert!(waited > 8.0, "cut after {waited} s\n{}", ctx());
+    assert!(
+        out.audit.iter().any(|r| r["layer"] == "proxy"
+            && r["verdict"] == "deny"
+            && r["reason"] == "malformed-request"),
+        "{}",
+        ctx()
+    );
+}
+
+#[test]
+fn connections_over_the_sandbox_limit_are_closed_and_recorded() {
+    let run = Run::new("tunnel-conn-limit", &policy("tunnel-conn-limit", ""));
+    let out = python(
+        &run,
+        r#"
+import resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+conns = [socket.create_connection((TUNNEL_HOST, TUNNEL_PORT)) for _ in range(1100)]
+time.sleep(2)
+closed = 0
+for s in conns:
+    s.setblocking(False)
+    try:
+        if s.recv(1) == b"":
+            closed += 1
+    except BlockingIOError:
+        pass
+    except ConnectionResetError:
+        closed += 1
+print(json.dumps({"closed": closed}), flush=True)
+for s in conns:
+    s.close()
+time.sleep(1)
+# The permits of closed connections are given back: a new one is served.
+s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
+s.sendall(b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
+s.settimeout(20)
+print(json.dumps({"after": s.recv(4096).decode(errors="replace").split("\r\n")[0]}), flush=True)
+"#,
+    );
+    let ctx = || out.describe();
+    assert_eq!(printed(&out, "closed"), 1100 - 1024, "{}", ctx());
+    let refused = out
+        .audit
+        .iter()
+        .filter(|r| r["layer"] == "proxy" && r["reason"] == "too-many-connections")
+        .count();
+    assert_eq!(refused, 1100 - 1024, "{}", ctx());
+    assert_eq!(
+        printed(&out, "after"),
+        "HTTP/1.1 403 Forbidden",
+        "{}",
+        ctx()
+    );
+}
+
+#[test]
 fn a_process_outside_every_sandbox_is_refused() {
     let pki = Pki::new();
     let api = Server::upstream(&pki, "api");
