@@ -442,3 +442,73 @@ fn config_errors_name_file_line_and_column() {
     );
     assert!(!cgroup2_root().join("x").exists(), "{ctx}");
 }
+
+#[test]
+fn a_crashed_serve_leaves_its_sandbox_without_egress_until_the_next_serve_cleans_up() {
+    assert_root();
+    let scratch = Scratch::new("serve-crash");
+    let cgroup = test_cgroup("crash");
+    let config = format!(
+        "version = 1\naudit_log = {:?}\n[[sandbox]]\ncgroup = \"{cgroup}\"\npolicy = \"p.toml\"\n",
+        scratch.dir.join("audit.jsonl").to_str().unwrap()
+    );
+    scratch.write("p.toml", &policy("serve-crash", ""));
+    let mut serve = Serve::start(&scratch, &config);
+    let host = HostTcp::bind("127.0.0.1:0");
+    let mut lingering = in_sandbox(&cgroup, "serve-crash", "exec sleep 600")
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    serve.signal(libc::SIGKILL);
+    let _ = serve.child.wait();
+    // The programs stay pinned: no tunnel, and no other way out.
+    let probe = format!(
+        r#"python3 -c '
+import socket, os
+def attempt(port):
+    s = socket.socket(); s.settimeout(5)
+    try:
+        s.connect(("127.0.0.1", port)); return "connected"
+    except OSError as e:
+        return str(e.errno)
+proxy = os.environ["HTTP_PROXY"].rsplit(":", 1)[1]
+print("direct", attempt({}), "tunnel", attempt(int(proxy)))
+'"#,
+        host.port
+    );
+    let (out, ctx) = run(&mut in_sandbox(&cgroup, "serve-crash", &probe));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("direct {} tunnel {}", libc::EPERM, libc::ECONNREFUSED),
+        "{ctx}"
+    );
+    assert_eq!(host.accepted(), 0);
+
+    // The next serve kills what the crashed one left inside, unpins, and takes over.
+    let serve = Serve::start(&scratch, &config);
+    let killed = lingering.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&killed),
+        Some(libc::SIGKILL),
+        "{}",
+        serve.log()
+    );
+    assert!(
+        serve
+            .log()
+            .contains("cleaned up after a crashed gateway: serve-crash"),
+        "{}",
+        serve.log()
+    );
+    let (out, ctx) = run(&mut in_sandbox(&cgroup, "serve-crash", &probe));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("direct {} tunnel connected", libc::EPERM),
+        "{ctx}\n{}",
+        serve.log()
+    );
+    let (status, log) = serve.stop();
+    assert!(status.success(), "serve exited with {status}\n{log}");
+    assert!(!cgroup2_root().join(&cgroup).exists(), "{log}");
+}
