@@ -183,6 +183,18 @@ pub fn load(file: &Path) -> Result<Config, PolicyError> {
         let policy_file = base.join(s.policy.get_ref());
         let policy = policy::load(&policy_file)?;
         let at = line_col(&text, s.policy.span().start);
+        if policy.name == "." || policy.name == ".." {
+            return Err(one_error(
+                file,
+                at.0,
+                at.1,
+                format!(
+                    "policy {} is named `{}`: under serve the name is also a directory name (/run/gateway/serve/NAME); give the policy another `name`",
+                    policy_file.display(),
+                    policy.name
+                ),
+            ));
+        }
         if let Some(line) = names.insert(policy.name.clone(), at.0) {
             return Err(one_error(
                 file,
@@ -390,6 +402,19 @@ mod tests {
             e.starts_with(
                 "D/serve.toml:7:10: policy D/a.toml is named `a` like the policy of line 4"
             ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_policy_named_like_a_directory_link_is_refused() {
+        let e = check(
+            "version = 1\n[[sandbox]]\ncgroup = \"a\"\npolicy = \"a.toml\"\n",
+            &[("a.toml", "version = 1\nname = \"..\"\n")],
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("is named `..`: under serve the name is also a directory"),
             "{e}"
         );
     }
