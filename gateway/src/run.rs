@@ -63,17 +63,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     // Secrets first: a missing one is the policy author's to fix before anything is created.
     let secrets = Secrets::load(&policy)?;
-    let ca = Arc::new(
-        LocalCa::load_or_create(&tunnel::state_dir().join("ca"))
-            .context("loading the gateway CA")?,
-    );
-    host::check_btf()?;
-    let cgroup_root = host::cgroup2_root()?;
-    host::ensure_bpffs()?;
+    let (ca, cgroup_root) = prepare_host()?;
     let user = user::resolve(args.user.as_deref())?;
-    for gone in state::clean_stale().context("removing what a crashed run left behind")? {
-        tracing::warn!("cleaned up after a crashed run: {gone}");
-    }
     let audit_path = args
         .audit_log
         .clone()
@@ -93,11 +84,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // Saved before anything exists, so a crash at any later point can be cleaned up.
     run_state.save(&run_dir)?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = supervisor_runtime()?;
     let written = audit.clone();
     let status = runtime.block_on(supervise(
         Sandbox {
@@ -118,6 +105,33 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let code = status?;
     synced?;
     Ok(code)
+}
+
+/// What `run` and `serve` need of the host before they create anything: the gateway CA, the
+/// kernel's BTF, the cgroup v2 root and bpffs. What crashed gateways left behind is removed
+/// first, so their sandboxes (still without egress) are killed and their programs unpinned.
+pub(crate) fn prepare_host() -> anyhow::Result<(Arc<LocalCa>, PathBuf)> {
+    let ca = Arc::new(
+        LocalCa::load_or_create(&tunnel::state_dir().join("ca"))
+            .context("loading the gateway CA")?,
+    );
+    host::check_btf()?;
+    let cgroup_root = host::cgroup2_root()?;
+    host::ensure_bpffs()?;
+    for gone in state::clean_stale().context("removing what a crashed gateway left behind")? {
+        tracing::warn!("cleaned up after a crashed gateway: {gone}");
+    }
+    Ok((ca, cgroup_root))
+}
+
+/// The supervisor's runtime: signals, kernel events, the sandbox's lifetime. The tunnel has
+/// threads of its own.
+pub(crate) fn supervisor_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 /// What one `run` sets up, borrowed for the life of the sandbox.

@@ -24,7 +24,7 @@ use crate::{
     reload::{Reloader, Started},
     sandbox::{
         cgroup::Cgroup,
-        env, host,
+        env,
         state::{self, RUN_DIR, RunState},
     },
     tunnel::{self, LocalCa, Secrets, Tunnel},
@@ -52,22 +52,9 @@ pub fn serve(config_file: &Path) -> anyhow::Result<i32> {
         .iter()
         .map(|s| Secrets::load(&s.policy))
         .collect::<Result<Vec<_>, _>>()?;
-    let ca = Arc::new(
-        LocalCa::load_or_create(&tunnel::state_dir().join("ca"))
-            .context("loading the gateway CA")?,
-    );
-    host::check_btf()?;
-    let cgroup_root = host::cgroup2_root()?;
-    host::ensure_bpffs()?;
-    for gone in state::clean_stale().context("removing what a crashed gateway left behind")? {
-        tracing::warn!("cleaned up after a crashed gateway: {gone}");
-    }
+    let (ca, cgroup_root) = crate::run::prepare_host()?;
     let audit = AuditLog::open_with(&config.audit_log, config.audit_max_bytes)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = crate::run::supervisor_runtime()?;
     let written = audit.clone();
     let status = runtime.block_on(supervise(&config, &cgroup_root, secrets, ca, audit));
     let synced = written.sync();
