@@ -60,6 +60,7 @@ fn main() -> anyhow::Result<()> {
                 &root,
             )?;
             cmd::run(root.join("tests/bench/reload.sh").as_os_str(), &[], &root)?;
+            cmd::run(root.join("tests/bench/serve.sh").as_os_str(), &[], &root)?;
             cmd::cargo(
                 &[
                     "bench",
