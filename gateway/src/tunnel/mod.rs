@@ -9,6 +9,8 @@ mod connect;
 mod credentials;
 mod guard;
 pub(crate) mod headers;
+mod pool;
+mod pooled_body;
 pub(crate) mod private;
 mod proxy;
 pub mod rules;

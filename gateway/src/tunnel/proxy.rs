@@ -13,6 +13,7 @@ use super::{
     authority::Authority,
     body_scan::{self, PlaceholderInBody},
     headers, local_response,
+    pool::UpstreamError,
     private::is_private,
     rules::Rule,
     upstream::{self, PrivateUpstream},
@@ -182,8 +183,8 @@ impl Tunnel {
         };
         let sent = self
             .pools
-            .client(snapshot, rule, ws)
-            .request(Request::from_parts(parts, body))
+            .pool(snapshot, rule)
+            .send(Request::from_parts(parts, body), ws)
             .await;
         let mut resp = match sent {
             Ok(r) => r,
@@ -223,7 +224,7 @@ impl Tunnel {
     /// The answer and the record when the upstream could not be reached or failed.
     fn upstream_failed(
         &self,
-        e: &hyper_util::client::legacy::Error,
+        e: &UpstreamError,
         route: Route<'_>,
         target: &Authority,
         client: SocketAddr,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::{credentials::Secrets, rules::Rules, upstream};
+use super::{credentials::Secrets, pool::Pool, rules::Rules, upstream};
 use crate::policy::Policy;
 
 pub struct Snapshot {
@@ -85,29 +85,24 @@ impl WorkerPools {
         Self(ArcSwap::from_pointee(Pools::new(snapshot)))
     }
 
-    /// The client of rule `rule` of `snapshot`; with `None`, learn mode's client.
-    pub(super) fn client(
-        &self,
-        snapshot: &Snapshot,
-        rule: Option<usize>,
-        upgrade: bool,
-    ) -> upstream::UpstreamClient {
+    /// The pool of rule `rule` of `snapshot`; with `None`, learn mode's pool.
+    pub(super) fn pool(&self, snapshot: &Snapshot, rule: Option<usize>) -> Arc<Pool> {
         let pick = |u: &upstream::Upstreams| match rule {
-            Some(rule) => u.client(rule, upgrade),
-            None => u.learn(upgrade),
+            Some(rule) => u.pool(rule),
+            None => u.learn(),
         };
         let pools = self.0.load();
         if pools.generation == snapshot.generation {
             return pick(&pools.upstreams);
         }
         let fresh = Arc::new(Pools::new(snapshot));
-        let client = pick(&fresh.upstreams);
+        let pool = pick(&fresh.upstreams);
         // A request of an older snapshot gets pools of its own rather than setting the
         // worker back.
         if snapshot.generation > pools.generation {
             self.0.store(fresh);
         }
-        client
+        pool
     }
 }
 
@@ -159,10 +154,10 @@ mod tests {
         let pools = WorkerPools::new(&old);
         handle.replace(snapshot(&["a.test", "b.test"]));
         let new = handle.current();
-        let _ = pools.client(&new, Some(1), false);
+        let _ = pools.pool(&new, Some(1));
         assert_eq!(pools.0.load().generation, 1);
-        // Rule 0 of the old snapshot still gets a client; the worker stays on generation 1.
-        let _ = pools.client(&old, Some(0), false);
+        // Rule 0 of the old snapshot still gets a pool; the worker stays on generation 1.
+        let _ = pools.pool(&old, Some(0));
         assert_eq!(pools.0.load().generation, 1);
     }
 }

@@ -1,13 +1,13 @@
-//! Upstream connections: one pooled client per rule, dialing exactly the address that was
+//! Upstream connections: one pool per rule, dialing exactly the address that was
 //! checked (one lookup, then the private-range check, then that address), TLS by rustls with
 //! the system roots plus `[tls] upstream_ca`, HTTP/2 when the upstream offers it. Learn mode
-//! adds one more client for requests no rule allows.
+//! adds one more pool for requests no rule allows.
 
 use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::OnceLock,
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
     time::Duration,
 };
@@ -16,19 +16,16 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::Uri;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::{
-    client::legacy::{
-        Client,
-        connect::{Connected, Connection},
-    },
-    rt::{TokioExecutor, TokioIo},
+    client::legacy::connect::{Connected, Connection},
+    rt::TokioIo,
 };
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, pem::PemObject as _};
 use tokio::net::TcpStream;
 
 use super::{
+    pool::Pool,
     private::{is_link_local, is_private},
     rules::Rules,
 };
@@ -39,24 +36,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request body on its way upstream: the client's, possibly behind a size limit.
 pub type RequestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
-pub type UpstreamClient = Client<HttpsConnector<Dialer>, RequestBody>;
-
-/// The clients of every rule, by rule index, each made on the rule's first request (a
-/// policy of thousands of rules costs nothing until they are used, at start and on reload),
-/// and the learn-mode clients.
+/// The pools of every rule, by rule index, each made on the rule's first request (a policy
+/// of thousands of rules costs nothing until they are used, at start and on reload), and
+/// learn mode's pool.
 pub struct Upstreams {
     tls: ClientConfig,
     dialers: Vec<Dialer>,
-    clients: Vec<OnceLock<RuleClients>>,
-    /// For requests no rule allows, in learn mode. Pools are keyed by scheme and authority,
-    /// so one client serves every host.
-    learn: OnceLock<RuleClients>,
-}
-
-struct RuleClients {
-    normal: UpstreamClient,
-    /// HTTP/1.1 only: upgrades (WebSocket) do not exist on an HTTP/2 connection.
-    upgrade: UpstreamClient,
+    pools: Vec<OnceLock<Arc<Pool>>>,
+    /// For requests no rule allows, in learn mode; it keeps connections per host.
+    learn: OnceLock<Arc<Pool>>,
 }
 
 /// Found in a response's extensions when learn mode dialed a private address for it: the
@@ -89,65 +77,34 @@ pub enum DialError {
 }
 
 impl Upstreams {
-    /// Clients for every rule, sharing `tls` (see [`client_tls`]).
+    /// Pools for every rule, sharing `tls` (see [`client_tls`]).
     pub fn new(rules: &Rules, tls: &ClientConfig) -> Self {
         let dialers: Vec<Dialer> = rules.iter().map(|r| Dialer::for_rule(&r.spec)).collect();
         Self {
             tls: tls.clone(),
-            clients: dialers.iter().map(|_| OnceLock::new()).collect(),
+            pools: dialers.iter().map(|_| OnceLock::new()).collect(),
             dialers,
             learn: OnceLock::new(),
         }
     }
 
-    pub fn client(&self, rule: usize, upgrade: bool) -> UpstreamClient {
-        self.clients[rule]
-            .get_or_init(|| RuleClients::new(&self.tls, &self.dialers[rule]))
-            .pick(upgrade)
+    pub fn pool(&self, rule: usize) -> Arc<Pool> {
+        self.pools[rule]
+            .get_or_init(|| Arc::new(Pool::new(&self.tls, &self.dialers[rule])))
+            .clone()
     }
 
-    /// The client for what learn mode lets through: no `connect`, private addresses dialed
+    /// The pool for what learn mode lets through: no `connect`, private addresses dialed
     /// and marked with [`PrivateUpstream`].
-    pub fn learn(&self, upgrade: bool) -> UpstreamClient {
+    pub fn learn(&self) -> Arc<Pool> {
         let dialer = Dialer {
             connect: None,
             private: Private::Mark,
         };
         self.learn
-            .get_or_init(|| RuleClients::new(&self.tls, &dialer))
-            .pick(upgrade)
+            .get_or_init(|| Arc::new(Pool::new(&self.tls, &dialer)))
+            .clone()
     }
-}
-
-impl RuleClients {
-    fn new(tls: &ClientConfig, dialer: &Dialer) -> Self {
-        Self {
-            normal: client(tls, dialer.clone(), false),
-            upgrade: client(tls, dialer.clone(), true),
-        }
-    }
-
-    fn pick(&self, upgrade: bool) -> UpstreamClient {
-        if upgrade {
-            self.upgrade.clone()
-        } else {
-            self.normal.clone()
-        }
-    }
-}
-
-/// HTTP/1.1 only for an upgrade, else HTTP/1.1 or HTTP/2 as the upstream offers by ALPN.
-fn client(tls: &ClientConfig, dialer: Dialer, upgrade: bool) -> UpstreamClient {
-    let builder = HttpsConnectorBuilder::new()
-        .with_tls_config(tls.clone())
-        .https_or_http()
-        .enable_http1();
-    let connector = if upgrade {
-        builder.wrap_connector(dialer)
-    } else {
-        builder.enable_http2().wrap_connector(dialer)
-    };
-    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// The upstream TLS settings: system roots plus `[tls] upstream_ca`. Read once per policy.
@@ -273,7 +230,7 @@ impl Dialer {
     }
 }
 
-/// A dialed upstream connection; tells the client pool whether learn mode reached a private
+/// A dialed upstream connection; tells the pool whether learn mode reached a private
 /// address through it.
 pub struct Dialed {
     io: TokioIo<TcpStream>,
@@ -344,7 +301,7 @@ impl tower_service::Service<Uri> for Dialer {
     }
 }
 
-/// The dial error somewhere in a client error's chain, if that is what failed.
+/// The dial error somewhere in an upstream error's chain, if that is what failed.
 pub fn dial_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
     source_of(err)
 }
