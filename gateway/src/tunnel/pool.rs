@@ -55,8 +55,11 @@ pub struct Pool {
 }
 
 /// The connections to one scheme and authority.
-#[derive(Default)]
-pub(super) struct Host(Mutex<Conns>);
+pub(super) struct Host {
+    conns: Mutex<Conns>,
+    /// Made once per host rather than formatted per request.
+    header: Option<HeaderValue>,
+}
 
 #[derive(Default)]
 struct Conns {
@@ -129,7 +132,7 @@ impl Pool {
         if upgrade {
             let conn = dial(&self.upgrade, &uri, true).await?;
             return conn
-                .send(req, None)
+                .send(req, host_header(&uri), None)
                 .await
                 .map_err(|f| UpstreamError::Http(f.error));
         }
@@ -138,7 +141,7 @@ impl Pool {
             Some(conn) => (conn, true),
             None => (host.dial(&self.connector, &uri).await?, false),
         };
-        let failed = match conn.send(req, Some(&host)).await {
+        let failed = match conn.send(req, host.header.clone(), Some(&host)).await {
             Ok(resp) => return Ok(resp),
             Err(failed) => failed,
         };
@@ -149,7 +152,7 @@ impl Pool {
                 tracing::debug!(%uri, "reused connection closed before sending: {}", failed.error);
                 *req.uri_mut() = uri.clone();
                 let conn = host.dial(&self.connector, &uri).await?;
-                conn.send(req, Some(&host))
+                conn.send(req, host.header.clone(), Some(&host))
                     .await
                     .map_err(|f| UpstreamError::Http(f.error))
             }
@@ -165,13 +168,21 @@ impl Pool {
                 .unwrap_or_else(|| Authority::from_static("invalid")),
         );
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        hosts.entry(key).or_default().clone()
+        hosts
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(Host {
+                    conns: Mutex::default(),
+                    header: host_header(uri),
+                })
+            })
+            .clone()
     }
 }
 
 impl Host {
     fn conns(&self) -> std::sync::MutexGuard<'_, Conns> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The open HTTP/2 connection, else the most recent idle HTTP/1.1 one that is still open.
@@ -277,6 +288,7 @@ impl Conn {
     async fn send(
         self,
         mut req: Request<RequestBody>,
+        host_header: Option<HeaderValue>,
         pool: Option<&Arc<Host>>,
     ) -> Result<Response<UpstreamBody>, Failed> {
         match self {
@@ -285,7 +297,7 @@ impl Conn {
                 Ok(mark(resp, conn.private).map(|b| UpstreamBody::new(b, None)))
             }
             Conn::H1(mut conn) => {
-                origin_form(&mut req);
+                origin_form(&mut req, host_header);
                 let resp = conn.sender.try_send_request(req).await?;
                 let resp = mark(resp, conn.private);
                 let give_back = pool.map(|host| GiveBack {
@@ -305,19 +317,12 @@ fn mark<B>(mut resp: Response<B>, private: bool) -> Response<B> {
     resp
 }
 
-/// HTTP/1.1 names the host in a Host header (from the checked authority in the URI) and
-/// the resource in origin-form.
-fn origin_form(req: &mut Request<RequestBody>) {
-    let uri = req.uri().clone();
-    if let Some(host) = uri.host() {
-        let value = match non_default_port(&uri) {
-            Some(port) => HeaderValue::try_from(format!("{host}:{port}")),
-            None => HeaderValue::try_from(host),
-        };
-        if let Ok(value) = value {
-            req.headers_mut().entry(header::HOST).or_insert(value);
-        }
+/// HTTP/1.1 names the host in a Host header and the resource in origin-form.
+fn origin_form(req: &mut Request<RequestBody>, host: Option<HeaderValue>) {
+    if let Some(host) = host {
+        req.headers_mut().entry(header::HOST).or_insert(host);
     }
+    let uri = req.uri();
     let target = if req.method() == Method::CONNECT {
         uri.authority().map(|a| Uri::from(a.clone()))
     } else {
@@ -329,6 +334,15 @@ fn origin_form(req: &mut Request<RequestBody>) {
     };
     if let Some(target) = target {
         *req.uri_mut() = target;
+    }
+}
+
+/// The Host header for the checked authority in `uri`, default port left out.
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    match non_default_port(uri) {
+        Some(port) => HeaderValue::try_from(format!("{host}:{port}")).ok(),
+        None => HeaderValue::try_from(host).ok(),
     }
 }
 
