@@ -30,13 +30,38 @@ impl Authority {
     pub fn ip(&self) -> Option<IpAddr> {
         self.host.parse().ok()
     }
+
+    /// Whether `text` (a URI's authority) is exactly this authority's [`Display`] form, so
+    /// that it can be sent as it is; compared without formatting one.
+    ///
+    /// [`Display`]: fmt::Display
+    pub fn is_written_as(&self, text: &str) -> bool {
+        let Some((host, port)) = text.rsplit_once(':') else {
+            return false;
+        };
+        let host = if self.is_ipv6() {
+            host.strip_prefix('[').and_then(|h| h.strip_suffix(']'))
+        } else {
+            Some(host)
+        };
+        host == Some(self.host.as_str())
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && !(port.len() > 1 && port.starts_with('0'))
+            && port.parse() == Ok(self.port)
+    }
+
+    /// A canonical host has a colon only when it is an IPv6 address.
+    fn is_ipv6(&self) -> bool {
+        self.host.contains(':')
+    }
 }
 
 impl fmt::Display for Authority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.ip() {
-            Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
-            _ => write!(f, "{}:{}", self.host, self.port),
+        if self.is_ipv6() {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
         }
     }
 }
@@ -65,9 +90,10 @@ pub fn canonical_host(host: &str) -> Option<String> {
     if is_plain_name(host) {
         return Some(host.to_owned());
     }
-    // Plain dotted-decimal (std refuses leading zeros, so no octal spelling gets here).
-    if let Ok(v4) = host.parse::<std::net::Ipv4Addr>() {
-        return Some(v4.to_string());
+    // Plain dotted-decimal, already in its canonical spelling: std takes exactly four
+    // decimal octets without leading zeros, so no octal or other spelling gets here.
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Some(host.to_owned());
     }
     if let Ok(v6) = host
         .trim_start_matches('[')
@@ -153,5 +179,34 @@ mod tests {
         );
         assert_eq!(a("a.b-c_d.example"), Some("a.b-c_d.example:443".into()));
         assert_eq!(a(""), None);
+        assert_eq!(a("10.0.0.1:80"), Some("10.0.0.1:80".into()));
+        assert_eq!(a("010.0.0.1"), Some("8.0.0.1:443".into()));
+        assert_eq!(a("127.0.0.01"), Some("127.0.0.1:443".into()));
+    }
+
+    #[test]
+    fn written_as_its_display_form_only() {
+        for (text, port) in [
+            ("api.github.com", 443),
+            ("127.0.0.1", 8080),
+            ("[::1]", 443),
+            ("[2001:db8::1]", 80),
+        ] {
+            let a = Authority::parse(text, port).unwrap();
+            assert!(a.is_written_as(&a.to_string()), "{a}");
+            for other in [
+                text.to_owned(),
+                format!("{text}:0{port}"),
+                format!("{text}:+{port}"),
+                format!("{text}:{}", port + 1),
+                format!("x{text}:{port}"),
+            ] {
+                assert!(!a.is_written_as(&other), "{a} as {other}");
+            }
+            if text.starts_with('[') {
+                let bare = format!("{}:{port}", text.trim_matches(['[', ']']));
+                assert!(!a.is_written_as(&bare), "{a} as {bare}");
+            }
+        }
     }
 }

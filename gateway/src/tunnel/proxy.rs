@@ -409,10 +409,9 @@ fn upstream_uri(uri: &Uri, scheme: &'static str, target: &Authority) -> Option<U
     } else {
         hyper::http::uri::Scheme::HTTP
     });
-    let checked = target.to_string();
     parts.authority = Some(match uri.authority() {
-        Some(a) if a.as_str() == checked => a.clone(),
-        _ => checked.parse().ok()?,
+        Some(a) if target.is_written_as(a.as_str()) => a.clone(),
+        _ => target.to_string().parse().ok()?,
     });
     parts.path_and_query = Some(
         uri.path_and_query()
