@@ -2,7 +2,7 @@
 
 use hyper::{
     HeaderMap,
-    header::{self, HeaderName},
+    header::{self, HeaderName, HeaderValue},
 };
 
 /// Why a request is refused with 400 before any rule is consulted.
@@ -40,49 +40,53 @@ pub fn path_ambiguity(path: &str) -> Option<&'static str> {
     None
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
+/// Hop-by-hop headers, `Upgrade` (kept only for a WebSocket request, which sets it anew)
+/// and `HTTP2-Settings` (h2c is never forwarded).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "http2-settings"
+    )
+}
 
 /// Removes hop-by-hop headers, those the Connection header names, `Upgrade` (kept only for a
 /// WebSocket request) and `HTTP2-Settings` (h2c is never forwarded).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_websocket_upgrade: bool) {
-    let mut drop: Vec<HeaderName> = headers
+    // This runs on every request and response: it allocates only when there is something to
+    // remove, and the names Connection lists are removed as text (no HeaderName is made).
+    let listed: Vec<HeaderValue> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .cloned()
         .collect();
-    // One pass over the (few) names present instead of a lookup per hop-by-hop name: this
-    // runs on every request and response.
-    drop.extend(
-        headers
-            .keys()
-            .filter(|k| {
-                HOP_BY_HOP.contains(k) || *k == header::UPGRADE || k.as_str() == "http2-settings"
-            })
-            .cloned(),
-    );
-    for name in &drop {
+    for value in &listed {
+        let Ok(value) = value.to_str() else {
+            continue;
+        };
+        for name in value.split(',') {
+            headers.remove(name.trim());
+        }
+    }
+    let fixed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_hop_by_hop(k))
+        .cloned()
+        .collect();
+    for name in &fixed {
         headers.remove(name);
     }
     if keep_websocket_upgrade {
-        headers.insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("upgrade"),
-        );
-        headers.insert(
-            header::UPGRADE,
-            header::HeaderValue::from_static("websocket"),
-        );
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
 }
 
@@ -110,8 +114,26 @@ mod tests {
         h.insert("http2-settings", "AAA".parse().unwrap());
         h.insert(header::PROXY_AUTHORIZATION, "Basic x".parse().unwrap());
         h.insert("x-kept", "1".parse().unwrap());
+        h.append(
+            header::CONNECTION,
+            "X-Other-Hop , keep-alive".parse().unwrap(),
+        );
+        h.insert("x-other-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+
+        let mut ws = HeaderMap::new();
+        ws.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+        ws.insert(header::UPGRADE, "websocket".parse().unwrap());
+        ws.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut ws, true);
+        assert_eq!(ws.len(), 3);
+        assert_eq!(ws[header::UPGRADE], "websocket");
+        assert_eq!(ws[header::CONNECTION], "upgrade");
     }
 }
