@@ -50,8 +50,15 @@ pub struct Pool {
     connector: HttpsConnector<Dialer>,
     /// HTTP/1.1 only: upgrades (WebSocket) do not exist on an HTTP/2 connection.
     upgrade: HttpsConnector<Dialer>,
-    /// Keyed by scheme and authority: a rule may match several hosts, learn mode any.
-    hosts: Mutex<HashMap<(Scheme, Authority), Arc<Host>>>,
+    hosts: Mutex<Hosts>,
+}
+
+/// Keyed by scheme and authority: a rule may match several hosts, learn mode any.
+#[derive(Default)]
+struct Hosts {
+    /// The host of the last request, found without hashing: most rules name one host.
+    last: Option<(Scheme, Authority, Arc<Host>)>,
+    all: HashMap<(Scheme, Authority), Arc<Host>>,
 }
 
 /// The connections to one scheme and authority.
@@ -117,7 +124,7 @@ impl Pool {
         Self {
             connector: builder().enable_http2().wrap_connector(dialer.clone()),
             upgrade: builder().wrap_connector(dialer.clone()),
-            hosts: Mutex::new(HashMap::new()),
+            hosts: Mutex::default(),
         }
     }
 
@@ -161,22 +168,28 @@ impl Pool {
     }
 
     fn host(&self, uri: &Uri) -> Arc<Host> {
-        let key = (
-            uri.scheme().cloned().unwrap_or(Scheme::HTTPS),
-            uri.authority()
-                .cloned()
-                .unwrap_or_else(|| Authority::from_static("invalid")),
-        );
+        let scheme = uri.scheme().unwrap_or(&Scheme::HTTPS);
+        let invalid = Authority::from_static("invalid");
+        let authority = uri.authority().unwrap_or(&invalid);
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        hosts
-            .entry(key)
+        if let Some((s, a, host)) = &hosts.last
+            && s == scheme
+            && a == authority
+        {
+            return host.clone();
+        }
+        let host = hosts
+            .all
+            .entry((scheme.clone(), authority.clone()))
             .or_insert_with(|| {
                 Arc::new(Host {
                     conns: Mutex::default(),
                     header: host_header(uri),
                 })
             })
-            .clone()
+            .clone();
+        hosts.last = Some((scheme.clone(), authority.clone(), host.clone()));
+        host
     }
 }
 
