@@ -7,6 +7,7 @@
 mod chain;
 pub mod cli;
 mod files;
+mod line;
 mod query;
 mod record;
 mod verify;
@@ -116,7 +117,7 @@ impl AuditLog {
     pub fn append(&self, record: &Record) -> Result<(), AuditError> {
         // Sized for a typical proxy record, so serializing does not grow it step by step.
         let mut line = Vec::with_capacity(512);
-        serde_json::to_writer(&mut line, record).expect("audit records always serialize");
+        line::write(record, &mut line);
         self.check()?;
         self.tx.send(Queued::Record(line)).map_err(|_| self.gone())
     }
