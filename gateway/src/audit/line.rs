@@ -101,7 +101,10 @@ fn optional<T>(out: &mut Vec<u8>, value: Option<T>, write: fn(&mut Vec<u8>, T)) 
 
 /// A JSON string; serde_json escapes control characters, `"` and `\` only.
 fn string(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    // One table lookup a byte, folded without branches.
+    if s.bytes()
+        .fold(false, |escape, b| escape | ESCAPED[usize::from(b)])
+    {
         serde_json::to_writer(out, s).expect("a string serializes");
         return;
     }
@@ -109,6 +112,19 @@ fn string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
     out.push(b'"');
 }
+
+/// The bytes serde_json writes escaped.
+const ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
 
 fn number<N: serde::Serialize>(out: &mut Vec<u8>, n: N) {
     serde_json::to_writer(out, &n).expect("a number serializes");

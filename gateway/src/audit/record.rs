@@ -132,11 +132,17 @@ fn rfc3339(t: OffsetDateTime) -> String {
         }
         let mut out = String::with_capacity(whole.len() + 11);
         out.push_str(whole);
-        let nanos = t.nanosecond();
+        let mut nanos = t.nanosecond();
         if nanos != 0 {
-            let digits = format!("{nanos:09}");
+            // Nine digits, trailing zeros dropped, without the formatting machinery.
+            let mut digits = [b'0'; 9];
+            for d in digits.iter_mut().rev() {
+                *d = b'0' + (nanos % 10) as u8;
+                nanos /= 10;
+            }
+            let end = digits.iter().rposition(|&d| d != b'0').map_or(0, |i| i + 1);
             out.push('.');
-            out.push_str(digits.trim_end_matches('0'));
+            out.extend(digits[..end].iter().map(|&d| char::from(d)));
         }
         out.push('Z');
         out

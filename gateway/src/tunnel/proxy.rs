@@ -67,7 +67,7 @@ impl Tunnel {
             return self.connect(req, client);
         }
         let mut fields = ProxyFields {
-            method: Some(req.method().to_string()),
+            method: Some(req.method().as_str().to_owned()),
             path: req.uri().path_and_query().map(|p| p.as_str().to_owned()),
             ..Default::default()
         };
