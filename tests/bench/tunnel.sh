@@ -5,7 +5,8 @@
 # proxy requests, a credential injected) or through an nginx reverse proxy (`proxy_pass` with
 # `proxy_set_header Authorization`, upstream keepalive). Then the cost of a new TLS connection
 # through the tunnel (CONNECT, interception, pooled upstream) against one made directly.
-# Run as root after `cargo build --release --workspace --bins` (cargo xtask bench does both).
+# Run as root after `cargo build --release --workspace --bins` (cargo xtask bench does both);
+# GATEWAY=PATH runs another build of the gateway binary (for A/B runs).
 # Needs wrk, nginx and openssl: apt-get install wrk nginx-light openssl.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -19,7 +20,7 @@ done
 work=$(mktemp -d /tmp/gateway-bench-tunnel.XXXXXX)
 chmod 755 "$work"
 trap 'nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; nginx -p "$work" -c "$work/upstream.conf" -s stop 2>/dev/null || true; kill "$tls_up" 2>/dev/null || true; rm -rf "$work"' EXIT
-install -m 755 "$root/target/release/gateway" "$work/"
+install -m 755 "${GATEWAY:-$root/target/release/gateway}" "$work/gateway"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port)
