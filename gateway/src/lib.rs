@@ -8,3 +8,10 @@ pub mod run;
 pub mod sandbox;
 pub mod serve;
 pub mod tunnel;
+
+/// mimalloc instead of glibc's malloc, for every binary built on this library: the tunnel
+/// allocates and frees a few dozen small blocks per request (hyper's heads and buffers, the
+/// audit line), and mimalloc does that in about 4,000 fewer instructions per request
+/// (`tests/bench/tunnel-count.sh`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
