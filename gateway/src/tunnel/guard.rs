@@ -102,10 +102,7 @@ impl Head {
                 continue;
             }
             let rest = &bytes[at..];
-            let text = rest
-                .iter()
-                .position(|&b| b == b'\r' || b == b'\n')
-                .unwrap_or(rest.len());
+            let text = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
             let room = KEEP.saturating_sub(line.len());
             line.extend_from_slice(&rest[..text.min(room)]);
             at += text;
