@@ -61,14 +61,13 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Removes hop-by-hop headers, those the Connection header names, `Upgrade` (kept only for a
 /// WebSocket request) and `HTTP2-Settings` (h2c is never forwarded).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_websocket_upgrade: bool) {
-    // This runs on every request and response: it allocates only when there is something to
-    // remove, and the names Connection lists are removed as text (no HeaderName is made).
-    let listed: Vec<HeaderValue> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .cloned()
-        .collect();
-    for value in &listed {
+    // This runs on every request and response: it allocates nothing unless a message has
+    // several Connection headers, and the names Connection lists are removed as text (no
+    // HeaderName is made).
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    let first = values.next().cloned();
+    let more: Vec<HeaderValue> = values.cloned().collect();
+    for value in first.iter().chain(&more) {
         let Ok(value) = value.to_str() else {
             continue;
         };
@@ -76,13 +75,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_websocket_upgrade: bool) {
             headers.remove(name.trim());
         }
     }
-    let fixed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| is_hop_by_hop(k))
-        .cloned()
-        .collect();
-    for name in &fixed {
-        headers.remove(name);
+    // One name at a time, so that nothing is collected: usually there is one (Connection),
+    // and there are at most as many passes as hop-by-hop names.
+    while let Some(name) = headers.keys().find(|k| is_hop_by_hop(k)).cloned() {
+        headers.remove(&name);
     }
     if keep_websocket_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
