@@ -18,7 +18,7 @@ chmod 755 "$work"
 cgroup_root=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
 parent="gateway-bench-serve-$$"
 serve_pid=
-trap '[ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null; wait 2>/dev/null; nginx -p "$work" -c "$work/upstream.conf" -s stop 2>/dev/null || true; rmdir "$cgroup_root/$parent"/* "$cgroup_root/$parent" 2>/dev/null; rm -rf "$work"' EXIT
+trap '[ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null; wait 2>/dev/null; nginx -p "$work" -c "$work/upstream.conf" -s stop 2>/dev/null || true; rmdir "$cgroup_root/$parent"/* "$cgroup_root/$parent" 2>/dev/null || true; rm -rf "$work"' EXIT
 install -m 755 "$root/target/release/gateway" "$work/"
 
 up_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -19,6 +19,12 @@ for tool in wrk nginx openssl python3; do
 done
 work=$(mktemp -d /tmp/gateway-bench-tunnel.XXXXXX)
 chmod 755 "$work"
+# NGINX_ACCESS_LOG=1: the nginx baseline also writes one JSON line per request to a file, as
+# the tunnel writes an audit record per request (nginx's default unbuffered access log).
+nginx_log="access_log off;"
+if [ "${NGINX_ACCESS_LOG:-0}" = 1 ]; then
+  nginx_log='log_format audit escape=json '"'"'{"ts":"$time_iso8601","method":"$request_method","host":"$host","path":"$request_uri","status":$status,"client":"$remote_addr:$remote_port"}'"'"'; access_log '"$work"'/logs/access.jsonl audit;'
+fi
 trap 'nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; nginx -p "$work" -c "$work/upstream.conf" -s stop 2>/dev/null || true; kill "$tls_up" 2>/dev/null || true; rm -rf "$work"' EXIT
 install -m 755 "${GATEWAY:-$root/target/release/gateway}" "$work/gateway"
 
@@ -44,7 +50,7 @@ pid $work/nginx.pid;
 error_log $work/logs/error.log warn;
 events { worker_connections 4096; }
 http {
-  access_log off;
+  $nginx_log
   upstream up { server 127.0.0.1:$up_port; keepalive 128; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$ngx_port;
@@ -193,6 +199,9 @@ awk -v t="$(median "${tun_rps[@]}")" -v n="$(median "${ngx_rps[@]}")" \
   'BEGIN { printf "ratio tunnel/nginx requests per second: %.2f\n", t/n }'
 echo "proxy CPU per request, user/system us: tunnel ${tun_cpu[*]}; nginx ${ngx_cpu[*]}"
 echo "(deny records during the run: $deny)"
+if [ "${NGINX_ACCESS_LOG:-0}" = 1 ]; then
+  echo "(nginx access log lines written: $(wc -l < "$work/logs/access.jsonl"))"
+fi
 
 tls_tun=(); tls_dir=()
 for r in $(seq "$rounds"); do
