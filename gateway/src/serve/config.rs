@@ -407,6 +407,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_loads() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/serve/serve.toml");
+        let c = load(&file).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.name, "agents-host");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:3128");
+        assert_eq!(c.audit_max_bytes, Some(100 << 20));
+        let names: Vec<_> = c.sandboxes.iter().map(|s| s.policy.name.as_str()).collect();
+        assert_eq!(names.len(), 2);
+        assert_eq!(c.sandboxes[0].cgroup, Path::new("agents/reviewer"));
+    }
+
+    #[test]
     fn a_policy_named_like_a_directory_link_is_refused() {
         let e = check(
             "version = 1\n[[sandbox]]\ncgroup = \"a\"\npolicy = \"a.toml\"\n",
