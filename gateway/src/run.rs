@@ -286,11 +286,17 @@ async fn supervise(
         },
         None => Ok(()),
     };
+    if let Err(e) = killed {
+        // Something survived cgroup.kill: detaching now would let it out. The programs stay
+        // pinned and the run's state stays for `gateway cleanup`.
+        return Err(anyhow::Error::from(e).context(
+            "the sandbox could not be emptied; its programs stay attached (no egress): run `gateway cleanup` once it is",
+        ));
+    }
     let detached = enforcer.detach();
     let removed = cgroup.destroy();
     let _ = std::fs::remove_dir_all(run_dir);
     let status = outcome?;
-    killed?;
     drained?;
     detached?;
     removed?;

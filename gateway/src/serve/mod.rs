@@ -75,18 +75,16 @@ struct Attached {
 }
 
 impl Attached {
-    /// Kills what runs in the sandbox, unpins its programs and removes its state; returns
-    /// the cgroup directories serve made for it, for the caller to remove once no other
-    /// sandbox is inside them.
+    /// Unpins the programs of a sandbox already emptied and removes its state; returns the
+    /// cgroup directories serve made for it, for the caller to remove once no other sandbox
+    /// is inside them.
     fn teardown(self) -> (Vec<PathBuf>, anyhow::Result<()>) {
-        let killed = self.cgroup.kill();
         let detached = self.enforcer.detach();
         let _ = std::fs::remove_dir_all(&self.run_dir);
         let _ = std::fs::remove_dir_all(env_dir(&self.name));
         let name = &self.name;
-        let done = killed
+        let done = detached
             .map_err(anyhow::Error::from)
-            .and_then(|()| detached.map_err(anyhow::Error::from))
             .with_context(|| format!("sandbox {name}"));
         (self.created, done)
     }
@@ -280,9 +278,15 @@ async fn supervise(
 
     // Kill first: the tunnel stops only once nothing inside can still use it.
     let mut failures = Vec::new();
+    let mut emptied = Vec::with_capacity(attached.len());
     for sandbox in &attached {
-        if let Err(e) = sandbox.cgroup.kill() {
-            failures.push(anyhow::Error::from(e));
+        let killed = sandbox.cgroup.kill();
+        emptied.push(killed.is_ok());
+        if let Err(e) = killed {
+            failures.push(anyhow::Error::from(e).context(format!(
+                "sandbox {}: it could not be emptied; its programs stay attached (no egress): run `gateway cleanup` once it is",
+                sandbox.name
+            )));
         }
     }
     let _ = stop_tx.send(true);
@@ -300,7 +304,11 @@ async fn supervise(
         }
     }
     let mut created = Vec::new();
-    for sandbox in attached {
+    for (sandbox, emptied) in attached.into_iter().zip(emptied) {
+        if !emptied {
+            // Detaching would let out what survived; the pins and the state stay for cleanup.
+            continue;
+        }
         let (made, done) = sandbox.teardown();
         created.extend(made);
         if let Err(e) = done {
@@ -315,10 +323,15 @@ async fn supervise(
         }
     }
     let status = outcome?;
-    match failures.into_iter().next() {
-        Some(e) => Err(e),
-        None => Ok(status),
+    let mut failures = failures.into_iter();
+    let Some(first) = failures.next() else {
+        return Ok(status);
+    };
+    // One is returned; the others must not be lost.
+    for e in failures {
+        tracing::error!("{e:#}");
     }
+    Err(first)
 }
 
 fn write_bundle(sandbox: &str, ca_pem: &str) -> std::io::Result<PathBuf> {
