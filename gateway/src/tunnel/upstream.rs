@@ -97,12 +97,14 @@ impl Upstreams {
     /// The pool for what learn mode lets through: no `connect`, private addresses dialed
     /// and marked with [`PrivateUpstream`].
     pub fn learn(&self) -> Arc<Pool> {
-        let dialer = Dialer {
-            connect: None,
-            private: Private::Mark,
-        };
         self.learn
-            .get_or_init(|| Arc::new(Pool::new(&self.tls, &dialer)))
+            .get_or_init(|| {
+                let dialer = Dialer {
+                    connect: None,
+                    private: Private::Mark,
+                };
+                Arc::new(Pool::new(&self.tls, &dialer))
+            })
             .clone()
     }
 }
