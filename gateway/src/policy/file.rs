@@ -627,23 +627,10 @@ fn tunnel(d: &mut Diag<'_>, top: &Table<'_>) -> Option<(SocketAddr, Option<u64>)
     };
     let listen = match t.string(d, "listen") {
         None => default,
-        Some(l) => match l.value.parse::<SocketAddr>() {
-            Ok(a) if a.ip().is_loopback() => a,
-            Ok(_) => {
-                d.error(
-                    &l.span,
-                    "tunnel.listen must be a loopback address (127.0.0.0/8 or [::1])",
-                );
-                default
-            }
-            Err(_) => {
-                d.error(
-                    &l.span,
-                    format!("bad tunnel.listen `{}`: expected IP:PORT", l.value),
-                );
-                default
-            }
-        },
+        Some(l) => listen_address("tunnel.listen", l.value).unwrap_or_else(|e| {
+            d.error(&l.span, e);
+            default
+        }),
     };
     let max = t
         .integer(d, "max_request_body")
@@ -658,6 +645,17 @@ fn tunnel(d: &mut Diag<'_>, top: &Table<'_>) -> Option<(SocketAddr, Option<u64>)
             }
         });
     Some((listen, max))
+}
+
+/// The tunnel's address as `key` gives it: IP:PORT on loopback, else the message to show.
+pub fn listen_address(key: &str, text: &str) -> Result<SocketAddr, String> {
+    match text.parse::<SocketAddr>() {
+        Ok(a) if a.ip().is_loopback() => Ok(a),
+        Ok(_) => Err(format!(
+            "{key} must be a loopback address (127.0.0.0/8 or [::1])"
+        )),
+        Err(_) => Err(format!("bad {key} `{text}`: expected IP:PORT")),
+    }
 }
 
 pub fn valid_name(name: &str) -> bool {

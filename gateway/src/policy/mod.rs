@@ -13,7 +13,9 @@ use ipnet::IpNet;
 
 #[cfg(test)]
 pub use file::parse;
-pub use file::{Checked, Located, PolicyError, Severity, check, check_text, load, valid_name};
+pub use file::{
+    Checked, Located, PolicyError, Severity, check, check_text, listen_address, load, valid_name,
+};
 pub use ports::PortRange;
 
 /// Default tunnel address: loopback, ephemeral port.

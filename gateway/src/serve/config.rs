@@ -101,25 +101,13 @@ pub fn load(file: &Path) -> Result<Config, PolicyError> {
             String::new()
         }
     };
+    let default_listen: SocketAddr = policy::DEFAULT_LISTEN.parse().expect("the default parses");
     let listen = match &raw.listen {
-        None => policy::DEFAULT_LISTEN.parse().expect("the default parses"),
-        Some(l) => match l.get_ref().parse::<SocketAddr>() {
-            Ok(a) if a.ip().is_loopback() => a,
-            Ok(_) => {
-                error(
-                    l.span(),
-                    "listen must be a loopback address (127.0.0.0/8 or [::1])".into(),
-                );
-                policy::DEFAULT_LISTEN.parse().expect("the default parses")
-            }
-            Err(_) => {
-                error(
-                    l.span(),
-                    format!("bad listen `{}`: expected IP:PORT", l.get_ref()),
-                );
-                policy::DEFAULT_LISTEN.parse().expect("the default parses")
-            }
-        },
+        None => default_listen,
+        Some(l) => policy::listen_address("listen", l.get_ref()).unwrap_or_else(|e| {
+            error(l.span(), e);
+            default_listen
+        }),
     };
     let audit_max_bytes = match &raw.audit_max_bytes {
         None => None,
