@@ -146,15 +146,16 @@ struct Sandbox<'a> {
     learn: bool,
 }
 
-/// The kernel's record of tunnel clients, narrowed to this sandbox's cgroup.
-struct SandboxClients {
-    clients: TunnelClients,
-    cgroup_id: u64,
-}
+/// The kernel's record of tunnel clients of each sandbox the tunnel serves (`run` has one,
+/// `serve` several): the index of the sandbox whose map holds the client, narrowed to its
+/// cgroup. Each sandbox's programs write only its own map.
+pub(crate) struct SandboxClients(pub(crate) Vec<(TunnelClients, u64)>);
 
 impl tunnel::ClientIdentity for SandboxClients {
     fn claim(&self, peer: std::net::SocketAddr) -> Option<usize> {
-        (self.clients.claim(peer) == Some(self.cgroup_id)).then_some(0)
+        self.0
+            .iter()
+            .position(|(clients, cgroup_id)| clients.claim(peer) == Some(*cgroup_id))
     }
 }
 
@@ -213,10 +214,7 @@ async fn supervise(
     let mut tunnel_threads = Vec::new();
     let outcome: anyhow::Result<i32> = async {
         let reader = enforcer.events()?;
-        let clients = SandboxClients {
-            clients: enforcer.tunnel_clients()?,
-            cgroup_id: cgroup.id(),
-        };
+        let clients = SandboxClients(vec![(enforcer.tunnel_clients()?, cgroup.id())]);
         events = Some(tokio::spawn(reader.run(
             audit.clone(),
             policy.name.clone(),

@@ -20,8 +20,9 @@ use tokio::{
 
 use crate::{
     audit::AuditLog,
-    kernel::{self, Enforcer, EventReader, TunnelClients},
+    kernel::{self, Enforcer, EventReader},
     reload::{Reloader, Started},
+    run::SandboxClients,
     sandbox::{
         cgroup::Cgroup,
         env,
@@ -164,18 +165,6 @@ fn attach(
     }
 }
 
-/// The kernel's record of tunnel clients of every sandbox: the index of the sandbox whose
-/// map holds the client. Each sandbox's programs write only its own map.
-struct Clients(Vec<(TunnelClients, u64)>);
-
-impl tunnel::ClientIdentity for Clients {
-    fn claim(&self, peer: SocketAddr) -> Option<usize> {
-        self.0
-            .iter()
-            .position(|(clients, cgroup_id)| clients.claim(peer) == Some(*cgroup_id))
-    }
-}
-
 async fn supervise(
     config: &Config,
     cgroup_root: &Path,
@@ -244,7 +233,7 @@ async fn supervise(
             );
         }
         let doorman = tunnel::Doorman {
-            identity: Box::new(Clients(clients)),
+            identity: Box::new(SandboxClients(clients)),
             unclaimed: config.name.clone(),
             audit: audit.clone(),
         };
