@@ -10,27 +10,18 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 duration=${DURATION:-8}
 rounds=${ROUNDS:-3}
-for tool in wrk nginx python3 setpriv; do
-  command -v "$tool" >/dev/null || { echo "serve.sh needs $tool: apt-get install wrk nginx-light python3" >&2; exit 2; }
-done
+. "$root/tests/bench/lib.sh"
+need "apt-get install wrk nginx-light python3" wrk nginx python3 setpriv
 work=$(mktemp -d /tmp/gateway-bench-serve.XXXXXX)
 chmod 755 "$work"
 cgroup_root=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
 parent="gateway-bench-serve-$$"
 serve_pid=
-trap '[ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null; wait 2>/dev/null; nginx -p "$work" -c "$work/upstream.conf" -s stop 2>/dev/null || true; rmdir "$cgroup_root/$parent"/* "$cgroup_root/$parent" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap '[ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null; wait 2>/dev/null; upstream_nginx_stop "$work"; rmdir "$cgroup_root/$parent"/* "$cgroup_root/$parent" 2>/dev/null || true; rm -rf "$work"' EXIT
 install -m 755 "$root/target/release/gateway" "$work/"
 
-up_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir -p "$work/logs"
-cat > "$work/upstream.conf" <<NGINX
-worker_processes 1;
-pid $work/upstream.pid;
-error_log $work/logs/upstream-error.log warn;
-events { worker_connections 4096; }
-http { access_log off; server { listen 127.0.0.1:$up_port; location / { return 200 "ok\n"; } } }
-NGINX
-nginx -p "$work" -c "$work/upstream.conf"
+up_port=$(free_port)
+upstream_nginx "$work" "$up_port" 1
 cat > "$work/absolute.lua" <<LUA
 wrk.path = "http://127.0.0.1:$up_port/"
 wrk.headers["Connection"] = "close"

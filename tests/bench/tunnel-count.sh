@@ -25,9 +25,8 @@ conns=${CONNS:-64}
 native=${NATIVE:-1}
 bins=("$@")
 [ ${#bins[@]} -gt 0 ] || bins=("$root/target/release/examples/tunnel_alone")
-for tool in wrk nginx valgrind callgrind_control perf python3; do
-  command -v "$tool" >/dev/null || { echo "tunnel-count.sh needs $tool: apt-get install wrk nginx-light valgrind linux-perf" >&2; exit 2; }
-done
+. "$root/tests/bench/lib.sh"
+need "apt-get install wrk nginx-light valgrind linux-perf" wrk nginx valgrind callgrind_control perf python3
 work=$(mktemp -d /tmp/gateway-bench-count.XXXXXX)
 chmod 755 "$work"
 tunnel_pid=
@@ -38,22 +37,10 @@ stop_tunnel() {
     tunnel_pid=
   fi
 }
-trap 'stop_tunnel; nginx -p "$work" -c "$work/upstream.conf" -s stop 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'stop_tunnel; upstream_nginx_stop "$work"; rm -rf "$work"' EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port)
-mkdir -p "$work/logs"
-cat > "$work/upstream.conf" <<NGINX
-worker_processes 2;
-pid $work/upstream.pid;
-error_log $work/logs/upstream-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  server { listen 127.0.0.1:$up_port; keepalive_requests 1000000; location / { return 200 "ok\n"; } }
-}
-NGINX
-nginx -p "$work" -c "$work/upstream.conf"
+upstream_nginx "$work" "$up_port" 2
 cat > "$work/policy.toml" <<TOML
 version = 1
 name = "bench-count"

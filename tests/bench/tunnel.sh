@@ -14,9 +14,8 @@ duration=${DURATION:-10}
 conns=${CONNS:-64}
 rounds=${ROUNDS:-3}
 tls_n=${TLS_CONNECTS:-300}
-for tool in wrk nginx openssl python3; do
-  command -v "$tool" >/dev/null || { echo "tunnel.sh needs $tool: apt-get install wrk nginx-light openssl python3" >&2; exit 2; }
-done
+. "$root/tests/bench/lib.sh"
+need "apt-get install wrk nginx-light openssl python3" wrk nginx openssl python3
 work=$(mktemp -d /tmp/gateway-bench-tunnel.XXXXXX)
 chmod 755 "$work"
 # NGINX_ACCESS_LOG=1: the nginx baseline also writes one JSON line per request to a file, as
@@ -25,25 +24,14 @@ nginx_log="access_log off;"
 if [ "${NGINX_ACCESS_LOG:-0}" = 1 ]; then
   nginx_log='log_format audit escape=json '"'"'{"ts":"$time_iso8601","method":"$request_method","host":"$host","path":"$request_uri","status":$status,"client":"$remote_addr:$remote_port"}'"'"'; access_log '"$work"'/logs/access.jsonl audit;'
 fi
-trap 'nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; nginx -p "$work" -c "$work/upstream.conf" -s stop 2>/dev/null || true; kill "$tls_up" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; upstream_nginx_stop "$work"; kill "$tls_up" 2>/dev/null || true; rm -rf "$work"' EXIT
 install -m 755 "${GATEWAY:-$root/target/release/gateway}" "$work/gateway"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up_port=$(free_port)
 ngx_port=$(free_port)
-mkdir -p "$work/logs"
 # Two nginx instances, so the upstream is a separate server for both proxies: the upstream
 # (`return 200`) and the reverse proxy that is the tunnel's baseline.
-cat > "$work/upstream.conf" <<NGINX
-worker_processes 2;
-pid $work/upstream.pid;
-error_log $work/logs/upstream-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  server { listen 127.0.0.1:$up_port; keepalive_requests 1000000; location / { return 200 "ok\n"; } }
-}
-NGINX
+upstream_nginx "$work" "$up_port" 2
 cat > "$work/nginx.conf" <<NGINX
 worker_processes 2;
 pid $work/nginx.pid;
@@ -65,7 +53,6 @@ http {
   map \$host \$bench_token { default "bench-secret-token"; }
 }
 NGINX
-nginx -p "$work" -c "$work/upstream.conf"
 nginx -p "$work" -c "$work/nginx.conf"
 
 # TLS upstream for the new-connection figure: python's ssl server, one request per connection.

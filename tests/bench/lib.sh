@@ -1,0 +1,31 @@
+# Shared by the benchmark scripts in this directory; sourced, not run.
+
+# need HINT TOOL...: exits 2 naming the first tool missing from PATH and how to get it.
+need() {
+  local hint=$1 tool
+  shift
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null || { echo "$(basename "$0") needs $tool: $hint" >&2; exit 2; }
+  done
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# upstream_nginx WORK PORT WORKERS: the loopback upstream the tunnel benchmarks proxy to,
+# nginx answering `return 200 "ok\n"`, its config, pid and logs under WORK.
+upstream_nginx() {
+  mkdir -p "$1/logs"
+  cat > "$1/upstream.conf" <<NGINX
+worker_processes $3;
+pid $1/upstream.pid;
+error_log $1/logs/upstream-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  server { listen 127.0.0.1:$2; keepalive_requests 1000000; location / { return 200 "ok\n"; } }
+}
+NGINX
+  nginx -p "$1" -c "$1/upstream.conf"
+}
+
+upstream_nginx_stop() { nginx -p "$1" -c "$1/upstream.conf" -s stop 2>/dev/null || true; }
