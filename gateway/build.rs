@@ -30,6 +30,10 @@ fn main() -> anyhow::Result<()> {
     let joined = env::join_paths(dirs)?;
     // SAFETY: build scripts are single-threaded; aya-build's child cargo inherits this PATH.
     unsafe { env::set_var("PATH", joined) };
+    // The workspace's release LTO is for the userspace binary; bpf-linker links the eBPF
+    // object itself, and the programs stay as the verifier has seen them.
+    // SAFETY: as above.
+    unsafe { env::set_var("CARGO_PROFILE_RELEASE_LTO", "false") };
 
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 workspace path")?;
     aya_build::build_ebpf(
