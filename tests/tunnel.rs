@@ -1147,6 +1147,55 @@ r inside https://api.test/v1/inside
     );
 }
 
+/// The kernel forgets a sandbox's tunnel socket as it closes: a sandbox client that resets
+/// its connection before the tunnel accepts it must not be recorded as another local user.
+#[test]
+fn a_sandbox_client_reset_before_accept_is_not_taken_for_another_user() {
+    let run = Run::new("tunnel-reset-early", &policy("tunnel-reset-early", ""));
+    let out = python(
+        &run,
+        r#"
+import struct
+for _ in range(500):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.connect((TUNNEL_HOST, TUNNEL_PORT))
+    s.close()
+s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
+s.sendall(b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
+s.settimeout(20)
+print(json.dumps({"after": s.recv(4096).decode(errors="replace").split("\r\n")[0]}), flush=True)
+"#,
+    );
+    let ctx = || out.describe();
+    let reasons: Vec<&str> = proxy_records(&out)
+        .into_iter()
+        .filter(|r| r["verdict"] == "deny")
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert!(
+        !reasons.contains(&"not-a-sandbox"),
+        "a sandbox's own reset recorded as not-a-sandbox\n{}",
+        ctx()
+    );
+    // Most of the 500 resets land before the accept; each is recorded as what it was.
+    let early = reasons
+        .iter()
+        .filter(|r| **r == "closed-before-accept")
+        .count();
+    assert!(
+        early > 0 && early <= 500,
+        "{early} closed-before-accept\n{}",
+        ctx()
+    );
+    assert_eq!(
+        printed(&out, "after"),
+        "HTTP/1.1 403 Forbidden",
+        "{}",
+        ctx()
+    );
+}
+
 #[test]
 fn the_secret_appears_nowhere() {
     let pki = Pki::new();

@@ -2,7 +2,7 @@
 //! made each connection, and one single-threaded runtime per CPU serving the connections of
 //! every sandbox, each under its own sandbox's policy.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -11,6 +11,9 @@ use tokio::{
 
 use super::{Accepted, ClientIdentity, Shared, Tunnel, record};
 use crate::audit::{AuditLog, ProxyFields, Verdict};
+
+/// How long a connection no sandbox claimed is held, unread, for its client's reset to land.
+const RESET_GRACE: Duration = Duration::from_millis(10);
 
 /// Decides at accept which sandbox a connection belongs to, before a byte of it is read.
 pub struct Doorman {
@@ -146,10 +149,7 @@ async fn accept(
         };
         let claimed = door.doorman.identity.claim(peer);
         let Some((index, sandbox)) = claimed.and_then(|i| Some((i, door.sandboxes.get(i)?))) else {
-            // No sandbox made this connection: another local user must not borrow the
-            // credentials. Closed before a byte is read.
-            door.refuse("not-a-sandbox", peer);
-            drop(stream);
+            tokio::spawn(refuse_unclaimed(door.clone(), stream, peer));
             continue;
         };
         let Ok(permit) = sandbox.connections.clone().try_acquire_owned() else {
@@ -171,6 +171,48 @@ async fn accept(
         if workers[next].send((stream, peer, permit, index)).is_err() {
             return;
         }
+    }
+}
+
+/// Closes a connection no sandbox claimed, without reading a byte of it, and records it.
+///
+/// Another local user must not borrow the credentials: `not-a-sandbox`. But the kernel
+/// forgets a sandbox's tunnel socket as it closes, so a sandbox client that resets its
+/// connection before the tunnel accepts it is not found either. That connection is dead and
+/// carries nothing, and whose it was can no longer be known: it is recorded as
+/// `closed-before-accept`, so a sandbox's own resets never read as someone else trying the
+/// tunnel. The client forgets its entry just before it sends the reset, hence the wait.
+async fn refuse_unclaimed(door: Arc<Door>, stream: TcpStream, peer: SocketAddr) {
+    // Recorded on drop, so a shutdown during the wait still leaves the record.
+    let mut refusal = Unclaimed {
+        door,
+        peer,
+        reason: "not-a-sandbox",
+    };
+    let mut reset = was_reset(&stream);
+    if !reset {
+        tokio::time::sleep(RESET_GRACE).await;
+        reset = was_reset(&stream);
+    }
+    if reset {
+        refusal.reason = "closed-before-accept";
+    }
+}
+
+/// Reads (and clears) the socket's pending error.
+fn was_reset(stream: &TcpStream) -> bool {
+    matches!(stream.take_error(), Ok(Some(e)) if e.kind() == std::io::ErrorKind::ConnectionReset)
+}
+
+struct Unclaimed {
+    door: Arc<Door>,
+    peer: SocketAddr,
+    reason: &'static str,
+}
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        self.door.refuse(self.reason, self.peer);
     }
 }
 
