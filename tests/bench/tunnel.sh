@@ -152,40 +152,56 @@ rps() { awk '/Requests\/sec/ {print $2}'; }
 lat() { awk -v q="$1" '$1 == q {print $2}'; }
 
 # CPU the proxy itself spends per request (user and system, from /proc), sampled over the
-# middle of each run: steadier than requests per second on a shared machine.
+# middle of each run: steadier than requests per second on a shared machine. Also the share
+# of the machine's CPU time the hypervisor took for others (steal) meanwhile.
 ticks() { local u=0 s=0 a b; for p in "$@"; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)); s=$((s + b)); done; echo "$u $s"; }
-sample_cpu() { # PIDS-COMMAND: prints "user_ticks sys_ticks seconds"
+machine() { awk '/^cpu / {print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $9}' /proc/stat; }
+sample_cpu() { # PIDS-COMMAND: prints "user_ticks sys_ticks seconds steal_percent"
   sleep 1
-  local pids a b
+  local pids a b m0 m1
   pids=$(eval "$1")
-  a=$(ticks $pids)
+  a=$(ticks $pids); m0=$(machine)
   sleep $((duration - 2))
-  b=$(ticks $pids)
-  echo "$a $b" | awk -v d=$((duration - 2)) '{print $3 - $1, $4 - $2, d}'
+  b=$(ticks $pids); m1=$(machine)
+  echo "$a $b $m0 $m1" | awk -v d=$((duration - 2)) \
+    '{print $3 - $1, $4 - $2, d, ($8 - $6) * 100 / ($7 - $5 + ($7 == $5))}'
 }
 per_req() { awk -v rps="$2" '{ hz = 100; printf "%.1f/%.1f", $1 / hz / ($3 * rps) * 1e6, $2 / hz / ($3 * rps) * 1e6 }' <<<"$1"; }
+steal_of() { awk '{printf "%.0f%%", $4}' <<<"$1"; }
 tun_rps=(); ngx_rps=(); tun_p50=(); ngx_p50=(); tun_p99=(); ngx_p99=(); tun_cpu=(); ngx_cpu=()
-for r in $(seq "$rounds"); do
+ratios=(); steal=()
+run_tunnel() {
   sample_cpu "pgrep -f '$work/gateway run' | head -1" > "$work/cpu" &
   out=$(sandboxed sh -c "wrk -t2 -c$conns -d${duration}s --latency -s $work/absolute.lua \"\$HTTP_PROXY/\"")
   wait $!
   tun_rps+=("$(rps <<<"$out")"); tun_p50+=("$(lat 50% <<<"$out")"); tun_p99+=("$(lat 99% <<<"$out")")
-  tun_cpu+=("$(per_req "$(cat "$work/cpu")" "$(rps <<<"$out")")")
+  tun_cpu+=("$(per_req "$(cat "$work/cpu")" "$(rps <<<"$out")")"); steal+=("t$(steal_of "$(cat "$work/cpu")")")
+}
+run_nginx() {
   sample_cpu "pgrep -P $(cat "$work/nginx.pid")" > "$work/cpu" &
   out=$(sandboxed wrk -t2 -c"$conns" -d"${duration}"s --latency "http://127.0.0.1:$ngx_port/")
   wait $!
   ngx_rps+=("$(rps <<<"$out")"); ngx_p50+=("$(lat 50% <<<"$out")"); ngx_p99+=("$(lat 99% <<<"$out")")
-  ngx_cpu+=("$(per_req "$(cat "$work/cpu")" "$(rps <<<"$out")")")
+  ngx_cpu+=("$(per_req "$(cat "$work/cpu")" "$(rps <<<"$out")")"); steal+=("n$(steal_of "$(cat "$work/cpu")")")
+}
+# Each round runs both, the order alternating, so a machine that speeds up or slows down
+# during the benchmark favours neither; each round's own ratio is kept.
+for r in $(seq "$rounds"); do
+  if [ $((r % 2)) = 1 ]; then run_tunnel; run_nginx; else run_nginx; run_tunnel; fi
+  ratios+=("$(awk -v t="${tun_rps[-1]}" -v n="${ngx_rps[-1]}" 'BEGIN { printf "%.2f", t / n }')")
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 deny=$(grep -c '"verdict":"deny"' "$work/audit.jsonl" || true)
+deny_reasons=$(grep '"verdict":"deny"' "$work/audit.jsonl" | grep -o '"reason":"[^"]*"' | sort | uniq -c | tr -s ' \n' ' ' || true)
 echo "HTTP GET with a credential attached, wrk -t2 -c$conns -d${duration}s inside the sandbox, $rounds rounds"
 echo "tunnel: ${tun_rps[*]} req/s (median $(median "${tun_rps[@]}")); p50 ${tun_p50[*]}; p99 ${tun_p99[*]}"
 echo "nginx:  ${ngx_rps[*]} req/s (median $(median "${ngx_rps[@]}")); p50 ${ngx_p50[*]}; p99 ${ngx_p99[*]}"
+echo "ratio tunnel/nginx requests per second, each round: ${ratios[*]}; median $(median "${ratios[@]}")"
 awk -v t="$(median "${tun_rps[@]}")" -v n="$(median "${ngx_rps[@]}")" \
-  'BEGIN { printf "ratio tunnel/nginx requests per second: %.2f\n", t/n }'
+  'BEGIN { printf "ratio of the medians: %.2f\n", t/n }'
 echo "proxy CPU per request, user/system us: tunnel ${tun_cpu[*]}; nginx ${ngx_cpu[*]}"
-echo "(deny records during the run: $deny)"
+echo "CPU stolen by the hypervisor during each run (t tunnel, n nginx): ${steal[*]}"
+echo "(deny records during the run: $deny${deny_reasons:+:$deny_reasons})"
 if [ "${NGINX_ACCESS_LOG:-0}" = 1 ]; then
   echo "(nginx access log lines written: $(wc -l < "$work/logs/access.jsonl"))"
 fi
