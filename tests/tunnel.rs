@@ -1196,6 +1196,109 @@ print(json.dumps({"after": s.recv(4096).decode(errors="replace").split("\r\n")[0
     );
 }
 
+/// `gateway run` with its open-file limits set to (soft, hard) before it starts.
+fn with_open_files(mut cmd: Command, soft: u64, hard: u64) -> Output {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setrlimit is async-signal-safe and gets a valid pointer.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limits = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limits) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
+/// The tunnel holds two descriptors per proxied connection. The gateway raises its soft
+/// open-file limit to the hard one, so a soft limit of 1,024 does not cut the sandbox's 1,024
+/// connections short; the sandboxed command still starts with the limits the gateway had.
+/// When descriptors do run out, the tunnel pauses before accepting again instead of spinning,
+/// and serves again once they are freed.
+#[test]
+fn the_tunnel_raises_its_open_file_limit_and_survives_running_out() {
+    let run = Run::new("tunnel-nofile", &policy("tunnel-nofile", ""));
+    let script = |conns: usize, hold: f64| {
+        format!(
+            r#"{PRELUDE}
+TUNNEL_HOST = TUNNEL[0].split('//')[-1]
+import resource
+print(json.dumps({{"limits": list(resource.getrlimit(resource.RLIMIT_NOFILE))}}), flush=True)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+conns = [socket.create_connection((TUNNEL_HOST, TUNNEL_PORT)) for _ in range({conns})]
+time.sleep({hold})
+closed = 0
+for s in conns:
+    s.setblocking(False)
+    try:
+        if s.recv(1) == b"":
+            closed += 1
+    except BlockingIOError:
+        pass
+    except ConnectionResetError:
+        closed += 1
+print(json.dumps({{"closed": closed}}), flush=True)
+for s in conns:
+    s.close()
+time.sleep(1)
+s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
+s.sendall(b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
+s.settimeout(20)
+print(json.dumps({{"after": s.recv(4096).decode(errors="replace").split("\r\n")[0]}}), flush=True)
+"#
+        )
+    };
+
+    // Soft 1,024: all 1,024 connections the sandbox may hold are accepted, the rest refused.
+    let out = run.finish(with_open_files(
+        run.command(&["python3", "-c", &script(1100, 2.0)]),
+        1024,
+        4096,
+    ));
+    let ctx = || out.describe();
+    assert_eq!(printed(&out, "limits"), &json!([1024, 4096]), "{}", ctx());
+    assert_eq!(printed(&out, "closed"), 1100 - 1024, "{}", ctx());
+    let refused = proxy_records(&out)
+        .into_iter()
+        .filter(|r| r["reason"] == "too-many-connections")
+        .count();
+    assert_eq!(refused, 1100 - 1024, "{}", ctx());
+    assert!(!out.stderr.contains("tunnel accept"), "{}", ctx());
+    assert_eq!(
+        printed(&out, "after"),
+        "HTTP/1.1 403 Forbidden",
+        "{}",
+        ctx()
+    );
+
+    // Hard 300: the sandbox's 280 connections take the gateway past it. Each failed accept
+    // is logged; spinning would log thousands in the 3 s they are held, pausing about 30.
+    let out = run.finish(with_open_files(
+        run.command(&["python3", "-c", &script(280, 3.0)]),
+        300,
+        300,
+    ));
+    let ctx = || out.describe();
+    let failed = out.stderr.matches("tunnel accept").count();
+    assert!(
+        failed > 0 && failed <= 60,
+        "{failed} failed accepts logged\n{}",
+        ctx()
+    );
+    assert_eq!(
+        printed(&out, "after"),
+        "HTTP/1.1 403 Forbidden",
+        "{}",
+        ctx()
+    );
+}
+
 #[test]
 fn the_secret_appears_nowhere() {
     let pki = Pki::new();

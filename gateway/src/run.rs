@@ -116,6 +116,7 @@ pub(crate) fn prepare_host() -> anyhow::Result<(Arc<LocalCa>, PathBuf)> {
             .context("loading the gateway CA")?,
     );
     host::check_btf()?;
+    host::raise_open_files();
     let cgroup_root = host::cgroup2_root()?;
     host::ensure_bpffs()?;
     for gone in state::clean_stale().context("removing what a crashed gateway left behind")? {

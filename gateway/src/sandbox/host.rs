@@ -1,6 +1,11 @@
 //! Host prerequisites: cgroup v2, bpffs and BTF, each found or explained.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 use super::SandboxError;
 
@@ -88,6 +93,39 @@ pub fn check_btf() -> Result<(), SandboxError> {
                 .into(),
         ))
     }
+}
+
+/// The open-file limits the gateway started with, when it raised them.
+static STARTED_WITH: OnceLock<(u64, u64)> = OnceLock::new();
+
+/// Raises the gateway's soft limit on open files to its hard limit. The tunnel holds two
+/// descriptors per proxied connection and up to 1,024 connections per sandbox; the common
+/// default soft limit of 1,024 would run out first, and a sandbox's connections would then
+/// wait unaccepted. The sandboxed command gets the limits the gateway started with
+/// ([`started_with_open_files`]). A failure is logged: the gateway works, with fewer
+/// connections.
+pub fn raise_open_files() {
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= hard {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => {
+            let _ = STARTED_WITH.set((soft, hard));
+        }
+        Err(e) => tracing::warn!(
+            "cannot raise the open-file limit from {soft} to {hard}: {e}; the tunnel may run \
+             out of descriptors before its connection limit"
+        ),
+    }
+}
+
+/// The (soft, hard) open-file limits to give back to a sandboxed command, if the gateway
+/// raised its own.
+pub fn started_with_open_files() -> Option<(u64, u64)> {
+    STARTED_WITH.get().copied()
 }
 
 #[cfg(test)]

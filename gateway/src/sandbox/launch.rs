@@ -5,7 +5,7 @@ use std::{ffi::CString, io, os::unix::ffi::OsStrExt as _, path::Path};
 
 use tokio::process::{Child, Command};
 
-use super::{SandboxError, confine::ChildSide, user::SandboxUser};
+use super::{SandboxError, confine::ChildSide, host, user::SandboxUser};
 
 pub struct Launch<'a> {
     pub program: &'a str,
@@ -26,6 +26,7 @@ impl Launch<'_> {
         let uid = self.user.uid.as_raw();
         let gid = self.user.gid.as_raw();
         let confine = self.confine;
+        let open_files = host::started_with_open_files();
         let mut cmd = Command::new(self.program);
         cmd.args(self.args);
         for var in &self.remove {
@@ -38,7 +39,7 @@ impl Launch<'_> {
         // SAFETY: the closure runs between fork and exec and makes only async-signal-safe
         // system calls on data prepared before the fork.
         unsafe {
-            cmd.pre_exec(move || enter_sandbox(&procs, uid, gid, confine));
+            cmd.pre_exec(move || enter_sandbox(&procs, uid, gid, confine, open_files));
         }
         cmd.spawn().map_err(|e| SandboxError::Io {
             what: "starting",
@@ -49,9 +50,24 @@ impl Launch<'_> {
 }
 
 /// Joins the cgroup before anything of CMD runs, so every socket CMD makes is the sandbox's.
-fn enter_sandbox(procs: &CString, uid: u32, gid: u32, confine: ChildSide) -> io::Result<()> {
+/// `open_files`: the (soft, hard) open-file limits CMD gets back, when the gateway raised its
+/// own (some programs still use select(), which breaks past 1,024 descriptors).
+fn enter_sandbox(
+    procs: &CString,
+    uid: u32,
+    gid: u32,
+    confine: ChildSide,
+    open_files: Option<(u64, u64)>,
+) -> io::Result<()> {
     // SAFETY: plain system calls on valid pointers; errors are checked.
     unsafe {
+        if let Some((soft, hard)) = open_files {
+            let limits = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            check(libc::setrlimit(libc::RLIMIT_NOFILE, &limits))?;
+        }
         let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
         if fd < 0 {
             return Err(io::Error::last_os_error());

@@ -6,11 +6,18 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::{Semaphore, mpsc, watch},
 };
 
 use super::{Accepted, ClientIdentity, Shared, Tunnel, record};
 use crate::audit::{AuditLog, ProxyFields, Verdict};
+
+/// At most this many unclaimed connections wait for their reset at once, so a flood of them
+/// cannot hold the tunnel's descriptors; beyond it they are judged at once.
+const MAX_WAITING: usize = 256;
+
+/// The pause before accepting again after running out of descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How long a connection no sandbox claimed is held, unread, for its client's reset to land.
 const RESET_GRACE: Duration = Duration::from_millis(10);
@@ -47,6 +54,7 @@ pub fn spawn_workers(
     let door = Arc::new(Door {
         doorman,
         sandboxes: tunnels.iter().map(|t| t.shared.clone()).collect(),
+        waiting: Semaphore::new(MAX_WAITING),
     });
     let mut per_worker: Vec<Vec<Arc<Tunnel>>> = Vec::with_capacity(threads);
     for _ in 1..threads {
@@ -73,6 +81,8 @@ pub fn spawn_workers(
 struct Door {
     doorman: Doorman,
     sandboxes: Vec<Arc<Shared>>,
+    /// Unclaimed connections held for [`RESET_GRACE`].
+    waiting: Semaphore,
 }
 
 type Acceptor = (
@@ -142,6 +152,14 @@ async fn accept(
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!("tunnel accept: {e}");
+                    if out_of_resources(&e) {
+                        // The error stays until descriptors or memory are freed: retrying
+                        // at once would spin, and log, as fast as the CPU allows.
+                        tokio::select! {
+                            () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                            _ = stop.changed() => return,
+                        }
+                    }
                     continue;
                 }
             },
@@ -185,18 +203,25 @@ async fn accept(
 async fn refuse_unclaimed(door: Arc<Door>, stream: TcpStream, peer: SocketAddr) {
     // Recorded on drop, so a shutdown during the wait still leaves the record.
     let mut refusal = Unclaimed {
-        door,
+        door: door.clone(),
         peer,
         reason: "not-a-sandbox",
     };
     let mut reset = was_reset(&stream);
-    if !reset {
+    if !reset && let Ok(_waiting) = door.waiting.try_acquire() {
         tokio::time::sleep(RESET_GRACE).await;
         reset = was_reset(&stream);
     }
     if reset {
         refusal.reason = "closed-before-accept";
     }
+}
+
+fn out_of_resources(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Reads (and clears) the socket's pending error.
