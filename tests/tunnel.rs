@@ -985,17 +985,18 @@ print(json.dumps({"waited": time.time() - start, "got": got}), flush=True)
     );
 }
 
-#[test]
-fn connections_over_the_sandbox_limit_are_closed_and_recorded() {
-    let run = Run::new("tunnel-conn-limit", &policy("tunnel-conn-limit", ""));
-    let out = python(
-        &run,
+/// Python for the sandbox: opens `conns` connections to the tunnel, holds them `hold`
+/// seconds, prints its open-file limits and how many the tunnel closed, closes them all,
+/// then prints the status line a new connection's request gets.
+fn hold_connections(conns: usize, hold: f64) -> String {
+    format!(
         r#"
 import resource
+print(json.dumps({{"limits": list(resource.getrlimit(resource.RLIMIT_NOFILE))}}), flush=True)
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-conns = [socket.create_connection((TUNNEL_HOST, TUNNEL_PORT)) for _ in range(1100)]
-time.sleep(2)
+conns = [socket.create_connection((TUNNEL_HOST, TUNNEL_PORT)) for _ in range({conns})]
+time.sleep({hold})
 closed = 0
 for s in conns:
     s.setblocking(False)
@@ -1006,7 +1007,7 @@ for s in conns:
         pass
     except ConnectionResetError:
         closed += 1
-print(json.dumps({"closed": closed}), flush=True)
+print(json.dumps({{"closed": closed}}), flush=True)
 for s in conns:
     s.close()
 time.sleep(1)
@@ -1014,10 +1015,42 @@ time.sleep(1)
 s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
 s.sendall(b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
 s.settimeout(20)
-print(json.dumps({"after": s.recv(4096).decode(errors="replace").split("\r\n")[0]}), flush=True)
-"#,
-    );
+print(json.dumps({{"after": s.recv(4096).decode(errors="replace").split("\r\n")[0]}}), flush=True)
+"#
+    )
+}
+
+/// Like [`python`], with the gateway started under open-file limits (soft, hard).
+fn python_with_open_files(run: &Run, body: &str, soft: u64, hard: u64) -> Finished {
+    use std::os::unix::process::CommandExt as _;
+    let script = format!("{PRELUDE}\nTUNNEL_HOST = TUNNEL[0].split('//')[-1]\n{body}");
+    let mut cmd = run.command(&["python3", "-c", &script]);
+    // SAFETY: setrlimit is async-signal-safe and gets a valid pointer.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limits = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limits) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run.finish(cmd.output().unwrap())
+}
+
+/// 1,100 connections from one sandbox: 1,024 are served, the rest closed and recorded. The
+/// gateway starts with the soft open-file limit of 1,024 common under systemd: it raises its
+/// own (each connection takes two descriptors), and the sandboxed command still starts with
+/// the limits the gateway had.
+#[test]
+fn connections_over_the_sandbox_limit_are_closed_and_recorded() {
+    let run = Run::new("tunnel-conn-limit", &policy("tunnel-conn-limit", ""));
+    let out = python_with_open_files(&run, &hold_connections(1100, 2.0), 1024, 4096);
     let ctx = || out.describe();
+    assert_eq!(printed(&out, "limits"), &json!([1024, 4096]), "{}", ctx());
     assert_eq!(printed(&out, "closed"), 1100 - 1024, "{}", ctx());
     let refused = out
         .audit
@@ -1025,6 +1058,7 @@ print(json.dumps({"after": s.recv(4096).decode(errors="replace").split("\r\n")[0
         .filter(|r| r["layer"] == "proxy" && r["reason"] == "too-many-connections")
         .count();
     assert_eq!(refused, 1100 - 1024, "{}", ctx());
+    assert!(!out.stderr.contains("tunnel accept"), "{}", ctx());
     assert_eq!(
         printed(&out, "after"),
         "HTTP/1.1 403 Forbidden",
@@ -1196,94 +1230,14 @@ print(json.dumps({"after": s.recv(4096).decode(errors="replace").split("\r\n")[0
     );
 }
 
-/// `gateway run` with its open-file limits set to (soft, hard) before it starts.
-fn with_open_files(mut cmd: Command, soft: u64, hard: u64) -> Output {
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: setrlimit is async-signal-safe and gets a valid pointer.
-    unsafe {
-        cmd.pre_exec(move || {
-            let limits = libc::rlimit {
-                rlim_cur: soft,
-                rlim_max: hard,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limits) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.output().unwrap()
-}
-
-/// The tunnel holds two descriptors per proxied connection. The gateway raises its soft
-/// open-file limit to the hard one, so a soft limit of 1,024 does not cut the sandbox's 1,024
-/// connections short; the sandboxed command still starts with the limits the gateway had.
-/// When descriptors do run out, the tunnel pauses before accepting again instead of spinning,
-/// and serves again once they are freed.
+/// When the gateway does run out of descriptors, the tunnel pauses before accepting again
+/// instead of spinning, and serves again once they are freed.
 #[test]
-fn the_tunnel_raises_its_open_file_limit_and_survives_running_out() {
+fn the_tunnel_survives_running_out_of_descriptors() {
     let run = Run::new("tunnel-nofile", &policy("tunnel-nofile", ""));
-    let script = |conns: usize, hold: f64| {
-        format!(
-            r#"{PRELUDE}
-TUNNEL_HOST = TUNNEL[0].split('//')[-1]
-import resource
-print(json.dumps({{"limits": list(resource.getrlimit(resource.RLIMIT_NOFILE))}}), flush=True)
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-conns = [socket.create_connection((TUNNEL_HOST, TUNNEL_PORT)) for _ in range({conns})]
-time.sleep({hold})
-closed = 0
-for s in conns:
-    s.setblocking(False)
-    try:
-        if s.recv(1) == b"":
-            closed += 1
-    except BlockingIOError:
-        pass
-    except ConnectionResetError:
-        closed += 1
-print(json.dumps({{"closed": closed}}), flush=True)
-for s in conns:
-    s.close()
-time.sleep(1)
-s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
-s.sendall(b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
-s.settimeout(20)
-print(json.dumps({{"after": s.recv(4096).decode(errors="replace").split("\r\n")[0]}}), flush=True)
-"#
-        )
-    };
-
-    // Soft 1,024: all 1,024 connections the sandbox may hold are accepted, the rest refused.
-    let out = run.finish(with_open_files(
-        run.command(&["python3", "-c", &script(1100, 2.0)]),
-        1024,
-        4096,
-    ));
-    let ctx = || out.describe();
-    assert_eq!(printed(&out, "limits"), &json!([1024, 4096]), "{}", ctx());
-    assert_eq!(printed(&out, "closed"), 1100 - 1024, "{}", ctx());
-    let refused = proxy_records(&out)
-        .into_iter()
-        .filter(|r| r["reason"] == "too-many-connections")
-        .count();
-    assert_eq!(refused, 1100 - 1024, "{}", ctx());
-    assert!(!out.stderr.contains("tunnel accept"), "{}", ctx());
-    assert_eq!(
-        printed(&out, "after"),
-        "HTTP/1.1 403 Forbidden",
-        "{}",
-        ctx()
-    );
-
     // Hard 300: the sandbox's 280 connections take the gateway past it. Each failed accept
     // is logged; spinning would log thousands in the 3 s they are held, pausing about 30.
-    let out = run.finish(with_open_files(
-        run.command(&["python3", "-c", &script(280, 3.0)]),
-        300,
-        300,
-    ));
+    let out = python_with_open_files(&run, &hold_connections(280, 3.0), 300, 300);
     let ctx = || out.describe();
     let failed = out.stderr.matches("tunnel accept").count();
     assert!(
