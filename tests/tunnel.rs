@@ -985,6 +985,25 @@ print(json.dumps({"waited": time.time() - start, "got": got}), flush=True)
     );
 }
 
+/// Python for the sandbox: a new connection to the tunnel, and the status line of the 403
+/// its request gets, printed as `after` (see [`assert_one_more_request_refused`]).
+const ONE_MORE_REQUEST: &str = r#"
+s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
+s.sendall(b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
+s.settimeout(20)
+print(json.dumps({"after": s.recv(4096).decode(errors="replace").split("\r\n")[0]}), flush=True)
+"#;
+
+/// The tunnel still served the request of [`ONE_MORE_REQUEST`] (with a 403: no rule).
+fn assert_one_more_request_refused(out: &Finished) {
+    assert_eq!(
+        printed(out, "after"),
+        "HTTP/1.1 403 Forbidden",
+        "{}",
+        out.describe()
+    );
+}
+
 /// Python for the sandbox: opens `conns` connections to the tunnel, holds them `hold`
 /// seconds, prints its open-file limits and how many the tunnel closed, closes them all,
 /// then prints the status line a new connection's request gets.
@@ -1012,11 +1031,7 @@ for s in conns:
     s.close()
 time.sleep(1)
 # The permits of closed connections are given back: a new one is served.
-s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
-s.sendall(b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
-s.settimeout(20)
-print(json.dumps({{"after": s.recv(4096).decode(errors="replace").split("\r\n")[0]}}), flush=True)
-"#
+{ONE_MORE_REQUEST}"#
     )
 }
 
@@ -1059,12 +1074,7 @@ fn connections_over_the_sandbox_limit_are_closed_and_recorded() {
         .count();
     assert_eq!(refused, 1100 - 1024, "{}", ctx());
     assert!(!out.stderr.contains("tunnel accept"), "{}", ctx());
-    assert_eq!(
-        printed(&out, "after"),
-        "HTTP/1.1 403 Forbidden",
-        "{}",
-        ctx()
-    );
+    assert_one_more_request_refused(&out);
 }
 
 #[test]
@@ -1188,18 +1198,16 @@ fn a_sandbox_client_reset_before_accept_is_not_taken_for_another_user() {
     let run = Run::new("tunnel-reset-early", &policy("tunnel-reset-early", ""));
     let out = python(
         &run,
-        r#"
+        &format!(
+            r#"
 import struct
 for _ in range(500):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.connect((TUNNEL_HOST, TUNNEL_PORT))
     s.close()
-s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
-s.sendall(b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
-s.settimeout(20)
-print(json.dumps({"after": s.recv(4096).decode(errors="replace").split("\r\n")[0]}), flush=True)
-"#,
+{ONE_MORE_REQUEST}"#
+        ),
     );
     let ctx = || out.describe();
     let reasons: Vec<&str> = proxy_records(&out)
@@ -1222,12 +1230,7 @@ print(json.dumps({"after": s.recv(4096).decode(errors="replace").split("\r\n")[0
         "{early} closed-before-accept\n{}",
         ctx()
     );
-    assert_eq!(
-        printed(&out, "after"),
-        "HTTP/1.1 403 Forbidden",
-        "{}",
-        ctx()
-    );
+    assert_one_more_request_refused(&out);
 }
 
 /// When the gateway does run out of descriptors, the tunnel pauses before accepting again
@@ -1245,12 +1248,7 @@ fn the_tunnel_survives_running_out_of_descriptors() {
         "{failed} failed accepts logged\n{}",
         ctx()
     );
-    assert_eq!(
-        printed(&out, "after"),
-        "HTTP/1.1 403 Forbidden",
-        "{}",
-        ctx()
-    );
+    assert_one_more_request_refused(&out);
 }
 
 #[test]
