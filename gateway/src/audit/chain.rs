@@ -10,8 +10,6 @@
 //! chain from the last complete record and names the fragment by its length and hash, so the
 //! fragment is accounted for instead of silently skipped.
 
-use std::io::Write as _;
-
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -29,14 +27,18 @@ pub fn hash(line: &[u8]) -> Hash {
 }
 
 pub fn hex(h: &Hash) -> String {
-    // Runs for every record the writer seals: no per-byte formatting.
+    let mut out = Vec::with_capacity(h.len() * 2);
+    hex_into(h, &mut out);
+    String::from_utf8(out).expect("hex digits are ASCII")
+}
+
+/// Runs for every record the writer seals: no per-byte formatting, no allocation.
+fn hex_into(h: &Hash, out: &mut Vec<u8>) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(h.len() * 2);
     for b in h {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0xf)]);
     }
-    out
 }
 
 /// Lower-case hex only: the writer never writes anything else, so anything else was altered.
@@ -83,13 +85,11 @@ impl Chain {
     pub fn seal(&mut self, record: &[u8], out: &mut Vec<u8>) {
         debug_assert_eq!(record.first(), Some(&b'{'), "records are JSON objects");
         let start = out.len();
-        out.push(b'{');
-        let _ = write!(
-            out,
-            "\"seq\":{},\"prev\":\"{}\"",
-            self.next_seq,
-            hex(&self.prev)
-        );
+        out.extend_from_slice(b"{\"seq\":");
+        serde_json::to_writer(&mut *out, &self.next_seq).expect("a number serializes");
+        out.extend_from_slice(b",\"prev\":\"");
+        hex_into(&self.prev, out);
+        out.push(b'"');
         let rest = record.get(1..).unwrap_or(b"}");
         if rest.first() != Some(&b'}') {
             out.push(b',');

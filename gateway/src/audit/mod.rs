@@ -21,14 +21,24 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{Arc, OnceLock, mpsc},
+    time::{Duration, Instant},
 };
 
 use chain::{Chain, Resume};
 pub use query::View as RecordView;
 pub use record::{KernelFields, Layer, ProxyFields, Record, ReloadFields, Verdict};
 
-/// The longest a queued record waits before the writer picks it up under load.
-const COALESCE: std::time::Duration = std::time::Duration::from_millis(1);
+/// The longest a queued record waits before the writer picks it up under load. Each batch
+/// costs a wakeup and a write whatever its size (at 1 ms, 0.8 µs of the writer's CPU per
+/// tunnel request more than at 5 ms, ~2 % of a request). What a gateway killed outright loses
+/// is the records of this window, and a proxy record is written only once the upstream has
+/// answered, so requests still in flight at the kill, lost either way, are most of it.
+const COALESCE: Duration = Duration::from_millis(5);
+
+/// The longest a busy writer keeps the file's lock across batches before letting another
+/// gateway that shares the file have a turn. Holding it saves each batch the lock, unlock
+/// and rotation check (four system calls, on a thread just woken from its sleep).
+const LEASE: Duration = Duration::from_millis(20);
 
 /// Where audit records go when `--audit-log` is not given.
 pub const DEFAULT_LOG: &str = "/var/log/gateway/audit.jsonl";
@@ -53,13 +63,14 @@ pub enum AuditError {
 
 /// An append-only audit log shared by the kernel event reader, the seccomp notifier and the
 /// tunnel. Records are serialized by the caller and written by one writer thread, which
-/// appends whatever has queued up in a single write, within a millisecond: the tunnel's
+/// appends whatever has queued up in a single write, within [`COALESCE`]: the tunnel's
 /// request path never waits on the file. [`AuditLog::sync`] waits until everything queued
 /// before it is written; a write error is reported by every later call.
 ///
-/// Several gateways may share one log: each batch is written under an exclusive `flock`, and
-/// a writer that finds the file grown (or replaced by rotation) since its last write picks the
-/// chain up from the file's last line.
+/// Several gateways may share one log: records are written under an exclusive `flock`, which
+/// a writer keeps across batches while busy (at most [`LEASE`]) and gives up whenever it has
+/// nothing queued; a writer that finds the file grown (or replaced by rotation) since its last
+/// write picks the chain up from the file's last line.
 #[derive(Clone)]
 pub struct AuditLog {
     path: PathBuf,
@@ -153,7 +164,19 @@ impl AuditLog {
 fn write_queued(mut writer: Writer, rx: &mpsc::Receiver<Queued>, failed: &OnceLock<String>) {
     let mut batch = Vec::new();
     let mut waiting = Vec::new();
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = match rx.try_recv() {
+            Ok(q) => q,
+            Err(mpsc::TryRecvError::Disconnected) => break,
+            Err(mpsc::TryRecvError::Empty) => {
+                // Idle: another gateway sharing the file may write until this one has more.
+                writer.release();
+                match rx.recv() {
+                    Ok(q) => q,
+                    Err(_) => break,
+                }
+            }
+        };
         let mut next = Some(first);
         while let Some(q) = next {
             match q {
@@ -172,10 +195,14 @@ fn write_queued(mut writer: Writer, rx: &mpsc::Receiver<Queued>, failed: &OnceLo
         for done in waiting.drain(..) {
             let _ = done.send(());
         }
+        if writer.lease_ended() {
+            writer.release();
+        }
         // Under load, let records gather for a moment: one wakeup and one write per batch
         // instead of per record. A record waits at most this long to reach the file.
         std::thread::sleep(COALESCE);
     }
+    writer.release();
 }
 
 /// The writer thread's file: seals records into the chain, appends them, rotates.
@@ -187,6 +214,8 @@ struct Writer {
     /// from the file, and again after a failed write.
     end: Option<u64>,
     chain: Chain,
+    /// Since when this writer holds the file's lock; `None` while it does not.
+    held: Option<Instant>,
 }
 
 /// Read as well as append: the chain is picked up from the file's last line.
@@ -222,20 +251,40 @@ impl Writer {
             file: open_append(path)?,
             end: None,
             chain: Chain::FRESH,
+            held: None,
         };
         writer.write(&[])?;
+        writer.release();
         Ok(writer)
     }
 
-    /// Seals and appends `records` (serialized JSON objects) under the file's lock.
+    /// Seals and appends `records` (serialized JSON objects) under the file's lock, taking it
+    /// unless this writer still holds it.
     fn write(&mut self, records: &[Vec<u8>]) -> std::io::Result<()> {
-        self.lock()?;
+        if self.held.is_none() {
+            self.lock()?;
+            self.held = Some(Instant::now());
+        }
         let written = self.write_locked(records);
         if written.is_err() {
             self.end = None;
+            self.release();
         }
-        let unlocked = flock(&self.file, libc::LOCK_UN);
-        written.and(unlocked)
+        written
+    }
+
+    fn lease_ended(&self) -> bool {
+        self.held.is_some_and(|since| since.elapsed() >= LEASE)
+    }
+
+    /// Lets other gateways sharing the file write; the next batch takes the lock again and
+    /// checks whether the file was rotated meanwhile.
+    fn release(&mut self) {
+        if self.held.take().is_some()
+            && let Err(e) = flock(&self.file, libc::LOCK_UN)
+        {
+            tracing::error!("cannot unlock the audit log: {e}");
+        }
     }
 
     /// Takes the lock on the file that is at `path` now, reopening it when a rotation (ours
@@ -512,6 +561,67 @@ mod tests {
         let intact = verified(&path);
         assert_eq!(intact.records, 400);
         assert_eq!(intact.span.map(|s| (s.0, s.1)), Some((1, 400)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Whether another open file description can take the log's lock now.
+    fn lock_is_free(path: &Path) -> bool {
+        let probe = File::open(path).unwrap();
+        // SAFETY: flock on a descriptor `probe` keeps open; no memory is passed.
+        unsafe { libc::flock(probe.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+
+    #[test]
+    fn an_idle_writer_gives_up_the_lock() {
+        let dir = scratch("idle");
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        write(&log, 0..50);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !lock_is_free(&path) {
+            assert!(Instant::now() < deadline, "the idle writer kept the lock");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_busy_writer_lets_another_gateway_write() {
+        let dir = scratch("busy");
+        let path = dir.join("audit.jsonl");
+        let busy = AuditLog::open(&path).unwrap();
+        let other = AuditLog::open(&path).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let feeder = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // A record every 200 µs, ~25 for each of the writer's 5 ms pauses: its queue
+                // never runs dry, so only its lease lets go of the lock, and never grows.
+                let mut n: usize = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    busy.append(&record(n)).unwrap();
+                    n += 1;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                busy.sync().unwrap();
+                n
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            write(&other, 100_000..100_010);
+            done_tx.send(()).unwrap();
+        });
+        let written = done_rx.recv_timeout(Duration::from_secs(10));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let fed = feeder.join().unwrap();
+        assert!(
+            written.is_ok(),
+            "the other gateway's records waited behind a busy writer"
+        );
+        let intact = verified(&path);
+        assert_eq!(intact.records, fed as u64 + 10);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
