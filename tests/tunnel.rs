@@ -576,18 +576,9 @@ print(json.dumps({"step": "event", "data": next_event(resp)}), flush=True)
     assert_eq!(api.paths(), ["/sse", "/release"], "{}", ctx());
 }
 
-#[test]
-fn websocket_echo_through_connect() {
-    let pki = Pki::new();
-    let api = Server::upstream(&pki, "api");
-    let rules = rule("api.test", api.port, "credential = \"api\"");
-    let run = Run::new(
-        "tunnel-ws",
-        &tunnel_policy("tunnel-ws", &pki, &format!("{rules}{API_CREDENTIAL}")),
-    );
-    let out = python(
-        &run,
-        r#"
+/// Python helpers for a WebSocket client over a socket: the HTTP head, masked text frames,
+/// frames read back.
+const WS_CLIENT: &str = r#"
 import ssl, base64, hashlib, struct
 def read_head(s):
     data = b""
@@ -619,24 +610,49 @@ def recv_frame(s):
     elif n == 127:
         (n,) = struct.unpack("!Q", recv_exact(s, 8))
     return {"opcode": b0 & 0x0F, "masked": bool(b1 & 0x80), "text": recv_exact(s, n).decode()}
+def open_ws(host, extra=""):
+    """CONNECT host:443 through the tunnel, TLS, then a WebSocket handshake for /ws:
+    (the TLS socket, CONNECT's status line, the handshake's status line, whether
+    Sec-WebSocket-Accept was right)."""
+    s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
+    s.sendall(("CONNECT %s:443 HTTP/1.1\r\nHost: %s:443\r\n\r\n" % (host, host)).encode())
+    connect = read_head(s).split("\r\n")[0]
+    t = ssl.create_default_context().wrap_socket(s, server_hostname=host)
+    key = base64.b64encode(os.urandom(16)).decode()
+    t.sendall(("GET /ws HTTP/1.1\r\nHost: " + host + "\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: " + key + "\r\n"
+               "Sec-WebSocket-Version: 13\r\n" + extra + "\r\n").encode())
+    head = read_head(t)
+    accept = [l.split(":", 1)[1].strip() for l in head.split("\r\n")
+              if l.lower().startswith("sec-websocket-accept:")]
+    expected = base64.b64encode(hashlib.sha1(
+        (key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+    return t, connect, head.split("\r\n")[0], accept == [expected]
+"#;
 
-s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
-s.sendall(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
-print(json.dumps({"connect": read_head(s).split("\r\n")[0]}), flush=True)
-t = ssl.create_default_context().wrap_socket(s, server_hostname="api.test")
-key = base64.b64encode(os.urandom(16)).decode()
-t.sendall(("GET /ws HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-           "Sec-WebSocket-Key: " + key + "\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-head = read_head(t)
-accept = [l.split(":", 1)[1].strip() for l in head.split("\r\n") if l.lower().startswith("sec-websocket-accept:")]
-expected = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
-print(json.dumps({"handshake": head.split("\r\n")[0], "accept_ok": accept == [expected]}), flush=True)
+#[test]
+fn websocket_echo_through_connect() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let rules = rule("api.test", api.port, "credential = \"api\"");
+    let run = Run::new(
+        "tunnel-ws",
+        &tunnel_policy("tunnel-ws", &pki, &format!("{rules}{API_CREDENTIAL}")),
+    );
+    let out = python(
+        &run,
+        &format!(
+            r#"
+{WS_CLIENT}
+t, connect, handshake, accept_ok = open_ws("api.test")
+print(json.dumps({{"connect": connect, "handshake": handshake, "accept_ok": accept_ok}}), flush=True)
 long = "x" * 300
 send_text(t, "hello through the tunnel")
-print(json.dumps({"echo1": recv_frame(t)}), flush=True)
+print(json.dumps({{"echo1": recv_frame(t)}}), flush=True)
 send_text(t, long)
-print(json.dumps({"echo2_ok": recv_frame(t)["text"] == long}), flush=True)
-"#,
+print(json.dumps({{"echo2_ok": recv_frame(t)["text"] == long}}), flush=True)
+"#
+        ),
     );
     let ctx = || format!("{}\n{}", out.describe(), api.describe());
     assert_eq!(
@@ -667,6 +683,85 @@ print(json.dumps({"echo2_ok": recv_frame(t)["text"] == long}), flush=True)
         header(&requests[0], "authorization"),
         [format!("Bearer {SECRET}").as_str()]
     );
+}
+
+#[test]
+fn a_placeholder_in_a_websocket_message_to_another_host_is_refused() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let other = Server::upstream(&pki, "other");
+    let body = format!(
+        "{}{}[credentials.api]\nenv = \"API_TOKEN\"\nplaceholder = \"API_TOKEN_PLACEHOLDER\"\n",
+        rule("api.test", api.port, "credential = \"api\""),
+        rule("other.test", other.port, ""),
+    );
+    let run = Run::new(
+        "tunnel-ws-placeholder",
+        &tunnel_policy("tunnel-ws-placeholder", &pki, &body),
+    );
+    let out = python(
+        &run,
+        &format!(
+            r#"
+{WS_CLIENT}
+placeholder = os.environ["API_TOKEN_PLACEHOLDER"]
+t, connect, handshake, accept_ok = open_ws(
+    "other.test", "Sec-WebSocket-Extensions: permessage-deflate\r\n")
+print(json.dumps({{"handshake": handshake, "accept_ok": accept_ok}}), flush=True)
+send_text(t, "before")
+print(json.dumps({{"echo": recv_frame(t)["text"]}}), flush=True)
+send_text(t, "token=" + placeholder)
+try:
+    print(json.dumps({{"after": recv_frame(t)["text"]}}), flush=True)
+except TimeoutError:
+    print(json.dumps({{"after": "timeout"}}), flush=True)
+except (EOFError, OSError):
+    print(json.dumps({{"after": "closed"}}), flush=True)
+"#
+        ),
+    );
+    let ctx = || {
+        format!(
+            "{}\n{}\n{}",
+            out.describe(),
+            api.describe(),
+            other.describe()
+        )
+    };
+    assert_eq!(
+        printed(&out, "handshake")
+            .as_str()
+            .map(|l| l.split(' ').nth(1)),
+        Some(Some("101")),
+        "{}",
+        ctx()
+    );
+    assert_eq!(printed(&out, "accept_ok"), true, "{}", ctx());
+    assert_eq!(printed(&out, "echo"), "before", "{}", ctx());
+    assert_eq!(printed(&out, "after"), "closed", "{}", ctx());
+    // The frame carrying the placeholder never reached the host; the one before it did.
+    assert_eq!(other.ws_frames(), ["before"], "{}", ctx());
+    // Compression, which would hide a placeholder from the tunnel, was not offered upstream.
+    let upgrade = &other.requests()[0];
+    assert!(
+        header(upgrade, "sec-websocket-extensions").is_empty(),
+        "{}",
+        ctx()
+    );
+    assert!(api.requests().is_empty(), "{}", ctx());
+    assert_proxy_record(
+        &out,
+        "the WebSocket message with a placeholder",
+        &json!({
+            "verdict": "deny",
+            "reason": "placeholder-to-unlisted-host",
+            "host": "other.test",
+            "port": 443,
+            "path": "/ws",
+            "status": null,
+        }),
+    );
+    assert_no_secret("the sandbox's output", &out.stdout);
 }
 
 #[test]

@@ -186,7 +186,24 @@ impl Server {
     }
 
     /// Every request the server received, in order.
+    /// The HTTP requests the server received, in order.
     pub fn requests(&self) -> Vec<Value> {
+        self.log_lines()
+            .into_iter()
+            .filter(|l| l.get("ws_frame").is_none())
+            .collect()
+    }
+
+    /// The payloads of the WebSocket frames the server received, as text.
+    pub fn ws_frames(&self) -> Vec<String> {
+        self.log_lines()
+            .iter()
+            .filter(|l| l.get("ws_frame").is_some())
+            .map(|l| l["text"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    fn log_lines(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.log)
             .map(|t| json_lines(&t))
             .unwrap_or_default()

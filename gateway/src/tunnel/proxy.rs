@@ -141,17 +141,25 @@ impl Tunnel {
         parts.headers.remove(header::HOST);
         let request_headers = ws.then(|| parts.headers.clone());
         // Placeholders of credentials this host's rule does not name must not leave in the
-        // body either; headers and URL were checked above.
+        // body or a WebSocket's messages either; headers and URL were checked above.
         // (A bodiless request, most of them, has nothing to scan.)
-        let unlisted: Vec<String> = if http_body::Body::is_end_stream(&body) {
-            Vec::new()
-        } else {
+        let unlisted = || -> Vec<String> {
             snapshot
                 .secrets
                 .iter()
                 .filter(|s| route.credential() != Some(s.name.as_str()))
                 .filter_map(|s| Some(s.placeholder.as_ref()?.value.clone()))
                 .collect()
+        };
+        let ws_unlisted = if ws { unlisted() } else { Vec::new() };
+        if !ws_unlisted.is_empty() {
+            // Compressed messages could not be read for placeholders: none are negotiated.
+            parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+        }
+        let unlisted = if http_body::Body::is_end_stream(&body) {
+            Vec::new()
+        } else {
+            unlisted()
         };
         let body: upstream::RequestBody = if unlisted.is_empty() {
             body.map_err(Into::into).boxed()
@@ -202,7 +210,11 @@ impl Tunnel {
                 );
             }
             let (verdict, reason) = route.verdict(&resp);
-            websocket::pipe(client_upgrade, hyper::upgrade::on(&mut resp));
+            let scan = (!ws_unlisted.is_empty()).then(|| {
+                let refused = self.ws_refusal(client, fields.clone());
+                (websocket::FrameScan::new(ws_unlisted), refused)
+            });
+            websocket::pipe(client_upgrade, hyper::upgrade::on(&mut resp), scan);
             fields.status = Some(101);
             self.record(verdict, reason, client, fields);
             let (parts, _) = resp.into_parts();
@@ -264,6 +276,27 @@ impl Tunnel {
         fields.status = Some(status.as_u16());
         self.record(Verdict::WouldDeny, would, client, fields);
         local_response(status, reason)
+    }
+
+    /// What records a WebSocket cut after its upgrade: a refusal with no status of its own
+    /// (the client saw the 101; then its connection closed).
+    fn ws_refusal(&self, client: SocketAddr, fields: ProxyFields) -> websocket::Refused {
+        let shared = self.shared.clone();
+        Box::new(move |cut| {
+            let reason = match cut {
+                websocket::Cut::Placeholder => "placeholder-to-unlisted-host",
+                websocket::Cut::Extension => "websocket-extension",
+                websocket::Cut::NotAFrame => "websocket-not-a-frame",
+            };
+            super::record(
+                &shared.audit,
+                &shared.sandbox,
+                Verdict::Deny,
+                reason,
+                client,
+                fields,
+            );
+        })
     }
 
     pub(super) fn refuse(

@@ -5,6 +5,9 @@ use base64::Engine as _;
 use hyper::{HeaderMap, Response, StatusCode, header, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
 use sha1::{Digest as _, Sha1};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+pub use super::ws_scan::{Cut, FrameScan};
 
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -34,8 +37,10 @@ pub fn accepted<B>(request: &HeaderMap, resp: &Response<B>) -> bool {
             .is_some_and(|v| v.as_bytes() == want.as_bytes())
 }
 
-/// Copies bytes both ways once both sides have switched protocols.
-pub fn pipe(client: OnUpgrade, upstream: OnUpgrade) {
+/// Copies bytes both ways once both sides have switched protocols. With `scan`, what the
+/// client sends is read as frames first; when it may not be passed on, both sides are closed
+/// and `refused` is told why.
+pub fn pipe(client: OnUpgrade, upstream: OnUpgrade, scan: Option<(FrameScan, Refused)>) {
     tokio::spawn(async move {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(both) => both,
@@ -46,8 +51,61 @@ pub fn pipe(client: OnUpgrade, upstream: OnUpgrade) {
         };
         let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            tracing::debug!("websocket pipe: {e}");
+        let Some((scan, refused)) = scan else {
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!("websocket pipe: {e}");
+            }
+            return;
+        };
+        let (mut from_client, mut to_client) = tokio::io::split(client);
+        let (mut from_upstream, mut to_upstream) = tokio::io::split(upstream);
+        let down = async {
+            let _ = tokio::io::copy(&mut from_upstream, &mut to_client).await;
+            let _ = to_client.shutdown().await;
+        };
+        let up = scanned_copy(&mut from_client, &mut to_upstream, scan);
+        tokio::pin!(down);
+        tokio::pin!(up);
+        // Both directions run to their end unless the client's is cut; then dropping both
+        // halves closes both connections at once.
+        tokio::select! {
+            cut = &mut up => match cut {
+                Some(cut) => refused(cut),
+                None => down.await,
+            },
+            () = &mut down => {
+                if let Some(cut) = up.await {
+                    refused(cut);
+                }
+            }
         }
     });
+}
+
+/// Told, once, why a WebSocket was cut.
+pub type Refused = Box<dyn FnOnce(Cut) + Send>;
+
+/// Copies the client's frames upstream, each read scanned before it is passed on; stops
+/// with the reason when one may not be.
+async fn scanned_copy<R, W>(from: &mut R, to: &mut W, mut scan: FrameScan) -> Option<Cut>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return None;
+            }
+            Ok(n) => n,
+        };
+        if let Err(cut) = scan.feed(&buf[..n]) {
+            return Some(cut);
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return None;
+        }
+    }
 }

@@ -1,0 +1,216 @@
+//! Placeholders in WebSocket messages. Toward a host whose rule does not name a placeholder's
+//! credential, what the client sends after the upgrade is read frame by frame (headers parsed
+//! by tungstenite, payloads unmasked), and the connection is cut before the read that would
+//! complete a placeholder is passed on, as for request bodies (see [`super::body_scan`]).
+
+use std::io::Cursor;
+
+use tungstenite::protocol::frame::FrameHeader;
+
+/// Why the client's side of a WebSocket was cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// A placeholder of a credential this host's rule does not name.
+    Placeholder,
+    /// A frame an extension transformed (an RSV bit set, as permessage-deflate does): its
+    /// payload cannot be read as sent. The tunnel drops `Sec-WebSocket-Extensions` from such
+    /// a handshake, so only a peer that ignores the negotiation sends one.
+    Extension,
+    /// Bytes that are not a WebSocket frame header.
+    NotAFrame,
+}
+
+/// The client-to-upstream byte stream of one WebSocket, read as frames.
+pub struct FrameScan {
+    needles: Vec<Vec<u8>>,
+    /// How much unmasked payload to carry into the next read: a placeholder split across
+    /// reads or frames is seen whole.
+    keep: usize,
+    /// The last `keep` payload bytes seen, unmasked, then the current read's.
+    window: Vec<u8>,
+    /// A frame header not complete yet.
+    header: Vec<u8>,
+    /// Payload bytes of the current frame still to come.
+    left: u64,
+    mask: Option<[u8; 4]>,
+    /// Position in the current frame's payload, for the mask.
+    at: usize,
+}
+
+impl FrameScan {
+    pub fn new(placeholders: Vec<String>) -> Self {
+        let needles: Vec<Vec<u8>> = placeholders
+            .into_iter()
+            .map(String::into_bytes)
+            .filter(|n| !n.is_empty())
+            .collect();
+        let keep = needles
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        Self {
+            needles,
+            keep,
+            window: Vec::new(),
+            header: Vec::new(),
+            left: 0,
+            mask: None,
+            at: 0,
+        }
+    }
+
+    /// Reads the next bytes the client sent. `Err` means they must not be passed on.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), Cut> {
+        while !bytes.is_empty() {
+            if self.left == 0 {
+                bytes = self.feed_header(bytes)?;
+                continue;
+            }
+            let n = usize::try_from(self.left)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
+            let start = self.window.len();
+            self.window.extend_from_slice(&bytes[..n]);
+            if let Some(mask) = self.mask {
+                for (i, b) in self.window[start..].iter_mut().enumerate() {
+                    *b ^= mask[(self.at + i) % 4];
+                }
+            }
+            self.at += n;
+            self.left -= n as u64;
+            bytes = &bytes[n..];
+        }
+        let found = self
+            .needles
+            .iter()
+            .any(|n| self.window.windows(n.len()).any(|w| w == n.as_slice()));
+        if found {
+            return Err(Cut::Placeholder);
+        }
+        let drop = self.window.len().saturating_sub(self.keep);
+        self.window.drain(..drop);
+        Ok(())
+    }
+
+    /// Takes header bytes from `bytes`; returns what follows the header once it is whole.
+    fn feed_header<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], Cut> {
+        // The longest header: 2 bytes, an 8-byte length, a 4-byte mask.
+        const LONGEST: usize = 14;
+        let taken = (LONGEST - self.header.len()).min(bytes.len());
+        self.header.extend_from_slice(&bytes[..taken]);
+        let mut cursor = Cursor::new(&self.header[..]);
+        match FrameHeader::parse(&mut cursor) {
+            Ok(Some((header, len))) => {
+                let used = usize::try_from(cursor.position()).map_err(|_| Cut::NotAFrame)?;
+                let beyond = self.header.len() - used;
+                self.header.clear();
+                if header.rsv1 || header.rsv2 || header.rsv3 {
+                    return Err(Cut::Extension);
+                }
+                self.mask = header.mask;
+                self.left = len;
+                self.at = 0;
+                Ok(&bytes[taken - beyond..])
+            }
+            Ok(None) if self.header.len() < LONGEST => Ok(&bytes[taken..]),
+            Ok(None) | Err(_) => Err(Cut::NotAFrame),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLACEHOLDER: &str = "gw-placeholder-0123456789abcdef";
+
+    /// A client frame as RFC 6455 5.2 lays it out: FIN, opcode, MASK bit, length, mask.
+    fn frame(opcode: u8, payload: &[u8], mask: [u8; 4], fin: bool) -> Vec<u8> {
+        let mut out = vec![opcode | if fin { 0x80 } else { 0 }];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    fn scan() -> FrameScan {
+        FrameScan::new(vec![PLACEHOLDER.into()])
+    }
+
+    /// Feeds `bytes` in pieces of `step`; the index of the piece that was refused.
+    fn fed_in_steps(bytes: &[u8], step: usize) -> Result<(), (usize, Cut)> {
+        let mut s = scan();
+        for (i, piece) in bytes.chunks(step).enumerate() {
+            s.feed(piece).map_err(|c| (i, c))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn clean_frames_pass_in_any_split() {
+        let mut bytes = frame(0x1, b"hello", [1, 2, 3, 4], true);
+        bytes.extend(frame(0x2, &[7u8; 300], [9, 9, 9, 9], true));
+        bytes.extend(frame(0x2, &vec![b'x'; 70_000], [5, 6, 7, 8], true));
+        bytes.extend(frame(0x9, b"ping", [0, 0, 0, 1], true));
+        for step in [1, 2, 3, 7, 14, 100, 4096, bytes.len()] {
+            assert_eq!(fed_in_steps(&bytes, step), Ok(()), "step {step}");
+        }
+    }
+
+    #[test]
+    fn a_masked_placeholder_is_found_in_any_split() {
+        let text = format!("token={PLACEHOLDER}&more");
+        let mut bytes = frame(0x1, b"first", [1, 2, 3, 4], true);
+        bytes.extend(frame(0x1, text.as_bytes(), [0xde, 0xad, 0xbe, 0xef], true));
+        let start = bytes.len() - text.len() + "token=".len();
+        let end = start + PLACEHOLDER.len();
+        for step in [1, 2, 5, 13, 64, bytes.len()] {
+            let (piece, cut) = fed_in_steps(&bytes, step).unwrap_err();
+            assert_eq!(cut, Cut::Placeholder);
+            // Refused at the read that completes it, never later, and nothing before it.
+            assert_eq!(piece, (end - 1) / step, "step {step}");
+        }
+        assert!(
+            !bytes
+                .windows(PLACEHOLDER.len())
+                .any(|w| w == PLACEHOLDER.as_bytes())
+        );
+    }
+
+    #[test]
+    fn a_placeholder_split_across_fragments_is_found() {
+        let (a, b) = PLACEHOLDER.split_at(10);
+        let mut bytes = frame(0x1, a.as_bytes(), [1, 2, 3, 4], false);
+        bytes.extend(frame(0x0, b.as_bytes(), [4, 3, 2, 1], true));
+        assert_eq!(
+            fed_in_steps(&bytes, bytes.len()).map_err(|(_, c)| c),
+            Err(Cut::Placeholder)
+        );
+    }
+
+    #[test]
+    fn extension_frames_and_garbage_are_cut() {
+        for rsv in [0x40, 0x20, 0x10] {
+            let mut compressed = frame(0x1, b"x", [1, 2, 3, 4], true);
+            compressed[0] |= rsv;
+            assert_eq!(scan().feed(&compressed), Err(Cut::Extension));
+        }
+        // Opcode 3 is reserved (RFC 6455 5.2).
+        assert_eq!(
+            scan().feed(&frame(0x3, b"x", [1, 2, 3, 4], true)),
+            Err(Cut::NotAFrame)
+        );
+    }
+}
