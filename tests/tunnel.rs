@@ -685,8 +685,9 @@ print(json.dumps({{"echo2_ok": recv_frame(t)["text"] == long}}), flush=True)
     );
 }
 
-#[test]
-fn a_placeholder_in_a_websocket_message_to_another_host_is_refused() {
+/// api.test, whose rule names the `api` credential (its placeholder in
+/// `$API_TOKEN_PLACEHOLDER`), and other.test, whose rule names none, for a run named `name`.
+fn placeholder_hosts(name: &str) -> (Pki, Server, Server, Run) {
     let pki = Pki::new();
     let api = Server::upstream(&pki, "api");
     let other = Server::upstream(&pki, "other");
@@ -695,10 +696,13 @@ fn a_placeholder_in_a_websocket_message_to_another_host_is_refused() {
         rule("api.test", api.port, "credential = \"api\""),
         rule("other.test", other.port, ""),
     );
-    let run = Run::new(
-        "tunnel-ws-placeholder",
-        &tunnel_policy("tunnel-ws-placeholder", &pki, &body),
-    );
+    let run = Run::new(name, &tunnel_policy(name, &pki, &body));
+    (pki, api, other, run)
+}
+
+#[test]
+fn a_placeholder_in_a_websocket_message_to_another_host_is_refused() {
+    let (_pki, api, other, run) = placeholder_hosts("tunnel-ws-placeholder");
     let out = python(
         &run,
         &format!(
@@ -766,18 +770,7 @@ except (EOFError, OSError):
 
 #[test]
 fn placeholder_works_toward_its_host_and_is_refused_elsewhere() {
-    let pki = Pki::new();
-    let api = Server::upstream(&pki, "api");
-    let other = Server::upstream(&pki, "other");
-    let body = format!(
-        "{}{}[credentials.api]\nenv = \"API_TOKEN\"\nplaceholder = \"API_TOKEN_PLACEHOLDER\"\n",
-        rule("api.test", api.port, "credential = \"api\""),
-        rule("other.test", other.port, ""),
-    );
-    let run = Run::new(
-        "tunnel-placeholder",
-        &tunnel_policy("tunnel-placeholder", &pki, &body),
-    );
+    let (_pki, api, other, run) = placeholder_hosts("tunnel-placeholder");
     let out = sh(
         &run,
         &format!(

@@ -19,39 +19,55 @@ pub struct PlaceholderInBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Passes `inner` through, holding back the last `longest - 1` bytes of each chunk until the
-/// next one arrives, so a placeholder split across two chunks is seen whole.
-pub struct Scanned<B> {
-    inner: B,
+/// The placeholders a stream must not carry, and how much of it to hold back so that one split
+/// across two reads is seen whole.
+pub struct Needles {
     needles: Vec<Vec<u8>>,
-    /// The tail of what was read, not sent yet.
-    held: BytesMut,
-    keep: usize,
-    done: bool,
+    /// The longest placeholder's length less one.
+    pub keep: usize,
 }
 
-impl<B> Scanned<B> {
-    pub fn new(inner: B, placeholders: Vec<String>) -> Self {
-        let needles: Vec<Vec<u8>> = placeholders.into_iter().map(String::into_bytes).collect();
+impl Needles {
+    pub fn new(placeholders: Vec<String>) -> Self {
+        let needles: Vec<Vec<u8>> = placeholders
+            .into_iter()
+            .map(String::into_bytes)
+            .filter(|n| !n.is_empty())
+            .collect();
         let keep = needles
             .iter()
             .map(Vec::len)
             .max()
             .unwrap_or(1)
             .saturating_sub(1);
-        Self {
-            inner,
-            needles,
-            held: BytesMut::new(),
-            keep,
-            done: false,
-        }
+        Self { needles, keep }
     }
 
-    fn found(&self) -> bool {
+    pub fn found_in(&self, bytes: &[u8]) -> bool {
         self.needles
             .iter()
-            .any(|n| !n.is_empty() && self.held.windows(n.len()).any(|w| w == n.as_slice()))
+            .any(|n| bytes.windows(n.len()).any(|w| w == n.as_slice()))
+    }
+}
+
+/// Passes `inner` through, holding back the last `keep` bytes of each chunk until the next
+/// one arrives, so a placeholder split across two chunks is seen whole.
+pub struct Scanned<B> {
+    inner: B,
+    needles: Needles,
+    /// The tail of what was read, not sent yet.
+    held: BytesMut,
+    done: bool,
+}
+
+impl<B> Scanned<B> {
+    pub fn new(inner: B, placeholders: Vec<String>) -> Self {
+        Self {
+            inner,
+            needles: Needles::new(placeholders),
+            held: BytesMut::new(),
+            done: false,
+        }
     }
 }
 
@@ -76,11 +92,11 @@ where
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         this.held.extend_from_slice(&data);
-                        if this.found() {
+                        if this.needles.found_in(&this.held) {
                             this.done = true;
                             return Poll::Ready(Some(Err(PlaceholderInBody.into())));
                         }
-                        let send = this.held.len().saturating_sub(this.keep);
+                        let send = this.held.len().saturating_sub(this.needles.keep);
                         if send > 0 {
                             let out = this.held.split_to(send).freeze();
                             return Poll::Ready(Some(Ok(Frame::data(out))));

@@ -7,6 +7,8 @@ use std::io::Cursor;
 
 use tungstenite::protocol::frame::FrameHeader;
 
+use super::body_scan::Needles;
+
 /// Why the client's side of a WebSocket was cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
@@ -22,11 +24,9 @@ pub enum Cut {
 
 /// The client-to-upstream byte stream of one WebSocket, read as frames.
 pub struct FrameScan {
-    needles: Vec<Vec<u8>>,
-    /// How much unmasked payload to carry into the next read: a placeholder split across
-    /// reads or frames is seen whole.
-    keep: usize,
-    /// The last `keep` payload bytes seen, unmasked, then the current read's.
+    needles: Needles,
+    /// The last `needles.keep` payload bytes seen, unmasked, then the current read's: a
+    /// placeholder split across reads or frames is seen whole.
     window: Vec<u8>,
     /// A frame header not complete yet.
     header: Vec<u8>,
@@ -39,20 +39,8 @@ pub struct FrameScan {
 
 impl FrameScan {
     pub fn new(placeholders: Vec<String>) -> Self {
-        let needles: Vec<Vec<u8>> = placeholders
-            .into_iter()
-            .map(String::into_bytes)
-            .filter(|n| !n.is_empty())
-            .collect();
-        let keep = needles
-            .iter()
-            .map(Vec::len)
-            .max()
-            .unwrap_or(1)
-            .saturating_sub(1);
         Self {
-            needles,
-            keep,
+            needles: Needles::new(placeholders),
             window: Vec::new(),
             header: Vec::new(),
             left: 0,
@@ -82,14 +70,10 @@ impl FrameScan {
             self.left -= n as u64;
             bytes = &bytes[n..];
         }
-        let found = self
-            .needles
-            .iter()
-            .any(|n| self.window.windows(n.len()).any(|w| w == n.as_slice()));
-        if found {
+        if self.needles.found_in(&self.window) {
             return Err(Cut::Placeholder);
         }
-        let drop = self.window.len().saturating_sub(self.keep);
+        let drop = self.window.len().saturating_sub(self.needles.keep);
         self.window.drain(..drop);
         Ok(())
     }
