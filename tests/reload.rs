@@ -206,14 +206,7 @@ say("rest", next_event(stream))
     let note = live.reload(&after, 1);
     std::fs::write(&go, "").unwrap();
     let out = live.finish();
-    let ctx = || {
-        format!(
-            "{}\n{}\n{}",
-            out.describe(),
-            api.describe(),
-            other.describe()
-        )
-    };
+    let ctx = || described(&out, &[&api, &other]);
 
     assert_eq!(note["layer"], "gateway", "{note}");
     assert_eq!(note["verdict"], "note", "{note}");
@@ -320,14 +313,7 @@ say("b", status("https://other.test/v1/b"))
         .unwrap();
     std::fs::write(&go, "").unwrap();
     let out = live.finish();
-    let ctx = || {
-        format!(
-            "{}\n{}\n{}",
-            out.describe(),
-            api.describe(),
-            other.describe()
-        )
-    };
+    let ctx = || described(&out, &[&api, &other]);
 
     assert_eq!(check.status.code(), Some(2), "{check:?}");
     let check_lines: Vec<String> = String::from_utf8_lossy(&check.stderr)

@@ -39,6 +39,16 @@ fn python(run: &Run, body: &str) -> Finished {
     )
 }
 
+/// A run named `name` whose one rule sends api.test to the upstream on `port`, with
+/// `rule_lines` (which name the `api` credential), and the credential itself.
+fn api_run(name: &str, pki: &Pki, port: u16, rule_lines: &str) -> Run {
+    let rules = rule("api.test", port, rule_lines);
+    Run::new(
+        name,
+        &tunnel_policy(name, pki, &format!("{rules}{API_CREDENTIAL}")),
+    )
+}
+
 // ---------------------------------------------------------------------------------------
 // Reading results
 
@@ -180,14 +190,11 @@ fn base64_matches_rfc4648() {
 fn curl_gets_the_credential_injected_and_a_forged_one_replaced() {
     let pki = Pki::new();
     let api = Server::upstream(&pki, "api");
-    let rules = rule(
-        "api.test",
+    let run = api_run(
+        "tunnel-curl",
+        &pki,
         api.port,
         "methods = [\"GET\", \"POST\"]\npaths = [\"/v1/**\", \"/redirect\"]\ncredential = \"api\"",
-    );
-    let run = Run::new(
-        "tunnel-curl",
-        &tunnel_policy("tunnel-curl", &pki, &format!("{rules}{API_CREDENTIAL}")),
     );
     let out = sh(
         &run,
@@ -201,7 +208,7 @@ r redirect https://api.test/redirect
         ),
     );
     let replies = replies(&out.stdout);
-    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    let ctx = || described(&out, &[&api]);
     for name in ["plain", "forged", "post"] {
         assert_eq!(reply(&replies, name, &out).code, 200, "{name}\n{}", ctx());
     }
@@ -262,14 +269,11 @@ fn wrong_method_wrong_path_and_unlisted_hosts_get_403_and_reach_nothing() {
     let api = Server::upstream(&pki, "api");
     // Listens, but no rule names it: a request that reached it was let through.
     let other = Server::upstream(&pki, "other");
-    let rules = rule(
-        "api.test",
+    let run = api_run(
+        "tunnel-deny",
+        &pki,
         api.port,
         "methods = [\"GET\"]\npaths = [\"/v1/**\"]\ncredential = \"api\"",
-    );
-    let run = Run::new(
-        "tunnel-deny",
-        &tunnel_policy("tunnel-deny", &pki, &format!("{rules}{API_CREDENTIAL}")),
     );
     let out = sh(
         &run,
@@ -285,14 +289,7 @@ r unlisted-local https://localhost:{p}/v1/items
         ),
     );
     let replies = replies(&out.stdout);
-    let ctx = || {
-        format!(
-            "{}\n{}\n{}",
-            out.describe(),
-            api.describe(),
-            other.describe()
-        )
-    };
+    let ctx = || described(&out, &[&api, &other]);
     assert_eq!(reply(&replies, "allowed", &out).code, 200, "{}", ctx());
     for name in ["wrong-method", "wrong-path", "unlisted", "unlisted-local"] {
         let r = reply(&replies, name, &out);
@@ -385,7 +382,7 @@ env
             .output()
             .unwrap(),
     );
-    let ctx = || format!("{}\n{}", out.describe(), server.describe());
+    let ctx = || described(&out, &[&server]);
     assert!(out.stdout.contains("git-exit 0\n"), "{}", ctx());
     assert!(
         out.stdout.contains("cloned through the tunnel"),
@@ -417,14 +414,11 @@ env
 fn python_urllib_goes_through_the_tunnel() {
     let pki = Pki::new();
     let api = Server::upstream(&pki, "api");
-    let rules = rule(
-        "api.test",
+    let run = api_run(
+        "tunnel-python",
+        &pki,
         api.port,
         "paths = [\"/v1/**\"]\ncredential = \"api\"",
-    );
-    let run = Run::new(
-        "tunnel-python",
-        &tunnel_policy("tunnel-python", &pki, &format!("{rules}{API_CREDENTIAL}")),
     );
     let out = python(
         &run,
@@ -442,7 +436,7 @@ except urllib.error.HTTPError as e:
     print(json.dumps({"denied": e.code}), flush=True)
 "#,
     );
-    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    let ctx = || described(&out, &[&api]);
     assert_eq!(printed(&out, "status"), 200, "{}", ctx());
     let echo = printed(&out, "echo");
     assert_eq!(echo["method"], "POST");
@@ -497,14 +491,11 @@ function request(method, host, path, body) {
 fn node_goes_through_the_tunnel_trusting_the_ca_bundle() {
     let pki = Pki::new();
     let api = Server::upstream(&pki, "api");
-    let rules = rule(
-        "api.test",
+    let run = api_run(
+        "tunnel-node",
+        &pki,
         api.port,
         "paths = [\"/v1/**\"]\ncredential = \"api\"",
-    );
-    let run = Run::new(
-        "tunnel-node",
-        &tunnel_policy("tunnel-node", &pki, &format!("{rules}{API_CREDENTIAL}")),
     );
     let out = run.finish(
         run.command(&["node", "-e", NODE_CLIENT])
@@ -512,7 +503,7 @@ fn node_goes_through_the_tunnel_trusting_the_ca_bundle() {
             .output()
             .unwrap(),
     );
-    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    let ctx = || described(&out, &[&api]);
     let ok = printed(&out, "ok");
     assert_eq!(ok["status"], 200, "{}", ctx());
     let echo: Value = serde_json::from_str(ok["body"].as_str().unwrap()).unwrap();
@@ -532,11 +523,7 @@ fn node_goes_through_the_tunnel_trusting_the_ca_bundle() {
 fn server_sent_events_arrive_one_by_one() {
     let pki = Pki::new();
     let api = Server::upstream(&pki, "api");
-    let rules = rule("api.test", api.port, "credential = \"api\"");
-    let run = Run::new(
-        "tunnel-sse",
-        &tunnel_policy("tunnel-sse", &pki, &format!("{rules}{API_CREDENTIAL}")),
-    );
+    let run = api_run("tunnel-sse", &pki, api.port, "credential = \"api\"");
     // The upstream sends `second` only after /release, which the client requests only after
     // it read `first`: a tunnel that buffers the stream makes the first read time out.
     let out = python(
@@ -555,7 +542,7 @@ print(json.dumps({"step": "event", "data": next_event(resp)}), flush=True)
 "#
         ),
     );
-    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    let ctx = || described(&out, &[&api]);
     let steps: Vec<&Value> = out
         .lines
         .iter()
@@ -634,11 +621,7 @@ def open_ws(host, extra=""):
 fn websocket_echo_through_connect() {
     let pki = Pki::new();
     let api = Server::upstream(&pki, "api");
-    let rules = rule("api.test", api.port, "credential = \"api\"");
-    let run = Run::new(
-        "tunnel-ws",
-        &tunnel_policy("tunnel-ws", &pki, &format!("{rules}{API_CREDENTIAL}")),
-    );
+    let run = api_run("tunnel-ws", &pki, api.port, "credential = \"api\"");
     let out = python(
         &run,
         &format!(
@@ -654,7 +637,7 @@ print(json.dumps({{"echo2_ok": recv_frame(t)["text"] == long}}), flush=True)
 "#
         ),
     );
-    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    let ctx = || described(&out, &[&api]);
     assert_eq!(
         printed(&out, "connect")
             .as_str()
@@ -724,14 +707,7 @@ except (EOFError, OSError):
 "#
         ),
     );
-    let ctx = || {
-        format!(
-            "{}\n{}\n{}",
-            out.describe(),
-            api.describe(),
-            other.describe()
-        )
-    };
+    let ctx = || described(&out, &[&api, &other]);
     assert_eq!(
         printed(&out, "handshake")
             .as_str()
@@ -787,14 +763,7 @@ env
 "#
         ),
     );
-    let ctx = || {
-        format!(
-            "{}\n{}\n{}",
-            out.describe(),
-            api.describe(),
-            other.describe()
-        )
-    };
+    let ctx = || described(&out, &[&api, &other]);
     let placeholder = out
         .stdout
         .lines()
@@ -881,7 +850,7 @@ fn a_name_that_resolves_to_loopback_is_refused_without_private() {
 
     let refused = Run::new("tunnel-private", &policy_with(""));
     let out = sh(&refused, &script);
-    let ctx = |out: &Finished| format!("{}\n{}", out.describe(), target.describe());
+    let ctx = |out: &Finished| described(out, &[&target]);
     let r = reply(&replies(&out.stdout), "local", &out).clone();
     assert!(r.forbidden(), "{r:?}\n{}", ctx(&out));
     assert!(target.requests().is_empty(), "{}", ctx(&out));
@@ -989,14 +958,7 @@ for name, payload in OUTER.items():
     case(name, tunnel, payload)
 "#,
     );
-    let ctx = || {
-        format!(
-            "{}\n{}\n{}",
-            out.describe(),
-            api.describe(),
-            other.describe()
-        )
-    };
+    let ctx = || described(&out, &[&api, &other]);
     let outcomes: HashMap<&str, &Value> = out
         .lines
         .iter()
@@ -1169,11 +1131,7 @@ fn connections_over_the_sandbox_limit_are_closed_and_recorded() {
 fn a_process_outside_every_sandbox_is_refused() {
     let pki = Pki::new();
     let api = Server::upstream(&pki, "api");
-    let rules = rule("api.test", api.port, "credential = \"api\"");
-    let run = Run::new(
-        "tunnel-outside",
-        &tunnel_policy("tunnel-outside", &pki, &format!("{rules}{API_CREDENTIAL}")),
-    );
+    let run = api_run("tunnel-outside", &pki, api.port, "credential = \"api\"");
     let go = run.scratch.dir.join("go");
     let script = format!(
         r#"{CURL}
@@ -1385,7 +1343,7 @@ r unlisted -i https://unlisted.test/
             .output()
             .unwrap(),
     );
-    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    let ctx = || described(&out, &[&api]);
     let replies = replies(&out.stdout);
     assert_eq!(reply(&replies, "ok", &out).code, 200, "{}", ctx());
     assert_eq!(reply(&replies, "forged", &out).code, 200, "{}", ctx());
@@ -1454,7 +1412,7 @@ r big-chunked -X POST -H 'Transfer-Encoding: chunked' --data-binary @/tmp/big ht
         ),
     );
     let replies = replies(&out.stdout);
-    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    let ctx = || described(&out, &[&api]);
     assert_eq!(reply(&replies, "small", &out).code, 200, "{}", ctx());
     assert_eq!(reply(&replies, "big", &out).code, 413, "{}", ctx());
     // A chunked body is cut off at the limit: the upstream never gets a whole request.
@@ -1496,7 +1454,7 @@ r wrong-sni --cacert {ca} --connect-to other.test:443:api.test:443 https://other
         ),
     );
     let replies = replies(&out.stdout);
-    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    let ctx = || described(&out, &[&api]);
     // Trusting only the upstream's own CA, curl got through: the session was not intercepted.
     assert_eq!(reply(&replies, "spliced", &out).code, 200, "{}", ctx());
     // CONNECT api.test:443 carrying SNI other.test: closed before anything reached upstream.
@@ -1584,11 +1542,7 @@ impl Drop for NginxH2 {
 fn the_upstream_is_spoken_to_in_http2_when_it_offers_it() {
     let pki = Pki::new();
     let nginx = NginxH2::start(&pki);
-    let rules = rule("api.test", nginx.port, "credential = \"api\"");
-    let run = Run::new(
-        "tunnel-h2",
-        &tunnel_policy("tunnel-h2", &pki, &format!("{rules}{API_CREDENTIAL}")),
-    );
+    let run = api_run("tunnel-h2", &pki, nginx.port, "credential = \"api\"");
     let out = sh(&run, &format!("{CURL}\nr h2 https://api.test/v1/proto\n"));
     let replies = replies(&out.stdout);
     let reply = reply(&replies, "h2", &out);
@@ -1627,7 +1581,7 @@ cat {:?} >/dev/null 2>&1 && echo 'file: readable' || echo 'file: unreadable'
         ),
     );
     let replies = replies(&out.stdout);
-    let ctx = || format!("{}\n{}", out.describe(), api.describe());
+    let ctx = || described(&out, &[&api]);
     assert_eq!(reply(&replies, "keyed", &out).code, 200, "{}", ctx());
     let requests = api.requests();
     assert_eq!(requests.len(), 1, "{}", ctx());

@@ -11,7 +11,7 @@ use std::{
 
 use serde_json::Value;
 
-use super::{Scratch, json_lines, policy};
+use super::{Finished, Scratch, json_lines, policy};
 
 /// The credential's value: the upstream gets it, nothing else ever shows it.
 pub const SECRET: &str = "gwtest-secret-7Hq2xV9kLm4Rt8Zp";
@@ -224,6 +224,16 @@ impl Server {
             std::fs::read_to_string(&self.stderr).unwrap_or_default()
         )
     }
+}
+
+/// What a failed assertion shows: the run's output, then each upstream's log and stderr.
+pub fn described(out: &Finished, servers: &[&Server]) -> String {
+    let mut text = out.describe();
+    for server in servers {
+        text.push('\n');
+        text.push_str(&server.describe());
+    }
+    text
 }
 
 impl Drop for Server {
