@@ -29,3 +29,21 @@ NGINX
 }
 
 upstream_nginx_stop() { nginx -p "$1" -c "$1/upstream.conf" -s stop 2>/dev/null || true; }
+
+# bench_policy NAME PORT: a policy that lets the loopback upstream on PORT through with the
+# `bench` credential (from $BENCH_TOKEN) attached, on stdout.
+bench_policy() {
+  cat <<TOML
+version = 1
+name = "$1"
+
+[[http.allow]]
+host = "127.0.0.1"
+port = $2
+private = true
+credential = "bench"
+
+[credentials.bench]
+env = "BENCH_TOKEN"
+TOML
+}

@@ -33,17 +33,7 @@ config() {
   local n=$1 i
   { echo "version = 1"; echo "audit_log = \"$work/audit-$n.jsonl\""; } > "$work/serve-$n.toml"
   for i in $(seq "$n"); do
-    cat > "$work/p$i.toml" <<TOML
-version = 1
-name = "bench-serve-$i"
-[[http.allow]]
-host = "127.0.0.1"
-port = $up_port
-private = true
-credential = "bench"
-[credentials.bench]
-env = "BENCH_TOKEN"
-TOML
+    bench_policy "bench-serve-$i" "$up_port" > "$work/p$i.toml"
     printf '[[sandbox]]\ncgroup = "%s/s%d"\npolicy = "p%d.toml"\n' "$parent" "$i" "$i" >> "$work/serve-$n.toml"
   done
 }

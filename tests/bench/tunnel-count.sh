@@ -41,19 +41,7 @@ trap 'stop_tunnel; upstream_nginx_stop "$work"; rm -rf "$work"' EXIT
 
 up_port=$(free_port)
 upstream_nginx "$work" "$up_port" 2
-cat > "$work/policy.toml" <<TOML
-version = 1
-name = "bench-count"
-
-[[http.allow]]
-host = "127.0.0.1"
-port = $up_port
-private = true
-credential = "bench"
-
-[credentials.bench]
-env = "BENCH_TOKEN"
-TOML
+bench_policy bench-count "$up_port" > "$work/policy.toml"
 echo "wrk.path = \"http://127.0.0.1:$up_port/\"" > "$work/absolute.lua"
 
 # Starts the tunnel (under PREFIX...) with its stdin on fd 3; sets tunnel_pid and addr.
