@@ -5,14 +5,12 @@
 mod support;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
-    path::PathBuf,
-    process::{Child, ChildStdout, Command, Output, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use support::{upstream::*, *};
+use support::{live::Live, upstream::*, *};
 
 /// Python helpers for the sandbox, after support's PRELUDE.
 const HELPERS: &str = r#"
@@ -28,107 +26,36 @@ def status(url):
         # A CONNECT the tunnel refused: urllib reports its status only in the message.
         m = re.search(r"Tunnel connection failed: (\d+)", str(e.reason))
         return int(m.group(1)) if m else repr(e.reason)
-def wait_for(path):
-    for _ in range(1200):
-        if os.path.exists(path):
-            return
-        time.sleep(0.05)
-    print(json.dumps({"gave_up_waiting_for": path}), flush=True)
-    sys.exit(3)
-def say(key, value):
-    print(json.dumps({key: value}), flush=True)
 "#;
 
-/// A `gateway run` still running: the test reads the sandbox's lines as they come, changes
-/// the policy file, and signals the gateway in between.
-struct Live<'a> {
-    run: &'a Run,
-    child: Child,
-    stdout: BufReader<ChildStdout>,
-    read: String,
-    stderr: PathBuf,
+/// Starts `body` (after the helpers) in the sandbox of `run`, the credential in the
+/// gateway's environment.
+fn python<'a>(run: &'a Run, body: &str) -> Live<'a> {
+    Live::python(run, &format!("{HELPERS}\n{body}"), &[("API_TOKEN", SECRET)])
 }
 
-impl<'a> Live<'a> {
-    fn python(run: &'a Run, body: &str) -> Self {
-        let script = format!("{PRELUDE}\n{HELPERS}\n{body}");
-        let stderr = run.scratch.dir.join("gateway.stderr");
-        let mut child = run
-            .command(&["python3", "-c", &script])
-            .env("API_TOKEN", SECRET)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Self {
-            run,
-            child,
-            stdout,
-            read: String::new(),
-            stderr,
+/// Replaces the policy file, then sends SIGHUP to the gateway and waits for the audit record
+/// of the outcome: the `nth` reload record (counting from 1).
+fn reload(live: &Live, policy: &str, nth: usize) -> Value {
+    std::fs::write(&live.run.policy, policy).unwrap();
+    live.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let notes: Vec<Value> = live
+            .run
+            .audit_records()
+            .into_iter()
+            .filter(|r| r["layer"] == "gateway" && r.get("policy_file").is_some())
+            .collect();
+        if let Some(note) = notes.get(nth - 1) {
+            return note.clone();
         }
-    }
-
-    /// Reads the sandbox's output up to the first JSON line with `key`; returns its value.
-    fn until(&mut self, key: &str) -> Value {
-        loop {
-            let mut line = String::new();
-            let n = self.stdout.read_line(&mut line).unwrap();
-            assert!(
-                n > 0,
-                "the sandbox ended before printing `{key}`\n{}\n--- stderr\n{}",
-                self.read,
-                std::fs::read_to_string(&self.stderr).unwrap_or_default()
-            );
-            self.read.push_str(&line);
-            if let Some(v) = serde_json::from_str::<Value>(&line)
-                .ok()
-                .and_then(|v| v.get(key).cloned())
-            {
-                return v;
-            }
-        }
-    }
-
-    /// Replaces the policy file, then sends SIGHUP to the gateway and waits for the audit
-    /// record of the outcome: the `nth` reload record (counting from 1).
-    fn reload(&self, policy: &str, nth: usize) -> Value {
-        std::fs::write(&self.run.policy, policy).unwrap();
-        // SAFETY: kill has no memory preconditions; the pid is our own child, still running.
-        let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGHUP) };
-        assert_eq!(sent, 0, "SIGHUP to the gateway");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let notes: Vec<Value> = self
-                .run
-                .audit_records()
-                .into_iter()
-                .filter(|r| r["layer"] == "gateway" && r.get("policy_file").is_some())
-                .collect();
-            if let Some(note) = notes.get(nth - 1) {
-                return note.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no audit record of reload {nth}\n--- stderr\n{}",
-                std::fs::read_to_string(&self.stderr).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn finish(mut self) -> Finished {
-        let mut rest = String::new();
-        self.stdout.read_to_string(&mut rest).unwrap();
-        let status = self.child.wait().unwrap();
-        self.read.push_str(&rest);
-        let stderr = std::fs::read(&self.stderr).unwrap_or_default();
-        self.run.finish(Output {
-            status,
-            stdout: std::mem::take(&mut self.read).into_bytes(),
-            stderr,
-        })
+        assert!(
+            Instant::now() < deadline,
+            "no audit record of reload {nth}\n--- stderr\n{}",
+            live.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -185,7 +112,7 @@ fn a_reload_allows_a_new_host_and_an_open_stream_carries_on() {
     let go = run.scratch.dir.join("go");
     // The stream is opened under the first policy and read to its end after the reload; the
     // upstream sends its second event only once /release was requested.
-    let mut live = Live::python(
+    let mut live = python(
         &run,
         &format!(
             r#"{SSE_EVENTS}
@@ -203,7 +130,7 @@ say("rest", next_event(stream))
     );
     assert_eq!(live.until("first"), "first");
     assert_eq!(live.until("b_before"), 403);
-    let note = live.reload(&after, 1);
+    let note = reload(&live, &after, 1);
     std::fs::write(&go, "").unwrap();
     let out = live.finish();
     let ctx = || described(&out, &[&api, &other]);
@@ -288,7 +215,7 @@ fn a_refused_reload_leaves_the_old_policy_in_force() {
 
     let run = Run::new("reload-refused", &good);
     let go = run.scratch.dir.join("go");
-    let mut live = Live::python(
+    let mut live = python(
         &run,
         &format!(
             r#"
@@ -301,9 +228,9 @@ say("b", status("https://other.test/v1/b"))
         ),
     );
     assert_eq!(live.until("ready"), true);
-    let broken_note = live.reload(&broken, 1);
-    let placeholder_note = live.reload(&placeholder, 2);
-    let moved_note = live.reload(&moved, 3);
+    let broken_note = reload(&live, &broken, 1);
+    let placeholder_note = reload(&live, &placeholder, 2);
+    let moved_note = reload(&live, &moved, 3);
     // The file `policy check` reads is the broken one again, for the same messages.
     std::fs::write(&run.policy, &broken).unwrap();
     let check = Command::new(gateway_bin())
@@ -376,7 +303,7 @@ fn a_reload_adds_and_removes_kernel_allowances() {
     );
     let run = Run::new("reload-kernel", &before);
     let go = run.scratch.dir.join("go");
-    let mut live = Live::python(
+    let mut live = python(
         &run,
         &format!(
             r#"
@@ -405,7 +332,7 @@ report("unix-after", lambda: unix({u:?}))
     assert_eq!(added.accepted(), 0);
     assert_eq!(removed.accepted(), 1);
     assert_eq!(unix.accepted(), 0);
-    let note = live.reload(&after, 1);
+    let note = reload(&live, &after, 1);
     std::fs::write(&go, "").unwrap();
     let out = live.finish();
 
