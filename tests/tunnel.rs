@@ -15,7 +15,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use support::{upstream::*, *};
+use support::{live::Live, upstream::*, *};
 
 /// Runs a shell script in the sandbox with the secret in the gateway's environment.
 fn sh(run: &Run, script: &str) -> Finished {
@@ -30,7 +30,7 @@ fn sh(run: &Run, script: &str) -> Finished {
 /// Runs python in the sandbox (support's PRELUDE first) with the secret in the gateway's
 /// environment.
 fn python(run: &Run, body: &str) -> Finished {
-    let script = format!("{PRELUDE}\nTUNNEL_HOST = TUNNEL[0].split('//')[-1]\n{body}");
+    let script = format!("{PRELUDE}\n{body}");
     run.finish(
         run.command(&["python3", "-c", &script])
             .env("API_TOKEN", SECRET)
@@ -1088,7 +1088,7 @@ time.sleep(1)
 /// Like [`python`], with the gateway started under open-file limits (soft, hard).
 fn python_with_open_files(run: &Run, body: &str, soft: u64, hard: u64) -> Finished {
     use std::os::unix::process::CommandExt as _;
-    let script = format!("{PRELUDE}\nTUNNEL_HOST = TUNNEL[0].split('//')[-1]\n{body}");
+    let script = format!("{PRELUDE}\n{body}");
     let mut cmd = run.command(&["python3", "-c", &script]);
     // SAFETY: setrlimit is async-signal-safe and gets a valid pointer.
     unsafe {
@@ -1275,6 +1275,57 @@ for _ in range(500):
         early > 0 && early <= 500,
         "{early} closed-before-accept\n{}",
         ctx()
+    );
+    assert_one_more_request_refused(&out);
+}
+
+/// Nor one that sends its request and closes the usual way, with a FIN (wrk ending a run):
+/// the client's socket is gone once the tunnel's end acknowledges the FIN, ~40 ms later.
+/// The gateway is stopped (SIGSTOP) while the sandbox connects and closes, so every one of
+/// these connections is accepted only after that.
+#[test]
+fn a_sandbox_client_closed_before_accept_is_not_taken_for_another_user() {
+    let run = Run::new("tunnel-fin-early", &policy("tunnel-fin-early", ""));
+    let (go, resume) = (run.scratch.dir.join("go"), run.scratch.dir.join("resume"));
+    let mut live = Live::python(
+        &run,
+        &format!(
+            r#"
+say("ready", True)
+wait_for({go:?})
+for _ in range(50):
+    s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
+    s.sendall(b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
+    s.close()
+time.sleep(0.5)
+say("closed", 50)
+wait_for({resume:?})
+{ONE_MORE_REQUEST}"#
+        ),
+        &[],
+    );
+    assert_eq!(live.until("ready"), true);
+    live.signal(libc::SIGSTOP);
+    std::fs::write(&go, "").unwrap();
+    let closed = live.until("closed");
+    live.signal(libc::SIGCONT);
+    std::fs::write(&resume, "").unwrap();
+    let out = live.finish();
+    assert_eq!(closed, 50, "{}", out.describe());
+    let reasons: Vec<&str> = proxy_records(&out)
+        .into_iter()
+        .filter(|r| r["verdict"] == "deny")
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| **r == "closed-before-accept")
+            .count(),
+        50,
+        "each connection closed before the accept is recorded as such, none as not-a-sandbox: \
+         {reasons:?}\n{}",
+        out.describe()
     );
     assert_one_more_request_refused(&out);
 }

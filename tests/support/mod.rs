@@ -33,6 +33,7 @@ def report(door, fn):
 print(json.dumps({"pid": os.getpid()}), flush=True)
 TUNNEL = os.environ["HTTP_PROXY"].rsplit(":", 1)
 TUNNEL_PORT = int(TUNNEL[1])
+TUNNEL_HOST = TUNNEL[0].split('//')[-1]
 "#;
 
 /// A scratch directory the sandbox user can read, removed on drop.

@@ -2,7 +2,7 @@
 //! made each connection, and one single-threaded runtime per CPU serving the connections of
 //! every sandbox, each under its own sandbox's policy.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, os::fd::AsRawFd as _, sync::Arc, time::Duration};
 
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -195,11 +195,14 @@ async fn accept(
 /// Closes a connection no sandbox claimed, without reading a byte of it, and records it.
 ///
 /// Another local user must not borrow the credentials: `not-a-sandbox`. But the kernel
-/// forgets a sandbox's tunnel socket as it closes, so a sandbox client that resets its
-/// connection before the tunnel accepts it is not found either. That connection is dead and
-/// carries nothing, and whose it was can no longer be known: it is recorded as
-/// `closed-before-accept`, so a sandbox's own resets never read as someone else trying the
-/// tunnel. The client forgets its entry just before it sends the reset, hence the wait.
+/// forgets a sandbox's tunnel socket as it closes, so a sandbox client that closed its
+/// connection before the tunnel accepted it is not found either: one that reset it, or one
+/// that closed it with a FIN (its socket is gone once the FIN is acknowledged, ~40 ms later).
+/// Such a connection is never served, and whose it was can no longer be known: it is
+/// recorded as `closed-before-accept`, so a sandbox's own closes never read as someone else
+/// trying the tunnel. The client forgets its entry just before it sends the reset, hence
+/// the wait. A local user who half-closes a connection gets the same record, and nothing
+/// else, since no answer ever comes.
 async fn refuse_unclaimed(door: Arc<Door>, stream: TcpStream, peer: SocketAddr) {
     // Recorded on drop, so a shutdown during the wait still leaves the record.
     let mut refusal = Unclaimed {
@@ -207,12 +210,12 @@ async fn refuse_unclaimed(door: Arc<Door>, stream: TcpStream, peer: SocketAddr) 
         peer,
         reason: "not-a-sandbox",
     };
-    let mut reset = was_reset(&stream);
-    if !reset && let Ok(_waiting) = door.waiting.try_acquire() {
+    let mut closed = client_closed(&stream);
+    if !closed && let Ok(_waiting) = door.waiting.try_acquire() {
         tokio::time::sleep(RESET_GRACE).await;
-        reset = was_reset(&stream);
+        closed = client_closed(&stream);
     }
-    if reset {
+    if closed {
         refusal.reason = "closed-before-accept";
     }
 }
@@ -224,9 +227,36 @@ fn out_of_resources(e: &std::io::Error) -> bool {
     )
 }
 
-/// Reads (and clears) the socket's pending error.
-fn was_reset(stream: &TcpStream) -> bool {
-    matches!(stream.take_error(), Ok(Some(e)) if e.kind() == std::io::ErrorKind::ConnectionReset)
+/// Whether the client has reset the connection or sent its FIN. Reads (and clears) the
+/// socket's pending error.
+fn client_closed(stream: &TcpStream) -> bool {
+    let reset = matches!(
+        stream.take_error(),
+        Ok(Some(e)) if e.kind() == std::io::ErrorKind::ConnectionReset
+    );
+    reset || tcp_state(stream) == Some(TCP_CLOSE_WAIT)
+}
+
+/// Linux's TCP_CLOSE_WAIT (include/net/tcp_states.h): the peer's FIN has arrived.
+const TCP_CLOSE_WAIT: u8 = 8;
+
+/// The connection's state, as `TCP_INFO` gives it.
+fn tcp_state(stream: &TcpStream) -> Option<u8> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes of a tcp_info into `info`, which is
+    // zeroed, so whatever it leaves unwritten is still a valid tcp_info.
+    let done = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: zeroed, then at most written by the kernel (above).
+    (done == 0).then(|| unsafe { info.assume_init() }.tcpi_state)
 }
 
 struct Unclaimed {
