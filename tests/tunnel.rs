@@ -563,6 +563,59 @@ print(json.dumps({"step": "event", "data": next_event(resp)}), flush=True)
     assert_eq!(api.paths(), ["/sse", "/release"], "{}", ctx());
 }
 
+/// A request let through leaves its record even when its client goes away before the
+/// upstream answers, which makes hyper drop the request: the record has no status, since
+/// none was relayed. The request did leave, with the credential attached.
+#[test]
+fn a_request_whose_client_left_before_the_answer_is_recorded() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let run = api_run("tunnel-client-left", &pki, api.port, "credential = \"api\"");
+    let out = python(
+        &run,
+        r#"
+import ssl, urllib.request
+s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
+s.sendall(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(1)
+t = ssl.create_default_context().wrap_socket(s, server_hostname="api.test")
+t.sendall(b"GET /held HTTP/1.1\r\nHost: api.test\r\n\r\n")
+# Long enough for the request to reach the upstream, which holds it until /release.
+time.sleep(1)
+t.close()
+time.sleep(0.5)
+with urllib.request.urlopen("https://api.test/release", timeout=20) as rel:
+    print(json.dumps({"release": rel.status}), flush=True)
+"#,
+    );
+    let ctx = || described(&out, &[&api]);
+    assert_eq!(printed(&out, "release"), 200, "{}", ctx());
+    assert_eq!(api.paths(), ["/held", "/release"], "{}", ctx());
+    assert_eq!(
+        header(&api.requests()[0], "authorization"),
+        [format!("Bearer {SECRET}").as_str()],
+        "{}",
+        ctx()
+    );
+    assert_proxy_record(
+        &out,
+        "GET api.test/held, its client gone",
+        &json!({
+            "verdict": "allow",
+            "reason": "allowlisted",
+            "method": "GET",
+            "host": "api.test",
+            "port": 443,
+            "path": "/held",
+            "status": null,
+            "rule": 0,
+            "credential": "api",
+        }),
+    );
+}
+
 /// Python helpers for a WebSocket client over a socket: the HTTP head, masked text frames,
 /// frames read back.
 const WS_CLIENT: &str = r#"

@@ -47,11 +47,46 @@ impl<'a> Route<'a> {
     /// The record of a request this route forwarded and the upstream answered.
     fn verdict<B>(self, resp: &Response<B>) -> (Verdict, &'static str) {
         match self {
-            Route::Rule(_) => (Verdict::Allow, "allowlisted"),
             Route::Learn if resp.extensions().get::<PrivateUpstream>().is_some() => {
                 (Verdict::WouldDeny, "private-address")
             }
+            route => route.let_through(),
+        }
+    }
+
+    /// The record of a request this route let through, before any answer.
+    fn let_through(self) -> (Verdict, &'static str) {
+        match self {
+            Route::Rule(_) => (Verdict::Allow, "allowlisted"),
             Route::Learn => (Verdict::WouldDeny, NOT_ALLOWLISTED),
+        }
+    }
+}
+
+/// The record of a request let through, while it waits for the upstream's answer. hyper
+/// drops a request's future when its client goes away (or closes its sending side) before
+/// the answer, and the request may have left already: dropped unanswered, this writes the
+/// record anyway, with no status, since none was relayed.
+struct Unanswered<'a> {
+    tunnel: &'a Tunnel,
+    client: SocketAddr,
+    record: Option<(Verdict, &'static str, ProxyFields)>,
+}
+
+impl Unanswered<'_> {
+    /// The upstream answered (or failed): the caller records that instead.
+    fn answered(mut self) -> ProxyFields {
+        self.record
+            .take()
+            .map(|(_, _, fields)| fields)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some((verdict, reason, fields)) = self.record.take() {
+            self.tunnel.record(verdict, reason, self.client, fields);
         }
     }
 }
@@ -121,7 +156,7 @@ impl Tunnel {
         snapshot: &Snapshot,
         route: Route<'_>,
         client: SocketAddr,
-        mut fields: ProxyFields,
+        fields: ProxyFields,
     ) -> Response<Body> {
         let ws = websocket::is_request(req.headers());
         let client_upgrade = ws.then(|| hyper::upgrade::on(&mut req));
@@ -189,11 +224,18 @@ impl Tunnel {
             Route::Rule(rule) => Some(rule.index),
             Route::Learn => None,
         };
+        let (verdict, reason) = route.let_through();
+        let unanswered = Unanswered {
+            tunnel: self,
+            client,
+            record: Some((verdict, reason, fields)),
+        };
         let sent = self
             .pools
             .pool(snapshot, rule)
             .send(Request::from_parts(parts, body), ws)
             .await;
+        let mut fields = unanswered.answered();
         let mut resp = match sent {
             Ok(r) => r,
             Err(e) => return self.upstream_failed(&e, route, target, client, fields),
