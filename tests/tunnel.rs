@@ -616,6 +616,93 @@ with urllib.request.urlopen("https://api.test/release", timeout=20) as rel:
     );
 }
 
+/// A tmpfs mounted for one test, unmounted (lazily) when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: std::path::PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&dir).unwrap();
+        let done = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(done.success(), "mount a tmpfs at {}", dir.display());
+        Self(dir)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Once the audit log cannot be written (its disk is full), the tunnel lets nothing through:
+/// every request gets 503 `audit-log-failed`, and only requests whose record could be
+/// queued before the failure reached the upstream.
+#[test]
+fn a_full_audit_disk_stops_the_tunnel() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let mut run = api_run("tunnel-audit-full", &pki, api.port, "credential = \"api\"");
+    let disk = SmallFs::mount(run.scratch.dir.join("auditfs"), "16k");
+    run.audit = disk.0.join("audit.jsonl");
+    let out = python(
+        &run,
+        r#"
+import re, urllib.request, urllib.error
+def status(url):
+    try:
+        with urllib.request.urlopen(url, timeout=20) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except urllib.error.URLError as e:
+        m = re.search(r"Tunnel connection failed: (\d+)", str(e.reason))
+        return int(m.group(1)) if m else repr(e.reason)
+statuses = [status("https://api.test/v1/n%d" % i) for i in range(150)]
+print(json.dumps({"statuses": statuses}), flush=True)
+"#,
+    );
+    let ctx = || described(&out, &[&api]);
+    let statuses: Vec<&Value> = printed(&out, "statuses")
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    let answered = statuses.iter().take_while(|s| **s == 200).count();
+    assert!(
+        answered > 0 && answered < statuses.len(),
+        "{answered} of {} requests answered before the disk filled\n{}",
+        statuses.len(),
+        ctx()
+    );
+    assert!(
+        statuses[answered..].iter().all(|s| **s == 503),
+        "after the first refusal every request is refused with 503: {statuses:?}\n{}",
+        ctx()
+    );
+    assert_eq!(
+        api.paths().len(),
+        answered,
+        "only the requests answered before the failure reached the upstream\n{}",
+        ctx()
+    );
+    assert!(
+        out.stderr.contains("cannot write the audit log"),
+        "the gateway says why\n{}",
+        ctx()
+    );
+}
+
 /// Python helpers for a WebSocket client over a socket: the HTTP head, masked text frames,
 /// frames read back.
 const WS_CLIENT: &str = r#"

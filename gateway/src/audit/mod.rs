@@ -52,7 +52,8 @@ pub enum AuditError {
         #[source]
         source: std::io::Error,
     },
-    /// A record could not be written; the gateway treats this as fatal.
+    /// A record could not be written. It stays failed: from then on the tunnel lets nothing
+    /// through (it could not record it) and every append reports this.
     #[error("cannot write audit log {path}: {source}")]
     Write {
         path: PathBuf,
@@ -131,6 +132,11 @@ impl AuditLog {
         line::write(record, &mut line);
         self.check()?;
         self.tx.send(Queued::Record(line)).map_err(|_| self.gone())
+    }
+
+    /// Whether a write has failed: records are being lost.
+    pub fn has_failed(&self) -> bool {
+        self.failed.get().is_some()
     }
 
     /// Returns once every record queued before this call is in the file.

@@ -98,6 +98,11 @@ impl Tunnel {
         client: SocketAddr,
         inner: Option<Authority>,
     ) -> Response<Body> {
+        if self.audit.has_failed() {
+            // Whatever the tunnel let through now would go unrecorded: it lets nothing
+            // through. The writer logged its failure; this refusal cannot be recorded.
+            return local_response(StatusCode::SERVICE_UNAVAILABLE, "audit-log-failed");
+        }
         if req.method() == Method::CONNECT && inner.is_none() {
             return self.connect(req, client);
         }
