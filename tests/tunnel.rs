@@ -898,6 +898,8 @@ r leak -H "Authorization: Bearer $API_TOKEN_PLACEHOLDER" https://other.test/v1/l
 r leak-header -H "X-Token: $API_TOKEN_PLACEHOLDER" https://other.test/v1/leak-header
 r leak-body -X POST --data "token=$API_TOKEN_PLACEHOLDER" https://other.test/v1/leak-body
 r api-body -X POST --data "token=$API_TOKEN_PLACEHOLDER" https://api.test/v1/body
+r api-echo -H "X-Token: $API_TOKEN_PLACEHOLDER" https://api.test/v1/echo
+r leak-name -H "X-$API_TOKEN_PLACEHOLDER: 1" https://other.test/v1/leak-name
 echo "--- env"
 env
 "#
@@ -928,7 +930,8 @@ env
     assert_eq!(reply(&replies, "control", &out).code, 200, "{}", ctx());
     // Toward the credential's own host a body may carry the placeholder (it is not swapped).
     assert_eq!(reply(&replies, "api-body", &out).code, 200, "{}", ctx());
-    for name in ["leak", "leak-header", "leak-body"] {
+    // Nor is it in another header: an upstream echoing headers would show the secret.
+    for name in ["leak", "leak-header", "leak-body", "leak-name", "api-echo"] {
         let r = reply(&replies, name, &out);
         assert!(r.forbidden(), "{name}: {r:?}\n{}", ctx());
     }
@@ -953,7 +956,24 @@ env
         ctx()
     );
     assert_eq!(other.paths(), ["/v1/control"], "{}", ctx());
-    for path in ["/v1/leak", "/v1/leak-header", "/v1/leak-body"] {
+    assert_proxy_record(
+        &out,
+        "/v1/echo",
+        &json!({
+            "verdict": "deny",
+            "reason": "placeholder-in-other-header",
+            "host": "api.test",
+            "path": "/v1/echo",
+            "status": 403,
+            "credential": "api",
+        }),
+    );
+    for path in [
+        "/v1/leak",
+        "/v1/leak-header",
+        "/v1/leak-body",
+        "/v1/leak-name",
+    ] {
         assert_proxy_record(
             &out,
             path,

@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, fmt};
 
 use base64::Engine as _;
+use bytes::Bytes;
 use hyper::header::{HeaderName, HeaderValue};
 use rand::RngCore as _;
 use zeroize::Zeroizing;
@@ -14,8 +15,8 @@ use crate::policy::{Credential, Policy, SecretSource};
 pub struct Secret {
     pub name: String,
     pub header: HeaderName,
-    value: Zeroizing<String>,
-    /// The header value as sent upstream, marked sensitive so hyper never logs it.
+    /// The header value as sent upstream, marked sensitive so hyper never logs it, and
+    /// wiped when its last copy is dropped.
     header_value: HeaderValue,
     pub placeholder: Option<Placeholder>,
 }
@@ -135,15 +136,6 @@ impl Secret {
     pub fn header_value(&self) -> HeaderValue {
         self.header_value.clone()
     }
-
-    /// `text` with every placeholder of this credential replaced by the raw secret.
-    pub fn swap_placeholder(&self, text: &str) -> Option<HeaderValue> {
-        let p = self.placeholder.as_ref()?;
-        let swapped = Zeroizing::new(text.replace(&p.value, &self.value));
-        let mut v = HeaderValue::from_str(&swapped).ok()?;
-        v.set_sensitive(true);
-        Some(v)
-    }
 }
 
 fn load_one(name: &str, cred: &Credential) -> Result<Secret, CredentialError> {
@@ -174,17 +166,30 @@ fn load_one(name: &str, cred: &Credential) -> Result<Secret, CredentialError> {
         header: cred.header.clone(),
     };
     let header = HeaderName::from_bytes(cred.header.as_bytes()).map_err(|_| header_err())?;
-    let formatted = Zeroizing::new(match &cred.basic_user {
+    // Built in place, with room reserved up front: a String that grew would leave its old
+    // buffer, with part of the secret in it, unwiped.
+    let mut formatted = Zeroizing::new(String::new());
+    match &cred.basic_user {
         Some(user) => {
             let pair = Zeroizing::new(format!("{user}:{}", value.as_str()));
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(pair.as_bytes())
-            )
+            formatted.reserve_exact("Basic ".len() + pair.len().div_ceil(3) * 4);
+            formatted.push_str("Basic ");
+            base64::engine::general_purpose::STANDARD
+                .encode_string(pair.as_bytes(), &mut formatted);
         }
-        None => cred.format.replace("{secret}", &value),
-    });
-    let mut header_value = HeaderValue::from_str(&formatted).map_err(|_| header_err())?;
+        None => {
+            let parts: Vec<&str> = cred.format.split("{secret}").collect();
+            formatted.reserve_exact(cred.format.len() + (parts.len() - 1) * value.len());
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 {
+                    formatted.push_str(&value);
+                }
+                formatted.push_str(part);
+            }
+        }
+    }
+    let mut header_value = HeaderValue::from_maybe_shared(Bytes::from_owner(Wiped(formatted)))
+        .map_err(|_| header_err())?;
     header_value.set_sensitive(true);
     let placeholder = cred.placeholder.as_ref().map(|var| Placeholder {
         var: var.clone(),
@@ -193,10 +198,18 @@ fn load_one(name: &str, cred: &Credential) -> Result<Secret, CredentialError> {
     Ok(Secret {
         name: name.into(),
         header,
-        value,
         header_value,
         placeholder,
     })
+}
+
+/// A header value's bytes: they are wiped when the last `Bytes` sharing them is dropped.
+struct Wiped(Zeroizing<String>);
+
+impl AsRef<[u8]> for Wiped {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
 }
 
 /// Unguessable, so the sandbox cannot make the proxy swap in a secret by guessing, and
@@ -271,12 +284,11 @@ mod tests {
         .unwrap();
         assert_eq!(placeholder(&reloaded, "api"), Some(before.clone()));
         assert_eq!(placeholder(&reloaded, "plain"), None);
-        let swapped = reloaded
-            .get("api")
-            .unwrap()
-            .swap_placeholder(&format!("Bearer {}", before.1))
-            .unwrap();
-        assert_eq!(swapped.to_str().unwrap(), "Bearer second");
+        assert_eq!(
+            reloaded.get("api").unwrap().header_value(),
+            "Bearer second",
+            "the secret is read again"
+        );
         let _ = std::fs::remove_file(&file);
     }
 
@@ -320,5 +332,27 @@ mod tests {
             .is_err()
         );
         let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn header_values_are_built_from_the_format_or_basic_auth() {
+        let file = secret_file("format", "s3cret\n");
+        let cred = |format: &str, basic_user: Option<&str>| Credential {
+            source: SecretSource::File(file.clone().into()),
+            header: "Authorization".into(),
+            format: format.into(),
+            basic_user: basic_user.map(str::to_owned),
+            placeholder: None,
+        };
+        let value = |c: &Credential| load_one("c", c).unwrap().header_value();
+        assert_eq!(value(&cred("Bearer {secret}", None)), "Bearer s3cret");
+        assert_eq!(value(&cred("{secret}:{secret}", None)), "s3cret:s3cret");
+        assert_eq!(value(&cred("token", None)), "token");
+        // base64("x-access-token:s3cret")
+        assert_eq!(
+            value(&cred("unused {secret}", Some("x-access-token"))),
+            "Basic eC1hY2Nlc3MtdG9rZW46czNjcmV0"
+        );
+        assert!(value(&cred("Bearer {secret}", None)).is_sensitive());
     }
 }

@@ -359,19 +359,29 @@ impl Tunnel {
     }
 }
 
-/// Swaps placeholders and sets the named credential; the agent's own value for that header
-/// is dropped. With none named, any placeholder is refused.
+/// Checks where placeholders are and sets the named credential; the agent's own value for
+/// that header is dropped, a placeholder in it included. A placeholder anywhere else is
+/// refused: in the URL, toward a host whose rule does not name its credential, and in any
+/// other header even toward its own host, where it is never swapped for the secret (an
+/// upstream that echoes headers back would hand the sandbox the secret).
 fn credentials(
     secrets: &Secrets,
     parts: &mut hyper::http::request::Parts,
     named: Option<&str>,
 ) -> Result<(), Refusal> {
+    let named = match named {
+        Some(name) => Some(secrets.get(name).ok_or(Refusal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unknown-credential",
+        ))?),
+        None => None,
+    };
     let mut uri = None;
     for secret in secrets.iter() {
         let Some(p) = &secret.placeholder else {
             continue;
         };
-        let listed = named == Some(secret.name.as_str());
+        let listed = named.is_some_and(|n| n.name == secret.name);
         if uri
             .get_or_insert_with(|| parts.uri.to_string())
             .contains(&p.value)
@@ -385,39 +395,26 @@ fn credentials(
                 },
             ));
         }
-        let carrying: Vec<_> = parts
-            .headers
-            .iter()
-            .filter(|(_, v)| contains(v, &p.value))
-            .map(|(n, _)| n.clone())
-            .collect();
-        if carrying.is_empty() {
-            continue;
-        }
-        if !listed {
-            return Err(Refusal(
-                StatusCode::FORBIDDEN,
-                "placeholder-to-unlisted-host",
-            ));
-        }
-        for name in carrying {
-            let values: Vec<HeaderValue> = parts.headers.get_all(&name).iter().cloned().collect();
-            parts.headers.remove(&name);
-            for v in values {
-                let swapped = v
-                    .to_str()
-                    .ok()
-                    .and_then(|t| secret.swap_placeholder(t))
-                    .ok_or(Refusal(StatusCode::BAD_REQUEST, "bad-header"))?;
-                parts.headers.append(name.clone(), swapped);
+        let lowercase = p.value.to_ascii_lowercase();
+        for (name, value) in &parts.headers {
+            if !contains(value, &p.value) && !name.as_str().contains(&lowercase) {
+                continue;
+            }
+            if !listed {
+                return Err(Refusal(
+                    StatusCode::FORBIDDEN,
+                    "placeholder-to-unlisted-host",
+                ));
+            }
+            if *name != secret.header {
+                return Err(Refusal(
+                    StatusCode::FORBIDDEN,
+                    "placeholder-in-other-header",
+                ));
             }
         }
     }
-    if let Some(name) = named {
-        let secret = secrets.get(name).ok_or(Refusal(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "unknown-credential",
-        ))?;
+    if let Some(secret) = named {
         parts.headers.remove(&secret.header);
         parts
             .headers
