@@ -989,6 +989,38 @@ env
     }
 }
 
+/// Plain HTTP to port 443, where a rule means HTTPS, is refused before anything is sent:
+/// the credential would cross the network in the clear.
+#[test]
+fn plain_http_to_port_443_is_refused() {
+    let pki = Pki::new();
+    let plain = Server::spawn(&pki.scratch.dir, "plain", "upstream.py", &[]);
+    let run = api_run("tunnel-http-443", &pki, plain.port, "credential = \"api\"");
+    let out = sh(
+        &run,
+        &format!("{CURL}\nr cleartext -x \"$HTTP_PROXY\" http://api.test:443/v1/x\n"),
+    );
+    let ctx = || described(&out, &[&plain]);
+    assert_eq!(
+        reply(&replies(&out.stdout), "cleartext", &out).code,
+        400,
+        "{}",
+        ctx()
+    );
+    assert!(plain.requests().is_empty(), "{}", ctx());
+    assert_proxy_record(
+        &out,
+        "GET http://api.test:443/v1/x",
+        &json!({
+            "verdict": "deny",
+            "reason": "http-to-port-443",
+            "host": null,
+            "path": "/v1/x",
+            "status": 400,
+        }),
+    );
+}
+
 #[test]
 fn a_name_that_resolves_to_loopback_is_refused_without_private() {
     let pki = Pki::new();

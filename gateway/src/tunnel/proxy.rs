@@ -447,11 +447,14 @@ fn target_of(
             if a.as_str().contains('@') {
                 return Err(Refusal(StatusCode::BAD_REQUEST, "userinfo-in-uri"));
             }
-            Some((
-                scheme,
-                Authority::parse(a.as_str(), port)
-                    .ok_or(Refusal(StatusCode::BAD_REQUEST, "bad-host"))?,
-            ))
+            let authority = Authority::parse(a.as_str(), port)
+                .ok_or(Refusal(StatusCode::BAD_REQUEST, "bad-host"))?;
+            // A rule for port 443 (the default) means HTTPS: plain HTTP to it would carry
+            // the credential across the network in the clear.
+            if scheme == "http" && authority.port == 443 {
+                return Err(Refusal(StatusCode::BAD_REQUEST, "http-to-port-443"));
+            }
+            Some((scheme, authority))
         }
         (None, None) => None,
         _ => return Err(Refusal(StatusCode::BAD_REQUEST, "bad-uri")),
