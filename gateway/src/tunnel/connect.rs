@@ -126,12 +126,14 @@ impl Tunnel {
                 }
                 Err(e) => {
                     fields.rule = Some(rule);
-                    let reason = match e {
-                        upstream::DialError::Private { .. } => "private-address",
-                        _ => "upstream-error",
+                    // As for intercepted requests: refused here is `deny`, a let-through
+                    // whose upstream failed stays `allow`.
+                    let (verdict, reason) = match e {
+                        upstream::DialError::Private { .. } => (Verdict::Deny, "private-address"),
+                        _ => (Verdict::Allow, "upstream-error"),
                     };
                     tracing::info!(host = %target, "passthrough: {e}");
-                    self.record(Verdict::Deny, reason, client, fields);
+                    self.record(verdict, reason, client, fields);
                 }
             }
             return;

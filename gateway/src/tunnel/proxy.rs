@@ -280,7 +280,10 @@ impl Tunnel {
         Response::from_parts(parts, body.boxed())
     }
 
-    /// The answer and the record when the upstream could not be reached or failed.
+    /// The answer and the record when the upstream could not be reached or failed. A
+    /// request the policy let through stays `allow` (for learn mode, `would-deny`): it may
+    /// have left, credential attached, before the upstream failed; the reason and status
+    /// say how it ended. Only what the tunnel itself stopped is `deny`.
     fn upstream_failed(
         &self,
         e: &UpstreamError,
@@ -297,6 +300,14 @@ impl Tunnel {
                 fields,
             );
         }
+        if upstream::source_of::<http_body_util::LengthLimitError>(e).is_some() {
+            return self.refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request-body-too-large",
+                client,
+                fields,
+            );
+        }
         let dialed = upstream::dial_error(e);
         let (status, reason) = match dialed {
             Some(upstream::DialError::Private { .. }) => (StatusCode::FORBIDDEN, "private-address"),
@@ -306,22 +317,23 @@ impl Tunnel {
             _ => (StatusCode::BAD_GATEWAY, "upstream-error"),
         };
         tracing::info!(host = %target, "upstream: {}", error_chain(e));
-        // Outside learn mode, and for learn mode's own refusal (a link-local address), the
-        // request was refused, not let through.
-        let refused_here = matches!(dialed, Some(upstream::DialError::Private { .. }));
-        if !matches!(route, Route::Learn) || refused_here {
+        if matches!(dialed, Some(upstream::DialError::Private { .. })) {
             return self.refuse(status, reason, client, fields);
         }
-        // Learn mode let the request through; that it then failed upstream is in `status`,
-        // and the author still learns that the agent wanted it.
-        let would = match dialed {
-            Some(upstream::DialError::Connect { addr, .. }) if is_private(addr.ip()) => {
-                "private-address"
-            }
-            _ => NOT_ALLOWLISTED,
-        };
         fields.status = Some(status.as_u16());
-        self.record(Verdict::WouldDeny, would, client, fields);
+        match route {
+            Route::Rule(_) => self.record(Verdict::Allow, reason, client, fields),
+            // The author still learns that the agent wanted it.
+            Route::Learn => {
+                let would = match dialed {
+                    Some(upstream::DialError::Connect { addr, .. }) if is_private(addr.ip()) => {
+                        "private-address"
+                    }
+                    _ => NOT_ALLOWLISTED,
+                };
+                self.record(Verdict::WouldDeny, would, client, fields);
+            }
+        }
         local_response(status, reason)
     }
 
