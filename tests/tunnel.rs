@@ -1134,6 +1134,8 @@ INNER = {
     "bare-lf": b"GET /v1/bare-lf HTTP/1.1\nHost: api.test\n\n",
     "big-header": b"GET /v1/big-header HTTP/1.1\r\nHost: api.test\r\nX-Big: " + BIG + b"\r\n\r\n",
     "host-mismatch": b"GET /v1/host-mismatch HTTP/1.1\r\nHost: other.test\r\n\r\n",
+    "dot-params": b"GET /v1/..;/admin HTTP/1.1\r\nHost: api.test\r\n\r\n",
+    "dots-encoded-twice": b"GET /v1/%252e%252e/admin HTTP/1.1\r\nHost: api.test\r\n\r\n",
 }
 for name, payload in INNER.items():
     case(name, intercepted, payload)
@@ -1170,6 +1172,8 @@ for name, payload in OUTER.items():
         "bare-lf",
         "big-header",
         "host-mismatch",
+        "dot-params",
+        "dots-encoded-twice",
         "sni-mismatch",
         "connect-bare-lf",
         "connect-obs-fold",

@@ -25,13 +25,21 @@ pub fn ambiguity(headers: &HeaderMap) -> Option<&'static str> {
 /// encoded `/` is allowed (npm names scoped packages `/@scope%2fname`): rules match the path
 /// as sent, where it stays inside one segment, and dot segments are looked for with it
 /// decoded as well, so `/a%2f..%2fadmin` is refused whichever way the upstream reads it.
+/// Servers that decode twice are covered by looking again with `%25` decoded once, and
+/// servers that take `;` as the start of a segment's parameters (`..;/`) by ignoring them.
 pub fn path_ambiguity(path: &str) -> Option<&'static str> {
     let lower = path.to_ascii_lowercase();
-    if ["%5c", "%00", "%2e"].iter().any(|e| lower.contains(e)) || path.contains('\\') {
+    let twice = lower.contains("%25").then(|| lower.replace("%25", "%"));
+    let encoded = |p: &str| ["%5c", "%00", "%2e"].iter().any(|e| p.contains(e));
+    if encoded(&lower) || twice.as_deref().is_some_and(encoded) || path.contains('\\') {
         return Some("encoded-path-separator");
     }
-    let dot_segment = |p: &str| p.split('/').any(|seg| seg == "." || seg == "..");
-    if dot_segment(path) || (lower.contains("%2f") && dot_segment(&lower.replace("%2f", "/"))) {
+    let dot_segment = |p: &str| {
+        p.split('/')
+            .any(|seg| matches!(seg.split(';').next(), Some("." | "..")))
+    };
+    let hides_dots = |p: &str| p.contains("%2f") && dot_segment(&p.replace("%2f", "/"));
+    if dot_segment(path) || hides_dots(&lower) || twice.as_deref().is_some_and(hides_dots) {
         return Some("dot-segment-in-path");
     }
     if !path.starts_with('/') && path != "*" {
@@ -99,6 +107,15 @@ mod tests {
         assert!(path_ambiguity("/a%2F..%2Fadmin").is_some());
         assert!(path_ambiguity("/a%5cb").is_some());
         assert!(path_ambiguity("/a/./b").is_some());
+        // Path parameters (Tomcat and Spring read `..;x` as `..`).
+        assert!(path_ambiguity("/repos/acme/..;/admin").is_some());
+        assert!(path_ambiguity("/repos/acme/.;x/b").is_some());
+        assert_eq!(path_ambiguity("/repos/acme/a;v=1"), None);
+        // Decoded twice.
+        assert!(path_ambiguity("/repos/acme/%252e%252e/admin").is_some());
+        assert!(path_ambiguity("/a%252f..%252fadmin").is_some());
+        assert!(path_ambiguity("/a%255cb").is_some());
+        assert_eq!(path_ambiguity("/discount/100%25"), None);
     }
 
     #[test]
