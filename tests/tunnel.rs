@@ -616,6 +616,58 @@ with urllib.request.urlopen("https://api.test/release", timeout=20) as rel:
     );
 }
 
+/// A sandbox client that does not trust the gateway's CA ends the intercepted session in
+/// its handshake: nothing goes upstream, and the record says why the session carried
+/// nothing.
+#[test]
+fn a_client_refusing_the_gateways_certificate_is_recorded() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let run = api_run("tunnel-tls-refused", &pki, api.port, "credential = \"api\"");
+    let out = python(
+        &run,
+        &format!(
+            r#"
+import ssl
+s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
+s.sendall(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(1)
+# Trusts only the upstreams' test CA, not the gateway's.
+ctx = ssl.create_default_context(cafile={:?})
+try:
+    ctx.wrap_socket(s, server_hostname="api.test")
+    print(json.dumps({{"handshake": "ok"}}), flush=True)
+except ssl.SSLError as e:
+    print(json.dumps({{"handshake": e.reason}}), flush=True)
+time.sleep(0.3)
+"#,
+            pki.ca
+        ),
+    );
+    let ctx = || described(&out, &[&api]);
+    assert_eq!(
+        printed(&out, "handshake"),
+        "CERTIFICATE_VERIFY_FAILED",
+        "{}",
+        ctx()
+    );
+    assert!(api.requests().is_empty(), "{}", ctx());
+    assert_proxy_record(
+        &out,
+        "the session whose handshake failed",
+        &json!({
+            "verdict": "deny",
+            "reason": "client-tls-failed",
+            "method": "CONNECT",
+            "host": "api.test",
+            "port": 443,
+            "status": null,
+        }),
+    );
+}
+
 /// A tmpfs mounted for one test, unmounted (lazily) when dropped.
 struct SmallFs(std::path::PathBuf);
 

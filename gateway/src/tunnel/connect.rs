@@ -138,10 +138,13 @@ impl Tunnel {
             }
             return;
         }
+        // Nothing has gone upstream yet; the records say why the session carried nothing,
+        // most often a client that does not trust the gateway's CA.
         let config = match self.ca.server_config(&target.host) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("minting a certificate for {target}: {e:#}");
+                self.record(Verdict::Deny, "certificate-error", client, fields);
                 return;
             }
         };
@@ -151,7 +154,8 @@ impl Tunnel {
         {
             Ok(t) => t,
             Err(e) => {
-                tracing::debug!(%client, "TLS with the sandbox for {target}: {e}");
+                tracing::info!(%client, "TLS with the sandbox for {target}: {e}");
+                self.record(Verdict::Deny, "client-tls-failed", client, fields);
                 return;
             }
         };
