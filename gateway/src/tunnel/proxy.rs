@@ -407,9 +407,14 @@ fn credentials(
                 },
             ));
         }
-        let lowercase = p.value.to_ascii_lowercase();
         for (name, value) in &parts.headers {
-            if !contains(value, &p.value) && !name.as_str().contains(&lowercase) {
+            // Header names are lowercase; the placeholder may not be.
+            let in_name = name
+                .as_str()
+                .as_bytes()
+                .windows(p.value.len())
+                .any(|w| w.eq_ignore_ascii_case(p.value.as_bytes()));
+            if !in_name && !contains(value, &p.value) {
                 continue;
             }
             if !listed {
