@@ -1,5 +1,5 @@
 //! Doors the connect/sendmsg hooks do not see: inbound connections, wildcard addresses,
-//! ptrace, user namespaces and source routing. Each test fails on a build without its fix.
+//! ptrace, raw sockets and source routing. Each test fails on a build without its fix.
 
 mod support;
 
@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use support::*;
+use support::{live::Live, *};
 
 #[test]
 fn listening_on_a_wildcard_address_is_refused() {
@@ -165,40 +165,73 @@ report("signal", signal)
     out.assert_refused("signal");
 }
 
+/// A raw socket needs CAP_NET_RAW, which no sandboxed process can hold: it never runs as
+/// root, and it cannot make a user namespace to be root in (seccomp). The cgroup's
+/// sock_create program refuses raw sockets anyway: here a root process, holding
+/// CAP_NET_RAW, joins the running sandbox's cgroup and is refused.
 #[test]
-fn packet_sockets_are_refused_even_as_root_in_a_user_namespace() {
-    let run = Run::new("userns", &policy("userns", ""));
-    let out = run.python(
+fn raw_sockets_are_refused_even_to_a_process_holding_cap_net_raw() {
+    let run = Run::new("rawcap", &policy("rawcap", ""));
+    let go = run.scratch.dir.join("go");
+    let mut live = Live::python(
+        &run,
+        &format!(
+            r#"
+say("cgroup", open("/proc/self/cgroup").read().split("::", 1)[1].strip())
+wait_for({go:?})
+"#
+        ),
+        &[],
+    );
+    let cgroup = cgroup2_root().join(
+        live.until("cgroup")
+            .as_str()
+            .unwrap()
+            .trim_start_matches('/'),
+    );
+    let procs = cgroup.join("cgroup.procs");
+    let mut root = Command::new("python3");
+    root.args([
+        "-c",
         r#"
-libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
-userns = libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0
-print(json.dumps({"userns": userns}), flush=True)
-report("packet", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0))
-report("raw", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP))
+import json, os, socket
+def attempt(proto):
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, proto).close()
+        return {"ok": True}
+    except OSError as e:
+        return {"ok": False, "errno": e.errno}
+print(json.dumps({"pid": os.getpid(), "raw": attempt(socket.IPPROTO_UDP),
+                  "icmp": attempt(socket.IPPROTO_ICMP)}), flush=True)
 "#,
-    );
-    out.assert_refused("packet");
+    ]);
+    // SAFETY: only writes this process's pid into a file, then execs.
+    unsafe {
+        root.pre_exec(move || std::fs::write(&procs, std::process::id().to_string()));
+    }
+    let joined = root.output().unwrap();
+    std::fs::write(&go, "").unwrap();
+    let out = live.finish();
+    let report: serde_json::Value = serde_json::from_slice(&joined.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}\n{}",
+            String::from_utf8_lossy(&joined.stdout),
+            String::from_utf8_lossy(&joined.stderr),
+            out.describe()
+        )
+    });
+    for kind in ["raw", "icmp"] {
+        assert_eq!(
+            report[kind],
+            serde_json::json!({"ok": false, "errno": EPERM}),
+            "{kind} socket of a root process in the sandbox's cgroup\n{}",
+            out.describe()
+        );
+    }
     assert!(
         out.audit
             .iter()
-            .any(|r| r["reason"] == "socket-family" && r["pid"].as_u64() == Some(out.pid())),
-        "{}",
-        out.describe()
-    );
-    let userns = out.lines.iter().find_map(|l| l["userns"].as_bool());
-    assert_eq!(
-        userns,
-        Some(true),
-        "this test needs unprivileged user namespaces (user.max_user_namespaces > 0)\n{}",
-        out.describe()
-    );
-    // Root in its own namespaces holds CAP_NET_RAW there: only sock_create stands in the way.
-    out.assert_refused("raw");
-    assert!(
-        out.audit
-            .iter()
-            .any(|r| r["reason"] == "raw-socket" && r["pid"].as_u64() == Some(out.pid())),
+            .any(|r| r["reason"] == "raw-socket" && r["pid"] == report["pid"]),
         "{}",
         out.describe()
     );

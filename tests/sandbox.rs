@@ -174,6 +174,62 @@ report("io_uring_setup", setup)
     assert_eq!(v4.accepted(), 0);
 }
 
+/// No new namespaces: in a network namespace of its own the sandbox could make the kernel
+/// record tunnel clients (address, port) that an outside process then connects from. Both
+/// doors, unshare and clone with a CLONE_NEW* flag, are refused and audited; clone3, whose
+/// flags seccomp cannot read, fails with ENOSYS, and threads and processes still start
+/// through clone.
+#[test]
+fn new_namespaces_are_refused() {
+    let run = Run::new("namespaces", &policy("namespaces", ""));
+    let out = run.python(
+        r#"
+import subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWUSER, CLONE_NEWNET, SIGCHLD = 0x10000000, 0x40000000, 17
+def unshare():
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+report("unshare", unshare)
+def clone():
+    pid = libc.syscall(56, CLONE_NEWUSER | SIGCHLD, 0, 0, 0, 0)
+    if pid == 0:
+        os._exit(0)
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    os.waitpid(pid, 0)
+report("clone", clone)
+def clone3():
+    args = ctypes.create_string_buffer(88)
+    if libc.syscall(435, args, 88) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+report("clone3", clone3)
+t = threading.Thread(target=lambda: None); t.start(); t.join()
+print(json.dumps({"child": subprocess.run(["true"]).returncode}), flush=True)
+"#,
+    );
+    out.assert_refused("unshare");
+    out.assert_refused("clone");
+    assert_eq!(out.door("clone3")["errno"], 38, "{}", out.describe());
+    assert!(
+        out.lines.iter().any(|l| l["child"] == 0),
+        "threads and processes still start\n{}",
+        out.describe()
+    );
+    for (hook, namespaces) in [("unshare", "user+net"), ("clone", "user")] {
+        assert!(
+            out.audit.iter().any(|r| r["hook"] == hook
+                && r["reason"] == "namespace"
+                && r["proto"] == namespaces),
+            "no {hook} record for {namespaces}\n{}",
+            out.describe()
+        );
+    }
+}
+
 #[test]
 fn host_unix_sockets_are_refused() {
     let scratch = Scratch::new("unix");

@@ -2,8 +2,9 @@
 //!
 //! - Landlock scopes: no connecting to abstract unix sockets made outside the sandbox, no
 //!   signals to processes outside it (and Landlock's ptrace rule: none either).
-//! - seccomp: socket families other than unix, inet, inet6 and netlink route, and
-//!   io_uring (its IORING_OP_SOCKET would bypass the socket filter), are refused. The filter
+//! - seccomp: socket families other than unix, inet, inet6 and netlink route, io_uring
+//!   (its IORING_OP_SOCKET would bypass the socket filter), and new namespaces (unshare or
+//!   clone with a CLONE_NEW* flag; clone3 fails with ENOSYS so clone is used) are refused. The filter
 //!   hands each refusal to the gateway through a user-notification fd so it can be audited;
 //!   if the gateway is gone the kernel fails the call with ENOSYS, still refused.
 //!
@@ -25,6 +26,17 @@ const AF_INET: u64 = 2;
 const AF_INET6: u64 = 10;
 const AF_NETLINK: u64 = 16;
 const NETLINK_ROUTE: u64 = 0;
+/// CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET and NEWTIME.
+const NAMESPACE_FLAGS: [u64; 8] = [
+    0x0002_0000,
+    0x0200_0000,
+    0x0400_0000,
+    0x0800_0000,
+    0x1000_0000,
+    0x2000_0000,
+    0x4000_0000,
+    0x80,
+];
 
 pub struct Confinement {
     landlock: OwnedFd,
@@ -154,6 +166,22 @@ fn seccomp_filter() -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     ctx.add_rule(
         ScmpAction::Notify,
         ScmpSyscall::from_name("io_uring_setup")?,
+    )?;
+    // New namespaces: in a network namespace of its own the sandbox could make tunnel-client
+    // entries for addresses and ports it then lets an outside process use. A user namespace
+    // is what makes the others possible unprivileged; each flag is refused, one rule per
+    // flag since libseccomp compares masked values for equality only.
+    for name in ["unshare", "clone"] {
+        let nr = ScmpSyscall::from_name(name)?;
+        for flag in NAMESPACE_FLAGS {
+            ctx.add_rule_conditional(ScmpAction::Notify, nr, &[scmp_cmp!($arg0 & flag == flag)])?;
+        }
+    }
+    // clone3 passes its flags in memory, which seccomp cannot read: it fails as if the
+    // kernel lacked it, and the C library falls back to clone, whose flags are checked.
+    ctx.add_rule(
+        ScmpAction::Errno(libc::ENOSYS),
+        ScmpSyscall::from_name("clone3")?,
     )?;
     // The compiled filter is small, well under a pipe's buffer.
     let (mut read, write) = std::io::pipe()?;

@@ -52,6 +52,13 @@ fn describe(req: &ScmpNotifReq, sandbox: &str) -> Record {
         .unwrap_or_else(|_| "unknown".into());
     let (hook, reason, proto) = if name == "io_uring_setup" {
         ("io_uring_setup", "io-uring", "io_uring".to_owned())
+    } else if name == "unshare" || name == "clone" {
+        let hook = if name == "unshare" {
+            "unshare"
+        } else {
+            "clone"
+        };
+        (hook, "namespace", namespaces(req.data.args[0]))
     } else {
         let args = req.data.args;
         (
@@ -73,6 +80,26 @@ fn describe(req: &ScmpNotifReq, sandbox: &str) -> Record {
     });
     tracing::debug!(syscall = %name, pid = req.pid, "refused by seccomp");
     rec
+}
+
+/// The namespace flags in a clone or unshare `flags` argument, as `user+net`.
+fn namespaces(flags: u64) -> String {
+    const NAMES: [(u64, &str); 8] = [
+        (0x1000_0000, "user"),
+        (0x4000_0000, "net"),
+        (0x0002_0000, "mount"),
+        (0x2000_0000, "pid"),
+        (0x0800_0000, "ipc"),
+        (0x0400_0000, "uts"),
+        (0x0200_0000, "cgroup"),
+        (0x80, "time"),
+    ];
+    let named: Vec<&str> = NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    named.join("+")
 }
 
 fn proc_uid(pid: u32) -> Option<u32> {
