@@ -1306,13 +1306,22 @@ fn assert_one_more_request_refused(out: &Finished) {
 /// seconds, prints its open-file limits and how many the tunnel closed, closes them all,
 /// then prints the status line a new connection's request gets.
 fn hold_connections(conns: usize, hold: f64) -> String {
+    hold_sessions(conns, hold, "")
+}
+
+/// Like [`hold_connections`], each connection first running `opening` (python, on `s`).
+fn hold_sessions(conns: usize, hold: f64, opening: &str) -> String {
     format!(
         r#"
 import resource
 print(json.dumps({{"limits": list(resource.getrlimit(resource.RLIMIT_NOFILE))}}), flush=True)
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-conns = [socket.create_connection((TUNNEL_HOST, TUNNEL_PORT)) for _ in range({conns})]
+def opened():
+    s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
+    {opening}
+    return s
+conns = [opened() for _ in range({conns})]
 time.sleep({hold})
 closed = 0
 for s in conns:
@@ -1371,6 +1380,53 @@ fn connections_over_the_sandbox_limit_are_closed_and_recorded() {
         .filter(|r| r["layer"] == "proxy" && r["reason"] == "too-many-connections")
         .count();
     assert_eq!(refused, 1100 - 1024, "{}", ctx());
+    assert!(!out.stderr.contains("tunnel accept"), "{}", ctx());
+    assert_one_more_request_refused(&out);
+}
+
+/// A CONNECT session outlives the HTTP connection it started on (hyper ends that at the
+/// upgrade): it holds a connection permit of its own, so sessions a sandbox leaves open
+/// count against its limit like connections.
+#[test]
+fn connect_sessions_count_against_the_sandbox_limit() {
+    let run = Run::new(
+        "tunnel-session-limit",
+        &policy(
+            "tunnel-session-limit",
+            "[[http.allow]]\nhost = \"api.test\"\n",
+        ),
+    );
+    // A connection over the limit is closed unread: a reset, or an end of stream.
+    let opening = r#"head = b""
+    try:
+        s.sendall(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
+        while b"\r\n\r\n" not in head:
+            got = s.recv(1)
+            if not got:
+                break
+            head += got
+    except (ConnectionResetError, BrokenPipeError):
+        head = b""
+    STATUSES.append(head.split(b" ")[1].decode() if head else "closed")"#;
+    let body = format!(
+        "STATUSES = []\n{}\nprint(json.dumps({{\"statuses\": {{k: STATUSES.count(k) for k in set(STATUSES)}}}}), flush=True)\n",
+        hold_sessions(1100, 2.0, opening)
+    );
+    let out = python_with_open_files(&run, &body, 1024, 4096);
+    let ctx = || out.describe();
+    let statuses = printed(&out, "statuses");
+    let open = statuses["200"].as_u64().unwrap_or(0) as usize;
+    assert!(
+        (1000..=1024).contains(&open),
+        "{open} CONNECT sessions open at once: {statuses}\n{}",
+        ctx()
+    );
+    let refused = out
+        .audit
+        .iter()
+        .filter(|r| r["layer"] == "proxy" && r["reason"] == "too-many-connections")
+        .count();
+    assert_eq!(refused, 1100 - open, "{statuses}\n{}", ctx());
     assert!(!out.stderr.contains("tunnel accept"), "{}", ctx());
     assert_one_more_request_refused(&out);
 }

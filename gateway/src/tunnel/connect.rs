@@ -67,9 +67,18 @@ impl Tunnel {
             None if self.learn => None,
             None => return self.refuse(StatusCode::FORBIDDEN, "not-allowlisted", client, fields),
         };
+        let Some(permit) = self.session_permit() else {
+            return self.refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too-many-connections",
+                client,
+                fields,
+            );
+        };
         let on_upgrade = hyper::upgrade::on(req);
         let tunnel = self.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let io = match on_upgrade.await {
                 Ok(up) => TokioIo::new(up),
                 Err(e) => {
@@ -98,14 +107,16 @@ impl Tunnel {
     ) where
         S: AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (hello, sni) = match read_client_hello(&mut io).await {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::debug!(%client, "CONNECT {target}: {e}");
-                self.record(Verdict::Deny, "not-tls", client, fields);
-                return;
-            }
-        };
+        let hello = tokio::time::timeout(HELLO_TIMEOUT, read_client_hello(&mut io)).await;
+        let (hello, sni) =
+            match hello.unwrap_or_else(|_| Err(anyhow::anyhow!("no ClientHello in time"))) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::debug!(%client, "CONNECT {target}: {e}");
+                    self.record(Verdict::Deny, "not-tls", client, fields);
+                    return;
+                }
+            };
         let sni_ok = match &sni {
             Some(name) => canonical_host(name).as_deref() == Some(target.host.as_str()),
             // Clients send no SNI for an IP address.
@@ -148,9 +159,10 @@ impl Tunnel {
                 return;
             }
         };
-        let tls = match tokio_rustls::TlsAcceptor::from(config)
-            .accept(Prefixed::new(hello, io))
+        let handshake = tokio_rustls::TlsAcceptor::from(config).accept(Prefixed::new(hello, io));
+        let tls = match tokio::time::timeout(HELLO_TIMEOUT, handshake)
             .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("handshake not finished in time")))
         {
             Ok(t) => t,
             Err(e) => {
@@ -171,7 +183,7 @@ async fn read_client_hello<S: AsyncRead + Unpin>(
     let mut seen = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let n = tokio::time::timeout(HELLO_TIMEOUT, io.read(&mut chunk)).await??;
+        let n = io.read(&mut chunk).await?;
         anyhow::ensure!(n > 0, "closed before a ClientHello");
         seen.extend_from_slice(&chunk[..n]);
         anyhow::ensure!(seen.len() <= MAX_HELLO, "ClientHello too large");

@@ -95,6 +95,15 @@ impl std::ops::Deref for Tunnel {
     }
 }
 
+impl Shared {
+    /// A connection permit for a session that outlives its HTTP connection (a CONNECT
+    /// session, a WebSocket pipe): hyper ends the connection, and gives its permit back, at
+    /// the upgrade. None when the sandbox has no connections left.
+    fn session_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+}
+
 impl Tunnel {
     pub fn new(
         policy: &Policy,

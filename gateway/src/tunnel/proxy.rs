@@ -164,6 +164,18 @@ impl Tunnel {
         fields: ProxyFields,
     ) -> Response<Body> {
         let ws = websocket::is_request(req.headers());
+        // The pipe outlives this connection: it holds a connection permit of its own.
+        let ws_permit = match ws.then(|| self.session_permit()) {
+            Some(None) => {
+                return self.refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too-many-connections",
+                    client,
+                    fields,
+                );
+            }
+            permit => permit.flatten(),
+        };
         let client_upgrade = ws.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         if let Err(Refusal(status, reason)) =
@@ -245,7 +257,8 @@ impl Tunnel {
             Ok(r) => r,
             Err(e) => return self.upstream_failed(&e, route, target, client, fields),
         };
-        if let (Some(client_upgrade), Some(sent_headers)) = (client_upgrade, request_headers)
+        if let (Some(client_upgrade), Some(sent_headers), Some(permit)) =
+            (client_upgrade, request_headers, ws_permit)
             && resp.status() == StatusCode::SWITCHING_PROTOCOLS
         {
             if !websocket::accepted(&sent_headers, &resp) {
@@ -261,7 +274,7 @@ impl Tunnel {
                 let refused = self.ws_refusal(client, fields.clone());
                 (websocket::FrameScan::new(ws_unlisted), refused)
             });
-            websocket::pipe(client_upgrade, hyper::upgrade::on(&mut resp), scan);
+            websocket::pipe(client_upgrade, hyper::upgrade::on(&mut resp), scan, permit);
             fields.status = Some(101);
             self.record(verdict, reason, client, fields);
             let (parts, _) = resp.into_parts();

@@ -40,8 +40,14 @@ pub fn accepted<B>(request: &HeaderMap, resp: &Response<B>) -> bool {
 /// Copies bytes both ways once both sides have switched protocols. With `scan`, what the
 /// client sends is read as frames first; when it may not be passed on, both sides are closed
 /// and `refused` is told why.
-pub fn pipe(client: OnUpgrade, upstream: OnUpgrade, scan: Option<(FrameScan, Refused)>) {
+pub fn pipe(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    scan: Option<(FrameScan, Refused)>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     tokio::spawn(async move {
+        let _permit = permit;
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(both) => both,
             Err(e) => {
