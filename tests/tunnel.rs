@@ -1187,6 +1187,12 @@ INNER = {
     "big-header": b"GET /v1/big-header HTTP/1.1\r\nHost: api.test\r\nX-Big: " + BIG + b"\r\n\r\n",
     "host-mismatch": b"GET /v1/host-mismatch HTTP/1.1\r\nHost: other.test\r\n\r\n",
     "dot-params": b"GET /v1/..;/admin HTTP/1.1\r\nHost: api.test\r\n\r\n",
+    "cl-list": b"POST /v1/cl-list HTTP/1.1\r\nHost: api.test\r\nContent-Length: 5, 5\r\n\r\nhello",
+    # Zero-padded past what the guard keeps of a line; the body hides a second request.
+    "cl-padded": b"POST /v1/cl-padded HTTP/1.1\r\nHost: api.test\r\nContent-Length: "
+                 + b"0" * 250 + b"30\r\n\r\nXXXXX\r\nContent-Length: 200\r\n\r\n"
+                 + b"POST /v1/smuggled HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n"
+                 + b"Content-Length: 5\r\n\r\n0\r\n\r\n",
     "dots-encoded-twice": b"GET /v1/%252e%252e/admin HTTP/1.1\r\nHost: api.test\r\n\r\n",
 }
 for name, payload in INNER.items():
@@ -1226,6 +1232,8 @@ for name, payload in OUTER.items():
         "host-mismatch",
         "dot-params",
         "dots-encoded-twice",
+        "cl-list",
+        "cl-padded",
         "sni-mismatch",
         "connect-bare-lf",
         "connect-obs-fold",

@@ -138,6 +138,15 @@ impl Head {
         };
         let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
         if name.eq_ignore_ascii_case(b"content-length") {
+            // One plain number, as the guard reads it: a list (`30, 30`) or a number too long
+            // for the kept line (hyper takes zero-padding of any length) would leave the
+            // guard reading the body as the next head.
+            let plain = line.len() < KEEP
+                && (1..=19).contains(&value.len())
+                && value.iter().all(u8::is_ascii_digit);
+            if !plain {
+                return Err(ambiguous("Content-Length that is not one plain number"));
+            }
             self.content_lengths += 1;
             self.content_length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
@@ -281,6 +290,12 @@ mod tests {
         let two_cl =
             b"POST http://a/ HTTP/1.1\r\ncontent-length: 3\r\nContent-Length: 3\r\n\r\nabc";
         assert!(check(two_cl).is_err());
+        let cl = |v: &str| format!("POST http://a/ HTTP/1.1\r\nContent-Length: {v}\r\n\r\n");
+        assert!(check(cl("030").as_bytes()).is_ok());
+        assert!(check(cl("3, 3").as_bytes()).is_err());
+        assert!(check(cl("+3").as_bytes()).is_err());
+        assert!(check(cl("").as_bytes()).is_err());
+        assert!(check(cl(&format!("{}3", "0".repeat(250))).as_bytes()).is_err());
     }
 
     /// The same verdict whichever reads the stream arrives in.
