@@ -1253,12 +1253,19 @@ for name, payload in OUTER.items():
     assert!(other.requests().is_empty(), "{}", ctx());
 }
 
+/// A head that does not arrive within 10 s is cut and recorded. A keep-alive connection idle
+/// for as long between requests is closed by the same timer, without a record: nothing was
+/// sent, nothing decided.
 #[test]
 fn a_request_head_slower_than_the_header_timeout_is_cut() {
     let run = Run::new("tunnel-slow-head", &policy("tunnel-slow-head", ""));
     let out = python(
         &run,
         r#"
+idle = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
+idle.sendall(b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
+idle.settimeout(20)
+print(json.dumps({"idle_first": idle.recv(4096).decode(errors="replace").split("\r\n")[0]}), flush=True)
 s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT))
 s.sendall(b"GET http://api.test/ HTTP/1.1\r\nHost: api.test\r\n")
 start = time.time()
@@ -1270,9 +1277,22 @@ except socket.timeout:
 except ConnectionResetError:
     got = ""
 print(json.dumps({"waited": time.time() - start, "got": got}), flush=True)
+idle.settimeout(10)
+try:
+    rest = idle.recv(4096)
+except ConnectionResetError:
+    rest = b""
+print(json.dumps({"idle_closed": rest == b""}), flush=True)
 "#,
     );
     let ctx = || out.describe();
+    assert_eq!(
+        printed(&out, "idle_first"),
+        "HTTP/1.1 403 Forbidden",
+        "{}",
+        ctx()
+    );
+    assert_eq!(printed(&out, "idle_closed"), true, "{}", ctx());
     let got = printed(&out, "got").as_str().unwrap_or_default();
     assert!(
         got.is_empty() || got.starts_with("HTTP/1.1 408"),
@@ -1282,11 +1302,15 @@ print(json.dumps({"waited": time.time() - start, "got": got}), flush=True)
     // Cut by the header timeout (10 s), not by anything sooner.
     let waited = printed(&out, "waited").as_f64().unwrap();
     assert!(waited > 8.0, "cut after {waited} s\n{}", ctx());
-    assert!(
-        out.audit.iter().any(|r| r["layer"] == "proxy"
-            && r["verdict"] == "deny"
-            && r["reason"] == "malformed-request"),
-        "{}",
+    let malformed = out
+        .audit
+        .iter()
+        .filter(|r| r["layer"] == "proxy" && r["reason"] == "malformed-request")
+        .count();
+    assert_eq!(
+        malformed,
+        1,
+        "the slow head only, not the idle connection\n{}",
         ctx()
     );
 }

@@ -13,6 +13,10 @@
 use std::{
     io,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -45,14 +49,18 @@ pub struct HeadGuard<S> {
     /// The start of the current header line (at most [`KEEP`] bytes), kept across lines
     /// and heads so that its buffer is allocated once per connection.
     line: Vec<u8>,
+    /// Whether part of a request head has arrived and the rest not yet: when hyper's header
+    /// timer fires, a slow head (refused) rather than an idle keep-alive connection (closed).
+    mid_head: Arc<AtomicBool>,
 }
 
 impl<S> HeadGuard<S> {
-    pub fn new(inner: S) -> Self {
+    pub fn new(inner: S, mid_head: Arc<AtomicBool>) -> Self {
         Self {
             inner,
             state: State::Head(Head::default()),
             line: Vec::new(),
+            mid_head,
         }
     }
 
@@ -199,6 +207,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadGuard<S> {
             && !matches!(self.state, State::Done)
         {
             self.scan(&buf.filled()[before..])?;
+            let mid_head = match &self.state {
+                State::Head(head) => head.request_line_seen || head.cr || !self.line.is_empty(),
+                State::Body(_) | State::Done => false,
+            };
+            self.mid_head.store(mid_head, Ordering::Relaxed);
         }
         res
     }
@@ -274,7 +287,7 @@ mod tests {
     use super::*;
 
     fn check(stream: &[u8]) -> io::Result<()> {
-        HeadGuard::new(()).scan(stream)
+        HeadGuard::new((), Arc::default()).scan(stream)
     }
 
     #[test]
@@ -312,7 +325,7 @@ mod tests {
         for stream in streams {
             let whole = check(stream).is_ok();
             for at in 0..=stream.len() {
-                let mut guard = HeadGuard::new(());
+                let mut guard = HeadGuard::new((), Arc::default());
                 let split = guard
                     .scan(&stream[..at])
                     .and_then(|()| guard.scan(&stream[at..]));

@@ -162,16 +162,20 @@ impl Tunnel {
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
+        let mid_head = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let served = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_buf_size(MAX_HEAD_BYTES)
-            .serve_connection(TokioIo::new(HeadGuard::new(io)), service)
+            .serve_connection(TokioIo::new(HeadGuard::new(io, mid_head.clone())), service)
             .with_upgrades()
             .await;
         if let Err(e) = served {
             tracing::debug!(%client, "tunnel connection: {e}");
-            if e.is_parse() || e.is_timeout() || is_ambiguous(&e) {
+            // hyper's header timer also ends keep-alive connections idle between requests:
+            // only a head that started and did not finish in time is a refusal.
+            let slow_head = e.is_timeout() && mid_head.load(std::sync::atomic::Ordering::Relaxed);
+            if e.is_parse() || slow_head || is_ambiguous(&e) {
                 self.record(
                     Verdict::Deny,
                     "malformed-request",
