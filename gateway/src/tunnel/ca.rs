@@ -1,5 +1,6 @@
 //! The gateway's local CA: made on first use, key readable by root only, reused across runs.
-//! It mints one leaf certificate per intercepted host, cached for the life of the tunnel.
+//! It mints one leaf certificate per intercepted host, valid for a week and cached for a
+//! day, at most [`MAX_LEAVES`] at a time (under a `*.` rule the sandbox picks the names).
 
 use std::{
     collections::HashMap,
@@ -17,6 +18,13 @@ use rustls::ServerConfig;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
 
+/// How many leaves are kept; minting another drops the oldest.
+const MAX_LEAVES: usize = 1024;
+
+/// A leaf is minted anew after this, long before it expires, so a gateway that runs for weeks
+/// never presents an expired one.
+const LEAF_REUSE: Duration = Duration::days(1);
+
 /// Where the CA lives unless `GATEWAY_STATE_DIR` says otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/gateway";
 
@@ -26,7 +34,8 @@ pub struct LocalCa {
     pem: String,
     /// One key for every leaf: minting stays cheap and nothing the sandbox sees depends on it.
     leaf_key: KeyPair,
-    leaves: Mutex<HashMap<String, Arc<ServerConfig>>>,
+    /// By host: the settings presenting its leaf, and when that was minted.
+    leaves: Mutex<HashMap<String, (Arc<ServerConfig>, OffsetDateTime)>>,
 }
 
 pub fn state_dir() -> PathBuf {
@@ -76,8 +85,18 @@ impl LocalCa {
 
     /// TLS server settings presenting a certificate for `host` (a canonical host).
     pub fn server_config(&self, host: &str) -> anyhow::Result<Arc<ServerConfig>> {
+        self.server_config_at(host, OffsetDateTime::now_utc())
+    }
+
+    fn server_config_at(
+        &self,
+        host: &str,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<Arc<ServerConfig>> {
         let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = leaves.get(host) {
+        if let Some((c, minted)) = leaves.get(host)
+            && now - *minted < LEAF_REUSE
+        {
             return Ok(c.clone());
         }
         let mut params = CertificateParams::new(vec![host.to_owned()])?;
@@ -89,7 +108,6 @@ impl LocalCa {
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::hours(1);
         params.not_after = now + Duration::days(7);
         let leaf = params.signed_by(&self.leaf_key, &self.cert, &self.key)?;
@@ -102,7 +120,16 @@ impl LocalCa {
             .with_single_cert(chain, key)?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let config = Arc::new(config);
-        leaves.insert(host.to_owned(), config.clone());
+        if leaves.len() >= MAX_LEAVES && !leaves.contains_key(host) {
+            let oldest = leaves
+                .iter()
+                .min_by_key(|(_, (_, minted))| *minted)
+                .map(|(h, _)| h.clone());
+            if let Some(oldest) = oldest {
+                leaves.remove(&oldest);
+            }
+        }
+        leaves.insert(host.to_owned(), (config.clone(), now));
         Ok(config)
     }
 }
@@ -142,4 +169,39 @@ fn create(
         .with_context(|| format!("writing the gateway CA {}", cert_path.display()))?;
     tracing::info!("created the gateway CA at {}", cert_path.display());
     Ok((params, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca() -> LocalCa {
+        let dir = std::env::temp_dir().join(format!("gateway-ca-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = LocalCa::load_or_create(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        ca
+    }
+
+    #[test]
+    fn leaves_are_reused_for_a_day_and_bounded_in_number() {
+        let ca = ca();
+        let now = OffsetDateTime::now_utc();
+        let first = ca.server_config_at("api.test", now).unwrap();
+        let again = ca
+            .server_config_at("api.test", now + Duration::hours(23))
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "reused within a day");
+        let renewed = ca
+            .server_config_at("api.test", now + Duration::hours(25))
+            .unwrap();
+        assert!(!Arc::ptr_eq(&first, &renewed), "minted anew after a day");
+        for i in 0..MAX_LEAVES + 10 {
+            ca.server_config_at(&format!("h{i}.test"), now + Duration::hours(26))
+                .unwrap();
+        }
+        let leaves = ca.leaves.lock().unwrap();
+        assert_eq!(leaves.len(), MAX_LEAVES);
+        assert!(!leaves.contains_key("api.test"), "the oldest went first");
+    }
 }
