@@ -12,26 +12,10 @@ use std::{
 use serde_json::Value;
 use support::{live::Live, upstream::*, *};
 
-/// Python helpers for the sandbox, after support's PRELUDE.
-const HELPERS: &str = r#"
-import re, urllib.request, urllib.error
-def status(url):
-    try:
-        with urllib.request.urlopen(url, timeout=20) as r:
-            r.read()
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except urllib.error.URLError as e:
-        # A CONNECT the tunnel refused: urllib reports its status only in the message.
-        m = re.search(r"Tunnel connection failed: (\d+)", str(e.reason))
-        return int(m.group(1)) if m else repr(e.reason)
-"#;
-
-/// Starts `body` (after the helpers) in the sandbox of `run`, the credential in the
+/// Starts `body` (after `status()`) in the sandbox of `run`, the credential in the
 /// gateway's environment.
 fn python<'a>(run: &'a Run, body: &str) -> Live<'a> {
-    Live::python(run, &format!("{HELPERS}\n{body}"), &[("API_TOKEN", SECRET)])
+    Live::python(run, &format!("{STATUS}\n{body}"), &[("API_TOKEN", SECRET)])
 }
 
 /// Replaces the policy file, then sends SIGHUP to the gateway and waits for the audit record

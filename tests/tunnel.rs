@@ -563,6 +563,18 @@ print(json.dumps({"step": "event", "data": next_event(resp)}), flush=True)
     assert_eq!(api.paths(), ["/sse", "/release"], "{}", ctx());
 }
 
+/// Python: `connected(host)`, a socket through the tunnel's CONNECT to `host:443`, its 200
+/// read, before any TLS.
+const CONNECTED: &str = r#"
+def connected(host):
+    s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
+    s.sendall(("CONNECT %s:443 HTTP/1.1\r\nHost: %s:443\r\n\r\n" % (host, host)).encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    return s
+"#;
+
 /// A request let through leaves its record even when its client goes away before the
 /// upstream answers, which makes hyper drop the request: the record has no status, since
 /// none was relayed. The request did leave, with the credential attached.
@@ -573,22 +585,19 @@ fn a_request_whose_client_left_before_the_answer_is_recorded() {
     let run = api_run("tunnel-client-left", &pki, api.port, "credential = \"api\"");
     let out = python(
         &run,
-        r#"
+        &format!(
+            r#"{CONNECTED}
 import ssl, urllib.request
-s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
-s.sendall(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
-head = b""
-while b"\r\n\r\n" not in head:
-    head += s.recv(1)
-t = ssl.create_default_context().wrap_socket(s, server_hostname="api.test")
+t = ssl.create_default_context().wrap_socket(connected("api.test"), server_hostname="api.test")
 t.sendall(b"GET /held HTTP/1.1\r\nHost: api.test\r\n\r\n")
 # Long enough for the request to reach the upstream, which holds it until /release.
 time.sleep(1)
 t.close()
 time.sleep(0.5)
 with urllib.request.urlopen("https://api.test/release", timeout=20) as rel:
-    print(json.dumps({"release": rel.status}), flush=True)
-"#,
+    print(json.dumps({{"release": rel.status}}), flush=True)
+"#
+        ),
     );
     let ctx = || described(&out, &[&api]);
     assert_eq!(printed(&out, "release"), 200, "{}", ctx());
@@ -627,17 +636,12 @@ fn a_client_refusing_the_gateways_certificate_is_recorded() {
     let out = python(
         &run,
         &format!(
-            r#"
+            r#"{CONNECTED}
 import ssl
-s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
-s.sendall(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
-head = b""
-while b"\r\n\r\n" not in head:
-    head += s.recv(1)
 # Trusts only the upstreams' test CA, not the gateway's.
 ctx = ssl.create_default_context(cafile={:?})
 try:
-    ctx.wrap_socket(s, server_hostname="api.test")
+    ctx.wrap_socket(connected("api.test"), server_hostname="api.test")
     print(json.dumps({{"handshake": "ok"}}), flush=True)
 except ssl.SSLError as e:
     print(json.dumps({{"handshake": e.reason}}), flush=True)
@@ -708,21 +712,12 @@ fn a_full_audit_disk_stops_the_tunnel() {
     run.audit = disk.0.join("audit.jsonl");
     let out = python(
         &run,
-        r#"
-import re, urllib.request, urllib.error
-def status(url):
-    try:
-        with urllib.request.urlopen(url, timeout=20) as r:
-            r.read()
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except urllib.error.URLError as e:
-        m = re.search(r"Tunnel connection failed: (\d+)", str(e.reason))
-        return int(m.group(1)) if m else repr(e.reason)
+        &format!(
+            r#"{STATUS}
 statuses = [status("https://api.test/v1/n%d" % i) for i in range(150)]
-print(json.dumps({"statuses": statuses}), flush=True)
-"#,
+print(json.dumps({{"statuses": statuses}}), flush=True)
+"#
+        ),
     );
     let ctx = || described(&out, &[&api]);
     let statuses: Vec<&Value> = printed(&out, "statuses")

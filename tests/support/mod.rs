@@ -36,6 +36,22 @@ TUNNEL_PORT = int(TUNNEL[1])
 TUNNEL_HOST = TUNNEL[0].split('//')[-1]
 "#;
 
+/// Python: `status(url)`, the HTTP status urllib gets for `url` through the tunnel, a
+/// refused CONNECT's included (urllib reports that one only in its message).
+pub const STATUS: &str = r#"
+import re, urllib.request, urllib.error
+def status(url):
+    try:
+        with urllib.request.urlopen(url, timeout=20) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except urllib.error.URLError as e:
+        m = re.search(r"Tunnel connection failed: (\d+)", str(e.reason))
+        return int(m.group(1)) if m else repr(e.reason)
+"#;
+
 /// A scratch directory the sandbox user can read, removed on drop.
 pub struct Scratch {
     pub dir: PathBuf,
