@@ -512,3 +512,140 @@ print("direct", attempt({}), "tunnel", attempt(int(proxy)))
     assert!(status.success(), "serve exited with {status}\n{log}");
     assert!(!cgroup2_root().join(&cgroup).exists(), "{log}");
 }
+
+/// Python for a served sandbox: in a user and network namespace of its own, listens on the
+/// tunnel's address and port (argv 1, 2) and connects to that listener from port argv 3, so
+/// the kernel sees a connection to "the tunnel" from 127.0.0.1:<argv 3>; holds the attempt
+/// while the test connects from that same address in the host's namespace.
+const OWN_NETNS: &str = r#"
+import ctypes, fcntl, json, os, socket, struct, sys, time
+host, port, client_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x10000000 | 0x40000000) != 0:
+    print(json.dumps({"unshare": os.strerror(ctypes.get_errno())}), flush=True)
+    sys.exit(1)
+# lo up (SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP), as root of the new namespaces.
+flags = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+ifr = fcntl.ioctl(flags, 0x8913, struct.pack("16sH14x", b"lo", 0))
+fcntl.ioctl(flags, 0x8914, struct.pack("16sH14x", b"lo", struct.unpack("16sH", ifr[:18])[1] | 1))
+listener = socket.socket()
+listener.bind((host, port))
+listener.listen()
+client = socket.socket()
+client.bind((host, client_port))
+# The kernel records a tunnel client as its SYN leaves; the handshake need not finish (the
+# cgroup's packet filter drops the listener's answer, so the SYN is retried meanwhile).
+client.setblocking(False)
+client.connect_ex((host, port))
+print(json.dumps({"held": True}), flush=True)
+time.sleep(10)
+"#;
+
+/// The kernel only records tunnel clients in the tunnel's own network namespace. A served
+/// sandbox (serve starts no process, so no seccomp filter of the gateway's stops it) that
+/// makes a network namespace and connects there to its own listener on the tunnel's address
+/// and port must not make an entry that a host process connecting from the same address and
+/// port is then claimed by.
+#[test]
+fn a_sandbox_in_a_network_namespace_of_its_own_makes_no_tunnel_client() {
+    assert_root();
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let scratch = Scratch::new("serve-netns");
+    scratch.write(
+        "a.toml",
+        &tunnel_policy(
+            "serve-netns",
+            &pki,
+            &format!(
+                "{}{API_CREDENTIAL}",
+                rule("api.test", api.port, "credential = \"api\"")
+            ),
+        ),
+    );
+    let script = scratch.write("own_netns.py", OWN_NETNS);
+    let parent = test_cgroup("netns");
+    let serve = Serve::start(
+        &scratch,
+        &format!(
+            "version = 1\nname = \"serve-host\"\naudit_log = {:?}\n[[sandbox]]\ncgroup = \"{parent}/a\"\npolicy = \"a.toml\"\n",
+            scratch.dir.join("audit.jsonl").to_str().unwrap()
+        ),
+    );
+    let env = std::fs::read_to_string(env_file("serve-netns")).unwrap();
+    let tunnel: std::net::SocketAddr = env
+        .lines()
+        .find_map(|l| l.strip_prefix("HTTPS_PROXY='http://"))
+        .and_then(|l| l.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("no HTTPS_PROXY in the env file\n{env}"))
+        .parse()
+        .unwrap();
+    let client_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sandbox = in_sandbox(
+        &format!("{parent}/a"),
+        "serve-netns",
+        &format!(
+            "python3 {} {} {} {client_port}",
+            script.display(),
+            tunnel.ip(),
+            tunnel.port()
+        ),
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut held = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(sandbox.stdout.take().unwrap()),
+        &mut held,
+    )
+    .unwrap();
+    if !held.contains("held") {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut sandbox.stderr.take().unwrap(), &mut err);
+        panic!(
+            "the sandbox did not connect: {held:?}\n{err}\n{}",
+            serve.log()
+        );
+    }
+    // A host process, outside every sandbox, from the same address and port.
+    let (host, host_ctx) = run(Command::new("python3").args([
+        "-c",
+        r#"
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.connect((sys.argv[2], int(sys.argv[3])))
+s.sendall(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
+s.settimeout(10)
+try:
+    print(s.recv(4096).decode(errors="replace").split("\r\n")[0])
+except OSError as e:
+    print("closed:", e)
+"#,
+        &client_port.to_string(),
+        &tunnel.ip().to_string(),
+        &tunnel.port().to_string(),
+    ]));
+    let answer = String::from_utf8_lossy(&host.stdout).into_owned();
+    let _ = sandbox.kill();
+    let _ = sandbox.wait();
+    let records = serve.audit_records();
+    let (_, log) = serve.stop();
+    assert!(
+        !answer.starts_with("HTTP/1.1 200"),
+        "the host process was taken for the sandbox: {answer:?}\n{host_ctx}\n{log}"
+    );
+    let client = format!("127.0.0.1:{client_port}");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["reason"] == "not-a-sandbox" && r["client"] == client.as_str()),
+        "no not-a-sandbox record for {client}\n{records:?}\n{log}"
+    );
+}

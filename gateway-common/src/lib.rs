@@ -128,6 +128,9 @@ pub struct SandboxConfig {
     /// The tunnel's TCP port, host byte order.
     pub tunnel_port: u16,
     pub _pad: [u8; 6],
+    /// The network namespace the tunnel listens in (its `SO_NETNS_COOKIE`): a client socket
+    /// in any other one is not the tunnel's, whatever its addresses.
+    pub tunnel_netns: u64,
 }
 
 /// One `ports`/`protocol` pair of a `[[network.allow]]` entry.

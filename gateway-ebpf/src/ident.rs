@@ -11,6 +11,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE, bpf_sock_ops,
     },
+    helpers::bpf_get_netns_cookie,
     macros::{map, sock_ops},
     maps::HashMap,
     programs::SockOpsContext,
@@ -110,6 +111,14 @@ fn tunnel_client(ctx: &SockOpsContext, cfg: &SandboxConfig) -> Option<ClientKey>
     }
     let (local, remote) = endpoints(ops)?;
     if remote != cfg.tunnel_addr {
+        return None;
+    }
+    // Only a socket in the tunnel's network namespace reaches the tunnel: in one of its own
+    // a sandbox could connect to the same address and port (its own listener) and make an
+    // entry for an outside process to connect as, or close one to drop another's entry.
+    // SAFETY: the helper only reads the socket behind the program's own context.
+    let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
+    if netns != cfg.tunnel_netns {
         return None;
     }
     Some(ClientKey {

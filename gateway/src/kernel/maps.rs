@@ -47,8 +47,35 @@ pub(super) fn configure(ebpf: &mut Ebpf, target: &Target<'_>) -> Result<(), Kern
         tunnel_addr: mapped(target.tunnel.ip()).octets(),
         tunnel_port: target.tunnel.port(),
         _pad: [0; 6],
+        tunnel_netns: own_netns_cookie()?,
     };
     config.set(0, cfg, 0).map_err(map_err("CONFIG"))
+}
+
+/// The cookie of the network namespace this process (and so the tunnel) is in.
+fn own_netns_cookie() -> Result<u64, KernelError> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let probe = std::net::UdpSocket::bind(("127.0.0.1", 0))
+        .map_err(|e| KernelError::Raw(format!("reading the network namespace cookie: {e}")))?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `cookie`, a u64.
+    let done = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&probe),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if done != 0 {
+        return Err(KernelError::Raw(format!(
+            "reading the network namespace cookie (SO_NETNS_COOKIE, Linux 5.14+): {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(cookie)
 }
 
 /// A policy's map entries, computed before any map is touched: a policy that does not fit is
