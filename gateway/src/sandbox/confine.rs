@@ -26,16 +26,16 @@ const AF_INET: u64 = 2;
 const AF_INET6: u64 = 10;
 const AF_NETLINK: u64 = 16;
 const NETLINK_ROUTE: u64 = 0;
-/// CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET and NEWTIME.
-const NAMESPACE_FLAGS: [u64; 8] = [
-    0x0002_0000,
-    0x0200_0000,
-    0x0400_0000,
-    0x0800_0000,
-    0x1000_0000,
-    0x2000_0000,
-    0x4000_0000,
-    0x80,
+/// The CLONE_NEW* flags of clone and unshare, each with the name an audit record gives it.
+pub(super) const NAMESPACES: [(u64, &str); 8] = [
+    (0x1000_0000, "user"),
+    (0x4000_0000, "net"),
+    (0x0002_0000, "mount"),
+    (0x2000_0000, "pid"),
+    (0x0800_0000, "ipc"),
+    (0x0400_0000, "uts"),
+    (0x0200_0000, "cgroup"),
+    (0x80, "time"),
 ];
 
 pub struct Confinement {
@@ -173,7 +173,7 @@ fn seccomp_filter() -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     // flag since libseccomp compares masked values for equality only.
     for name in ["unshare", "clone"] {
         let nr = ScmpSyscall::from_name(name)?;
-        for flag in NAMESPACE_FLAGS {
+        for (flag, _) in NAMESPACES {
             ctx.add_rule_conditional(ScmpAction::Notify, nr, &[scmp_cmp!($arg0 & flag == flag)])?;
         }
     }

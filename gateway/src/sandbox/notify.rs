@@ -50,22 +50,16 @@ fn describe(req: &ScmpNotifReq, sandbox: &str) -> Record {
         .syscall
         .get_name()
         .unwrap_or_else(|_| "unknown".into());
-    let (hook, reason, proto) = if name == "io_uring_setup" {
-        ("io_uring_setup", "io-uring", "io_uring".to_owned())
-    } else if name == "unshare" || name == "clone" {
-        let hook = if name == "unshare" {
-            "unshare"
-        } else {
-            "clone"
-        };
-        (hook, "namespace", namespaces(req.data.args[0]))
-    } else {
-        let args = req.data.args;
-        (
+    let args = req.data.args;
+    let (hook, reason, proto) = match name.as_str() {
+        "io_uring_setup" => ("io_uring_setup", "io-uring", "io_uring".to_owned()),
+        "unshare" => ("unshare", "namespace", namespaces(args[0])),
+        "clone" => ("clone", "namespace", namespaces(args[0])),
+        _ => (
             "sock_create",
             "socket-family",
             format!("{}/{}/{}", family_name(args[0]), args[1] & 0xf, args[2]),
-        )
+        ),
     };
     let mut rec = Record::new(Layer::Kernel, Verdict::Deny, sandbox, reason);
     rec.kernel = Some(KernelFields {
@@ -84,17 +78,7 @@ fn describe(req: &ScmpNotifReq, sandbox: &str) -> Record {
 
 /// The namespace flags in a clone or unshare `flags` argument, as `user+net`.
 fn namespaces(flags: u64) -> String {
-    const NAMES: [(u64, &str); 8] = [
-        (0x1000_0000, "user"),
-        (0x4000_0000, "net"),
-        (0x0002_0000, "mount"),
-        (0x2000_0000, "pid"),
-        (0x0800_0000, "ipc"),
-        (0x0400_0000, "uts"),
-        (0x0200_0000, "cgroup"),
-        (0x80, "time"),
-    ];
-    let named: Vec<&str> = NAMES
+    let named: Vec<&str> = super::confine::NAMESPACES
         .iter()
         .filter(|(bit, _)| flags & bit != 0)
         .map(|(_, name)| *name)
