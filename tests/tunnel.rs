@@ -563,16 +563,19 @@ print(json.dumps({"step": "event", "data": next_event(resp)}), flush=True)
     assert_eq!(api.paths(), ["/sse", "/release"], "{}", ctx());
 }
 
-/// Python: `connected(host)`, a socket through the tunnel's CONNECT to `host:443`, its 200
-/// read, before any TLS.
+/// Python: `connected(host)`, a socket through the tunnel's CONNECT to `host:443`, before any
+/// TLS, and the status line of the CONNECT's answer.
 const CONNECTED: &str = r#"
 def connected(host):
     s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
     s.sendall(("CONNECT %s:443 HTTP/1.1\r\nHost: %s:443\r\n\r\n" % (host, host)).encode())
     head = b""
     while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    return s
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    return s, head.decode(errors="replace").split("\r\n")[0]
 "#;
 
 /// A request let through leaves its record even when its client goes away before the
@@ -588,7 +591,7 @@ fn a_request_whose_client_left_before_the_answer_is_recorded() {
         &format!(
             r#"{CONNECTED}
 import ssl, urllib.request
-t = ssl.create_default_context().wrap_socket(connected("api.test"), server_hostname="api.test")
+t = ssl.create_default_context().wrap_socket(connected("api.test")[0], server_hostname="api.test")
 t.sendall(b"GET /held HTTP/1.1\r\nHost: api.test\r\n\r\n")
 # Long enough for the request to reach the upstream, which holds it until /release.
 time.sleep(1)
@@ -641,7 +644,7 @@ import ssl
 # Trusts only the upstreams' test CA, not the gateway's.
 ctx = ssl.create_default_context(cafile={:?})
 try:
-    ctx.wrap_socket(connected("api.test"), server_hostname="api.test")
+    ctx.wrap_socket(connected("api.test")[0], server_hostname="api.test")
     print(json.dumps({{"handshake": "ok"}}), flush=True)
 except ssl.SSLError as e:
     print(json.dumps({{"handshake": e.reason}}), flush=True)
@@ -751,7 +754,7 @@ print(json.dumps({{"statuses": statuses}}), flush=True)
 }
 
 /// Python helpers for a WebSocket client over a socket: the HTTP head, masked text frames,
-/// frames read back.
+/// frames read back. After [`CONNECTED`].
 const WS_CLIENT: &str = r#"
 import ssl, base64, hashlib, struct
 def read_head(s):
@@ -788,9 +791,7 @@ def open_ws(host, extra=""):
     """CONNECT host:443 through the tunnel, TLS, then a WebSocket handshake for /ws:
     (the TLS socket, CONNECT's status line, the handshake's status line, whether
     Sec-WebSocket-Accept was right)."""
-    s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
-    s.sendall(("CONNECT %s:443 HTTP/1.1\r\nHost: %s:443\r\n\r\n" % (host, host)).encode())
-    connect = read_head(s).split("\r\n")[0]
+    s, connect = connected(host)
     t = ssl.create_default_context().wrap_socket(s, server_hostname=host)
     key = base64.b64encode(os.urandom(16)).decode()
     t.sendall(("GET /ws HTTP/1.1\r\nHost: " + host + "\r\nUpgrade: websocket\r\n"
@@ -813,7 +814,7 @@ fn websocket_echo_through_connect() {
         &run,
         &format!(
             r#"
-{WS_CLIENT}
+{CONNECTED}{WS_CLIENT}
 t, connect, handshake, accept_ok = open_ws("api.test")
 print(json.dumps({{"connect": connect, "handshake": handshake, "accept_ok": accept_ok}}), flush=True)
 long = "x" * 300
@@ -877,7 +878,7 @@ fn a_placeholder_in_a_websocket_message_to_another_host_is_refused() {
         &run,
         &format!(
             r#"
-{WS_CLIENT}
+{CONNECTED}{WS_CLIENT}
 placeholder = os.environ["API_TOKEN_PLACEHOLDER"]
 t, connect, handshake, accept_ok = open_ws(
     "other.test", "Sec-WebSocket-Extensions: permessage-deflate\r\n")
