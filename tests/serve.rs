@@ -141,6 +141,21 @@ fn proxy(records: &[Value], sandbox: &str, verdict: &str, host: &str) -> bool {
     })
 }
 
+/// A serve config auditing to `audit.jsonl` in `scratch`, one sandbox per name: cgroup
+/// `parent/NAME` under policy `NAME.toml`.
+fn host_config(scratch: &Scratch, parent: &str, names: &[&str]) -> String {
+    let mut config = format!(
+        "version = 1\nname = \"serve-host\"\naudit_log = {:?}\n",
+        scratch.dir.join("audit.jsonl").to_str().unwrap()
+    );
+    for name in names {
+        config.push_str(&format!(
+            "[[sandbox]]\ncgroup = \"{parent}/{name}\"\npolicy = \"{name}.toml\"\n"
+        ));
+    }
+    config
+}
+
 fn test_cgroup(tag: &str) -> String {
     format!("gateway-test-serve-{}-{tag}", std::process::id())
 }
@@ -173,13 +188,7 @@ fn one_tunnel_serves_two_sandboxes_each_under_its_own_policy() {
     scratch.write("a.toml", &a);
     scratch.write("b.toml", &b);
     let parent = test_cgroup("ab");
-    let serve = Serve::start(
-        &scratch,
-        &format!(
-            "version = 1\nname = \"serve-host\"\naudit_log = {:?}\n[[sandbox]]\ncgroup = \"{parent}/a\"\npolicy = \"a.toml\"\n[[sandbox]]\ncgroup = \"{parent}/b\"\npolicy = \"b.toml\"\n",
-            scratch.dir.join("audit.jsonl").to_str().unwrap()
-        ),
-    );
+    let serve = Serve::start(&scratch, &host_config(&scratch, &parent, &["a", "b"]));
 
     let env_a = std::fs::read_to_string(env_file("serve-a")).unwrap();
     let env_b = std::fs::read_to_string(env_file("serve-b")).unwrap();
@@ -565,13 +574,7 @@ fn a_sandbox_in_a_network_namespace_of_its_own_makes_no_tunnel_client() {
     );
     let script = scratch.write("own_netns.py", OWN_NETNS);
     let parent = test_cgroup("netns");
-    let serve = Serve::start(
-        &scratch,
-        &format!(
-            "version = 1\nname = \"serve-host\"\naudit_log = {:?}\n[[sandbox]]\ncgroup = \"{parent}/a\"\npolicy = \"a.toml\"\n",
-            scratch.dir.join("audit.jsonl").to_str().unwrap()
-        ),
-    );
+    let serve = Serve::start(&scratch, &host_config(&scratch, &parent, &["a"]));
     let env = std::fs::read_to_string(env_file("serve-netns")).unwrap();
     let tunnel: std::net::SocketAddr = env
         .lines()
