@@ -1662,6 +1662,75 @@ wait_for({resume:?})
     assert_one_more_request_refused(&out);
 }
 
+/// Idle upstream connections are bounded per rule, however many hosts a `*.` rule lets the
+/// sandbox name: one keep-alive client asks 300 hosts in turn, each over a connection of its
+/// own, and the upstream then holds at most the pool's 256.
+#[test]
+fn idle_upstream_connections_are_bounded_across_hosts() {
+    let pki = Pki::new();
+    let plain = Server::spawn(&pki.scratch.dir, "plain", "upstream.py", &[]);
+    let name = "tunnel-idle-bound";
+    let run = Run::new(
+        name,
+        &tunnel_policy(
+            name,
+            &pki,
+            &format!(
+                "[[http.allow]]\nhost = \"*.many.test\"\nport = 80\nconnect = \"127.0.0.1:{}\"\n",
+                plain.port
+            ),
+        ),
+    );
+    let done = run.scratch.dir.join("done");
+    let mut live = Live::python(
+        &run,
+        &format!(
+            r#"
+import http.client
+c = http.client.HTTPConnection(TUNNEL_HOST, int(TUNNEL_PORT))
+codes = set()
+for i in range(300):
+    c.request("GET", f"http://h{{i}}.many.test/x")
+    r = c.getresponse()
+    r.read()
+    codes.add(r.status)
+say("codes", sorted(codes))
+wait_for({done:?})
+"#
+        ),
+        &[],
+    );
+    let codes = live.until("codes");
+    // The last connections go back to the pool (or are closed) once their response ends,
+    // just after the client has read it.
+    std::thread::sleep(Duration::from_millis(500));
+    let held = established_to(plain.port);
+    std::fs::write(&done, "").unwrap();
+    let out = live.finish();
+    let ctx = || described(&out, &[&plain]);
+    assert_eq!(codes, json!([200]), "{}", ctx());
+    assert_eq!(plain.requests().len(), 300, "{}", ctx());
+    assert!(
+        (250..=256).contains(&held),
+        "the upstream holds {held} connections from the tunnel after 300 hosts\n{}",
+        ctx()
+    );
+}
+
+/// TCP connections on 127.0.0.1 established to `port`, counted at the server's end.
+fn established_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == local && f[3] == "01"
+        })
+        .count()
+}
+
 /// When the gateway does run out of descriptors, the tunnel pauses before accepting again
 /// instead of spinning, and serves again once they are freed.
 #[test]

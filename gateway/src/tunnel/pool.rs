@@ -5,7 +5,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -28,10 +31,15 @@ use super::{
     upstream::{Dialer, PrivateUpstream, RequestBody},
 };
 
-/// Idle HTTP/1.1 connections kept per host; more are closed when their response ends.
-const MAX_IDLE_PER_HOST: usize = 256;
+/// Idle HTTP/1.1 connections kept per pool, whatever the hosts: a `*.` rule or learn mode
+/// would otherwise let a sandbox keep idle descriptors open to as many hosts as it names.
+/// More are closed when their response ends.
+pub(super) const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed rather than reused (the legacy default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often a pool closes what has been idle too long, since nothing else would close a
+/// connection to a host the sandbox stopped naming.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// Why a request got no response from upstream.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +59,8 @@ pub struct Pool {
     /// HTTP/1.1 only: upgrades (WebSocket) do not exist on an HTTP/2 connection.
     upgrade: HttpsConnector<Dialer>,
     hosts: Mutex<Hosts>,
+    /// Idle HTTP/1.1 connections across all hosts, at most [`MAX_IDLE`].
+    idle: Arc<AtomicUsize>,
 }
 
 /// Keyed by scheme and authority: a rule may match several hosts, learn mode any.
@@ -66,12 +76,16 @@ pub(super) struct Host {
     conns: Mutex<Conns>,
     /// Made once per host rather than formatted per request.
     header: Option<HeaderValue>,
+    /// The pool's count of idle connections.
+    idle: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
 struct Conns {
     /// Shared by every request while it stays open.
     h2: Option<H2Conn>,
+    /// Sweeps since a request last used `h2`: one idle for [`IDLE_TIMEOUT`] is dropped.
+    h2_quiet_sweeps: u32,
     /// Most recently used last: the warmest connection is reused first, the coldest age out.
     idle: Vec<Idle>,
 }
@@ -114,18 +128,24 @@ impl From<TrySendError<Request<RequestBody>>> for Failed {
 }
 
 impl Pool {
-    pub fn new(tls: &ClientConfig, dialer: &Dialer) -> Self {
+    /// A pool made on a worker's runtime sweeps itself there until it is dropped.
+    pub fn new(tls: &ClientConfig, dialer: &Dialer) -> Arc<Self> {
         let builder = || {
             HttpsConnectorBuilder::new()
                 .with_tls_config(tls.clone())
                 .https_or_http()
                 .enable_http1()
         };
-        Self {
+        let pool = Arc::new(Self {
             connector: builder().enable_http2().wrap_connector(dialer.clone()),
             upgrade: builder().wrap_connector(dialer.clone()),
             hosts: Mutex::default(),
+            idle: Arc::default(),
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(sweep_while_alive(Arc::downgrade(&pool)));
         }
+        pool
     }
 
     /// Sends `req` (absolute URI) on a pooled connection or a new one. An upgrade gets a
@@ -185,11 +205,45 @@ impl Pool {
                 Arc::new(Host {
                     conns: Mutex::default(),
                     header: host_header(uri),
+                    idle: self.idle.clone(),
                 })
             })
             .clone();
         hosts.last = Some((scheme.clone(), authority.clone(), host.clone()));
         host
+    }
+
+    /// Closes the connections idle since before `now - IDLE_TIMEOUT` and those the upstream
+    /// closed, and forgets hosts left with nothing that no request holds.
+    fn sweep(&self, now: Instant) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        let hosts = &mut *hosts;
+        for host in hosts.all.values() {
+            host.sweep(now);
+        }
+        if hosts.last.as_ref().is_some_and(|(_, _, h)| h.is_empty()) {
+            hosts.last = None;
+        }
+        hosts
+            .all
+            .retain(|_, host| Arc::strong_count(host) > 1 || !host.is_empty());
+    }
+
+    /// Idle HTTP/1.1 connections kept, across hosts.
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.idle.load(Ordering::Relaxed)
+    }
+}
+
+async fn sweep_while_alive(pool: Weak<Pool>) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.sweep(Instant::now());
     }
 }
 
@@ -205,13 +259,17 @@ impl Host {
                 let mut conns = self.conns();
                 if let Some(h2) = &conns.h2 {
                     if !h2.sender.is_closed() {
-                        return Some(Conn::H2(h2.clone()));
+                        let h2 = h2.clone();
+                        conns.h2_quiet_sweeps = 0;
+                        return Some(Conn::H2(h2));
                     }
                     conns.h2 = None;
                 }
                 let idle = conns.idle.pop()?;
+                self.idle.fetch_sub(1, Ordering::Relaxed);
                 if idle.since.elapsed() > IDLE_TIMEOUT {
                     // Everything below it has been idle longer still.
+                    self.idle.fetch_sub(conns.idle.len(), Ordering::Relaxed);
                     conns.idle.clear();
                     return None;
                 }
@@ -228,13 +286,37 @@ impl Host {
         if conn.sender.is_closed() {
             return;
         }
-        let mut conns = self.conns();
-        if conns.idle.len() < MAX_IDLE_PER_HOST {
-            conns.idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+        if self.idle.fetch_add(1, Ordering::Relaxed) >= MAX_IDLE {
+            self.idle.fetch_sub(1, Ordering::Relaxed);
+            return;
         }
+        self.conns().idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
+    fn sweep(&self, now: Instant) {
+        let mut conns = self.conns();
+        let before = conns.idle.len();
+        conns.idle.retain(|i| {
+            now.saturating_duration_since(i.since) <= IDLE_TIMEOUT && !i.conn.sender.is_closed()
+        });
+        self.idle
+            .fetch_sub(before - conns.idle.len(), Ordering::Relaxed);
+        if conns.h2.is_some() {
+            conns.h2_quiet_sweeps += 1;
+            let quiet = SWEEP_EVERY * conns.h2_quiet_sweeps;
+            if quiet > IDLE_TIMEOUT || conns.h2.as_ref().is_some_and(|h2| h2.sender.is_closed()) {
+                // Requests still in flight keep the connection until they end.
+                conns.h2 = None;
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        let conns = self.conns();
+        conns.h2.is_none() && conns.idle.is_empty()
     }
 
     async fn dial(
@@ -244,7 +326,9 @@ impl Host {
     ) -> Result<Conn, UpstreamError> {
         let conn = dial(connector, uri, false).await?;
         if let Conn::H2(h2) = &conn {
-            self.conns().h2 = Some(h2.clone());
+            let mut conns = self.conns();
+            conns.h2 = Some(h2.clone());
+            conns.h2_quiet_sweeps = 0;
         }
         Ok(conn)
     }
@@ -364,5 +448,94 @@ fn non_default_port(uri: &Uri) -> Option<u16> {
     match (uri.scheme_str(), port) {
         (Some("https"), 443) | (Some("http"), 80) => None,
         _ => Some(port),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, net::SocketAddr};
+
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::{body::Bytes, server::conn::http1 as server, service::service_fn};
+    use hyper_util::rt::TokioIo;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::tunnel::upstream::{Dialer, client_tls};
+
+    /// An HTTP/1.1 server on loopback answering `ok`, and how many connections it has open.
+    async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let counted = open.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let open = counted.clone();
+                open.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let ok = service_fn(|_| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = server::Builder::new()
+                        .serve_connection(TokioIo::new(stream), ok)
+                        .await;
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, open)
+    }
+
+    async fn get(pool: &Pool, url: &str) {
+        let req = Request::get(url)
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|e: Infallible| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        let body = pool.send(req, false).await.unwrap().into_body();
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
+    }
+
+    async fn until_open(open: &AtomicUsize, want: usize) {
+        for _ in 0..500 {
+            if open.load(Ordering::SeqCst) == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "the upstream has {} connections open, not {want}",
+            open.load(Ordering::SeqCst)
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_capped_across_hosts_and_swept_when_old() {
+        let (addr, open) = upstream().await;
+        let pool = Pool::new(&client_tls(&[]).unwrap(), &Dialer::pinned(addr));
+        let hosts = MAX_IDLE + 20;
+        for i in 0..hosts {
+            get(&pool, &format!("http://h{i}.test:{}/", addr.port())).await;
+        }
+        assert_eq!(pool.idle_count(), MAX_IDLE);
+        until_open(&open, MAX_IDLE).await;
+
+        // Connections idle for less than IDLE_TIMEOUT stay.
+        pool.sweep(Instant::now());
+        pool.sweep(Instant::now() + IDLE_TIMEOUT / 2);
+        assert_eq!(pool.idle_count(), MAX_IDLE);
+        get(&pool, &format!("http://h0.test:{}/", addr.port())).await;
+        assert_eq!(pool.idle_count(), MAX_IDLE);
+        until_open(&open, MAX_IDLE).await;
+
+        pool.sweep(Instant::now() + IDLE_TIMEOUT + Duration::from_secs(1));
+        assert_eq!(pool.idle_count(), 0);
+        until_open(&open, 0).await;
+        let left = pool.hosts.lock().unwrap().all.len();
+        assert_eq!(left, 0, "hosts with nothing pooled are forgotten");
     }
 }

@@ -90,7 +90,7 @@ impl Upstreams {
 
     pub fn pool(&self, rule: usize) -> Arc<Pool> {
         self.pools[rule]
-            .get_or_init(|| Arc::new(Pool::new(&self.tls, &self.dialers[rule])))
+            .get_or_init(|| Pool::new(&self.tls, &self.dialers[rule]))
             .clone()
     }
 
@@ -103,7 +103,7 @@ impl Upstreams {
                     connect: None,
                     private: Private::Mark,
                 };
-                Arc::new(Pool::new(&self.tls, &dialer))
+                Pool::new(&self.tls, &dialer)
             })
             .clone()
     }
@@ -163,6 +163,15 @@ enum Private {
 }
 
 impl Dialer {
+    /// Dials `addr` whatever the host, as a rule with `connect` and `private = true` does.
+    #[cfg(test)]
+    pub(super) fn pinned(addr: SocketAddr) -> Self {
+        Self {
+            connect: Some(addr),
+            private: Private::Allow,
+        }
+    }
+
     fn for_rule(rule: &HttpRule) -> Self {
         Self {
             connect: rule.connect,
