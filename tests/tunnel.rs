@@ -787,14 +787,14 @@ def recv_frame(s):
     elif n == 127:
         (n,) = struct.unpack("!Q", recv_exact(s, 8))
     return {"opcode": b0 & 0x0F, "masked": bool(b1 & 0x80), "text": recv_exact(s, n).decode()}
-def open_ws(host, extra=""):
-    """CONNECT host:443 through the tunnel, TLS, then a WebSocket handshake for /ws:
+def open_ws(host, extra="", path="/ws"):
+    """CONNECT host:443 through the tunnel, TLS, then a WebSocket handshake for `path`:
     (the TLS socket, CONNECT's status line, the handshake's status line, whether
     Sec-WebSocket-Accept was right)."""
     s, connect = connected(host)
     t = ssl.create_default_context().wrap_socket(s, server_hostname=host)
     key = base64.b64encode(os.urandom(16)).decode()
-    t.sendall(("GET /ws HTTP/1.1\r\nHost: " + host + "\r\nUpgrade: websocket\r\n"
+    t.sendall(("GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\nUpgrade: websocket\r\n"
                "Connection: Upgrade\r\nSec-WebSocket-Key: " + key + "\r\n"
                "Sec-WebSocket-Version: 13\r\n" + extra + "\r\n").encode())
     head = read_head(t)
@@ -853,6 +853,47 @@ print(json.dumps({{"echo2_ok": recv_frame(t)["text"] == long}}), flush=True)
     assert_eq!(
         header(&requests[0], "authorization"),
         [format!("Bearer {SECRET}").as_str()]
+    );
+}
+
+/// An upstream that answers the handshake with a wrong Sec-WebSocket-Accept gets no pipe:
+/// the client gets 502, and the record says the request was let through (it left,
+/// credential attached), as for any upstream failure.
+#[test]
+fn a_wrong_websocket_accept_is_a_502_recorded_as_let_through() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let run = api_run("tunnel-ws-accept", &pki, api.port, "credential = \"api\"");
+    let out = python(
+        &run,
+        &format!(
+            r#"
+{CONNECTED}{WS_CLIENT}
+t, connect, handshake, accept_ok = open_ws("api.test", path="/ws-bad-accept")
+print(json.dumps({{"handshake": handshake}}), flush=True)
+"#
+        ),
+    );
+    let ctx = || described(&out, &[&api]);
+    assert_eq!(
+        printed(&out, "handshake")
+            .as_str()
+            .map(|l| l.split(' ').nth(1)),
+        Some(Some("502")),
+        "{}",
+        ctx()
+    );
+    assert_eq!(api.paths(), ["/ws-bad-accept"], "{}", ctx());
+    assert_proxy_record(
+        &out,
+        "GET /ws-bad-accept",
+        &json!({
+            "verdict": "allow",
+            "reason": "bad-websocket-accept",
+            "path": "/ws-bad-accept",
+            "status": 502,
+            "credential": "api",
+        }),
     );
 }
 

@@ -26,6 +26,8 @@ struct Refusal(StatusCode, &'static str);
 
 /// The audit reason when no rule allows a request.
 const NOT_ALLOWLISTED: &str = "not-allowlisted";
+/// The upstream answered a WebSocket handshake with a 101 whose Sec-WebSocket-Accept is wrong.
+const BAD_WEBSOCKET_ACCEPT: &str = "bad-websocket-accept";
 
 /// Where a request that passed every check goes.
 #[derive(Clone, Copy)]
@@ -262,12 +264,14 @@ impl Tunnel {
             && resp.status() == StatusCode::SWITCHING_PROTOCOLS
         {
             if !websocket::accepted(&sent_headers, &resp) {
-                return self.refuse(
-                    StatusCode::BAD_GATEWAY,
-                    "bad-websocket-accept",
-                    client,
-                    fields,
-                );
+                // The handshake left, credential attached, as for any upstream failure.
+                let (verdict, reason) = match route {
+                    Route::Rule(_) => (Verdict::Allow, BAD_WEBSOCKET_ACCEPT),
+                    Route::Learn => route.verdict(&resp),
+                };
+                fields.status = Some(StatusCode::BAD_GATEWAY.as_u16());
+                self.record(verdict, reason, client, fields);
+                return local_response(StatusCode::BAD_GATEWAY, BAD_WEBSOCKET_ACCEPT);
             }
             let (verdict, reason) = route.verdict(&resp);
             let scan = (!ws_unlisted.is_empty()).then(|| {
