@@ -1772,6 +1772,40 @@ fn established_to(port: u16) -> usize {
         .count()
 }
 
+/// The tunnel serves on as many worker threads as `--tunnel-threads` says; by default one
+/// per CPU, at most 4.
+#[test]
+fn the_tunnel_runs_on_the_threads_it_is_given() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    for (flags, want) in [(&["--tunnel-threads", "1"][..], 1), (&[][..], cpus.min(4))] {
+        let run = Run::new("tunnel-threads", &policy("tunnel-threads", ""));
+        let done = run.scratch.dir.join("done");
+        let mut live = Live::python_with(
+            &run,
+            flags,
+            &format!(
+                "{STATUS}\nsay(\"status\", status(\"http://nowhere.test/\"))\nwait_for({done:?})\n"
+            ),
+            &[],
+        );
+        let status = live.until("status");
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", live.gateway_pid())).unwrap();
+        let threads = tasks
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .filter(|comm| comm.starts_with("tunnel-"))
+            .count();
+        std::fs::write(&done, "").unwrap();
+        let out = live.finish();
+        assert_eq!(status, 403, "{flags:?}\n{}", out.describe());
+        assert_eq!(
+            threads,
+            want,
+            "tunnel threads with {flags:?}\n{}",
+            out.describe()
+        );
+    }
+}
+
 /// When the gateway does run out of descriptors, the tunnel pauses before accepting again
 /// instead of spinning, and serves again once they are freed.
 #[test]

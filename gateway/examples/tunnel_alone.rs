@@ -5,7 +5,8 @@
 //! policy's `[tunnel] listen` says, which must be a loopback address.
 //!
 //! `tunnel_alone POLICY AUDIT_LOG`: prints the address it listens on, serves until its
-//! standard input closes. Secrets come from the environment as for `gateway run`.
+//! standard input closes. Secrets come from the environment as for `gateway run`;
+//! `TUNNEL_THREADS=N` sets the worker threads as `gateway run --tunnel-threads N` does.
 
 use std::{io::Read as _, net::SocketAddr, path::Path, sync::Arc};
 
@@ -55,7 +56,17 @@ fn main() -> anyhow::Result<()> {
             unclaimed: policy.name.clone(),
             audit,
         };
-        tunnel::spawn_workers(vec![tunnel], doorman, listener, stop_rx)
+        let threads = std::env::var("TUNNEL_THREADS")
+            .ok()
+            .map(|n| n.parse().context("TUNNEL_THREADS must be a number"))
+            .transpose()?;
+        tunnel::spawn_workers(
+            vec![tunnel],
+            doorman,
+            listener,
+            stop_rx,
+            tunnel::worker_threads(threads),
+        )
     })?;
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
     let _ = stop_tx.send(true);

@@ -40,6 +40,10 @@ enum Command {
         /// `gateway policy suggest --from LOG`.
         #[arg(long)]
         learn: bool,
+        /// The tunnel's worker threads, each with its own upstream connections (1-256;
+        /// default one per CPU, at most 4).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+        tunnel_threads: Option<u16>,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
             audit_max_bytes,
             user,
             learn,
+            tunnel_threads,
             command,
         } => run::run(run::RunArgs {
             policy,
@@ -125,6 +130,7 @@ fn main() -> ExitCode {
             user,
             command,
             learn,
+            tunnel_threads: tunnel_threads.map(usize::from),
         }),
         Command::Serve { config } => serve::serve(&config),
         Command::Cleanup => cleanup(),

@@ -42,6 +42,8 @@ pub struct RunArgs {
     pub command: Vec<String>,
     /// Learn mode: the tunnel lets through what no rule allows, recorded `would-deny`.
     pub learn: bool,
+    /// The tunnel's worker threads; the default when `None`.
+    pub tunnel_threads: Option<usize>,
 }
 
 pub const NOT_ROOT: &str = "gateway run needs root (CAP_BPF, CAP_SYS_ADMIN): run it with sudo";
@@ -95,6 +97,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             run_state: &run_state,
             run_dir: &run_dir,
             learn: args.learn,
+            tunnel_threads: tunnel::worker_threads(args.tunnel_threads),
         },
         audit,
         secrets,
@@ -145,6 +148,7 @@ struct Sandbox<'a> {
     run_state: &'a RunState,
     run_dir: &'a std::path::Path,
     learn: bool,
+    tunnel_threads: usize,
 }
 
 /// The kernel's record of tunnel clients of each sandbox the tunnel serves (`run` has one,
@@ -174,6 +178,7 @@ async fn supervise(
         run_state,
         run_dir,
         learn,
+        tunnel_threads: threads,
     } = sandbox;
     // Before anything exists: SIGHUP's default action would end the gateway without cleanup.
     let mut sighup = signal(SignalKind::hangup())?;
@@ -240,7 +245,7 @@ async fn supervise(
             unclaimed: policy.name.clone(),
             audit: audit.clone(),
         };
-        tunnel_threads = tunnel::spawn_workers(vec![proxy], doorman, listener, stop_rx)
+        tunnel_threads = tunnel::spawn_workers(vec![proxy], doorman, listener, stop_rx, threads)
             .context("starting the tunnel's threads")?;
         tracing::info!(
             sandbox = %policy.name,

@@ -37,10 +37,15 @@ impl<'a> Live<'a> {
     /// Starts `body` (after [`PRELUDE`] and [`LIVE_HELPERS`]) in the sandbox of `run`, with
     /// `env` added to the gateway's environment.
     pub fn python(run: &'a Run, body: &str, env: &[(&str, &str)]) -> Self {
+        Self::python_with(run, &[], body, env)
+    }
+
+    /// As [`Live::python`], with `flags` given to `gateway run`.
+    pub fn python_with(run: &'a Run, flags: &[&str], body: &str, env: &[(&str, &str)]) -> Self {
         let script = format!("{PRELUDE}\n{LIVE_HELPERS}\n{body}");
         let stderr = run.scratch.dir.join("gateway.stderr");
         let mut child = run
-            .command(&["python3", "-c", &script])
+            .command_with(flags, &["python3", "-c", &script])
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -75,6 +80,11 @@ impl<'a> Live<'a> {
                 return v;
             }
         }
+    }
+
+    /// The gateway's process id.
+    pub fn gateway_pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends `signal` to the gateway.

@@ -25,6 +25,7 @@ use toml::Spanned;
 use crate::{
     audit,
     policy::{self, Located, Policy, PolicyError, Severity},
+    tunnel,
 };
 
 /// `name` when the config gives none.
@@ -38,6 +39,7 @@ struct Raw {
     listen: Option<Spanned<String>>,
     audit_log: Option<PathBuf>,
     audit_max_bytes: Option<Spanned<String>>,
+    threads: Option<Spanned<i64>>,
     #[serde(default)]
     sandbox: Vec<RawSandbox>,
 }
@@ -57,6 +59,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub audit_log: PathBuf,
     pub audit_max_bytes: Option<u64>,
+    /// The tunnel's worker threads; the default when `None`.
+    pub threads: Option<usize>,
     pub sandboxes: Vec<SandboxEntry>,
 }
 
@@ -119,6 +123,19 @@ pub fn load(file: &Path) -> Result<Config, PolicyError> {
             }
         },
     };
+    let threads = raw
+        .threads
+        .as_ref()
+        .and_then(|t| match usize::try_from(*t.get_ref()) {
+            Ok(n) if (1..=tunnel::MAX_THREADS).contains(&n) => Some(n),
+            _ => {
+                error(
+                    t.span(),
+                    format!("threads must be 1 to {}", tunnel::MAX_THREADS),
+                );
+                None
+            }
+        });
     if raw.sandbox.is_empty() {
         error(
             0..0,
@@ -221,6 +238,7 @@ pub fn load(file: &Path) -> Result<Config, PolicyError> {
         listen,
         audit_log: raw.audit_log.unwrap_or_else(|| audit::DEFAULT_LOG.into()),
         audit_max_bytes,
+        threads,
         sandboxes,
     })
 }
@@ -310,6 +328,27 @@ mod tests {
             [PathBuf::from("agents/a"), PathBuf::from("agents/b")]
         );
         assert_eq!(c.sandboxes[1].policy.name, "b");
+        assert_eq!(c.threads, None);
+    }
+
+    #[test]
+    fn threads_are_one_to_the_maximum() {
+        let with = |n: &str| {
+            check(
+                &format!(
+                    "version = 1\nthreads = {n}\n[[sandbox]]\ncgroup = \"a\"\npolicy = \"a.toml\"\n"
+                ),
+                &[A],
+            )
+        };
+        assert_eq!(with("2").unwrap().threads, Some(2));
+        for bad in ["0", "-1", "257"] {
+            let e = with(bad).unwrap_err();
+            assert!(
+                e.starts_with("D/serve.toml:2:11: threads must be 1 to 256"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -237,8 +237,14 @@ async fn supervise(
             unclaimed: config.name.clone(),
             audit: audit.clone(),
         };
-        tunnel_threads = tunnel::spawn_workers(tunnels, doorman, listener, stop_rx.clone())
-            .context("starting the tunnel's threads")?;
+        tunnel_threads = tunnel::spawn_workers(
+            tunnels,
+            doorman,
+            listener,
+            stop_rx.clone(),
+            tunnel::worker_threads(config.threads),
+        )
+        .context("starting the tunnel's threads")?;
         tracing::info!(
             tunnel = %tunnel_addr,
             sandboxes = attached.len(),

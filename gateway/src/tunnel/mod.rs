@@ -35,7 +35,7 @@ use tokio::{
 pub use ca::{LocalCa, state_dir};
 pub use credentials::{CredentialError, Placeholders, Secrets};
 pub use snapshot::{PolicyHandle, Snapshot};
-pub use workers::{Doorman, spawn_workers};
+pub use workers::{Doorman, MAX_THREADS, spawn_workers, worker_threads};
 
 use self::{authority::Authority, guard::HeadGuard, snapshot::WorkerPools};
 use crate::{

@@ -30,8 +30,25 @@ pub struct Doorman {
     pub audit: AuditLog,
 }
 
+/// Worker threads when the operator names no number: one per CPU, at most this many. Each
+/// keeps upstream connections of its own, so on a large host one per CPU would multiply
+/// every sandbox's upstream connections (and cold dials) by the CPU count for no agent's
+/// gain.
+pub const DEFAULT_MAX_THREADS: usize = 4;
+/// The most worker threads an operator may ask for.
+pub const MAX_THREADS: usize = 256;
+
+/// `threads` worker threads, or the default: one per CPU, at most [`DEFAULT_MAX_THREADS`].
+pub fn worker_threads(threads: Option<usize>) -> usize {
+    threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(DEFAULT_MAX_THREADS)
+    })
+}
+
 /// Serves `listener` for `tunnels` (one per sandbox; `doorman.identity` answers indices
-/// into it) on one thread per CPU, each with its own single-threaded runtime, until `stop`
+/// into it) on `threads` threads, each with its own single-threaded runtime, until `stop`
 /// turns true. The first thread accepts, checks the client's identity and hands connections
 /// out in turn, so load is spread evenly whatever the kernel wakes. Join the returned
 /// threads after stopping.
@@ -40,10 +57,14 @@ pub fn spawn_workers(
     doorman: Doorman,
     listener: TcpListener,
     stop: watch::Receiver<bool>,
+    threads: usize,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     anyhow::ensure!(!tunnels.is_empty(), "the tunnel serves no sandbox");
+    anyhow::ensure!(
+        (1..=MAX_THREADS).contains(&threads),
+        "the tunnel needs 1 to {MAX_THREADS} threads, not {threads}"
+    );
     let listener = listener.into_std()?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut senders = Vec::with_capacity(threads);
     let mut inboxes = Vec::with_capacity(threads);
     for _ in 0..threads {
