@@ -7,7 +7,8 @@
 # through the tunnel (CONNECT, interception, pooled upstream) against one made directly.
 # Run as root after `cargo build --release --workspace --bins` (cargo xtask bench does both);
 # GATEWAY=PATH runs another build of the gateway binary (for A/B runs). Env: ROUNDS (20),
-# DURATION seconds per run (3), CONNS (64), TLS_CONNECTS (300). Many short rounds, because
+# DURATION seconds per run (3), CONNS (64), TLS_CONNECTS (300), TUNNEL_THREADS (the
+# gateway's default when unset). Many short rounds, because
 # this kind of shared VM drifts by ~30 % within a minute: the two runs of a short round are
 # close in time, and 20 ratios give quartiles, not just a median (docs/benchmarks.md).
 # Needs wrk, nginx and openssl: apt-get install wrk nginx-light openssl.
@@ -149,7 +150,7 @@ chmod 644 "$work"/*.lua "$work"/*.py "$work/policy.toml"
 sandboxed() {
   BENCH_TOKEN=bench-secret-token GATEWAY_LOG=warn GATEWAY_STATE_DIR="$work/state" \
     "$work/gateway" run --policy "$work/policy.toml" --audit-log "$work/audit.jsonl" \
-    --user nobody -- "$@"
+    --user nobody ${TUNNEL_THREADS:+--tunnel-threads "$TUNNEL_THREADS"} -- "$@"
 }
 rps() { awk '/Requests\/sec/ {print $2}'; }
 lat() { awk -v q="$1" '$1 == q {print $2}'; }

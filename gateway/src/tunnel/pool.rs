@@ -334,6 +334,15 @@ impl Host {
     }
 }
 
+impl Drop for Host {
+    /// A host goes with its pool, or once swept with nothing pooled; either way its idle
+    /// connections no longer count.
+    fn drop(&mut self) {
+        let conns = self.conns.get_mut().unwrap_or_else(PoisonError::into_inner);
+        self.idle.fetch_sub(conns.idle.len(), Ordering::Relaxed);
+    }
+}
+
 /// A new connection, its driver spawned on this worker's runtime.
 async fn dial(
     connector: &HttpsConnector<Dialer>,
