@@ -1078,6 +1078,62 @@ env
     }
 }
 
+/// A placeholder is refused in a host name and in a method too, where the URI check did not
+/// look: in a CONNECT target (it would leave in DNS, SNI and Host), in an absolute URI's
+/// host spelled in upper case (the tunnel lowercases names, so it would leave as the
+/// placeholder itself) and as the method. `*.wild.test` matches any such name.
+#[test]
+fn a_placeholder_in_a_host_name_or_a_method_is_refused() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let wild = Server::upstream(&pki, "wild");
+    let plain = Server::spawn(&pki.scratch.dir, "plain", "upstream.py", &[]);
+    let name = "tunnel-placeholder-names";
+    let body = format!(
+        "{}{}[[http.allow]]\nhost = \"*.wild.test\"\nport = 80\nconnect = \"127.0.0.1:{}\"\n\
+         [credentials.api]\nenv = \"API_TOKEN\"\nplaceholder = \"API_TOKEN_PLACEHOLDER\"\n",
+        rule("api.test", api.port, "credential = \"api\""),
+        rule("*.wild.test", wild.port, ""),
+        plain.port,
+    );
+    let run = Run::new(name, &tunnel_policy(name, &pki, &body));
+    let out = python(
+        &run,
+        r#"
+PH = os.environ["API_TOKEN_PLACEHOLDER"]
+def status(payload):
+    s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
+    s.sendall(payload.encode())
+    head = s.recv(4096).decode(errors="replace")
+    s.close()
+    return head.split("\r\n")[0]
+say = lambda k, v: print(json.dumps({k: v}), flush=True)
+say("connect", status(f"CONNECT {PH}.wild.test:443 HTTP/1.1\r\nHost: {PH}.wild.test:443\r\n\r\n"))
+up = PH.upper() + ".wild.test"
+say("upper", status(f"GET http://{up}/upper HTTP/1.1\r\nHost: {up}\r\n\r\n"))
+say("method", status(f"{PH} http://a.wild.test/method HTTP/1.1\r\nHost: a.wild.test\r\n\r\n"))
+say("control", status("GET http://a.wild.test/control HTTP/1.1\r\nHost: a.wild.test\r\n\r\n"))
+"#,
+    );
+    let ctx = || described(&out, &[&api, &wild, &plain]);
+    for key in ["connect", "upper", "method"] {
+        assert_eq!(
+            printed(&out, key),
+            "HTTP/1.1 403 Forbidden",
+            "{key}\n{}",
+            ctx()
+        );
+    }
+    assert_eq!(printed(&out, "control"), "HTTP/1.1 200 OK", "{}", ctx());
+    assert_eq!(plain.paths(), ["/control"], "{}", ctx());
+    assert!(wild.requests().is_empty(), "{}", ctx());
+    let refused = proxy_records(&out)
+        .into_iter()
+        .filter(|r| r["reason"] == "placeholder-to-unlisted-host" && r["status"] == 403)
+        .count();
+    assert_eq!(refused, 3, "{}", ctx());
+}
+
 /// Plain HTTP to port 443, where a rule means HTTPS, is refused before anything is sent:
 /// the credential would cross the network in the clear.
 #[test]
@@ -1288,6 +1344,18 @@ for name, payload in OUTER.items():
     }
     assert_eq!(api.paths(), ["/v1/control"], "{}", ctx());
     assert!(other.requests().is_empty(), "{}", ctx());
+    // Refused inside a session, a request is recorded toward the CONNECT target.
+    assert_proxy_record(
+        &out,
+        "host-mismatch",
+        &json!({
+            "verdict": "deny",
+            "reason": "host-mismatch",
+            "host": "api.test",
+            "port": 443,
+            "path": "/v1/host-mismatch",
+        }),
+    );
 }
 
 /// A head that does not arrive within 10 s is cut and recorded. A keep-alive connection idle

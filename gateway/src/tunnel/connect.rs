@@ -59,7 +59,19 @@ impl Tunnel {
         let snapshot = self.policy.current();
         // A splice is decided here, once; requests inside an intercepted session are each
         // decided on their own, with the policy in force when they arrive.
-        let splice = match snapshot.rules.for_authority(&target) {
+        let rule = snapshot.rules.for_authority(&target);
+        // The name would leave as it is: in DNS, in the SNI of a splice, in the Host of
+        // every request inside.
+        if let Some(secret) = snapshot.secrets.placeholder_in(&target.host) {
+            let listed = rule.is_some_and(|r| r.spec.credential.as_ref() == Some(&secret.name));
+            return self.refuse(
+                StatusCode::FORBIDDEN,
+                super::proxy::placeholder_in_url(listed),
+                client,
+                fields,
+            );
+        }
+        let splice = match rule {
             Some(rule) => rule
                 .spec
                 .passthrough

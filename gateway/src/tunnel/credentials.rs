@@ -130,6 +130,18 @@ impl Secrets {
     pub fn iter(&self) -> impl Iterator<Item = &Secret> {
         self.0.values()
     }
+
+    /// The credential whose placeholder `name` holds, ignoring case: a host name (the
+    /// tunnel lowercases it, DNS ignores case) or a method.
+    pub fn placeholder_in(&self, name: &str) -> Option<&Secret> {
+        self.iter().find(|s| {
+            s.placeholder.as_ref().is_some_and(|p| {
+                name.as_bytes()
+                    .windows(p.value.len())
+                    .any(|w| w.eq_ignore_ascii_case(p.value.as_bytes()))
+            })
+        })
+    }
 }
 
 impl Secret {

@@ -146,9 +146,10 @@ impl Tunnel {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let tunnel = self.clone();
+        let target = inner.clone();
         let service = service_fn(move |req| {
             let tunnel = tunnel.clone();
-            let inner = inner.clone();
+            let inner = target.clone();
             async move {
                 let close = guard::closes_connection(req.headers())
                     || req.method() == hyper::Method::CONNECT;
@@ -176,12 +177,13 @@ impl Tunnel {
             // only a head that started and did not finish in time is a refusal.
             let slow_head = e.is_timeout() && mid_head.load(std::sync::atomic::Ordering::Relaxed);
             if e.is_parse() || slow_head || is_ambiguous(&e) {
-                self.record(
-                    Verdict::Deny,
-                    "malformed-request",
-                    client,
-                    ProxyFields::default(),
-                );
+                // Inside a session, at least the CONNECT target is known.
+                let fields = ProxyFields {
+                    host: inner.as_ref().map(|a| a.host.clone()),
+                    port: inner.as_ref().map(|a| a.port),
+                    ..Default::default()
+                };
+                self.record(Verdict::Deny, "malformed-request", client, fields);
             }
         }
     }

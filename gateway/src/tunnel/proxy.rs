@@ -111,6 +111,10 @@ impl Tunnel {
         let mut fields = ProxyFields {
             method: Some(req.method().as_str().to_owned()),
             path: req.uri().path_and_query().map(|p| p.as_str().to_owned()),
+            // Inside a session the CONNECT target is known even when the request's own
+            // Host is refused.
+            host: inner.as_ref().map(|a| a.host.clone()),
+            port: inner.as_ref().map(|a| a.port),
             ..Default::default()
         };
         let (scheme, target) = match target_of(&req, inner.as_ref()) {
@@ -181,7 +185,7 @@ impl Tunnel {
         let client_upgrade = ws.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         if let Err(Refusal(status, reason)) =
-            credentials(&snapshot.secrets, &mut parts, route.credential())
+            credentials(&snapshot.secrets, &mut parts, target, route.credential())
         {
             return self.refuse(status, reason, client, fields);
         }
@@ -396,6 +400,7 @@ impl Tunnel {
 fn credentials(
     secrets: &Secrets,
     parts: &mut hyper::http::request::Parts,
+    target: &Authority,
     named: Option<&str>,
 ) -> Result<(), Refusal> {
     let named = match named {
@@ -405,6 +410,16 @@ fn credentials(
         ))?),
         None => None,
     };
+    // The host goes upstream as the tunnel spells it (in DNS, SNI and Host, whatever the
+    // request said), and inside a session the URI holds no host at all; the method is
+    // nowhere else.
+    let in_target = secrets
+        .placeholder_in(&target.host)
+        .or_else(|| secrets.placeholder_in(parts.method.as_str()));
+    if let Some(secret) = in_target {
+        let listed = named.is_some_and(|n| n.name == secret.name);
+        return Err(Refusal(StatusCode::FORBIDDEN, placeholder_in_url(listed)));
+    }
     let mut uri = None;
     for secret in secrets.iter() {
         let Some(p) = &secret.placeholder else {
@@ -415,14 +430,7 @@ fn credentials(
             .get_or_insert_with(|| parts.uri.to_string())
             .contains(&p.value)
         {
-            return Err(Refusal(
-                StatusCode::FORBIDDEN,
-                if listed {
-                    "placeholder-in-url"
-                } else {
-                    "placeholder-to-unlisted-host"
-                },
-            ));
+            return Err(Refusal(StatusCode::FORBIDDEN, placeholder_in_url(listed)));
         }
         for (name, value) in &parts.headers {
             // Header names are lowercase; the placeholder may not be.
@@ -455,6 +463,16 @@ fn credentials(
             .insert(secret.header.clone(), secret.header_value());
     }
     Ok(())
+}
+
+/// The reason for a placeholder in a request's target: toward a host whose rule names its
+/// credential it is merely misplaced, anywhere else it would leave.
+pub(super) fn placeholder_in_url(listed: bool) -> &'static str {
+    if listed {
+        "placeholder-in-url"
+    } else {
+        "placeholder-to-unlisted-host"
+    }
 }
 
 fn contains(v: &HeaderValue, needle: &str) -> bool {
