@@ -1298,6 +1298,8 @@ OUTER = {
                         b"X-Folded: one\r\n two\r\n\r\n",
     "connect-big-header": b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\nX-Big: "
                           + BIG + b"\r\n\r\n",
+    # No name is longer than 253 characters.
+    "long-host": b"GET http://" + b"a." * 2000 + b"api.test/v1/long HTTP/1.1\r\n\r\n",
 }
 for name, payload in OUTER.items():
     case(name, tunnel, payload)
@@ -1331,6 +1333,7 @@ for name, payload in OUTER.items():
         "connect-bare-lf",
         "connect-obs-fold",
         "connect-big-header",
+        "long-host",
     ];
     for name in cases {
         let got = outcomes

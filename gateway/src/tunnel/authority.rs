@@ -81,10 +81,14 @@ fn split_port(text: &str) -> Option<(&str, Option<&str>)> {
     }
 }
 
+/// The longest host name DNS can carry (RFC 1035), in its usual text form.
+const MAX_NAME: usize = 253;
+
 /// The canonical host, or `None` when it is not a valid host name or address.
 pub fn canonical_host(host: &str) -> Option<String> {
     let host = host.strip_suffix('.').unwrap_or(host);
-    if host.is_empty() || host.ends_with('.') {
+    // Longer is no name at all, and would cost every `*.` rule lookup its square.
+    if host.is_empty() || host.ends_with('.') || host.len() > MAX_NAME {
         return None;
     }
     if is_plain_name(host) {
@@ -104,6 +108,7 @@ pub fn canonical_host(host: &str) -> Option<String> {
     }
     // The WHATWG host parser applies IDNA and reads every IPv4 spelling (0x7f.1, 2130706433).
     match url::Host::parse(host).ok()? {
+        url::Host::Domain(d) if d.len() > MAX_NAME => None,
         url::Host::Domain(d) => d
             .split('.')
             .all(|label| {
@@ -182,6 +187,16 @@ mod tests {
         assert_eq!(a("10.0.0.1:80"), Some("10.0.0.1:80".into()));
         assert_eq!(a("010.0.0.1"), Some("8.0.0.1:443".into()));
         assert_eq!(a("127.0.0.01"), Some("127.0.0.1:443".into()));
+        // 253 characters at most, as DNS carries them; IDNA may lengthen a name past that.
+        let longest = format!("{}tests", "a.".repeat(124));
+        assert_eq!(longest.len(), 253);
+        assert!(canonical_host(&longest).is_some());
+        assert!(canonical_host(&format!("{longest}.")).is_some());
+        assert_eq!(canonical_host(&format!("a{longest}")), None);
+        // 120 labels of 2 bytes each, 7 in punycode.
+        let wide = format!("{}.test", ["ü"; 120].join("."));
+        assert!(wide.len() < 253 * 2);
+        assert_eq!(canonical_host(&wide), None);
     }
 
     #[test]
