@@ -202,7 +202,7 @@ fn curl_gets_the_credential_injected_and_a_forged_one_replaced() {
             "{CURL}
 r plain https://api.test/v1/items?limit=1
 r forged -H 'Authorization: Bearer forged-by-the-agent' https://api.test/v1/forged
-r post -X POST --data-binary hello https://api.test/v1/post
+r post -X POST -H 'Expect: 100-continue' --data-binary hello https://api.test/v1/post
 r redirect https://api.test/redirect
 "
         ),
@@ -245,6 +245,9 @@ r redirect https://api.test/redirect
     }
     assert_eq!(requests[2]["method"], "POST");
     assert_eq!(requests[2]["body_len"], 5);
+    // The tunnel answers `100 Continue` itself and sends the body at once: an upstream
+    // answering the expectation early would take the body for a request of its own.
+    assert!(header(&requests[2], "expect").is_empty(), "{}", ctx());
 
     let redirect = reply(&replies, "redirect", &out);
     assert_eq!(redirect.code, 302, "{}", ctx());

@@ -197,6 +197,10 @@ impl Tunnel {
         headers::strip_hop_by_hop(&mut parts.headers, ws);
         // The Host upstream is generated from the checked authority, never copied.
         parts.headers.remove(header::HOST);
+        // The tunnel answered `100 Continue` itself and sends the body at once: an upstream
+        // that answered the expectation with a final status would take that body for the
+        // next request on the connection, one no rule checked.
+        parts.headers.remove(header::EXPECT);
         let request_headers = ws.then(|| parts.headers.clone());
         // Placeholders of credentials this host's rule does not name must not leave in the
         // body or a WebSocket's messages either; headers and URL were checked above.
