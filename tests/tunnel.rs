@@ -776,12 +776,14 @@ def recv_exact(s, n):
             raise EOFError("closed")
         data += chunk
     return data
-def send_text(s, text):
-    payload = text.encode()
+def send_frame(s, opcode, payload, fin=True):
     mask = os.urandom(4)
     n = len(payload)
-    head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n))
+    head = bytes([opcode | (0x80 if fin else 0)])
+    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n)
     s.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+def send_text(s, text):
+    send_frame(s, 0x1, text.encode())
 def recv_frame(s):
     b0, b1 = recv_exact(s, 2)
     n = b1 & 0x7F
@@ -974,6 +976,61 @@ except (EOFError, OSError):
         }),
     );
     assert_no_secret("the sandbox's output", &out.stdout);
+}
+
+/// RFC 6455 lets a ping come between the fragments of a message, and the upstream joins
+/// the fragments without it: a placeholder split around a ping is still seen whole.
+#[test]
+fn a_ping_between_fragments_does_not_hide_a_placeholder() {
+    let (_pki, api, other, run) = placeholder_hosts("tunnel-ws-fragments");
+    let out = python(
+        &run,
+        &format!(
+            r#"
+{CONNECTED}{WS_CLIENT}
+placeholder = os.environ["API_TOKEN_PLACEHOLDER"]
+t, connect, handshake, accept_ok = open_ws("other.test")
+print(json.dumps({{"handshake": handshake, "tail": placeholder[10:]}}), flush=True)
+send_frame(t, 0x1, ("token=" + placeholder[:10]).encode(), fin=False)
+send_frame(t, 0x9, b"x")
+send_frame(t, 0x0, placeholder[10:].encode())
+t.settimeout(10)
+try:
+    while recv_frame(t):
+        pass
+except (EOFError, OSError):
+    print(json.dumps({{"after": "closed"}}), flush=True)
+"#
+        ),
+    );
+    let ctx = || described(&out, &[&api, &other]);
+    assert_eq!(
+        printed(&out, "handshake")
+            .as_str()
+            .map(|l| l.split(' ').nth(1)),
+        Some(Some("101")),
+        "{}",
+        ctx()
+    );
+    assert_eq!(printed(&out, "after"), "closed", "{}", ctx());
+    let tail = printed(&out, "tail").as_str().unwrap().to_owned();
+    let frames = other.ws_frames();
+    assert!(
+        frames.iter().all(|f| !f.contains(&tail)),
+        "the fragment completing the placeholder reached the host: {frames:?}\n{}",
+        ctx()
+    );
+    assert_proxy_record(
+        &out,
+        "the fragmented WebSocket message with a placeholder",
+        &json!({
+            "verdict": "deny",
+            "reason": "placeholder-to-unlisted-host",
+            "host": "other.test",
+            "path": "/ws",
+            "status": null,
+        }),
+    );
 }
 
 #[test]

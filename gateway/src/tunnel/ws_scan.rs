@@ -5,7 +5,7 @@
 
 use std::io::Cursor;
 
-use tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::{FrameHeader, coding::OpCode};
 
 use super::body_scan::Needles;
 
@@ -25,9 +25,12 @@ pub enum Cut {
 /// The client-to-upstream byte stream of one WebSocket, read as frames.
 pub struct FrameScan {
     needles: Needles,
-    /// The last `needles.keep` payload bytes seen, unmasked, then the current read's: a
-    /// placeholder split across reads or frames is seen whole.
+    /// The last `needles.keep` data payload bytes seen, unmasked, then the current read's: a
+    /// placeholder split across reads or fragments is seen whole.
     window: Vec<u8>,
+    /// The payload of the control frame being read (at most 125 bytes), apart: one may come
+    /// between the fragments of a message, which the upstream joins without it.
+    control: Option<Vec<u8>>,
     /// A frame header not complete yet.
     header: Vec<u8>,
     /// Payload bytes of the current frame still to come.
@@ -42,6 +45,7 @@ impl FrameScan {
         Self {
             needles: Needles::new(placeholders),
             window: Vec::new(),
+            control: None,
             header: Vec::new(),
             left: 0,
             mask: None,
@@ -59,18 +63,29 @@ impl FrameScan {
             let n = usize::try_from(self.left)
                 .unwrap_or(usize::MAX)
                 .min(bytes.len());
-            let start = self.window.len();
-            self.window.extend_from_slice(&bytes[..n]);
+            let payload = self.control.as_mut().unwrap_or(&mut self.window);
+            let start = payload.len();
+            payload.extend_from_slice(&bytes[..n]);
             if let Some(mask) = self.mask {
-                for (i, b) in self.window[start..].iter_mut().enumerate() {
+                for (i, b) in payload[start..].iter_mut().enumerate() {
                     *b ^= mask[(self.at + i) % 4];
                 }
             }
             self.at += n;
             self.left -= n as u64;
             bytes = &bytes[n..];
+            if self.left == 0
+                && let Some(control) = self.control.take()
+                && self.needles.found_in(&control)
+            {
+                return Err(Cut::Placeholder);
+            }
         }
-        if self.needles.found_in(&self.window) {
+        let in_control = self
+            .control
+            .as_ref()
+            .is_some_and(|c| self.needles.found_in(c));
+        if in_control || self.needles.found_in(&self.window) {
             return Err(Cut::Placeholder);
         }
         let drop = self.window.len().saturating_sub(self.needles.keep);
@@ -96,6 +111,7 @@ impl FrameScan {
                 self.mask = header.mask;
                 self.left = len;
                 self.at = 0;
+                self.control = matches!(header.opcode, OpCode::Control(_)).then(Vec::new);
                 Ok(&bytes[taken - beyond..])
             }
             Ok(None) if self.header.len() < LONGEST => Ok(&bytes[taken..]),
@@ -182,6 +198,30 @@ mod tests {
             fed_in_steps(&bytes, bytes.len()).map_err(|(_, c)| c),
             Err(Cut::Placeholder)
         );
+    }
+
+    #[test]
+    fn a_control_frame_between_fragments_does_not_hide_a_placeholder() {
+        let (a, b) = PLACEHOLDER.split_at(10);
+        let mut bytes = frame(0x1, format!("token={a}").as_bytes(), [1, 2, 3, 4], false);
+        bytes.extend(frame(0x9, b"x", [5, 6, 7, 8], true));
+        bytes.extend(frame(0x0, b.as_bytes(), [4, 3, 2, 1], true));
+        for step in [1, 3, 16, bytes.len()] {
+            assert_eq!(
+                fed_in_steps(&bytes, step).map_err(|(_, c)| c),
+                Err(Cut::Placeholder),
+                "step {step}"
+            );
+        }
+        // A control frame's own payload is read too.
+        let ping = frame(0x9, PLACEHOLDER.as_bytes(), [9, 8, 7, 6], true);
+        for step in [1, 7, ping.len()] {
+            assert_eq!(
+                fed_in_steps(&ping, step).map_err(|(_, c)| c),
+                Err(Cut::Placeholder),
+                "step {step}"
+            );
+        }
     }
 
     #[test]
