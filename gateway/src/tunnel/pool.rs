@@ -31,9 +31,10 @@ use super::{
     upstream::{Dialer, PrivateUpstream, RequestBody},
 };
 
-/// Idle HTTP/1.1 connections kept per pool, whatever the hosts: a `*.` rule or learn mode
-/// would otherwise let a sandbox keep idle descriptors open to as many hosts as it names.
-/// More are closed when their response ends.
+/// Connections kept per pool while no request uses them, whatever the hosts: idle HTTP/1.1
+/// connections and each host's HTTP/2 connection. A `*.` rule or learn mode would otherwise
+/// let a sandbox keep descriptors open to as many hosts as it names. Past this, an HTTP/1.1
+/// connection is closed when its response ends and an HTTP/2 one when its requests end.
 pub(super) const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed rather than reused (the legacy default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -59,7 +60,7 @@ pub struct Pool {
     /// HTTP/1.1 only: upgrades (WebSocket) do not exist on an HTTP/2 connection.
     upgrade: HttpsConnector<Dialer>,
     hosts: Mutex<Hosts>,
-    /// Idle HTTP/1.1 connections across all hosts, at most [`MAX_IDLE`].
+    /// Connections kept across all hosts, at most [`MAX_IDLE`].
     idle: Arc<AtomicUsize>,
 }
 
@@ -76,7 +77,7 @@ pub(super) struct Host {
     conns: Mutex<Conns>,
     /// Made once per host rather than formatted per request.
     header: Option<HeaderValue>,
-    /// The pool's count of idle connections.
+    /// The pool's count of kept connections.
     idle: Arc<AtomicUsize>,
 }
 
@@ -264,6 +265,7 @@ impl Host {
                         return Some(Conn::H2(h2));
                     }
                     conns.h2 = None;
+                    self.idle.fetch_sub(1, Ordering::Relaxed);
                 }
                 let idle = conns.idle.pop()?;
                 self.idle.fetch_sub(1, Ordering::Relaxed);
@@ -283,17 +285,22 @@ impl Host {
 
     /// Takes back a connection whose response was read to the end.
     pub(super) fn give_back(&self, conn: H1Conn) {
-        if conn.sender.is_closed() {
-            return;
-        }
-        if self.idle.fetch_add(1, Ordering::Relaxed) >= MAX_IDLE {
-            self.idle.fetch_sub(1, Ordering::Relaxed);
+        if conn.sender.is_closed() || !self.take_room() {
             return;
         }
         self.conns().idle.push(Idle {
             conn,
             since: Instant::now(),
         });
+    }
+
+    /// Counts one more kept connection, if the pool has room for it.
+    fn take_room(&self) -> bool {
+        if self.idle.fetch_add(1, Ordering::Relaxed) >= MAX_IDLE {
+            self.idle.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     fn sweep(&self, now: Instant) {
@@ -310,6 +317,7 @@ impl Host {
             if quiet > IDLE_TIMEOUT || conns.h2.as_ref().is_some_and(|h2| h2.sender.is_closed()) {
                 // Requests still in flight keep the connection until they end.
                 conns.h2 = None;
+                self.idle.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -327,8 +335,11 @@ impl Host {
         let conn = dial(connector, uri, false).await?;
         if let Conn::H2(h2) = &conn {
             let mut conns = self.conns();
-            conns.h2 = Some(h2.clone());
-            conns.h2_quiet_sweeps = 0;
+            // Another request may have dialed one meanwhile: this one replaces it.
+            if conns.h2.is_some() || self.take_room() {
+                conns.h2 = Some(h2.clone());
+                conns.h2_quiet_sweeps = 0;
+            }
         }
         Ok(conn)
     }
@@ -339,7 +350,8 @@ impl Drop for Host {
     /// connections no longer count.
     fn drop(&mut self) {
         let conns = self.conns.get_mut().unwrap_or_else(PoisonError::into_inner);
-        self.idle.fetch_sub(conns.idle.len(), Ordering::Relaxed);
+        let kept = conns.idle.len() + usize::from(conns.h2.is_some());
+        self.idle.fetch_sub(kept, Ordering::Relaxed);
     }
 }
 
@@ -465,7 +477,11 @@ mod tests {
     use std::{convert::Infallible, net::SocketAddr};
 
     use http_body_util::{BodyExt as _, Full};
-    use hyper::{body::Bytes, server::conn::http1 as server, service::service_fn};
+    use hyper::{
+        body::Bytes,
+        server::conn::{http1 as server, http2 as server2},
+        service::service_fn,
+    };
     use hyper_util::rt::TokioIo;
     use tokio::net::TcpListener;
 
@@ -495,6 +511,60 @@ mod tests {
             }
         });
         (addr, open)
+    }
+
+    /// An HTTP/2-only server over TLS on loopback for `h0.test` .. `h{n-1}.test`, the PEM
+    /// file of its CA, and how many connections it has open.
+    async fn h2_upstream(n: usize) -> (SocketAddr, Arc<AtomicUsize>, std::path::PathBuf) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let names: Vec<String> = (0..n).map(|i| format!("h{i}.test")).collect();
+        let leaf = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        let ca_file = std::env::temp_dir().join(format!(
+            "gateway-pool-h2-{}-{}.pem",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+        let mut tls = rustls::ServerConfig::builder_with_provider(crate::tunnel::crypto())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .unwrap();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let counted = open.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (acceptor, open) = (acceptor.clone(), counted.clone());
+                open.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(stream).await {
+                        let ok = service_fn(|_| async {
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                        });
+                        let _ = server2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tls), ok)
+                            .await;
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, open, ca_file)
     }
 
     async fn get(pool: &Pool, url: &str) {
@@ -546,5 +616,26 @@ mod tests {
         until_open(&open, 0).await;
         let left = pool.hosts.lock().unwrap().all.len();
         assert_eq!(left, 0, "hosts with nothing pooled are forgotten");
+    }
+
+    #[tokio::test]
+    async fn http2_connections_count_against_the_same_bound() {
+        let hosts = MAX_IDLE + 20;
+        let (addr, open, ca) = h2_upstream(hosts).await;
+        let tls = client_tls(std::slice::from_ref(&ca)).unwrap();
+        std::fs::remove_file(&ca).unwrap();
+        let pool = Pool::new(&tls, &Dialer::pinned(addr));
+        for i in 0..hosts {
+            get(&pool, &format!("https://h{i}.test:{}/", addr.port())).await;
+        }
+        assert_eq!(pool.idle_count(), MAX_IDLE);
+        until_open(&open, MAX_IDLE).await;
+        // Used again, a kept connection serves; past IDLE_TIMEOUT unused, it goes.
+        get(&pool, &format!("https://h0.test:{}/", addr.port())).await;
+        for _ in 0..=IDLE_TIMEOUT.as_secs() / SWEEP_EVERY.as_secs() {
+            pool.sweep(Instant::now());
+        }
+        assert_eq!(pool.idle_count(), 0);
+        until_open(&open, 0).await;
     }
 }
