@@ -1194,6 +1194,56 @@ say("control", status("GET http://a.wild.test/control HTTP/1.1\r\nHost: a.wild.t
     assert_eq!(refused, 3, "{}", ctx());
 }
 
+/// A credential goes over plain HTTP only where its rule says `plain_http = true`: on any
+/// other port too, a plain request would carry it across the network unencrypted.
+#[test]
+fn a_credential_goes_over_plain_http_only_where_the_rule_says_so() {
+    let pki = Pki::new();
+    let plain = Server::spawn(&pki.scratch.dir, "plain", "upstream.py", &[]);
+    let rule_for = |host: &str, extra: &str| {
+        format!(
+            "[[http.allow]]\nhost = \"{host}\"\nport = 8080\nconnect = \"127.0.0.1:{}\"\ncredential = \"api\"\n{extra}\n",
+            plain.port
+        )
+    };
+    let name = "tunnel-plain-http";
+    let body = format!(
+        "{}{}{API_CREDENTIAL}",
+        rule_for("api.test", ""),
+        rule_for("opted.test", "plain_http = true"),
+    );
+    let run = Run::new(name, &tunnel_policy(name, &pki, &body));
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}\nr refused -x \"$HTTP_PROXY\" http://api.test:8080/v1/x\nr opted -x \"$HTTP_PROXY\" http://opted.test:8080/v1/y\n"
+        ),
+    );
+    let ctx = || described(&out, &[&plain]);
+    let replies = replies(&out.stdout);
+    assert!(reply(&replies, "refused", &out).forbidden(), "{}", ctx());
+    assert_eq!(reply(&replies, "opted", &out).code, 200, "{}", ctx());
+    assert_eq!(plain.paths(), ["/v1/y"], "{}", ctx());
+    assert_eq!(
+        header(&plain.requests()[0], "authorization"),
+        [format!("Bearer {SECRET}").as_str()],
+        "{}",
+        ctx()
+    );
+    assert_proxy_record(
+        &out,
+        "GET http://api.test:8080/v1/x",
+        &json!({
+            "verdict": "deny",
+            "reason": "credential-over-plain-http",
+            "host": "api.test",
+            "port": 8080,
+            "status": 403,
+            "credential": "api",
+        }),
+    );
+}
+
 /// Plain HTTP to port 443, where a rule means HTTPS, is refused before anything is sent:
 /// the credential would cross the network in the clear.
 #[test]

@@ -42,6 +42,7 @@ host = "127.0.0.1"
 port = $2
 private = true
 credential = "bench"
+plain_http = true               # the loopback upstream speaks plain HTTP
 
 [credentials.bench]
 env = "BENCH_TOKEN"

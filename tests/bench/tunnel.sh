@@ -101,6 +101,7 @@ host = "127.0.0.1"
 port = $up_port
 private = true
 credential = "bench"
+plain_http = true               # the loopback upstream speaks plain HTTP
 
 [[http.allow]]
 host = "api.bench"

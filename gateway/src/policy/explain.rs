@@ -7,7 +7,9 @@ use std::fmt;
 use hyper::{Method, Uri};
 
 use super::Checked;
-use crate::tunnel::{authority::Authority, headers, private::is_private, rules::Rules};
+use crate::tunnel::{
+    CREDENTIAL_OVER_PLAIN_HTTP, authority::Authority, headers, private::is_private, rules::Rules,
+};
 
 /// What the tunnel would do with the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +98,12 @@ pub fn explain(checked: &Checked, method: &str, url: &str) -> Result<Decision, S
     };
     let path = uri.path();
     let request = format!("{method} {url}");
+    if scheme == "http" && target.port == 443 {
+        return deny(
+            "plain HTTP to port 443, where a rule means HTTPS".into(),
+            "http-to-port-443",
+        );
+    }
 
     if scheme == "https" || method == Method::CONNECT {
         // The CONNECT: the first rule for the host and port, whatever the method and path.
@@ -129,6 +137,16 @@ pub fn explain(checked: &Checked, method: &str, url: &str) -> Result<Decision, S
     let Some(rule) = rules.decide(&method, &target, path) else {
         return deny(format!("no rule matches {request}"), "not-allowlisted");
     };
+    if scheme == "http" && rule.spec.credential.is_some() && !rule.spec.plain_http {
+        return deny(
+            format!(
+                "rule {} (line {}) matches, but its credential goes over HTTPS only and the rule does not say plain_http = true",
+                rule.index,
+                line(rule.index)
+            ),
+            CREDENTIAL_OVER_PLAIN_HTTP,
+        );
+    }
     if let Some(d) = private_refusal(rule, &target, &line) {
         return Ok(d);
     }
@@ -183,6 +201,17 @@ passthrough = true
 host = "10.0.0.1"
 port = 80
 
+[[http.allow]]
+host = "plain.test"
+port = 8080
+credential = "gh"
+
+[[http.allow]]
+host = "opted.test"
+port = 8080
+credential = "gh"
+plain_http = true
+
 [credentials.gh]
 env = "GITHUB_TOKEN"
 "#;
@@ -235,6 +264,23 @@ env = "GITHUB_TOKEN"
             decide("GET", "http://10.0.0.1/")
                 .unwrap()
                 .ends_with("(private-address)")
+        );
+        assert!(
+            decide("GET", "http://api.github.com:443/repos/x")
+                .unwrap()
+                .ends_with("(http-to-port-443)")
+        );
+        assert_eq!(
+            decide("GET", "http://plain.test:8080/x").unwrap(),
+            "deny: rule 3 (line 16) matches, but its credential goes over HTTPS only and the rule does not say plain_http = true (credential-over-plain-http)"
+        );
+        assert_eq!(
+            decide("GET", "http://opted.test:8080/x").unwrap(),
+            "allow: rule 4 (p.toml:21), credential gh"
+        );
+        assert_eq!(
+            decide("GET", "https://plain.test:8080/x").unwrap(),
+            "allow: rule 3 (p.toml:16), credential gh"
         );
     }
 

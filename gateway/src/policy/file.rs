@@ -467,6 +467,7 @@ const HTTP_RULE_KEYS: &[&str] = &[
     "private",
     "connect",
     "passthrough",
+    "plain_http",
 ];
 const CREDENTIAL_KEYS: &[&str] = &[
     "env",
@@ -1204,6 +1205,18 @@ fn http_rule(
     };
     let private = t.boolean(d, "private");
     let passthrough = t.boolean(d, "passthrough");
+    let plain_http = t.boolean(d, "plain_http");
+    match (t.entry("plain_http"), &credential, plain_http) {
+        (Some((k, _)), None, Some(true)) => d.warning(
+            &k.span,
+            "plain_http only lets a credential go over plain HTTP, and this rule names none",
+        ),
+        (None, Some(_), _) if port == 80 => d.warning(
+            &t.entry("credential").map_or(0..0, |(k, _)| k.span.clone()),
+            "the credential is attached over HTTPS only, so plain HTTP requests to port 80 are refused (credential-over-plain-http): set `plain_http = true` if this upstream speaks nothing else (the credential then crosses the network unencrypted)",
+        ),
+        _ => {}
+    }
     let connect = match t.string(d, "connect") {
         None => {
             ok &= t.get("connect").is_none();
@@ -1252,6 +1265,7 @@ fn http_rule(
         private: private?,
         connect,
         passthrough: passthrough?,
+        plain_http: plain_http?,
     })
 }
 

@@ -68,6 +68,9 @@ pub struct HttpRule {
     pub private: bool,
     pub connect: Option<SocketAddr>,
     pub passthrough: bool,
+    /// The credential may be attached to plain HTTP requests too, where it crosses the
+    /// network unencrypted; without it, they are refused.
+    pub plain_http: bool,
 }
 
 #[cfg(test)]
@@ -83,6 +86,7 @@ impl HttpRule {
             private: false,
             connect: None,
             passthrough: false,
+            plain_http: false,
         }
     }
 }

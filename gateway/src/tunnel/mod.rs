@@ -13,6 +13,7 @@ mod pool;
 mod pooled_body;
 pub(crate) mod private;
 mod proxy;
+pub use proxy::CREDENTIAL_OVER_PLAIN_HTTP;
 pub mod rules;
 mod snapshot;
 mod upstream;

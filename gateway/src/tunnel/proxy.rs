@@ -26,6 +26,9 @@ struct Refusal(StatusCode, &'static str);
 
 /// The audit reason when no rule allows a request.
 const NOT_ALLOWLISTED: &str = "not-allowlisted";
+/// A plain HTTP request under a rule whose credential goes over HTTPS only: it would cross
+/// the network unencrypted.
+pub const CREDENTIAL_OVER_PLAIN_HTTP: &str = "credential-over-plain-http";
 /// The upstream answered a WebSocket handshake with a 101 whose Sec-WebSocket-Accept is wrong.
 const BAD_WEBSOCKET_ACCEPT: &str = "bad-websocket-accept";
 
@@ -146,6 +149,14 @@ impl Tunnel {
             Some(rule) => {
                 fields.rule = Some(rule.index);
                 fields.credential = rule.spec.credential.clone();
+                if scheme == "http" && rule.spec.credential.is_some() && !rule.spec.plain_http {
+                    return self.refuse(
+                        StatusCode::FORBIDDEN,
+                        CREDENTIAL_OVER_PLAIN_HTTP,
+                        client,
+                        fields,
+                    );
+                }
                 Route::Rule(rule)
             }
             None if self.learn => Route::Learn,

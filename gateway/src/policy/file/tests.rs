@@ -207,3 +207,44 @@ protocol = "udp"
         ]
     );
 }
+
+#[test]
+fn plain_http_is_an_opt_in_for_credentials() {
+    let warnings = |rule: &str| -> Vec<String> {
+        let text = format!(
+            "version = 1\n[[http.allow]]\nhost = \"a.test\"\n{rule}\n[credentials.c]\nenv = \"C\"\n"
+        );
+        let checked = super::check_text(Path::new("p.toml"), &text).unwrap();
+        checked
+            .warnings
+            .iter()
+            .map(|w| w.render(Path::new("p.toml")))
+            .collect()
+    };
+    let port_80 = warnings("port = 80\ncredential = \"c\"");
+    assert_eq!(port_80.len(), 1, "{port_80:?}");
+    assert!(
+        port_80[0].starts_with("p.toml:5:1: warning: the credential is attached over HTTPS only"),
+        "{port_80:?}"
+    );
+    assert!(warnings("port = 80\ncredential = \"c\"\nplain_http = true").is_empty());
+    assert!(warnings("port = 8443\ncredential = \"c\"").is_empty());
+    let pointless = warnings(
+        "port = 80\nplain_http = true\n[[http.allow]]\nhost = \"b.test\"\ncredential = \"c\"",
+    );
+    assert_eq!(pointless.len(), 1, "{pointless:?}");
+    assert!(
+        pointless[0].starts_with(
+            "p.toml:5:1: warning: plain_http only lets a credential go over plain HTTP"
+        ),
+        "{pointless:?}"
+    );
+    let rule = &super::check_text(
+        Path::new("p.toml"),
+        "version = 1\n[[http.allow]]\nhost = \"a.test\"\ncredential = \"c\"\nplain_http = true\n[credentials.c]\nenv = \"C\"\n",
+    )
+    .unwrap()
+    .policy
+    .http[0];
+    assert!(rule.plain_http);
+}
