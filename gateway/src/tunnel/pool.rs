@@ -28,7 +28,7 @@ use tower_service::Service as _;
 
 use super::{
     pooled_body::{GiveBack, UpstreamBody},
-    upstream::{Dialer, PrivateUpstream, RequestBody},
+    upstream::{DialError, Dialer, PrivateUpstream, RequestBody},
 };
 
 /// Connections kept per pool while no request uses them, whatever the hosts: idle HTTP/1.1
@@ -38,6 +38,10 @@ use super::{
 pub(super) const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed rather than reused (the legacy default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// A new upstream connection in all: the lookup and each TCP connect (each bounded by the
+/// dialer too), then the TLS handshake and HTTP/2's, which an upstream that never answers
+/// would otherwise hold, with the request and its client's connection permit, for ever.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a pool closes what has been idle too long, since nothing else would close a
 /// connection to a host the sandbox stopped naming.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -361,6 +365,21 @@ async fn dial(
     uri: &Uri,
     upgrade: bool,
 ) -> Result<Conn, UpstreamError> {
+    let timed_out = || {
+        UpstreamError::Connect(Box::new(DialError::Timeout {
+            host: uri.host().unwrap_or_default().to_owned(),
+        }))
+    };
+    tokio::time::timeout(DIAL_TIMEOUT, dial_unbounded(connector, uri, upgrade))
+        .await
+        .map_err(|_| timed_out())?
+}
+
+async fn dial_unbounded(
+    connector: &HttpsConnector<Dialer>,
+    uri: &Uri,
+    upgrade: bool,
+) -> Result<Conn, UpstreamError> {
     let stream = connector
         .clone()
         .call(uri.clone())
@@ -616,6 +635,39 @@ mod tests {
         until_open(&open, 0).await;
         let left = pool.hosts.lock().unwrap().all.len();
         assert_eq!(left, 0, "hosts with nothing pooled are forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_that_never_finishes_its_tls_handshake_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                held.push(listener.accept().await.unwrap());
+            }
+        });
+        let pool = Pool::new(&client_tls(&[]).unwrap(), &Dialer::pinned(addr));
+        let req = Request::get(format!("https://h0.test:{}/", addr.port()))
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|e: Infallible| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let sent = tokio::time::timeout(DIAL_TIMEOUT * 2, pool.send(req, false))
+            .await
+            .expect("the dial never timed out");
+        let err = sent.err().expect("no answer, no response");
+        assert!(
+            matches!(
+                crate::tunnel::upstream::dial_error(&err),
+                Some(DialError::Timeout { .. })
+            ),
+            "{err:?}"
+        );
+        assert_eq!(started.elapsed().as_secs(), DIAL_TIMEOUT.as_secs());
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@ use hyper_util::{
 };
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, pem::PemObject as _};
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::Semaphore};
 
 use super::{
     pool::Pool,
@@ -32,6 +32,11 @@ use super::{
 use crate::policy::HttpRule;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A name lookup runs on a blocking thread, which a slow resolver holds: both bounds keep
+/// one sandbox's slow names from taking every such thread of a worker from the others.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lookups in flight at once, per sandbox and worker thread.
+const MAX_LOOKUPS: usize = 64;
 
 /// A request body on its way upstream: the client's, possibly behind a size limit.
 pub type RequestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -45,6 +50,8 @@ pub struct Upstreams {
     pools: Vec<OnceLock<Arc<Pool>>>,
     /// For requests no rule allows, in learn mode; it keeps connections per host.
     learn: OnceLock<Arc<Pool>>,
+    /// Shared by every dialer of these pools.
+    lookups: Arc<Semaphore>,
 }
 
 /// Found in a response's extensions when learn mode dialed a private address for it: the
@@ -79,12 +86,17 @@ pub enum DialError {
 impl Upstreams {
     /// Pools for every rule, sharing `tls` (see [`client_tls`]).
     pub fn new(rules: &Rules, tls: &ClientConfig) -> Self {
-        let dialers: Vec<Dialer> = rules.iter().map(|r| Dialer::for_rule(&r.spec)).collect();
+        let lookups = Arc::new(Semaphore::new(MAX_LOOKUPS));
+        let dialers: Vec<Dialer> = rules
+            .iter()
+            .map(|r| Dialer::for_rule(&r.spec, &lookups))
+            .collect();
         Self {
             tls: tls.clone(),
             pools: dialers.iter().map(|_| OnceLock::new()).collect(),
             dialers,
             learn: OnceLock::new(),
+            lookups,
         }
     }
 
@@ -102,6 +114,7 @@ impl Upstreams {
                 let dialer = Dialer {
                     connect: None,
                     private: Private::Mark,
+                    lookups: self.lookups.clone(),
                 };
                 Pool::new(&self.tls, &dialer)
             })
@@ -149,6 +162,7 @@ pub fn client_tls(upstream_ca: &[std::path::PathBuf]) -> anyhow::Result<ClientCo
 pub struct Dialer {
     connect: Option<SocketAddr>,
     private: Private,
+    lookups: Arc<Semaphore>,
 }
 
 /// What the dialer does when a name resolves to a private address.
@@ -169,11 +183,13 @@ impl Dialer {
         Self {
             connect: Some(addr),
             private: Private::Allow,
+            lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
         }
     }
 
-    fn for_rule(rule: &HttpRule) -> Self {
+    fn for_rule(rule: &HttpRule, lookups: &Arc<Semaphore>) -> Self {
         Self {
+            lookups: lookups.clone(),
             connect: rule.connect,
             private: if rule.private {
                 Private::Allow
@@ -198,8 +214,13 @@ impl Dialer {
         let candidates: Vec<SocketAddr> = match self.connect {
             Some(addr) => vec![addr],
             None => {
-                let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+                let lookup = async {
+                    let _turn = self.lookups.acquire().await;
+                    tokio::net::lookup_host((host.as_str(), port)).await
+                };
+                let found: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
                     .await
+                    .map_err(|_| DialError::Timeout { host: host.clone() })?
                     .map_err(|source| DialError::Resolve {
                         host: host.clone(),
                         source,
@@ -336,7 +357,8 @@ pub async fn dial_raw(rule: &HttpRule, host: &str, port: u16) -> Result<TcpStrea
     let uri: Uri = format!("https://{}:{port}/", bracket(host))
         .parse()
         .map_err(|_| DialError::NoHost)?;
-    Dialer::for_rule(rule)
+    // One lookup per spliced session: those are bounded by the sandbox's connection permits.
+    Dialer::for_rule(rule, &Arc::new(Semaphore::new(1)))
         .dial(uri)
         .await
         .map(|d| d.io.into_inner())
