@@ -1033,6 +1033,60 @@ except (EOFError, OSError):
     );
 }
 
+/// An upstream may answer before the body arrives. The tunnel still cuts the body at a
+/// placeholder, and that refusal, which reaches no client, is recorded with no status,
+/// after the record of the answer.
+#[test]
+fn a_body_cut_after_the_answer_is_recorded() {
+    let (_pki, api, other, run) = placeholder_hosts("tunnel-late-cut");
+    let out = python(
+        &run,
+        &format!(
+            r#"
+{CONNECTED}
+import ssl
+placeholder = os.environ["API_TOKEN_PLACEHOLDER"]
+s, connect = connected("other.test")
+t = ssl.create_default_context().wrap_socket(s, server_hostname="other.test")
+body = ("token=" + placeholder + "&" + "x" * 100).encode()
+t.sendall(b"POST /early HTTP/1.1\r\nHost: other.test\r\nContent-Length: "
+          + str(len(body)).encode() + b"\r\n\r\n")
+t.settimeout(10)
+head = t.recv(4096).decode(errors="replace").split("\r\n")[0]
+print(json.dumps({{"answer": head}}), flush=True)
+t.sendall(body)
+time.sleep(1)
+"#
+        ),
+    );
+    let ctx = || described(&out, &[&api, &other]);
+    assert_eq!(printed(&out, "answer"), "HTTP/1.1 200 OK", "{}", ctx());
+    assert_proxy_record(
+        &out,
+        "the answer to POST /early",
+        &json!({"verdict": "allow", "path": "/early", "status": 200}),
+    );
+    assert_proxy_record(
+        &out,
+        "the body cut after the answer",
+        &json!({
+            "verdict": "deny",
+            "reason": "placeholder-to-unlisted-host",
+            "host": "other.test",
+            "path": "/early",
+            "status": null,
+        }),
+    );
+    // The upstream saw the body cut off, never whole.
+    let lens: Vec<i64> = other
+        .requests()
+        .iter()
+        .filter(|r| r["path"] == "/early")
+        .filter_map(|r| r["body_len"].as_i64())
+        .collect();
+    assert_eq!(lens, [-1], "{}", ctx());
+}
+
 #[test]
 fn placeholder_works_toward_its_host_and_is_refused_elsewhere() {
     let (_pki, api, other, run) = placeholder_hosts("tunnel-placeholder");

@@ -9,6 +9,7 @@ mod connect;
 mod credentials;
 mod guard;
 pub(crate) mod headers;
+mod late_cut;
 mod pool;
 mod pooled_body;
 pub(crate) mod private;

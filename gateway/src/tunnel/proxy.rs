@@ -12,7 +12,7 @@ use super::{
     Body, Secrets, Snapshot, Tunnel,
     authority::Authority,
     body_scan::{self, PlaceholderInBody},
-    headers, local_response,
+    headers, late_cut, local_response,
     pool::UpstreamError,
     private::is_private,
     rules::Rule,
@@ -234,10 +234,11 @@ impl Tunnel {
         } else {
             unlisted()
         };
-        let body: upstream::RequestBody = if unlisted.is_empty() {
-            body.map_err(Into::into).boxed()
-        } else {
+        let scanned = !unlisted.is_empty();
+        let body: upstream::RequestBody = if scanned {
             body_scan::Scanned::new(body, unlisted).boxed()
+        } else {
+            body.map_err(Into::into).boxed()
         };
         let body: upstream::RequestBody = match snapshot.max_request_body {
             None => body,
@@ -257,6 +258,14 @@ impl Tunnel {
                 // A chunked body is cut off, and the upstream request aborted, at the limit.
                 http_body_util::Limited::new(body, limit as usize).boxed()
             }
+        };
+        // A body the tunnel may cut: if that happens after the answer, nothing else records it.
+        let (body, watch) = if scanned || snapshot.max_request_body.is_some() {
+            let watch = late_cut::Watch::new(self.late_cut_record(client, fields.clone()));
+            let body = late_cut::Watched::new(body, watch.clone()).boxed();
+            (body, Some(watch))
+        } else {
+            (body, None)
         };
         let rule = match route {
             Route::Rule(rule) => Some(rule.index),
@@ -278,6 +287,9 @@ impl Tunnel {
             Ok(r) => r,
             Err(e) => return self.upstream_failed(&e, route, target, client, fields),
         };
+        if let Some(watch) = watch {
+            watch.answered();
+        }
         if let (Some(client_upgrade), Some(sent_headers), Some(permit)) =
             (client_upgrade, request_headers, ws_permit)
             && resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -371,6 +383,21 @@ impl Tunnel {
             }
         }
         local_response(status, reason)
+    }
+
+    /// What records a request body cut after the upstream answered (see [`late_cut`]).
+    fn late_cut_record(&self, client: SocketAddr, fields: ProxyFields) -> late_cut::Record {
+        let shared = self.shared.clone();
+        Box::new(move |reason| {
+            super::record(
+                &shared.audit,
+                &shared.sandbox,
+                Verdict::Deny,
+                reason,
+                client,
+                fields,
+            );
+        })
     }
 
     /// What records a WebSocket cut after its upgrade: a refusal with no status of its own
