@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -50,6 +50,7 @@ impl LocalCa {
         let cert_path = dir.join("ca.pem");
         let key_path = dir.join("ca-key.pem");
         let (params, key) = if key_path.exists() {
+            owner_only(dir, &key_path)?;
             let key_pem = std::fs::read_to_string(&key_path)
                 .with_context(|| format!("reading the gateway CA key {}", key_path.display()))?;
             let cert_pem = std::fs::read_to_string(&cert_path)
@@ -134,6 +135,41 @@ impl LocalCa {
     }
 }
 
+/// Whoever can read the CA key can mint certificates every sandbox trusts, and whoever can
+/// write its directory can replace it: both must be the gateway's user alone, as `create`
+/// made them.
+fn owner_only(dir: &Path, key_path: &Path) -> anyhow::Result<()> {
+    let uid = nix::unistd::geteuid().as_raw();
+    let fix = format!(
+        "chown {uid} and chmod 600 it (its directory 700), or remove {} to make a new CA (sandboxes started before keep trusting the old one until they end)",
+        dir.display()
+    );
+    let key = std::fs::symlink_metadata(key_path)
+        .with_context(|| format!("reading the gateway CA key {}", key_path.display()))?;
+    anyhow::ensure!(
+        key.file_type().is_file(),
+        "the gateway CA key {} is not a regular file: {fix}",
+        key_path.display()
+    );
+    anyhow::ensure!(
+        key.uid() == uid && key.mode() & 0o077 == 0,
+        "the gateway CA key {} is owned by uid {} with mode {:o}, so others may read it: {fix}",
+        key_path.display(),
+        key.uid(),
+        key.mode() & 0o7777
+    );
+    let d = std::fs::metadata(dir)
+        .with_context(|| format!("reading the gateway CA directory {}", dir.display()))?;
+    anyhow::ensure!(
+        d.uid() == uid && d.mode() & 0o022 == 0,
+        "the gateway CA directory {} is owned by uid {} with mode {:o}, so others may replace the key: {fix}",
+        dir.display(),
+        d.uid(),
+        d.mode() & 0o7777
+    );
+    Ok(())
+}
+
 fn name(cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
@@ -181,6 +217,41 @@ mod tests {
         let ca = LocalCa::load_or_create(&dir).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         ca
+    }
+
+    #[test]
+    fn a_key_others_may_read_or_replace_is_refused() {
+        let dir = std::env::temp_dir().join(format!("gateway-ca-modes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        LocalCa::load_or_create(&dir).unwrap();
+        let key = dir.join("ca-key.pem");
+        let chmod = |p: &Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let refusal = || match LocalCa::load_or_create(&dir) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        assert_eq!(refusal(), "", "as created");
+        chmod(&key, 0o644);
+        assert!(
+            refusal().contains("with mode 644, so others may read it"),
+            "{}",
+            refusal()
+        );
+        chmod(&key, 0o600);
+        chmod(&dir, 0o777);
+        assert!(
+            refusal().contains("so others may replace the key"),
+            "{}",
+            refusal()
+        );
+        chmod(&dir, 0o755);
+        assert_eq!(refusal(), "", "a directory others may read is fine");
+        std::fs::remove_file(&key).unwrap();
+        std::os::unix::fs::symlink(dir.join("ca.pem"), &key).unwrap();
+        assert!(refusal().contains("is not a regular file"), "{}", refusal());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
