@@ -22,6 +22,8 @@ pub enum Cut {
     NotAFrame,
 }
 
+const MAX_CONTROL_PAYLOAD: u64 = 125;
+
 /// The client-to-upstream byte stream of one WebSocket, read as frames.
 pub struct FrameScan {
     needles: Needles,
@@ -108,10 +110,16 @@ impl FrameScan {
                 if header.rsv1 || header.rsv2 || header.rsv3 {
                     return Err(Cut::Extension);
                 }
+                let control = matches!(header.opcode, OpCode::Control(_));
+                // RFC 6455 5.5: a control frame is never fragmented and carries at most 125
+                // bytes, all of which are held here.
+                if control && (len > MAX_CONTROL_PAYLOAD || !header.is_final) {
+                    return Err(Cut::NotAFrame);
+                }
                 self.mask = header.mask;
                 self.left = len;
                 self.at = 0;
-                self.control = matches!(header.opcode, OpCode::Control(_)).then(Vec::new);
+                self.control = control.then(Vec::new);
                 Ok(&bytes[taken - beyond..])
             }
             Ok(None) if self.header.len() < LONGEST => Ok(&bytes[taken..]),
@@ -231,6 +239,19 @@ mod tests {
             compressed[0] |= rsv;
             assert_eq!(scan().feed(&compressed), Err(Cut::Extension));
         }
+        // Control frames: 125 bytes at most, never fragmented (RFC 6455 5.5).
+        assert_eq!(
+            scan().feed(&frame(0x9, &[b'x'; 126], [1, 2, 3, 4], true)),
+            Err(Cut::NotAFrame)
+        );
+        assert_eq!(
+            scan().feed(&frame(0x9, b"x", [1, 2, 3, 4], false)),
+            Err(Cut::NotAFrame)
+        );
+        assert_eq!(
+            scan().feed(&frame(0x9, &[b'x'; 125], [1, 2, 3, 4], true)),
+            Ok(())
+        );
         // Opcode 3 is reserved (RFC 6455 5.2).
         assert_eq!(
             scan().feed(&frame(0x3, b"x", [1, 2, 3, 4], true)),
