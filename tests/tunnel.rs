@@ -1195,9 +1195,10 @@ env
 /// A placeholder is refused in a host name and in a method too, where the URI check did not
 /// look: in a CONNECT target (it would leave in DNS, SNI and Host), in an absolute URI's
 /// host spelled in upper case (the tunnel lowercases names, so it would leave as the
-/// placeholder itself) and as the method. `*.wild.test` matches any such name.
+/// placeholder itself) and as the method; and percent-encoded in the URL, once or twice,
+/// which an upstream decodes back. `*.wild.test` matches any such name.
 #[test]
-fn a_placeholder_in_a_host_name_or_a_method_is_refused() {
+fn a_placeholder_in_a_host_name_a_method_or_encoded_in_the_url_is_refused() {
     let pki = Pki::new();
     let api = Server::upstream(&pki, "api");
     let wild = Server::upstream(&pki, "wild");
@@ -1226,11 +1227,13 @@ say("connect", status(f"CONNECT {PH}.wild.test:443 HTTP/1.1\r\nHost: {PH}.wild.t
 up = PH.upper() + ".wild.test"
 say("upper", status(f"GET http://{up}/upper HTTP/1.1\r\nHost: {up}\r\n\r\n"))
 say("method", status(f"{PH} http://a.wild.test/method HTTP/1.1\r\nHost: a.wild.test\r\n\r\n"))
+say("encoded", status(f"GET http://a.wild.test/e?t=%67{PH[1:]} HTTP/1.1\r\nHost: a.wild.test\r\n\r\n"))
+say("twice", status(f"GET http://a.wild.test/e2?t=%2567{PH[1:]} HTTP/1.1\r\nHost: a.wild.test\r\n\r\n"))
 say("control", status("GET http://a.wild.test/control HTTP/1.1\r\nHost: a.wild.test\r\n\r\n"))
 "#,
     );
     let ctx = || described(&out, &[&api, &wild, &plain]);
-    for key in ["connect", "upper", "method"] {
+    for key in ["connect", "upper", "method", "encoded", "twice"] {
         assert_eq!(
             printed(&out, key),
             "HTTP/1.1 403 Forbidden",
@@ -1245,7 +1248,7 @@ say("control", status("GET http://a.wild.test/control HTTP/1.1\r\nHost: a.wild.t
         .into_iter()
         .filter(|r| r["reason"] == "placeholder-to-unlisted-host" && r["status"] == 403)
         .count();
-    assert_eq!(refused, 3, "{}", ctx());
+    assert_eq!(refused, 5, "{}", ctx());
 }
 
 /// A credential goes over plain HTTP only where its rule says `plain_http = true`: on any
@@ -1938,9 +1941,9 @@ wait_for({resume:?})
     assert_one_more_request_refused(&out);
 }
 
-/// Idle upstream connections are bounded per rule, however many hosts a `*.` rule lets the
-/// sandbox name: one keep-alive client asks 300 hosts in turn, each over a connection of its
-/// own, and the upstream then holds at most the pool's 256.
+/// Idle upstream connections are bounded per sandbox, however many hosts its `*.` rules let
+/// it name: one keep-alive client asks 150 hosts under each of two rules in turn, each over a
+/// connection of its own, and the upstream then holds at most the sandbox's 256.
 #[test]
 fn idle_upstream_connections_are_bounded_across_hosts() {
     let pki = Pki::new();
@@ -1951,10 +1954,14 @@ fn idle_upstream_connections_are_bounded_across_hosts() {
         &tunnel_policy(
             name,
             &pki,
-            &format!(
-                "[[http.allow]]\nhost = \"*.many.test\"\nport = 80\nconnect = \"127.0.0.1:{}\"\n",
-                plain.port
-            ),
+            &["many", "more"]
+                .map(|d| {
+                    format!(
+                        "[[http.allow]]\nhost = \"*.{d}.test\"\nport = 80\nconnect = \"127.0.0.1:{}\"\n",
+                        plain.port
+                    )
+                })
+                .concat(),
         ),
     );
     let done = run.scratch.dir.join("done");
@@ -1966,7 +1973,7 @@ import http.client
 c = http.client.HTTPConnection(TUNNEL_HOST, int(TUNNEL_PORT))
 codes = set()
 for i in range(300):
-    c.request("GET", f"http://h{{i}}.many.test/x")
+    c.request("GET", f"http://h{{i}}.{{('many', 'more')[i % 2]}}.test/x")
     r = c.getresponse()
     r.read()
     codes.add(r.status)

@@ -139,7 +139,7 @@ impl Tunnel {
             return;
         }
         if let Some((rule, spec)) = splice {
-            match upstream::dial_raw(&spec, &target.host, target.port).await {
+            match upstream::dial_raw(&spec, &target.host, target.port, &self.upstream).await {
                 Ok(mut up) => {
                     fields.rule = Some(rule);
                     self.record(Verdict::Allow, "passthrough", client, fields);

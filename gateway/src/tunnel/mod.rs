@@ -77,6 +77,8 @@ pub struct Shared {
     audit: AuditLog,
     /// This sandbox's open client connections; another sandbox cannot use them up.
     connections: Arc<Semaphore>,
+    /// What its upstream connections may hold: kept connections, name lookups.
+    upstream: upstream::Budget,
     /// Learn mode (`run --learn`): what no rule allows is forwarded without a credential and
     /// recorded `would-deny` instead of refused. Every other refusal stands.
     learn: bool,
@@ -115,7 +117,8 @@ impl Tunnel {
         learn: bool,
     ) -> anyhow::Result<Self> {
         let snapshot = Snapshot::new(policy, secrets)?;
-        let pools = WorkerPools::new(&snapshot);
+        let budget = upstream::Budget::default();
+        let pools = WorkerPools::new(&snapshot, &budget);
         Ok(Self {
             shared: Arc::new(Shared {
                 sandbox: policy.name.clone(),
@@ -123,6 +126,7 @@ impl Tunnel {
                 ca,
                 audit,
                 connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+                upstream: budget,
                 learn,
             }),
             pools,
@@ -137,7 +141,7 @@ impl Tunnel {
     fn worker(&self) -> Self {
         Self {
             shared: self.shared.clone(),
-            pools: WorkerPools::new(&self.policy.current()),
+            pools: WorkerPools::new(&self.policy.current(), &self.upstream),
         }
     }
 

@@ -31,11 +31,9 @@ use super::{
     upstream::{DialError, Dialer, PrivateUpstream, RequestBody},
 };
 
-/// Connections kept per pool while no request uses them, whatever the hosts: idle HTTP/1.1
-/// connections and each host's HTTP/2 connection. A `*.` rule or learn mode would otherwise
-/// let a sandbox keep descriptors open to as many hosts as it names. Past this, an HTTP/1.1
-/// connection is closed when its response ends and an HTTP/2 one when its requests end.
-pub(super) const MAX_IDLE: usize = 256;
+// Past MAX_KEPT, an HTTP/1.1 connection is closed when its response ends, an HTTP/2 one
+// when its requests end.
+use super::upstream::MAX_KEPT;
 /// An idle connection older than this is closed rather than reused (the legacy default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// A new upstream connection in all: the lookup and each TCP connect (each bounded by the
@@ -64,7 +62,7 @@ pub struct Pool {
     /// HTTP/1.1 only: upgrades (WebSocket) do not exist on an HTTP/2 connection.
     upgrade: HttpsConnector<Dialer>,
     hosts: Mutex<Hosts>,
-    /// Connections kept across all hosts, at most [`MAX_IDLE`].
+    /// Connections the sandbox keeps, in this pool and its others, at most [`MAX_KEPT`].
     idle: Arc<AtomicUsize>,
 }
 
@@ -133,8 +131,9 @@ impl From<TrySendError<Request<RequestBody>>> for Failed {
 }
 
 impl Pool {
-    /// A pool made on a worker's runtime sweeps itself there until it is dropped.
-    pub fn new(tls: &ClientConfig, dialer: &Dialer) -> Arc<Self> {
+    /// A pool made on a worker's runtime sweeps itself there until it is dropped. `kept`
+    /// counts the connections the sandbox keeps, in all its pools.
+    pub fn new(tls: &ClientConfig, dialer: &Dialer, kept: &Arc<AtomicUsize>) -> Arc<Self> {
         let builder = || {
             HttpsConnectorBuilder::new()
                 .with_tls_config(tls.clone())
@@ -145,7 +144,7 @@ impl Pool {
             connector: builder().enable_http2().wrap_connector(dialer.clone()),
             upgrade: builder().wrap_connector(dialer.clone()),
             hosts: Mutex::default(),
-            idle: Arc::default(),
+            idle: kept.clone(),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(sweep_while_alive(Arc::downgrade(&pool)));
@@ -300,7 +299,7 @@ impl Host {
 
     /// Counts one more kept connection, if the pool has room for it.
     fn take_room(&self) -> bool {
-        if self.idle.fetch_add(1, Ordering::Relaxed) >= MAX_IDLE {
+        if self.idle.fetch_add(1, Ordering::Relaxed) >= MAX_KEPT {
             self.idle.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
@@ -614,21 +613,25 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_are_capped_across_hosts_and_swept_when_old() {
         let (addr, open) = upstream().await;
-        let pool = Pool::new(&client_tls(&[]).unwrap(), &Dialer::pinned(addr));
-        let hosts = MAX_IDLE + 20;
+        let pool = Pool::new(
+            &client_tls(&[]).unwrap(),
+            &Dialer::pinned(addr),
+            &Arc::default(),
+        );
+        let hosts = MAX_KEPT + 20;
         for i in 0..hosts {
             get(&pool, &format!("http://h{i}.test:{}/", addr.port())).await;
         }
-        assert_eq!(pool.idle_count(), MAX_IDLE);
-        until_open(&open, MAX_IDLE).await;
+        assert_eq!(pool.idle_count(), MAX_KEPT);
+        until_open(&open, MAX_KEPT).await;
 
         // Connections idle for less than IDLE_TIMEOUT stay.
         pool.sweep(Instant::now());
         pool.sweep(Instant::now() + IDLE_TIMEOUT / 2);
-        assert_eq!(pool.idle_count(), MAX_IDLE);
+        assert_eq!(pool.idle_count(), MAX_KEPT);
         get(&pool, &format!("http://h0.test:{}/", addr.port())).await;
-        assert_eq!(pool.idle_count(), MAX_IDLE);
-        until_open(&open, MAX_IDLE).await;
+        assert_eq!(pool.idle_count(), MAX_KEPT);
+        until_open(&open, MAX_KEPT).await;
 
         pool.sweep(Instant::now() + IDLE_TIMEOUT + Duration::from_secs(1));
         assert_eq!(pool.idle_count(), 0);
@@ -647,7 +650,11 @@ mod tests {
                 held.push(listener.accept().await.unwrap());
             }
         });
-        let pool = Pool::new(&client_tls(&[]).unwrap(), &Dialer::pinned(addr));
+        let pool = Pool::new(
+            &client_tls(&[]).unwrap(),
+            &Dialer::pinned(addr),
+            &Arc::default(),
+        );
         let req = Request::get(format!("https://h0.test:{}/", addr.port()))
             .body(
                 http_body_util::Empty::new()
@@ -672,16 +679,16 @@ mod tests {
 
     #[tokio::test]
     async fn http2_connections_count_against_the_same_bound() {
-        let hosts = MAX_IDLE + 20;
+        let hosts = MAX_KEPT + 20;
         let (addr, open, ca) = h2_upstream(hosts).await;
         let tls = client_tls(std::slice::from_ref(&ca)).unwrap();
         std::fs::remove_file(&ca).unwrap();
-        let pool = Pool::new(&tls, &Dialer::pinned(addr));
+        let pool = Pool::new(&tls, &Dialer::pinned(addr), &Arc::default());
         for i in 0..hosts {
             get(&pool, &format!("https://h{i}.test:{}/", addr.port())).await;
         }
-        assert_eq!(pool.idle_count(), MAX_IDLE);
-        until_open(&open, MAX_IDLE).await;
+        assert_eq!(pool.idle_count(), MAX_KEPT);
+        until_open(&open, MAX_KEPT).await;
         // Used again, a kept connection serves; past IDLE_TIMEOUT unused, it goes.
         get(&pool, &format!("https://h0.test:{}/", addr.port())).await;
         for _ in 0..=IDLE_TIMEOUT.as_secs() / SWEEP_EVERY.as_secs() {

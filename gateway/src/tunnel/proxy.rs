@@ -469,8 +469,9 @@ fn credentials(
         };
         let listed = named.is_some_and(|n| n.name == secret.name);
         if uri
-            .get_or_insert_with(|| parts.uri.to_string())
-            .contains(&p.value)
+            .get_or_insert_with(|| uri_forms(&parts.uri))
+            .iter()
+            .any(|form| form.contains(&p.value))
         {
             return Err(Refusal(StatusCode::FORBIDDEN, placeholder_in_url(listed)));
         }
@@ -505,6 +506,26 @@ fn credentials(
             .insert(secret.header.clone(), secret.header_value());
     }
     Ok(())
+}
+
+/// The URI as sent and, when it has any percent-encoding, as an upstream would read it once
+/// decoded (twice, three times: the path checks assume servers that decode twice too).
+fn uri_forms(uri: &Uri) -> Vec<String> {
+    let mut forms = vec![uri.to_string()];
+    for _ in 0..3 {
+        let last = &forms[forms.len() - 1];
+        if !last.contains('%') {
+            break;
+        }
+        let decoded = percent_encoding::percent_decode_str(last)
+            .decode_utf8_lossy()
+            .into_owned();
+        if decoded == *last {
+            break;
+        }
+        forms.push(decoded);
+    }
+    forms
 }
 
 /// The reason for a placeholder in a request's target: toward a host whose rule names its

@@ -68,21 +68,25 @@ pub(super) struct Pools {
 }
 
 impl Pools {
-    pub(super) fn new(snapshot: &Snapshot) -> Self {
+    pub(super) fn new(snapshot: &Snapshot, budget: &upstream::Budget) -> Self {
         Self {
             generation: snapshot.generation,
-            upstreams: upstream::Upstreams::new(&snapshot.rules, &snapshot.upstream_tls),
+            upstreams: upstream::Upstreams::new(&snapshot.rules, &snapshot.upstream_tls, budget),
         }
     }
 }
 
 /// A worker's pools, replaced the first time the worker serves a request of a newer
 /// snapshot. Pooled connections of the old pools close once nothing in flight uses them.
-pub(super) struct WorkerPools(ArcSwap<Pools>);
+/// Every generation draws on the sandbox's one budget.
+pub(super) struct WorkerPools(ArcSwap<Pools>, upstream::Budget);
 
 impl WorkerPools {
-    pub(super) fn new(snapshot: &Snapshot) -> Self {
-        Self(ArcSwap::from_pointee(Pools::new(snapshot)))
+    pub(super) fn new(snapshot: &Snapshot, budget: &upstream::Budget) -> Self {
+        Self(
+            ArcSwap::from_pointee(Pools::new(snapshot, budget)),
+            budget.clone(),
+        )
     }
 
     /// The pool of rule `rule` of `snapshot`; with `None`, learn mode's pool.
@@ -95,7 +99,7 @@ impl WorkerPools {
         if pools.generation == snapshot.generation {
             return pick(&pools.upstreams);
         }
-        let fresh = Arc::new(Pools::new(snapshot));
+        let fresh = Arc::new(Pools::new(snapshot, &self.1));
         let pool = pick(&fresh.upstreams);
         // A request of an older snapshot gets pools of its own rather than setting the
         // worker back.
@@ -151,7 +155,7 @@ mod tests {
     fn worker_pools_follow_newer_snapshots_only() {
         let handle = PolicyHandle::new(snapshot(&["a.test"]));
         let old = handle.current();
-        let pools = WorkerPools::new(&old);
+        let pools = WorkerPools::new(&old, &upstream::Budget::default());
         handle.replace(snapshot(&["a.test", "b.test"]));
         let new = handle.current();
         let _ = pools.pool(&new, Some(1));

@@ -22,6 +22,7 @@ use hyper_util::{
 };
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+use std::{net::ToSocketAddrs as _, sync::atomic::AtomicUsize};
 use tokio::{net::TcpStream, sync::Semaphore};
 
 use super::{
@@ -32,11 +33,33 @@ use super::{
 use crate::policy::HttpRule;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A name lookup runs on a blocking thread, which a slow resolver holds: both bounds keep
-/// one sandbox's slow names from taking every such thread of a worker from the others.
+/// How long a request waits for its name lookup (a turn, then the answer).
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Lookups in flight at once, per sandbox and worker thread.
+/// Lookups one sandbox may have running at once. Each holds a blocking thread until the
+/// resolver answers, however long after its request gave up: the bound keeps a sandbox's
+/// slow names from taking every such thread from the other sandboxes.
 const MAX_LOOKUPS: usize = 64;
+/// Upstream connections one sandbox may keep while no request uses them, across its rules,
+/// the worker threads and reloads: each holds a descriptor of the gateway's.
+pub const MAX_KEPT: usize = 256;
+
+/// What all of one sandbox's upstream connections draw on, whatever rule, worker thread or
+/// policy generation made them.
+#[derive(Clone)]
+pub struct Budget {
+    /// Connections kept (idle HTTP/1.1 ones, each host's HTTP/2 one), at most [`MAX_KEPT`].
+    pub kept: Arc<AtomicUsize>,
+    lookups: Arc<Semaphore>,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            kept: Arc::default(),
+            lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
+        }
+    }
+}
 
 /// A request body on its way upstream: the client's, possibly behind a size limit.
 pub type RequestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -50,8 +73,7 @@ pub struct Upstreams {
     pools: Vec<OnceLock<Arc<Pool>>>,
     /// For requests no rule allows, in learn mode; it keeps connections per host.
     learn: OnceLock<Arc<Pool>>,
-    /// Shared by every dialer of these pools.
-    lookups: Arc<Semaphore>,
+    budget: Budget,
 }
 
 /// Found in a response's extensions when learn mode dialed a private address for it: the
@@ -85,24 +107,23 @@ pub enum DialError {
 
 impl Upstreams {
     /// Pools for every rule, sharing `tls` (see [`client_tls`]).
-    pub fn new(rules: &Rules, tls: &ClientConfig) -> Self {
-        let lookups = Arc::new(Semaphore::new(MAX_LOOKUPS));
+    pub fn new(rules: &Rules, tls: &ClientConfig, budget: &Budget) -> Self {
         let dialers: Vec<Dialer> = rules
             .iter()
-            .map(|r| Dialer::for_rule(&r.spec, &lookups))
+            .map(|r| Dialer::for_rule(&r.spec, &budget.lookups))
             .collect();
         Self {
             tls: tls.clone(),
             pools: dialers.iter().map(|_| OnceLock::new()).collect(),
             dialers,
             learn: OnceLock::new(),
-            lookups,
+            budget: budget.clone(),
         }
     }
 
     pub fn pool(&self, rule: usize) -> Arc<Pool> {
         self.pools[rule]
-            .get_or_init(|| Pool::new(&self.tls, &self.dialers[rule]))
+            .get_or_init(|| Pool::new(&self.tls, &self.dialers[rule], &self.budget.kept))
             .clone()
     }
 
@@ -114,9 +135,9 @@ impl Upstreams {
                 let dialer = Dialer {
                     connect: None,
                     private: Private::Mark,
-                    lookups: self.lookups.clone(),
+                    lookups: self.budget.lookups.clone(),
                 };
-                Pool::new(&self.tls, &dialer)
+                Pool::new(&self.tls, &dialer, &self.budget.kept)
             })
             .clone()
     }
@@ -214,18 +235,7 @@ impl Dialer {
         let candidates: Vec<SocketAddr> = match self.connect {
             Some(addr) => vec![addr],
             None => {
-                let lookup = async {
-                    let _turn = self.lookups.acquire().await;
-                    tokio::net::lookup_host((host.as_str(), port)).await
-                };
-                let found: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
-                    .await
-                    .map_err(|_| DialError::Timeout { host: host.clone() })?
-                    .map_err(|source| DialError::Resolve {
-                        host: host.clone(),
-                        source,
-                    })?
-                    .collect();
+                let found = resolve(&self.lookups, &host, port).await?;
                 if found.is_empty() {
                     return Err(DialError::NoAddress { host });
                 }
@@ -260,6 +270,51 @@ impl Dialer {
         }
         Err(last.unwrap_or(DialError::NoAddress { host }))
     }
+}
+
+/// The addresses of `host`, looked up on a blocking thread that keeps its `lookups` turn
+/// until the resolver answers, even after the request stopped waiting.
+async fn resolve(
+    lookups: &Arc<Semaphore>,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, DialError> {
+    let name = host.to_owned();
+    on_lookup_thread(lookups, host, RESOLVE_TIMEOUT, move || {
+        (name.as_str(), port)
+            .to_socket_addrs()
+            .map(Iterator::collect)
+    })
+    .await
+}
+
+async fn on_lookup_thread<F>(
+    lookups: &Arc<Semaphore>,
+    host: &str,
+    timeout: Duration,
+    lookup: F,
+) -> Result<Vec<SocketAddr>, DialError>
+where
+    F: FnOnce() -> std::io::Result<Vec<SocketAddr>> + Send + 'static,
+{
+    let waited = async {
+        let turn = lookups.clone().acquire_owned().await;
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            lookup()
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    };
+    tokio::time::timeout(timeout, waited)
+        .await
+        .map_err(|_| DialError::Timeout {
+            host: host.to_owned(),
+        })?
+        .map_err(|source| DialError::Resolve {
+            host: host.to_owned(),
+            source,
+        })
 }
 
 /// A dialed upstream connection; tells the pool whether learn mode reached a private
@@ -353,12 +408,16 @@ pub fn source_of<'a, T: std::error::Error + 'static>(
 }
 
 /// Shared for splices (passthrough), which dial without HTTP.
-pub async fn dial_raw(rule: &HttpRule, host: &str, port: u16) -> Result<TcpStream, DialError> {
+pub async fn dial_raw(
+    rule: &HttpRule,
+    host: &str,
+    port: u16,
+    budget: &Budget,
+) -> Result<TcpStream, DialError> {
     let uri: Uri = format!("https://{}:{port}/", bracket(host))
         .parse()
         .map_err(|_| DialError::NoHost)?;
-    // One lookup per spliced session: those are bounded by the sandbox's connection permits.
-    Dialer::for_rule(rule, &Arc::new(Semaphore::new(1)))
+    Dialer::for_rule(rule, &budget.lookups)
         .dial(uri)
         .await
         .map(|d| d.io.into_inner())
@@ -369,5 +428,33 @@ fn bracket(host: &str) -> String {
         format!("[{host}]")
     } else {
         host.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lookup the request gave up on keeps its turn until the resolver answers: the bound
+    /// is on the threads lookups hold, not on the requests waiting.
+    #[tokio::test]
+    async fn a_lookup_keeps_its_turn_until_the_resolver_answers() {
+        let lookups = Arc::new(Semaphore::new(2));
+        let (answer, answered) = std::sync::mpsc::channel::<()>();
+        let wait = Duration::from_millis(50);
+        let slow = on_lookup_thread(&lookups, "slow.test", wait, move || {
+            let _ = answered.recv();
+            Ok(Vec::new())
+        });
+        assert!(matches!(slow.await, Err(DialError::Timeout { .. })));
+        assert_eq!(lookups.available_permits(), 1, "still held by the lookup");
+        answer.send(()).unwrap();
+        for _ in 0..1000 {
+            if lookups.available_permits() == 2 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("the turn was not given back once the lookup ended");
     }
 }
