@@ -1077,6 +1077,17 @@ time.sleep(1)
             "status": null,
         }),
     );
+    let order: Vec<&str> = proxy_records(&out)
+        .into_iter()
+        .filter(|r| r["path"] == "/early")
+        .filter_map(|r| r["verdict"].as_str())
+        .collect();
+    assert_eq!(
+        order,
+        ["allow", "deny"],
+        "the answer first, then the cut\n{}",
+        ctx()
+    );
     // The upstream saw the body cut off, never whole.
     let lens: Vec<i64> = other
         .requests()
@@ -2343,6 +2354,52 @@ fn the_upstream_is_spoken_to_in_http2_when_it_offers_it() {
         reply.body.trim(),
         format!("HTTP/2.0 Bearer {SECRET}"),
         "{}",
+        out.describe()
+    );
+}
+
+/// Toward an HTTP/2 upstream too, a body carrying a placeholder of a credential the host's
+/// rule does not name is refused and recorded as such: hyper reports only a reset stream
+/// there, so the reason is the tunnel's own, not found in the error.
+#[test]
+fn a_placeholder_in_a_body_toward_an_http2_upstream_is_refused() {
+    let pki = Pki::new();
+    let nginx = NginxH2::start(&pki);
+    let name = "tunnel-h2-body";
+    // The rule names no credential: the placeholder is not for this host.
+    let body = format!(
+        "{}[credentials.api]\nenv = \"API_TOKEN\"\nplaceholder = \"API_TOKEN_PLACEHOLDER\"\n",
+        rule("api.test", nginx.port, ""),
+    );
+    let run = Run::new(name, &tunnel_policy(name, &pki, &body));
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}\nr leak -X POST --data-binary \"token=$API_TOKEN_PLACEHOLDER\" https://api.test/v1/upload\n"
+        ),
+    );
+    let replies = replies(&out.stdout);
+    let reply = reply(&replies, "leak", &out);
+    let records = proxy_records(&out);
+    let upload: Vec<(&str, &str)> = records
+        .iter()
+        .filter(|r| r["path"] == "/v1/upload")
+        .map(|r| {
+            (
+                r["verdict"].as_str().unwrap_or_default(),
+                r["reason"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert!(
+        upload.contains(&("deny", "placeholder-to-unlisted-host")),
+        "{upload:?}\n{}",
+        out.describe()
+    );
+    assert!(!upload.contains(&("allow", "upstream-error")), "{upload:?}");
+    assert!(
+        reply.forbidden() || reply.code == 200,
+        "{reply:?}\n{}",
         out.describe()
     );
 }

@@ -1,7 +1,8 @@
-//! A request body the tunnel cuts (a placeholder in it, or past `max_request_body`) after
-//! the upstream has already answered. The answer was relayed and recorded as let through,
-//! so the refusal reaches no client and no other record: it is recorded here, with no status.
-//! Cut before the answer, the request fails and the proxy records the refusal itself.
+//! A request body the tunnel cuts: a placeholder in it, or past `max_request_body`. Cut
+//! before the upstream answers, the request fails and the proxy refuses it with the reason
+//! kept here ([`Watch::failed`]: an HTTP/2 upstream's error says only that the stream was
+//! reset). Cut after the answer was relayed and recorded as let through, the refusal reaches
+//! no client and no other record: it is recorded here, with no status.
 
 use std::{
     pin::Pin,
@@ -11,6 +12,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use hyper::StatusCode;
 
 use super::body_scan::{BoxError, PlaceholderInBody};
 
@@ -34,8 +36,18 @@ impl Watch {
         Arc::new(Self(Mutex::new(State::Waiting(record))))
     }
 
-    /// The upstream answered: a cut from now on is recorded where it happens, and one that
-    /// came just before the answer is recorded now.
+    /// The request failed: why, if the tunnel cut its body (the caller refuses it with that
+    /// reason). Nothing is recorded here any more.
+    pub fn failed(&self) -> Option<&'static str> {
+        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match std::mem::replace(&mut *state, State::Done) {
+            State::CutEarly(_, reason) => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The upstream answered, and the answer is recorded: a cut from now on is recorded where
+    /// it happens, and one that came just before the answer is recorded now.
     pub fn answered(&self) {
         let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         *state = match std::mem::replace(&mut *state, State::Done) {
@@ -61,6 +73,39 @@ impl Watch {
     }
 }
 
+impl Drop for Watch {
+    /// The request went away (its client left) after a cut and before any answer.
+    fn drop(&mut self) {
+        let state = self.0.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let State::CutEarly(record, reason) = std::mem::replace(state, State::Done) {
+            record(reason);
+        }
+    }
+}
+
+/// Tells the watch the upstream answered when dropped: at the end of the request's handling,
+/// after the answer's record, whichever way the handling returns.
+pub struct AnsweredOnDrop(pub Option<Arc<Watch>>);
+
+impl Drop for AnsweredOnDrop {
+    fn drop(&mut self) {
+        if let Some(watch) = &self.0 {
+            watch.answered();
+        }
+    }
+}
+
+/// The answer to a request whose body the tunnel cut for `reason`.
+pub fn status(reason: &str) -> StatusCode {
+    if reason == TOO_LARGE {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else {
+        StatusCode::FORBIDDEN
+    }
+}
+
+const TOO_LARGE: &str = "request-body-too-large";
+
 /// Passes `inner` through and tells `watch` when the tunnel itself ended it.
 pub struct Watched<B> {
     inner: B,
@@ -81,7 +126,7 @@ fn tunnel_cut(e: &BoxError) -> Option<&'static str> {
         .downcast_ref::<http_body_util::LengthLimitError>()
         .is_some()
     {
-        Some("request-body-too-large")
+        Some(TOO_LARGE)
     } else {
         None
     }
@@ -129,11 +174,6 @@ mod tests {
 
     #[test]
     fn recorded_once_whichever_comes_first() {
-        // Cut before any answer, and no answer: the proxy records the failed request.
-        let (w, seen) = watch();
-        w.cut("placeholder-to-unlisted-host");
-        drop(w);
-        assert!(seen.lock().unwrap().is_empty());
         // Cut just before an answer that still came.
         let (w, seen) = watch();
         w.cut("request-body-too-large");
@@ -149,5 +189,16 @@ mod tests {
         let (w, seen) = watch();
         w.answered();
         assert!(seen.lock().unwrap().is_empty());
+        // Cut, then the request failed: the caller refuses it with the reason.
+        let (w, seen) = watch();
+        w.cut("placeholder-to-unlisted-host");
+        assert_eq!(w.failed(), Some("placeholder-to-unlisted-host"));
+        drop(w);
+        assert!(seen.lock().unwrap().is_empty());
+        // Cut, then neither answer nor failure (the client left): recorded as it goes.
+        let (w, seen) = watch();
+        w.cut("request-body-too-large");
+        drop(w);
+        assert_eq!(*seen.lock().unwrap(), ["request-body-too-large"]);
     }
 }

@@ -91,6 +91,8 @@ struct Conns {
     h2_quiet_sweeps: u32,
     /// Most recently used last: the warmest connection is reused first, the coldest age out.
     idle: Vec<Idle>,
+    /// The pool is gone: nothing is kept any more.
+    released: bool,
 }
 
 struct Idle {
@@ -288,10 +290,11 @@ impl Host {
 
     /// Takes back a connection whose response was read to the end.
     pub(super) fn give_back(&self, conn: H1Conn) {
-        if conn.sender.is_closed() || !self.take_room() {
+        let mut conns = self.conns();
+        if conn.sender.is_closed() || conns.released || !self.take_room() {
             return;
         }
-        self.conns().idle.push(Idle {
+        conns.idle.push(Idle {
             conn,
             since: Instant::now(),
         });
@@ -339,12 +342,36 @@ impl Host {
         if let Conn::H2(h2) = &conn {
             let mut conns = self.conns();
             // Another request may have dialed one meanwhile: this one replaces it.
-            if conns.h2.is_some() || self.take_room() {
+            if !conns.released && (conns.h2.is_some() || self.take_room()) {
                 conns.h2 = Some(h2.clone());
                 conns.h2_quiet_sweeps = 0;
             }
         }
         Ok(conn)
+    }
+}
+
+impl Drop for Pool {
+    /// A pool goes when a reload replaced it: its kept connections close now and stop
+    /// counting against the sandbox, even on a host whose last response is still streaming
+    /// (that response's connection is then closed, not kept, when it ends).
+    fn drop(&mut self) {
+        let hosts = self.hosts.get_mut().unwrap_or_else(PoisonError::into_inner);
+        for host in hosts.all.values() {
+            host.release();
+        }
+    }
+}
+
+impl Host {
+    /// Closes every connection kept here, and stops keeping any: the pool is gone.
+    fn release(&self) {
+        let mut conns = self.conns();
+        let kept = conns.idle.len() + usize::from(conns.h2.is_some());
+        conns.idle.clear();
+        conns.h2 = None;
+        conns.released = true;
+        self.idle.fetch_sub(kept, Ordering::Relaxed);
     }
 }
 
@@ -675,6 +702,35 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(started.elapsed().as_secs(), DIAL_TIMEOUT.as_secs());
+    }
+
+    /// A reload drops the pool while a response still streams: what the pool kept stops
+    /// counting at once, and the streaming connection is closed, not kept, when it ends.
+    #[tokio::test]
+    async fn a_dropped_pool_keeps_nothing() {
+        let (addr, open) = upstream().await;
+        let kept = Arc::new(AtomicUsize::new(0));
+        let pool = Pool::new(&client_tls(&[]).unwrap(), &Dialer::pinned(addr), &kept);
+        let url = format!("http://h0.test:{}/", addr.port());
+        let req = Request::get(&url)
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|e: Infallible| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        let streaming = pool.send(req, false).await.unwrap();
+        // A second connection to the same host, kept once its response ends.
+        get(&pool, &url).await;
+        assert_eq!(kept.load(Ordering::SeqCst), 1);
+        until_open(&open, 2).await;
+        drop(pool);
+        assert_eq!(kept.load(Ordering::SeqCst), 0);
+        until_open(&open, 1).await;
+        let body = streaming.into_body().collect().await.unwrap();
+        assert_eq!(body.to_bytes(), "ok");
+        assert_eq!(kept.load(Ordering::SeqCst), 0);
+        until_open(&open, 0).await;
     }
 
     #[tokio::test]

@@ -285,11 +285,15 @@ impl Tunnel {
         let mut fields = unanswered.answered();
         let mut resp = match sent {
             Ok(r) => r,
-            Err(e) => return self.upstream_failed(&e, route, target, client, fields),
+            Err(e) => {
+                return match watch.as_ref().and_then(|w| w.failed()) {
+                    Some(reason) => self.refuse(late_cut::status(reason), reason, client, fields),
+                    None => self.upstream_failed(&e, route, target, client, fields),
+                };
+            }
         };
-        if let Some(watch) = watch {
-            watch.answered();
-        }
+        // After the answer's record, whatever way it goes: a cut then comes after it.
+        let _answered = late_cut::AnsweredOnDrop(watch);
         if let (Some(client_upgrade), Some(sent_headers), Some(permit)) =
             (client_upgrade, request_headers, ws_permit)
             && resp.status() == StatusCode::SWITCHING_PROTOCOLS
