@@ -533,8 +533,13 @@ mod tests {
     use super::*;
     use crate::tunnel::upstream::{Dialer, client_tls};
 
-    /// An HTTP/1.1 server on loopback answering `ok`, and how many connections it has open.
-    async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    /// Serves each connection to a new loopback listener with `serve`; its address, and
+    /// how many connections are open.
+    async fn listen<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicUsize::new(0));
@@ -544,18 +549,28 @@ mod tests {
                 let (stream, _) = listener.accept().await.unwrap();
                 let open = counted.clone();
                 open.fetch_add(1, Ordering::SeqCst);
+                let served = serve(stream);
                 tokio::spawn(async move {
-                    let ok = service_fn(|_| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    });
-                    let _ = server::Builder::new()
-                        .serve_connection(TokioIo::new(stream), ok)
-                        .await;
+                    served.await;
                     open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         (addr, open)
+    }
+
+    async fn ok(_: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    }
+
+    /// An HTTP/1.1 server on loopback answering `ok`, and how many connections it has open.
+    async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        listen(|stream| async move {
+            let _ = server::Builder::new()
+                .serve_connection(TokioIo::new(stream), service_fn(ok))
+                .await;
+        })
+        .await
     }
 
     /// An HTTP/2-only server over TLS on loopback for `h0.test` .. `h{n-1}.test`, the PEM
@@ -587,40 +602,32 @@ mod tests {
             .unwrap();
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let open = Arc::new(AtomicUsize::new(0));
-        let counted = open.clone();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                let (acceptor, open) = (acceptor.clone(), counted.clone());
-                open.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    if let Ok(tls) = acceptor.accept(stream).await {
-                        let ok = service_fn(|_| async {
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                        });
-                        let _ = server2::Builder::new(TokioExecutor::new())
-                            .serve_connection(TokioIo::new(tls), ok)
-                            .await;
-                    }
-                    open.fetch_sub(1, Ordering::SeqCst);
-                });
+        let (addr, open) = listen(move |stream| {
+            let acceptor = acceptor.clone();
+            async move {
+                if let Ok(tls) = acceptor.accept(stream).await {
+                    let _ = server2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service_fn(ok))
+                        .await;
+                }
             }
-        });
+        })
+        .await;
         (addr, open, ca_file)
     }
 
-    async fn get(pool: &Pool, url: &str) {
-        let req = Request::get(url)
+    fn empty_get(url: &str) -> Request<RequestBody> {
+        Request::get(url)
             .body(
                 http_body_util::Empty::new()
                     .map_err(|e: Infallible| match e {})
                     .boxed(),
             )
-            .unwrap();
-        let body = pool.send(req, false).await.unwrap().into_body();
+            .unwrap()
+    }
+
+    async fn get(pool: &Pool, url: &str) {
+        let body = pool.send(empty_get(url), false).await.unwrap().into_body();
         assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
     }
 
@@ -682,13 +689,7 @@ mod tests {
             &Dialer::pinned(addr),
             &Arc::default(),
         );
-        let req = Request::get(format!("https://h0.test:{}/", addr.port()))
-            .body(
-                http_body_util::Empty::new()
-                    .map_err(|e: Infallible| match e {})
-                    .boxed(),
-            )
-            .unwrap();
+        let req = empty_get(&format!("https://h0.test:{}/", addr.port()));
         let started = tokio::time::Instant::now();
         let sent = tokio::time::timeout(DIAL_TIMEOUT * 2, pool.send(req, false))
             .await
@@ -712,14 +713,7 @@ mod tests {
         let kept = Arc::new(AtomicUsize::new(0));
         let pool = Pool::new(&client_tls(&[]).unwrap(), &Dialer::pinned(addr), &kept);
         let url = format!("http://h0.test:{}/", addr.port());
-        let req = Request::get(&url)
-            .body(
-                http_body_util::Empty::new()
-                    .map_err(|e: Infallible| match e {})
-                    .boxed(),
-            )
-            .unwrap();
-        let streaming = pool.send(req, false).await.unwrap();
+        let streaming = pool.send(empty_get(&url), false).await.unwrap();
         // A second connection to the same host, kept once its response ends.
         get(&pool, &url).await;
         assert_eq!(kept.load(Ordering::SeqCst), 1);

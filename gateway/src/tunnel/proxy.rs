@@ -261,7 +261,7 @@ impl Tunnel {
         };
         // A body the tunnel may cut: if that happens after the answer, nothing else records it.
         let (body, watch) = if scanned || snapshot.max_request_body.is_some() {
-            let watch = late_cut::Watch::new(self.late_cut_record(client, fields.clone()));
+            let watch = late_cut::Watch::new(self.deny_later(client, fields.clone()));
             let body = late_cut::Watched::new(body, watch.clone()).boxed();
             (body, Some(watch))
         } else {
@@ -389,8 +389,9 @@ impl Tunnel {
         local_response(status, reason)
     }
 
-    /// What records a request body cut after the upstream answered (see [`late_cut`]).
-    fn late_cut_record(&self, client: SocketAddr, fields: ProxyFields) -> late_cut::Record {
+    /// What records a refusal that comes after the request's own record, with no status:
+    /// a body cut after the answer (see [`late_cut`]), a WebSocket cut after its upgrade.
+    fn deny_later(&self, client: SocketAddr, fields: ProxyFields) -> late_cut::Record {
         let shared = self.shared.clone();
         Box::new(move |reason| {
             super::record(
@@ -407,21 +408,13 @@ impl Tunnel {
     /// What records a WebSocket cut after its upgrade: a refusal with no status of its own
     /// (the client saw the 101; then its connection closed).
     fn ws_refusal(&self, client: SocketAddr, fields: ProxyFields) -> websocket::Refused {
-        let shared = self.shared.clone();
+        let record = self.deny_later(client, fields);
         Box::new(move |cut| {
-            let reason = match cut {
+            record(match cut {
                 websocket::Cut::Placeholder => "placeholder-to-unlisted-host",
                 websocket::Cut::Extension => "websocket-extension",
                 websocket::Cut::NotAFrame => "websocket-not-a-frame",
-            };
-            super::record(
-                &shared.audit,
-                &shared.sandbox,
-                Verdict::Deny,
-                reason,
-                client,
-                fields,
-            );
+            })
         })
     }
 
