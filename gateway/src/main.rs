@@ -42,7 +42,7 @@ enum Command {
         learn: bool,
         /// The tunnel's worker threads, each with its own upstream connections (1-256;
         /// default one per CPU, at most 4).
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=gateway::tunnel::MAX_THREADS as i64))]
         tunnel_threads: Option<u16>,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]

@@ -137,7 +137,7 @@ pub fn explain(checked: &Checked, method: &str, url: &str) -> Result<Decision, S
     let Some(rule) = rules.decide(&method, &target, path) else {
         return deny(format!("no rule matches {request}"), "not-allowlisted");
     };
-    if scheme == "http" && rule.spec.credential.is_some() && !rule.spec.plain_http {
+    if scheme == "http" && rule.spec.credential_needs_tls() {
         return deny(
             format!(
                 "rule {} (line {}) matches, but its credential goes over HTTPS only and the rule does not say plain_http = true",

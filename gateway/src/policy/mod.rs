@@ -73,6 +73,13 @@ pub struct HttpRule {
     pub plain_http: bool,
 }
 
+impl HttpRule {
+    /// Its credential may not be attached to a plain HTTP request.
+    pub fn credential_needs_tls(&self) -> bool {
+        self.credential.is_some() && !self.plain_http
+    }
+}
+
 #[cfg(test)]
 impl HttpRule {
     /// A rule for `host`:443 with these methods and paths and every other key at its default.

@@ -379,9 +379,7 @@ impl Drop for Host {
     /// A host goes with its pool, or once swept with nothing pooled; either way its idle
     /// connections no longer count.
     fn drop(&mut self) {
-        let conns = self.conns.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let kept = conns.idle.len() + usize::from(conns.h2.is_some());
-        self.idle.fetch_sub(kept, Ordering::Relaxed);
+        self.release();
     }
 }
 

@@ -11,8 +11,7 @@ use hyper::{
 use super::{
     Body, Secrets, Snapshot, Tunnel,
     authority::Authority,
-    body_scan::{self, PlaceholderInBody},
-    headers, late_cut, local_response,
+    body_scan, headers, late_cut, local_response,
     pool::UpstreamError,
     private::is_private,
     rules::Rule,
@@ -149,7 +148,7 @@ impl Tunnel {
             Some(rule) => {
                 fields.rule = Some(rule.index);
                 fields.credential = rule.spec.credential.clone();
-                if scheme == "http" && rule.spec.credential.is_some() && !rule.spec.plain_http {
+                if scheme == "http" && rule.spec.credential_needs_tls() {
                     return self.refuse(
                         StatusCode::FORBIDDEN,
                         CREDENTIAL_OVER_PLAIN_HTTP,
@@ -344,22 +343,6 @@ impl Tunnel {
         client: SocketAddr,
         mut fields: ProxyFields,
     ) -> Response<Body> {
-        if upstream::source_of::<PlaceholderInBody>(e).is_some() {
-            return self.refuse(
-                StatusCode::FORBIDDEN,
-                "placeholder-to-unlisted-host",
-                client,
-                fields,
-            );
-        }
-        if upstream::source_of::<http_body_util::LengthLimitError>(e).is_some() {
-            return self.refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request-body-too-large",
-                client,
-                fields,
-            );
-        }
         let dialed = upstream::dial_error(e);
         let (status, reason) = match dialed {
             Some(upstream::DialError::Private { .. }) => (StatusCode::FORBIDDEN, "private-address"),
