@@ -581,6 +581,53 @@ def connected(host):
     return s, head.decode(errors="replace").split("\r\n")[0]
 "#;
 
+/// A body on a GET goes upstream on a connection closed after it: an upstream that ignores
+/// such a body would otherwise read it as the next request, one no rule checked (here a
+/// DELETE the policy refuses).
+#[test]
+fn a_get_body_cannot_smuggle_a_request_upstream() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let run = api_run(
+        "tunnel-get-body",
+        &pki,
+        api.port,
+        "methods = [\"GET\"]\npaths = [\"/ignores-body\"]\ncredential = \"api\"",
+    );
+    let out = python(
+        &run,
+        &format!(
+            r#"{CONNECTED}
+import ssl
+t = ssl.create_default_context().wrap_socket(connected("api.test")[0], server_hostname="api.test")
+smuggled = b"DELETE /smuggled HTTP/1.1\r\nHost: api.test\r\nContent-Length: 0\r\n\r\n"
+for _ in range(2):
+    t.sendall(b"GET /ignores-body HTTP/1.1\r\nHost: api.test\r\nContent-Length: "
+              + str(len(smuggled)).encode() + b"\r\n\r\n" + smuggled)
+    t.settimeout(10)
+    head = t.recv(65536).decode(errors="replace").split("\r\n")[0]
+    print(json.dumps({{"answer": head}}), flush=True)
+# Time for the upstream to read whatever followed on its connections.
+time.sleep(1)
+"#
+        ),
+    );
+    let ctx = || described(&out, &[&api]);
+    let answers: Vec<&Value> = out.lines.iter().filter_map(|l| l.get("answer")).collect();
+    assert_eq!(answers, ["HTTP/1.1 200 OK"; 2], "{}", ctx());
+    let requests = api.requests();
+    let paths: Vec<&str> = requests.iter().filter_map(|r| r["path"].as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/ignores-body", "/ignores-body"],
+        "only the checked requests reach the upstream\n{}",
+        ctx()
+    );
+    for r in &requests {
+        assert_eq!(header(r, "connection"), ["close"], "{r}");
+    }
+}
+
 /// A request let through leaves its record even when its client goes away before the
 /// upstream answers, which makes hyper drop the request: the record has no status, since
 /// none was relayed. The request did leave, with the credential attached.

@@ -56,6 +56,18 @@ pub enum UpstreamError {
     Http(#[source] hyper::Error),
 }
 
+/// What becomes of an upstream connection once its exchange is over.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Exchange {
+    /// Kept for the next request once the response has been read to the end.
+    Pooled,
+    /// Closed after this exchange, on both ends (`Connection: close`): nothing may follow
+    /// this request on the connection.
+    Last,
+    /// A connection of its own, never pooled: after a 101 it belongs to the upgrade.
+    Upgrade,
+}
+
 pub struct Pool {
     /// HTTP/1.1 or HTTP/2 as the upstream offers by ALPN.
     connector: HttpsConnector<Dialer>,
@@ -154,27 +166,28 @@ impl Pool {
         pool
     }
 
-    /// Sends `req` (absolute URI) on a pooled connection or a new one. An upgrade gets a
-    /// connection of its own, never pooled: after a 101 it belongs to the upgrade.
+    /// Sends `req` (absolute URI) on a pooled connection or a new one; what becomes of the
+    /// connection afterwards is `exchange`'s.
     pub async fn send(
         &self,
         req: Request<RequestBody>,
-        upgrade: bool,
+        exchange: Exchange,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let uri = req.uri().clone();
-        if upgrade {
+        if exchange == Exchange::Upgrade {
             let conn = dial(&self.upgrade, &uri, true).await?;
             return conn
-                .send(req, host_header(&uri), None)
+                .send(req, host_header(&uri), None, exchange)
                 .await
                 .map_err(|f| UpstreamError::Http(f.error));
         }
         let host = self.host(&uri);
+        let keep = (exchange == Exchange::Pooled).then_some(&host);
         let (conn, reused) = match host.checkout().await {
             Some(conn) => (conn, true),
             None => (host.dial(&self.connector, &uri).await?, false),
         };
-        let failed = match conn.send(req, host.header.clone(), Some(&host)).await {
+        let failed = match conn.send(req, host.header.clone(), keep, exchange).await {
             Ok(resp) => return Ok(resp),
             Err(failed) => failed,
         };
@@ -185,7 +198,7 @@ impl Pool {
                 tracing::debug!(%uri, "reused connection closed before sending: {}", failed.error);
                 *req.uri_mut() = uri.clone();
                 let conn = host.dial(&self.connector, &uri).await?;
-                conn.send(req, host.header.clone(), Some(&host))
+                conn.send(req, host.header.clone(), keep, exchange)
                     .await
                     .map_err(|f| UpstreamError::Http(f.error))
             }
@@ -445,12 +458,14 @@ async fn dial_unbounded(
 
 impl Conn {
     /// Sends on this connection. With `pool`, an HTTP/1.1 connection goes back there once
-    /// its response body has been read to the end.
+    /// its response body has been read to the end; [`Exchange::Last`] asks the upstream to
+    /// close it after this response.
     async fn send(
         self,
         mut req: Request<RequestBody>,
         host_header: Option<HeaderValue>,
         pool: Option<&Arc<Host>>,
+        exchange: Exchange,
     ) -> Result<Response<UpstreamBody>, Failed> {
         match self {
             Conn::H2(mut conn) => {
@@ -459,6 +474,11 @@ impl Conn {
             }
             Conn::H1(mut conn) => {
                 origin_form(&mut req, host_header);
+                if exchange == Exchange::Last {
+                    // HTTP/2 needs no such header: its frames delimit every body.
+                    req.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 let resp = conn.sender.try_send_request(req).await?;
                 let resp = mark(resp, conn.private);
                 let give_back = pool.map(|host| GiveBack {
@@ -625,7 +645,11 @@ mod tests {
     }
 
     async fn get(pool: &Pool, url: &str) {
-        let body = pool.send(empty_get(url), false).await.unwrap().into_body();
+        let body = pool
+            .send(empty_get(url), Exchange::Pooled)
+            .await
+            .unwrap()
+            .into_body();
         assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
     }
 
@@ -689,7 +713,7 @@ mod tests {
         );
         let req = empty_get(&format!("https://h0.test:{}/", addr.port()));
         let started = tokio::time::Instant::now();
-        let sent = tokio::time::timeout(DIAL_TIMEOUT * 2, pool.send(req, false))
+        let sent = tokio::time::timeout(DIAL_TIMEOUT * 2, pool.send(req, Exchange::Pooled))
             .await
             .expect("the dial never timed out");
         let err = sent.err().expect("no answer, no response");
@@ -711,7 +735,7 @@ mod tests {
         let kept = Arc::new(AtomicUsize::new(0));
         let pool = Pool::new(&client_tls(&[]).unwrap(), &Dialer::pinned(addr), &kept);
         let url = format!("http://h0.test:{}/", addr.port());
-        let streaming = pool.send(empty_get(&url), false).await.unwrap();
+        let streaming = pool.send(empty_get(&url), Exchange::Pooled).await.unwrap();
         // A second connection to the same host, kept once its response ends.
         get(&pool, &url).await;
         assert_eq!(kept.load(Ordering::SeqCst), 1);

@@ -12,7 +12,7 @@ use super::{
     Body, Secrets, Snapshot, Tunnel,
     authority::Authority,
     body_scan, headers, late_cut, local_response,
-    pool::UpstreamError,
+    pool::{self, UpstreamError},
     private::is_private,
     rules::Rule,
     upstream::{self, PrivateUpstream},
@@ -228,10 +228,16 @@ impl Tunnel {
             // Compressed messages could not be read for placeholders: none are negotiated.
             parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
         }
-        let unlisted = if http_body::Body::is_end_stream(&body) {
-            Vec::new()
+        let bodiless = http_body::Body::is_end_stream(&body);
+        let unlisted = if bodiless { Vec::new() } else { unlisted() };
+        let exchange = if ws {
+            pool::Exchange::Upgrade
+        } else if !bodiless && ignores_bodies(&parts.method) {
+            // An upstream that ignores such a body would read it as the next request on the
+            // connection, one no rule checked: nothing may follow it there.
+            pool::Exchange::Last
         } else {
-            unlisted()
+            pool::Exchange::Pooled
         };
         let scanned = !unlisted.is_empty();
         let body: upstream::RequestBody = if scanned {
@@ -279,7 +285,7 @@ impl Tunnel {
         let sent = self
             .pools
             .pool(snapshot, rule)
-            .send(Request::from_parts(parts, body), ws)
+            .send(Request::from_parts(parts, body), exchange)
             .await;
         let mut fields = unanswered.answered();
         let mut resp = match sent {
@@ -577,6 +583,12 @@ fn target_of(
 
 /// The URI sent upstream: the checked authority, never the client's spelling of it, and the
 /// client's path and query as already parsed.
+/// Methods whose request body has no defined meaning (RFC 9110, 9.3), which servers are
+/// known to leave unread.
+fn ignores_bodies(method: &Method) -> bool {
+    [Method::GET, Method::HEAD, Method::DELETE, Method::OPTIONS].contains(method)
+}
+
 fn upstream_uri(uri: &Uri, scheme: &'static str, target: &Authority) -> Option<Uri> {
     let mut parts = hyper::http::uri::Parts::default();
     parts.scheme = Some(if scheme == "https" {
