@@ -1,5 +1,6 @@
-//! Doors the connect/sendmsg hooks do not see: inbound connections, wildcard addresses,
-//! ptrace, raw sockets and source routing. Each test fails on a build without its fix.
+//! Doors the connect/sendmsg hooks do not see: inbound connections and datagrams, wildcard
+//! addresses, ptrace, raw sockets, source routing, sockets bound to another device and
+//! multicast joins. Each test fails on a build without its fix.
 
 mod support;
 
@@ -241,6 +242,7 @@ print(json.dumps({"pid": os.getpid(), "raw": attempt(socket.IPPROTO_UDP),
 struct TestHost {
     netns: String,
     host_if: String,
+    peer_if: String,
     v4: String,
     v6: String,
 }
@@ -267,6 +269,7 @@ impl TestHost {
         let host = Self {
             netns: netns.clone(),
             host_if: host_if.clone(),
+            peer_if: peer_if.clone(),
             v4: v4.clone(),
             v6: v6.clone(),
         };
@@ -283,6 +286,32 @@ impl TestHost {
     }
 }
 
+impl TestHost {
+    /// A neighbour entry on the host's side: `addr` is the test host's link address.
+    fn answer_for(&self, addr: &str) {
+        let out = Command::new("ip")
+            .args(["-n", &self.netns, "-j", "link", "show", &self.peer_if])
+            .output()
+            .unwrap();
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mac = links[0]["address"].as_str().unwrap();
+        let status = Command::new("ip")
+            .args([
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                mac,
+                "dev",
+                &self.host_if,
+            ])
+            .args(["nud", "permanent"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
 impl Drop for TestHost {
     fn drop(&mut self) {
         let _ = Command::new("ip")
@@ -295,12 +324,14 @@ impl Drop for TestHost {
 }
 
 /// Counts TCP and UDP packets (and IPv6 routing headers) arriving on the test host's
-/// interface until told to stop.
+/// interface until told to stop; given markers (hex), the frames that contain one of them
+/// instead, whatever their protocol.
 const SNIFFER: &str = r#"
 import socket, struct, sys, os, time, select
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
 print("ready", flush=True)
 stop = sys.argv[1]
+markers = [bytes.fromhex(m) for m in sys.argv[2:]]
 seen = 0
 deadline = time.time() + 30
 while not os.path.exists(stop) and time.time() < deadline:
@@ -309,12 +340,56 @@ while not os.path.exists(stop) and time.time() < deadline:
         continue
     frame = s.recv(65535)
     ethertype = struct.unpack("!H", frame[12:14])[0]
-    if ethertype == 0x0800 and frame[14 + 9] in (6, 17):
+    if markers:
+        seen += any(m in frame for m in markers)
+    elif ethertype == 0x0800 and frame[14 + 9] in (6, 17):
         seen += 1
-    if ethertype == 0x86DD and frame[14 + 6] in (6, 17, 43):
+    elif ethertype == 0x86DD and frame[14 + 6] in (6, 17, 43):
         seen += 1
 print(seen, flush=True)
 "#;
+
+/// [`SNIFFER`] running in a test host's namespace.
+struct Sniffer {
+    child: std::process::Child,
+    output: std::io::BufReader<std::process::ChildStdout>,
+    stop: std::path::PathBuf,
+}
+
+impl Sniffer {
+    fn start(host: &TestHost, run: &Run, markers: &[&[u8]]) -> Self {
+        let stop = run.scratch.dir.join("stop-sniffer");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &host.netns, "python3", "-c", SNIFFER])
+            .arg(&stop)
+            .stdout(Stdio::piped());
+        for marker in markers {
+            cmd.arg(
+                marker
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>(),
+            );
+        }
+        let mut child = cmd.spawn().unwrap();
+        let output = wait_for_line(&mut child, "ready");
+        Self {
+            child,
+            output,
+            stop,
+        }
+    }
+
+    /// What it counted, once packets still on their way have had time to arrive.
+    fn count(mut self) -> usize {
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(&self.stop, "").unwrap();
+        let mut count = String::new();
+        self.output.read_to_string(&mut count).unwrap();
+        self.child.wait().unwrap();
+        count.trim().parse().unwrap()
+    }
+}
 
 #[test]
 fn source_routed_packets_never_leave() {
@@ -333,15 +408,7 @@ fn source_routed_packets_never_leave() {
             ),
         ),
     );
-    let stop = run.scratch.dir.join("stop-sniffer");
-    let mut sniffer = Command::new("ip")
-        .args(["netns", "exec", &host.netns, "python3", "-c", SNIFFER])
-        .arg(&stop)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut sniffed = wait_for_line(&mut sniffer, "ready");
-
+    let sniffer = Sniffer::start(&host, &run, &[]);
     let out = run.python(&format!(
         r#"
 hop = socket.inet_aton("{v4}")
@@ -373,14 +440,9 @@ report("udp-rthdr6", udp_rthdr6)
         p4 = udp4.port,
         p6 = udp6.port
     ));
-    std::thread::sleep(Duration::from_millis(300));
-    std::fs::write(&stop, "").unwrap();
-    let mut count = String::new();
-    sniffed.read_to_string(&mut count).unwrap();
-    sniffer.wait().unwrap();
     assert_eq!(
-        count.trim(),
-        "0",
+        sniffer.count(),
+        0,
         "packets reached the first hop\n{}",
         out.describe()
     );
@@ -458,4 +520,216 @@ report("pidfd_getfd", take)
     let _ = holder.wait();
     out.assert_refused("pidfd_getfd");
     assert_eq!(udp.received(), 0, "{}", out.describe());
+}
+
+/// The address hooks approve 127.0.0.1 (the tunnel, or a listed loopback port); a socket
+/// bound to another device would then carry that destination onto the device's wire, where
+/// whoever answers for 127.0.0.1 receives it. Each variant here reached the test host before.
+#[test]
+fn loopback_destinations_never_leave_on_another_device() {
+    let udp4 = HostUdp::bind("127.0.0.1:0");
+    let host = TestHost::new();
+    let ifindex: u32 = std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", host.host_if))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // As a machine on that link could: answer for 127.0.0.1, so the kernel has where to send.
+    host.answer_for("127.0.0.1");
+    let run = Run::new(
+        "loopback-off-device",
+        &policy(
+            "loopback-off-device",
+            &format!(
+                "[[network.allow]]\ncidr = \"127.0.0.1/32\"\nports = [{}]\nprotocol = \"udp\"\n",
+                udp4.port
+            ),
+        ),
+    );
+    let sniffer = Sniffer::start(&host, &run, &[]);
+    let out = run.python(&format!(
+        r#"
+import struct
+DEV = b"{dev}"
+def bound(kind):
+    s = socket.socket(socket.AF_INET, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, DEV)
+    s.settimeout(2)
+    return s
+def tcp_tunnel():
+    bound(socket.SOCK_STREAM).connect(("127.0.0.1", TUNNEL_PORT))
+def tfo_tunnel():
+    s = bound(socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_TCP, 34, 1)  # TCP_FASTOPEN_NO_COOKIE: data in the SYN
+    s.sendto(b"data in the SYN", socket.MSG_FASTOPEN, ("127.0.0.1", TUNNEL_PORT))
+    s.recv(1)
+def udp_bound():
+    bound(socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", {p4}))
+def udp_unicast_if():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IP, 50, struct.pack("!I", {ifindex}))  # IP_UNICAST_IF
+    s.sendto(b"x", ("127.0.0.1", {p4}))
+def udp_pktinfo():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    pktinfo = struct.pack("=I4s4s", {ifindex}, bytes(4), bytes(4))
+    s.sendmsg([b"x"], [(socket.IPPROTO_IP, 8, pktinfo)], 0, ("127.0.0.1", {p4}))  # IP_PKTINFO
+report("tcp-tunnel", tcp_tunnel)
+report("tfo-tunnel", tfo_tunnel)
+report("udp-bound", udp_bound)
+report("udp-unicast-if", udp_unicast_if)
+report("udp-pktinfo", udp_pktinfo)
+"#,
+        dev = host.host_if,
+        p4 = udp4.port,
+    ));
+    assert_eq!(
+        sniffer.count(),
+        0,
+        "packets for 127.0.0.1 reached the test host\n{}",
+        out.describe()
+    );
+    for door in [
+        "tcp-tunnel",
+        "tfo-tunnel",
+        "udp-bound",
+        "udp-unicast-if",
+        "udp-pktinfo",
+    ] {
+        assert_eq!(out.door(door)["ok"], false, "{door}\n{}", out.describe());
+    }
+    for proto in ["tcp", "udp"] {
+        assert!(
+            out.audit.iter().any(|r| r["hook"] == "skb_egress"
+                && r["reason"] == "loopback-off-loopback"
+                && r["proto"] == proto),
+            "no {proto} record\n{}",
+            out.describe()
+        );
+    }
+}
+
+/// Joining a multicast group makes the kernel itself send IGMP or MLD reports naming the
+/// group (addresses the sandbox chooses) out of the interface the join names. Before the
+/// setsockopt program, the test host received reports carrying both groups below.
+#[test]
+fn multicast_groups_cannot_be_joined() {
+    let host = TestHost::new();
+    let ifindex: u32 = std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", host.host_if))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let run = Run::new("multicast-join", &policy("multicast-join", ""));
+    // 239.84.79.80 and ff05::5345:4352:4554 end in "TOP" and "SECRET".
+    let sniffer = Sniffer::start(&host, &run, &[&[239, 84, 79, 80], b"SECRET"]);
+    let out = run.python(&format!(
+        r#"
+import struct
+def ip_add_membership():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    mreqn = socket.inet_aton("239.84.79.80") + bytes(4) + struct.pack("=i", {ifindex})
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+def mcast_join_group():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # struct group_req: interface, padding, sockaddr_storage (AF_INET, port 0, group)
+    sin = struct.pack("=H2s4s", socket.AF_INET, bytes(2), socket.inet_aton("239.84.79.80"))
+    req = struct.pack("=I4x", {ifindex}) + sin.ljust(128, b"\0")
+    s.setsockopt(socket.IPPROTO_IP, 42, req)
+def ipv6_join_group():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    group = socket.inet_pton(socket.AF_INET6, "ff05::5345:4352:4554")
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, group + struct.pack("=I", {ifindex}))
+report("ip-add-membership", ip_add_membership)
+report("mcast-join-group", mcast_join_group)
+report("ipv6-join-group", ipv6_join_group)
+time.sleep(1)
+"#
+    ));
+    assert_eq!(
+        sniffer.count(),
+        0,
+        "IGMP or MLD reports named a group\n{}",
+        out.describe()
+    );
+    for door in ["ip-add-membership", "mcast-join-group", "ipv6-join-group"] {
+        out.assert_refused(door);
+    }
+    for proto in ["ip/35", "ip/42", "ipv6/20"] {
+        assert!(
+            out.audit.iter().any(|r| r["hook"] == "setsockopt"
+                && r["reason"] == "multicast-membership"
+                && r["proto"] == proto
+                && r["uid"] == 65534),
+            "no record for {proto}\n{}",
+            out.describe()
+        );
+    }
+}
+
+/// A datagram reaches a bound socket with no connect hook asked: from the host's loopback,
+/// only a listed peer's may (here the replies of a listed echo server). Before, a host
+/// process could send into any loopback UDP socket of the sandbox.
+#[test]
+fn datagrams_from_the_hosts_loopback_come_only_from_listed_peers() {
+    let echo = HostUdp::bind("127.0.0.1:0");
+    echo.socket.set_nonblocking(false).unwrap();
+    echo.socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let sandbox_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = Run::new(
+        "udp-inbound",
+        &policy(
+            "udp-inbound",
+            &format!(
+                "[[network.allow]]\ncidr = \"127.0.0.1/32\"\nports = [{}]\nprotocol = \"udp\"\n",
+                echo.port
+            ),
+        ),
+    );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let out = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut buf = [0u8; 64];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = sender.send_to(b"from the host", ("127.0.0.1", sandbox_port));
+                if let Ok((n, from)) = echo.socket.recv_from(&mut buf) {
+                    let _ = echo.socket.send_to(&buf[..n], from);
+                }
+            }
+        });
+        let out = run.python(&format!(
+            r#"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", {sandbox_port}))
+s.settimeout(2)
+def inbound():
+    s.recv(64)
+def listed_reply():
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(2)
+    c.sendto(b"ping", ("127.0.0.1", {echo}))
+    assert c.recv(64) == b"ping"
+report("inbound", inbound)
+report("listed-reply", listed_reply)
+"#,
+            echo = echo.port
+        ));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        out
+    });
+    assert_eq!(out.door("inbound")["ok"], false, "{}", out.describe());
+    out.assert_open("listed-reply");
+    assert!(
+        out.audit.iter().any(|r| r["hook"] == "skb_ingress"
+            && r["reason"] == "not-allowlisted"
+            && r["proto"] == "udp"),
+        "{}",
+        out.describe()
+    );
 }

@@ -31,6 +31,7 @@ pub enum Hook {
     Bind6 = 9,
     SkbEgress = 10,
     SkbIngress = 11,
+    Setsockopt = 12,
 }
 
 impl Hook {
@@ -47,6 +48,7 @@ impl Hook {
             9 => Self::Bind6,
             10 => Self::SkbEgress,
             11 => Self::SkbIngress,
+            12 => Self::Setsockopt,
             _ => return None,
         })
     }
@@ -64,6 +66,7 @@ impl Hook {
             Self::Bind6 => "bind6",
             Self::SkbEgress => "skb_egress",
             Self::SkbIngress => "skb_ingress",
+            Self::Setsockopt => "setsockopt",
         }
     }
 }
@@ -82,6 +85,13 @@ pub enum Reason {
     IpOptions = 8,
     Ipv6ExtensionHeader = 9,
     InboundConnection = 10,
+    /// Joining (or filtering) a multicast group: the kernel itself then sends IGMP or MLD
+    /// reports naming the group, which no packet hook sees.
+    MulticastMembership = 11,
+    /// A packet to or from a loopback address on another device than loopback: steered out
+    /// of the host (SO_BINDTODEVICE, IP_UNICAST_IF, IP_PKTINFO) after the address hooks
+    /// approved a loopback destination.
+    LoopbackOffLoopback = 12,
 }
 
 impl Reason {
@@ -97,6 +107,8 @@ impl Reason {
             8 => Self::IpOptions,
             9 => Self::Ipv6ExtensionHeader,
             10 => Self::InboundConnection,
+            11 => Self::MulticastMembership,
+            12 => Self::LoopbackOffLoopback,
             _ => return None,
         })
     }
@@ -113,6 +125,8 @@ impl Reason {
             Self::IpOptions => "ip-options",
             Self::Ipv6ExtensionHeader => "ipv6-extension-header",
             Self::InboundConnection => "inbound-connection",
+            Self::MulticastMembership => "multicast-membership",
+            Self::LoopbackOffLoopback => "loopback-off-loopback",
         }
     }
 }

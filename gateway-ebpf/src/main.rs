@@ -8,6 +8,7 @@ mod ident;
 mod net;
 mod skb;
 mod socket;
+mod sockopt;
 mod unix;
 
 #[cfg(not(test))]

@@ -5,7 +5,10 @@
 //!   approved its destination: no IPv4 options, and IPv6 carries only TCP, UDP or ICMPv6.
 //! - Peers: loopback or a `[[network.allow]]` entry (address, port and protocol).
 //! - No inbound connections: an accepted connection never passes a connect hook, so the
-//!   sandbox neither receives a SYN nor answers one.
+//!   sandbox neither receives a SYN nor answers one; nor datagrams from the host's loopback
+//!   but from a listed peer.
+//! - Loopback addresses only on the loopback device: a socket bound to another device would
+//!   take a destination the address hooks approved as loopback onto that device's wire.
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use gateway_common::{Hook, IPPROTO_TCP, IPPROTO_UDP, Reason};
@@ -24,6 +27,8 @@ const AF_INET6: u32 = 10;
 const IPPROTO_ICMPV6: u8 = 58;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 #[cgroup_skb(egress)]
 pub fn skb_egress(ctx: SkBuffContext) -> i32 {
@@ -117,7 +122,28 @@ fn judge(ctx: &SkBuffContext, hook: Hook) -> Result<i32, i64> {
     }
 
     if is_loopback(&packet.peer) {
-        return Ok(PASS);
+        // SAFETY: the kernel hands cgroup_skb programs a valid __sk_buff.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        if ifindex != LOOPBACK_IFINDEX {
+            // The address hooks approved a loopback destination, and the socket was then
+            // bound to a device (SO_BINDTODEVICE, IP_UNICAST_IF, IP_PKTINFO): the kernel
+            // would put it on that device's wire, to whoever answers for 127.0.0.1 there.
+            return Ok(refuse(
+                ctx,
+                hook,
+                Reason::LoopbackOffLoopback,
+                packet.family,
+                packet.peer,
+                port,
+                packet.protocol,
+            ));
+        }
+        // TCP from loopback belongs to a connection a connect hook approved (an inbound SYN
+        // was refused above). A datagram reaches a bound socket with no such approval: from
+        // the host's loopback only a listed peer may send one.
+        if egress || packet.protocol != IPPROTO_UDP {
+            return Ok(PASS);
+        }
     }
     let listed = match packet.l4 {
         Some(_) => allowed_by_policy(&packet.peer, port, packet.protocol as u32),

@@ -125,6 +125,10 @@ pub fn describe(ev: &Event, sandbox: &str) -> Record {
 }
 
 fn proto_name(ev: &Event) -> String {
+    if Hook::from_u32(ev.hook) == Some(Hook::Setsockopt) {
+        // The option refused, as level and name: `ip/35` is IP_ADD_MEMBERSHIP.
+        return format!("{}/{}", level_name(ev.sock_type), ev.protocol);
+    }
     if Hook::from_u32(ev.hook) == Some(Hook::SockCreate) {
         return format!(
             "{}/{}/{}",
@@ -143,7 +147,7 @@ fn proto_name(ev: &Event) -> String {
 
 fn destination(ev: &Event) -> Option<String> {
     match (Hook::from_u32(ev.hook)?, ev.family) {
-        (Hook::SockCreate, _) => None,
+        (Hook::SockCreate | Hook::Setsockopt, _) => None,
         (_, AF_UNIX) => {
             let len = (ev.path_len as usize).min(ev.path.len());
             let path = &ev.path[..len];
@@ -171,6 +175,14 @@ fn family_name(family: u32) -> String {
         17 => "packet".into(),
         40 => "vsock".into(),
         f => format!("af{f}"),
+    }
+}
+
+fn level_name(level: u32) -> String {
+    match level {
+        0 => "ip".into(),
+        41 => "ipv6".into(),
+        l => format!("level{l}"),
     }
 }
 

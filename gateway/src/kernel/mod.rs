@@ -10,6 +10,7 @@ mod unix;
 use std::{
     fs::File,
     net::SocketAddr,
+    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
@@ -17,7 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -179,9 +181,39 @@ impl Enforcer {
             ));
             self.pin(name, link)?;
         }
+        self.attach_setsockopt(cgroup)?;
         let link = attach_one!(self, SockOps, "tunnel_clients", |p| p
             .attach(cgroup, CgroupAttachMode::Single));
         self.pin("tunnel_clients", link)?;
+        Ok(())
+    }
+
+    /// aya 0.14 loads a sockopt program but cannot turn its link into one to pin, so the
+    /// link is made and pinned with bpf(2) as for the unix programs.
+    fn attach_setsockopt(&mut self, cgroup: &File) -> Result<(), KernelError> {
+        const NAME: &str = "setsockopt";
+        const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+        let err = |source| KernelError::Program {
+            program: NAME,
+            source,
+        };
+        let prog: &mut CgroupSockopt = self
+            .ebpf
+            .program_mut(NAME)
+            .ok_or_else(|| missing(NAME))?
+            .try_into()
+            .map_err(err)?;
+        prog.load().map_err(err)?;
+        let fd = prog.fd().map_err(err)?.as_fd().as_raw_fd();
+        let link = unix::link_create(&fd, cgroup, BPF_CGROUP_SETSOCKOPT)
+            .map_err(|e| unix::io_err(NAME, e))?;
+        let path = self.pin_dir.join(NAME);
+        unix::pin(&link, &path).map_err(|e| unix::io_err(NAME, e))?;
+        let pinned = PinnedLink::from_pin(&path).map_err(|source| KernelError::Link {
+            program: NAME,
+            source,
+        })?;
+        self.links.push(pinned);
         Ok(())
     }
 

@@ -177,7 +177,13 @@ fn load(
     )))
 }
 
-fn link_create(prog: &OwnedFd, cgroup: &File, attach_type: u32) -> std::io::Result<OwnedFd> {
+/// Attaches a loaded program to a cgroup through a bpf link (also for programs aya loaded
+/// but cannot hand back as a pinnable link).
+pub(super) fn link_create(
+    prog: &impl std::os::fd::AsRawFd,
+    cgroup: &File,
+    attach_type: u32,
+) -> std::io::Result<OwnedFd> {
     let attr = LinkCreateAttr {
         prog_fd: prog.as_raw_fd() as u32,
         target_fd: cgroup.as_raw_fd() as u32,
@@ -188,7 +194,7 @@ fn link_create(prog: &OwnedFd, cgroup: &File, attach_type: u32) -> std::io::Resu
     unsafe { bpf(BPF_LINK_CREATE, &attr) }
 }
 
-fn pin(link: &OwnedFd, path: &Path) -> std::io::Result<()> {
+pub(super) fn pin(link: &OwnedFd, path: &Path) -> std::io::Result<()> {
     let c_path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     let attr = ObjPinAttr {
@@ -221,6 +227,6 @@ fn unix_err(what: &str, e: impl std::fmt::Display) -> KernelError {
     KernelError::Raw(format!("preparing the unix socket programs ({what}): {e}"))
 }
 
-fn io_err(name: &str, e: std::io::Error) -> KernelError {
+pub(super) fn io_err(name: &str, e: std::io::Error) -> KernelError {
     KernelError::Raw(format!("attaching eBPF program {name}: {e}"))
 }
