@@ -20,7 +20,7 @@ use std::{
         unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
-    sync::{Arc, OnceLock, mpsc},
+    sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, mpsc},
     time::{Duration, Instant},
 };
 
@@ -39,6 +39,12 @@ const COALESCE: Duration = Duration::from_millis(5);
 /// gateway that shares the file have a turn. Holding it saves each batch the lock, unlock
 /// and rotation check (four system calls, on a thread just woken from its sleep).
 const LEASE: Duration = Duration::from_millis(20);
+
+/// The most record bytes that may wait for the writer. Past it, appending waits until the
+/// writer has caught up: a flood of records (one sandbox refused a million times a second)
+/// slows whoever makes records, rather than growing the gateway's memory until the kernel
+/// kills it, and every sandbox's way out with it. Nothing queued is ever dropped.
+const MAX_BACKLOG: usize = 32 << 20;
 
 /// Where audit records go when `--audit-log` is not given.
 pub const DEFAULT_LOG: &str = "/var/log/gateway/audit.jsonl";
@@ -79,6 +85,54 @@ pub struct AuditLog {
     /// The writer's first failure; every later append reports it (a log with a hole in it
     /// must not look healthy).
     failed: Arc<OnceLock<String>>,
+    backlog: Arc<Backlog>,
+}
+
+/// The bytes queued for the writer, bounded by [`MAX_BACKLOG`].
+#[derive(Default)]
+struct Backlog {
+    state: Mutex<BacklogState>,
+    room: Condvar,
+}
+
+#[derive(Default)]
+struct BacklogState {
+    bytes: usize,
+    /// The writer thread ended: waiting for it would be for ever.
+    writer_gone: bool,
+}
+
+impl Backlog {
+    /// Counts `n` more bytes queued, once there is room for them (a record larger than the
+    /// whole bound goes alone).
+    fn reserve(&self, n: usize) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while state.bytes > 0 && state.bytes + n > MAX_BACKLOG && !state.writer_gone {
+            state = self
+                .room
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state.bytes += n;
+    }
+
+    /// The writer is done with `n` bytes (written or failed).
+    fn release(&self, n: usize) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.bytes = state.bytes.saturating_sub(n);
+        self.room.notify_all();
+    }
+}
+
+/// Held by the writer thread: however it ends, appenders stop waiting for it.
+struct WriterAlive(Arc<Backlog>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.writer_gone = true;
+        self.0.room.notify_all();
+    }
 }
 
 enum Queued {
@@ -110,14 +164,17 @@ impl AuditLog {
         let (tx, rx) = mpsc::channel();
         let failed = Arc::new(OnceLock::new());
         let writer_failed = failed.clone();
+        let backlog = Arc::new(Backlog::default());
+        let alive = WriterAlive(backlog.clone());
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_queued(writer, &rx, &writer_failed))
+            .spawn(move || write_queued(writer, &rx, &writer_failed, &alive.0))
             .map_err(open_err)?;
         Ok(Self {
             path: path.to_owned(),
             tx,
             failed,
+            backlog,
         })
     }
 
@@ -131,6 +188,7 @@ impl AuditLog {
         let mut line = Vec::with_capacity(512);
         line::write(record, &mut line);
         self.check()?;
+        self.backlog.reserve(line.len());
         self.tx.send(Queued::Record(line)).map_err(|_| self.gone())
     }
 
@@ -167,7 +225,12 @@ impl AuditLog {
     }
 }
 
-fn write_queued(mut writer: Writer, rx: &mpsc::Receiver<Queued>, failed: &OnceLock<String>) {
+fn write_queued(
+    mut writer: Writer,
+    rx: &mpsc::Receiver<Queued>,
+    failed: &OnceLock<String>,
+    backlog: &Backlog,
+) {
     let mut batch = Vec::new();
     let mut waiting = Vec::new();
     loop {
@@ -196,6 +259,7 @@ fn write_queued(mut writer: Writer, rx: &mpsc::Receiver<Queued>, failed: &OnceLo
                 tracing::error!("cannot write the audit log: {e}");
                 let _ = failed.set(e.to_string());
             }
+            backlog.release(batch.iter().map(Vec::len).sum());
             batch.clear();
         }
         for done in waiting.drain(..) {
@@ -628,6 +692,56 @@ mod tests {
         );
         let intact = verified(&path);
         assert_eq!(intact.records, fed as u64 + 10);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn appending_waits_for_a_writer_that_cannot_keep_up_and_loses_nothing() {
+        let dir = scratch("backlog");
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        // Another gateway holds the file's lock: the writer waits, records pile up.
+        let holder = File::open(&path).unwrap();
+        flock(&holder, libc::LOCK_EX).unwrap();
+        let mut big = record(0);
+        big.reason = "x".repeat(64 << 10);
+        let line = {
+            let mut line = Vec::new();
+            line::write(&big, &mut line);
+            line.len()
+        };
+        let total = MAX_BACKLOG / line + 64;
+        let appended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let appender = {
+            let (log, appended) = (log.clone(), appended.clone());
+            std::thread::spawn(move || {
+                for _ in 0..total {
+                    log.append(&big).unwrap();
+                    appended.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                log.sync().unwrap();
+            })
+        };
+        // Until the appender has done all it can: it stops, or it finishes.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut queued = 0;
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = appended.load(std::sync::atomic::Ordering::Relaxed);
+            if now == queued || now == total || Instant::now() > deadline {
+                queued = now;
+                break;
+            }
+            queued = now;
+        }
+        assert!(queued < total, "appending never waited");
+        assert!(
+            queued * line <= MAX_BACKLOG + line,
+            "{queued} records of {line} bytes queued"
+        );
+        flock(&holder, libc::LOCK_UN).unwrap();
+        appender.join().unwrap();
+        assert_eq!(verified(&path).records, total as u64);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -69,6 +69,30 @@ pub struct ProxyFields {
     pub client: Option<std::net::SocketAddr>,
 }
 
+/// The most bytes of a method, host or path a proxy record keeps. A client may send a
+/// 64 KiB path; a record that size for each refusal would let one sandbox fill the log
+/// thirty times faster than with ordinary records.
+pub const MAX_FIELD: usize = 2048;
+
+impl ProxyFields {
+    /// Cuts a method, host or path longer than [`MAX_FIELD`] bytes (at a character
+    /// boundary) and says how much was left out: `/a/b...[61440 more bytes]`.
+    pub fn bounded(mut self) -> Self {
+        for field in [&mut self.method, &mut self.host, &mut self.path]
+            .into_iter()
+            .flatten()
+        {
+            if field.len() > MAX_FIELD {
+                let end = field.floor_char_boundary(MAX_FIELD);
+                let dropped = field.len() - end;
+                field.truncate(end);
+                field.push_str(&format!("...[{dropped} more bytes]"));
+            }
+        }
+        self
+    }
+}
+
 /// Fields of a policy reload: what was put in force, or why nothing was.
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub struct ReloadFields {
@@ -168,6 +192,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn long_fields_are_cut_and_say_so() {
+        // A multi-byte character across the cut: the cut goes before it.
+        let path = format!("/{}é{}", "a".repeat(MAX_FIELD - 2), "b".repeat(60_000));
+        let fields = ProxyFields {
+            method: Some("GET".into()),
+            host: Some("api.test".into()),
+            path: Some(path.clone()),
+            ..Default::default()
+        }
+        .bounded();
+        let cut = fields.path.unwrap();
+        assert!(cut.len() < MAX_FIELD + 32, "{} bytes kept", cut.len());
+        let kept = &cut[..cut.find("...[").unwrap()];
+        assert!(path.starts_with(kept) && kept.len() == MAX_FIELD - 1);
+        assert!(cut.ends_with(&format!("...[{} more bytes]", path.len() - kept.len())));
+        assert_eq!(fields.method.as_deref(), Some("GET"));
+        assert_eq!(fields.host.as_deref(), Some("api.test"));
     }
 
     #[test]

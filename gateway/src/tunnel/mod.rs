@@ -211,7 +211,7 @@ fn record(
 ) {
     fields.client = Some(client);
     let mut record = Record::new(Layer::Proxy, verdict, sandbox, reason);
-    record.proxy = Some(fields);
+    record.proxy = Some(fields.bounded());
     if let Err(e) = audit.append(&record) {
         tracing::error!("{e}");
     }
