@@ -97,11 +97,16 @@ impl Drop for Serve {
 /// `script` run by sh inside cgroup `cgroup` (relative to the cgroup v2 root) as nobody,
 /// with the environment file serve wrote for sandbox `name`: what a launcher does.
 fn in_sandbox(cgroup: &str, name: &str, script: &str) -> Command {
+    in_sandbox_as(65534, cgroup, name, script)
+}
+
+/// [`in_sandbox`] as user `uid`.
+fn in_sandbox_as(uid: u32, cgroup: &str, name: &str, script: &str) -> Command {
     let mut c = Command::new("sh");
     c.arg("-c")
-        .arg(
-            r#"echo $$ > "$1/cgroup.procs" && set -a && . "$2" && set +a && exec setpriv --reuid=65534 --regid=65534 --clear-groups --no-new-privs sh -c "$3""#,
-        )
+        .arg(format!(
+            r#"echo $$ > "$1/cgroup.procs" && set -a && . "$2" && set +a && exec setpriv --reuid={uid} --regid={uid} --clear-groups --no-new-privs sh -c "$3""#,
+        ))
         .arg("sh")
         .arg(cgroup2_root().join(cgroup))
         .arg(env_file(name))
@@ -322,6 +327,64 @@ fn one_tunnel_serves_two_sandboxes_each_under_its_own_policy() {
     assert!(!env_file("serve-a").exists() && !env_file("serve-b").exists());
     let audit = std::fs::read_to_string(scratch.dir.join("audit.jsonl")).unwrap();
     assert!(!audit.contains(SECRET) && !audit.contains(SECRET_B));
+}
+
+/// With `user`, only that user's connections to the tunnel come from the sandbox: another
+/// user's processes there, which could take (or be taken) another sandbox's connections,
+/// are refused by the kernel and recorded.
+#[test]
+fn a_sandbox_with_a_user_serves_only_that_user() {
+    assert_root();
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let scratch = Scratch::new("serve-user");
+    let policy = tunnel_policy(
+        "serve-user",
+        &pki,
+        &format!(
+            "{}{API_CREDENTIAL}",
+            rule("api.test", api.port, "credential = \"api\"")
+        ),
+    );
+    scratch.write("u.toml", &policy);
+    let parent = test_cgroup("user");
+    let config = format!(
+        "{}user = \"4242\"\n",
+        host_config(&scratch, &parent, &["u"])
+    );
+    let serve = Serve::start(&scratch, &config);
+    let cgroup = format!("{parent}/u");
+    let script = format!("{CURL}\nr api https://api.test/v1/user\n");
+    let (own, own_ctx) = run(&mut in_sandbox_as(4242, &cgroup, "serve-user", &script));
+    let (other, other_ctx) = run(&mut in_sandbox_as(4243, &cgroup, "serve-user", &script));
+    let refused = |r: &Value| {
+        r["layer"] == "kernel"
+            && r["sandbox"] == "serve-user"
+            && r["reason"] == "not-the-sandbox-user"
+            && r["uid"] == 4243
+    };
+    // Kernel events reach the log a moment after the call they refused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !serve.audit_records().iter().any(refused) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let records = serve.audit_records();
+    let ctx = || {
+        format!(
+            "--- as 4242\n{own_ctx}\n--- as 4243\n{other_ctx}\n--- serve\n{}\n--- audit\n{}",
+            serve.log(),
+            records
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    };
+    let reply = |out: &Output| curl_replies(out).get("api").cloned();
+    assert_eq!(reply(&own).map(|r| r.code), Some(200), "{}", ctx());
+    assert_ne!(reply(&other).map(|r| r.code), Some(200), "{}", ctx());
+    assert_eq!(api.paths(), ["/v1/user"], "{}", ctx());
+    assert!(records.iter().any(refused), "{}", ctx());
 }
 
 #[test]

@@ -92,6 +92,9 @@ pub enum Reason {
     /// of the host (SO_BINDTODEVICE, IP_UNICAST_IF, IP_PKTINFO) after the address hooks
     /// approved a loopback destination.
     LoopbackOffLoopback = 12,
+    /// A connection to the tunnel by another user than the one the sandbox is for (serve's
+    /// `user`): its processes' connections could be taken by another sandbox's of that user.
+    NotTheSandboxUser = 13,
 }
 
 impl Reason {
@@ -109,6 +112,7 @@ impl Reason {
             10 => Self::InboundConnection,
             11 => Self::MulticastMembership,
             12 => Self::LoopbackOffLoopback,
+            13 => Self::NotTheSandboxUser,
             _ => return None,
         })
     }
@@ -127,9 +131,13 @@ impl Reason {
             Self::InboundConnection => "inbound-connection",
             Self::MulticastMembership => "multicast-membership",
             Self::LoopbackOffLoopback => "loopback-off-loopback",
+            Self::NotTheSandboxUser => "not-the-sandbox-user",
         }
     }
 }
+
+/// `SandboxConfig::tunnel_uid` when any user of the sandbox may connect to the tunnel.
+pub const ANY_UID: u32 = u32::MAX;
 
 /// Per-sandbox settings, element 0 of the `CONFIG` array.
 #[repr(C)]
@@ -141,7 +149,9 @@ pub struct SandboxConfig {
     pub tunnel_addr: [u8; 16],
     /// The tunnel's TCP port, host byte order.
     pub tunnel_port: u16,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The only user whose connections to the tunnel the sandbox may make, or [`ANY_UID`].
+    pub tunnel_uid: u32,
     /// The network namespace the tunnel listens in (its `SO_NETNS_COOKIE`): a client socket
     /// in any other one is not the tunnel's, whatever its addresses.
     pub tunnel_netns: u64,

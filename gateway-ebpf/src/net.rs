@@ -1,12 +1,14 @@
 //! connect4/6 and sendmsg4/6 on the sandbox cgroup: the tunnel and `[[network.allow]]` only.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_cgroup_id,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid},
     macros::{cgroup_sock_addr, map},
     maps::{LpmTrie, lpm_trie::Key},
     programs::SockAddrContext,
 };
-use gateway_common::{Hook, IPPROTO_TCP, MAX_PORT_RULES, NET_ALLOW_ENTRIES, PortRules, Reason};
+use gateway_common::{
+    ANY_UID, Hook, IPPROTO_TCP, MAX_PORT_RULES, NET_ALLOW_ENTRIES, PortRules, Reason,
+};
 
 use crate::event::{Target, active, config, emit};
 
@@ -177,7 +179,16 @@ fn judge(hook: Hook, family: u32, addr: [u8; 16], port: u16, protocol: u32) -> i
         return DENY;
     };
     if protocol == IPPROTO_TCP as u32 && port == cfg.tunnel_port && addr == cfg.tunnel_addr {
-        return ALLOW;
+        if cfg.tunnel_uid == ANY_UID || bpf_get_current_uid_gid() as u32 == cfg.tunnel_uid {
+            return ALLOW;
+        }
+        // SAFETY: helper without preconditions.
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        let mut target = Target::socket(family, 0, protocol);
+        target.port = port as u32;
+        target.addr = addr;
+        emit(hook, Reason::NotTheSandboxUser, cgroup_id, &target);
+        return DENY;
     }
     if allowed_by_policy(&addr, port, protocol) {
         return ALLOW;

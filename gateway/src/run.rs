@@ -203,6 +203,8 @@ async fn supervise(
         cgroup_dir: cgroup.dir(),
         cgroup_id: cgroup.id(),
         tunnel: tunnel_addr,
+        // One command, launched by the gateway as one user, with no way to another's.
+        tunnel_uid: None,
         policy,
         pin_dir: &run_state.pin_dir,
     });

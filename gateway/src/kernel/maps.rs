@@ -16,7 +16,7 @@ use aya::{
     maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, lpm_trie::Key},
 };
 use gateway_common::{
-    IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RULES, NET_ALLOW_ENTRIES, PortRule, PortRules,
+    ANY_UID, IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RULES, NET_ALLOW_ENTRIES, PortRule, PortRules,
     SandboxConfig, UNIX_ALLOW_ENTRIES, UNIX_PATH_MAX, UnixPath,
 };
 use ipnet::IpNet;
@@ -46,7 +46,8 @@ pub(super) fn configure(ebpf: &mut Ebpf, target: &Target<'_>) -> Result<(), Kern
         cgroup_id: target.cgroup_id,
         tunnel_addr: mapped(target.tunnel.ip()).octets(),
         tunnel_port: target.tunnel.port(),
-        _pad: [0; 6],
+        _pad: [0; 2],
+        tunnel_uid: target.tunnel_uid.unwrap_or(ANY_UID),
         tunnel_netns: own_netns_cookie()?,
     };
     config.set(0, cfg, 0).map_err(map_err("CONFIG"))

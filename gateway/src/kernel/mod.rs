@@ -117,6 +117,8 @@ pub struct Target<'a> {
     pub cgroup_dir: &'a Path,
     pub cgroup_id: u64,
     pub tunnel: SocketAddr,
+    /// The only user that may connect to the tunnel from this sandbox; `None`, any.
+    pub tunnel_uid: Option<u32>,
     pub policy: &'a Policy,
     pub pin_dir: &'a Path,
 }

@@ -49,6 +49,7 @@ struct Raw {
 struct RawSandbox {
     cgroup: Spanned<String>,
     policy: Spanned<PathBuf>,
+    user: Option<Spanned<String>>,
 }
 
 /// A checked config with every sandbox's policy read and checked.
@@ -70,6 +71,8 @@ pub struct SandboxEntry {
     pub cgroup: PathBuf,
     pub policy_file: PathBuf,
     pub policy: Policy,
+    /// The only user whose connections to the tunnel this sandbox may make (`user`).
+    pub user: Option<u32>,
 }
 
 /// Reads and checks the config, then every policy it names. The first file with errors is
@@ -144,8 +147,28 @@ pub fn load(file: &Path) -> Result<Config, PolicyError> {
     }
     let base = file.parent().unwrap_or(Path::new("."));
     let mut cgroups: Vec<(PathBuf, std::ops::Range<usize>)> = Vec::new();
+    let mut users: HashMap<u32, usize> = HashMap::new();
     let mut wanted = Vec::new();
     for s in &raw.sandbox {
+        let user = s.user.as_ref().and_then(|u| match user_id(u.get_ref()) {
+            Ok(uid) => {
+                let (line, _) = line_col(&text, u.span().start);
+                if let Some(other) = users.insert(uid, line) {
+                    error(
+                        u.span(),
+                        format!(
+                            "user `{}` is already the user of the sandbox of line {other}: processes of one user can take each other's tunnel connections, so each sandbox needs a user of its own",
+                            u.get_ref()
+                        ),
+                    );
+                }
+                Some(uid)
+            }
+            Err(why) => {
+                error(u.span(), why);
+                None
+            }
+        });
         match cgroup_path(s.cgroup.get_ref()) {
             Ok(path) => {
                 for (other, at) in &cgroups {
@@ -169,7 +192,7 @@ pub fn load(file: &Path) -> Result<Config, PolicyError> {
                     }
                 }
                 cgroups.push((path.clone(), s.cgroup.span()));
-                wanted.push((path, s));
+                wanted.push((path, s, user));
             }
             Err(why) => error(s.cgroup.span(), why),
         }
@@ -184,7 +207,7 @@ pub fn load(file: &Path) -> Result<Config, PolicyError> {
     // The config is sound: now each policy, with its own file's errors.
     let mut sandboxes = Vec::with_capacity(wanted.len());
     let mut names: HashMap<String, usize> = HashMap::new();
-    for (cgroup, s) in wanted {
+    for (cgroup, s, user) in wanted {
         let policy_file = base.join(s.policy.get_ref());
         let policy = policy::load(&policy_file)?;
         let at = line_col(&text, s.policy.span().start);
@@ -230,6 +253,7 @@ pub fn load(file: &Path) -> Result<Config, PolicyError> {
             cgroup,
             policy_file,
             policy,
+            user,
         });
     }
     Ok(Config {
@@ -241,6 +265,23 @@ pub fn load(file: &Path) -> Result<Config, PolicyError> {
         threads,
         sandboxes,
     })
+}
+
+/// A sandbox's `user`: a name from the user database, or a number.
+fn user_id(text: &str) -> Result<u32, String> {
+    let uid = match text.parse::<u32>() {
+        Ok(uid) => uid,
+        Err(_) => match nix::unistd::User::from_name(text) {
+            Ok(Some(user)) => user.uid.as_raw(),
+            Ok(None) => return Err(format!("no user `{text}` on this host")),
+            Err(e) => return Err(format!("looking up user `{text}`: {e}")),
+        },
+    };
+    match uid {
+        0 => Err("a sandbox's user cannot be root: root can take any process's sockets".into()),
+        gateway_common::ANY_UID => Err(format!("user `{text}` is not a valid user id")),
+        uid => Ok(uid),
+    }
 }
 
 /// The cgroup relative to the cgroup v2 root: `agents/alice`, or `/agents/alice` meaning
@@ -388,11 +429,45 @@ mod tests {
         let e = check("version = 1\n", &[]).unwrap_err();
         assert!(e.contains("no [[sandbox]]"), "{e}");
         let e = check(
-            "version = 1\n[[sandbox]]\ncgroup = \"a\"\npolicy = \"a.toml\"\nuser = \"x\"\n",
+            "version = 1\n[[sandbox]]\ncgroup = \"a\"\npolicy = \"a.toml\"\nuid = 5\n",
             &[A],
         )
         .unwrap_err();
-        assert!(e.contains("unknown field `user`"), "{e}");
+        assert!(e.contains("unknown field `uid`"), "{e}");
+    }
+
+    #[test]
+    fn each_sandbox_needs_a_user_of_its_own_and_never_root() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "version = 1\n[[sandbox]]\ncgroup = \"a\"\npolicy = \"a.toml\"\nuser = \"{a}\"\n[[sandbox]]\ncgroup = \"b\"\npolicy = \"b.toml\"\nuser = \"{b}\"\n"
+            )
+        };
+        let c = check(&two("4242", "nobody"), &[A, B]).unwrap();
+        let users: Vec<_> = c.sandboxes.iter().map(|s| s.user).collect();
+        assert_eq!(users, [Some(4242), Some(65534)]);
+        let e = check(&two("65534", "nobody"), &[A, B]).unwrap_err();
+        assert!(
+            e.contains(
+                "D/serve.toml:9:8: user `nobody` is already the user of the sandbox of line 5"
+            ),
+            "{e}"
+        );
+        let e = check(&two("root", "no-such-user-here"), &[A, B]).unwrap_err();
+        assert!(
+            e.contains("D/serve.toml:5:8: a sandbox's user cannot be root"),
+            "{e}"
+        );
+        assert!(
+            e.contains("D/serve.toml:9:8: no user `no-such-user-here` on this host"),
+            "{e}"
+        );
+        let none = check(
+            "version = 1\n[[sandbox]]\ncgroup = \"a\"\npolicy = \"a.toml\"\n",
+            &[A],
+        )
+        .unwrap();
+        assert_eq!(none.sandboxes[0].user, None);
     }
 
     #[test]

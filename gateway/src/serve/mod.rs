@@ -141,6 +141,7 @@ fn attach(
         cgroup_dir: cgroup.dir(),
         cgroup_id: cgroup.id(),
         tunnel: tunnel_addr,
+        tunnel_uid: entry.user,
         policy: &entry.policy,
         pin_dir: &run_state.pin_dir,
     });
@@ -224,6 +225,12 @@ async fn supervise(
                 audit.clone(),
             ));
             tunnels.push(proxy);
+            if entry.user.is_none() {
+                tracing::warn!(
+                    sandbox = %policy.name,
+                    "no `user` in its [[sandbox]]: any user's processes in the cgroup may use the tunnel, and processes of one user can take each other's tunnel connections, across sandboxes too; give each sandbox a user of its own"
+                );
+            }
             tracing::info!(
                 sandbox = %policy.name,
                 cgroup = %sandbox.cgroup.dir().display(),
