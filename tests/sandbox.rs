@@ -230,6 +230,90 @@ print(json.dumps({"child": subprocess.run(["true"]).returncode}), flush=True)
     }
 }
 
+/// The seccomp rules are written for the native x86_64 ABI; a 64-bit process can still make
+/// i386 system calls with `int 0x80` (and x32 ones by number), which those rules never see.
+/// Such a call, here socket(AF_PACKET) as i386 call 359, must be recorded and its process
+/// killed before the call returns, not killed silently by the filter's default.
+#[test]
+fn foreign_syscall_abi_is_recorded_and_killed() {
+    let run = Run::new("foreign-abi", &policy("foreign-abi", ""));
+    let out = run.python(
+        r#"
+import mmap
+code = bytes([
+    0x53,                          # push rbx
+    0xb8, 0x67, 0x01, 0x00, 0x00,  # mov eax, 359 (i386 socket)
+    0xbb, 0x11, 0x00, 0x00, 0x00,  # mov ebx, 17 (AF_PACKET)
+    0xb9, 0x03, 0x00, 0x00, 0x00,  # mov ecx, 3 (SOCK_RAW)
+    0x31, 0xd2,                    # xor edx, edx
+    0xcd, 0x80,                    # int 0x80
+    0x5b,                          # pop rbx
+    0xc3,                          # ret
+])
+page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+page.write(code)
+call = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
+print(json.dumps({"before": True}), flush=True)
+print(json.dumps({"after": call()}), flush=True)
+"#,
+    );
+    assert!(
+        out.lines.iter().any(|l| l["before"] == true),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        !out.lines.iter().any(|l| l.get("after").is_some()),
+        "the process went on after an i386 call\n{}",
+        out.describe()
+    );
+    let pid = out.pid();
+    assert!(
+        out.audit.iter().any(|r| r["layer"] == "kernel"
+            && r["verdict"] == "deny"
+            && r["hook"] == "seccomp"
+            && r["reason"] == "foreign-syscall-abi"
+            && r["proto"] == "x86/359"
+            && r["pid"].as_u64() == Some(pid)
+            && r["uid"].as_u64() == Some(65534)
+            && r["comm"] == "python3"),
+        "no foreign-syscall-abi record for pid {pid}\n{}",
+        out.describe()
+    );
+    // Killed by the gateway, not by the filter's default (SIGSYS).
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGKILL),
+        "{}",
+        out.describe()
+    );
+
+    // An x32 call carries the native arch with bit 30 set in its number: socket is x32 41.
+    let out = run.python(
+        r#"
+libc = ctypes.CDLL(None, use_errno=True)
+print(json.dumps({"before": True}), flush=True)
+print(json.dumps({"after": libc.syscall(0x40000000 | 41, 17, 3, 0)}), flush=True)
+"#,
+    );
+    let pid = out.pid();
+    assert!(
+        out.audit
+            .iter()
+            .any(|r| r["reason"] == "foreign-syscall-abi"
+                && r["proto"] == "x32/41"
+                && r["pid"].as_u64() == Some(pid)),
+        "no x32 record for pid {pid}\n{}",
+        out.describe()
+    );
+    assert!(
+        !out.lines.iter().any(|l| l.get("after").is_some()),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.status.code(), Some(128 + libc::SIGKILL));
+}
+
 #[test]
 fn host_unix_sockets_are_refused() {
     let scratch = Scratch::new("unix");

@@ -6,7 +6,9 @@
 //!   (its IORING_OP_SOCKET would bypass the socket filter), and new namespaces (unshare or
 //!   clone with a CLONE_NEW* flag; clone3 fails with ENOSYS so clone is used) are refused. The filter
 //!   hands each refusal to the gateway through a user-notification fd so it can be audited;
-//!   if the gateway is gone the kernel fails the call with ENOSYS, still refused.
+//!   if the gateway is gone the kernel fails the call with ENOSYS, still refused. Calls
+//!   through another ABI than the native one (i386 `int 0x80`, x32), which the rules do not
+//!   cover, are handed over too: the gateway records them and kills the caller.
 //!
 //! Everything that allocates happens in [`Confinement::prepare`], before the fork; the child
 //! only makes system calls.
@@ -144,6 +146,11 @@ impl Confinement {
 
 fn seccomp_filter() -> Result<Vec<u8>, Box<dyn std::error::Error>> {
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow)?;
+    // The rules cover the native ABI only. A call through another one (i386 `int 0x80` from
+    // a 64-bit process, or an x32 number) takes the bad-arch action, which by default kills
+    // the process with nothing recorded: it goes to the gateway instead, which records it
+    // and kills the caller (notify.rs).
+    ctx.set_act_badarch(ScmpAction::Notify)?;
     for name in ["socket", "socketpair"] {
         let nr = ScmpSyscall::from_name(name)?;
         let deny = ScmpAction::Notify;
