@@ -581,6 +581,53 @@ def connected(host):
     return s, head.decode(errors="replace").split("\r\n")[0]
 "#;
 
+/// An upstream that sends the credential back, in a header or in the body, would hand the
+/// sandbox the secret: a header is refused (502) before anything is relayed, a body is cut
+/// before the chunk that carries it. Both are recorded.
+#[test]
+fn an_upstream_echoing_the_secret_never_reaches_the_sandbox() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let run = api_run("tunnel-echo", &pki, api.port, "credential = \"api\"");
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}
+r header https://api.test/echo-credential?in=header
+r body https://api.test/echo-credential?in=body
+r plain https://api.test/v1/plain
+"
+        ),
+    );
+    let replies = replies(&out.stdout);
+    let ctx = || described(&out, &[&api]);
+    assert_eq!(reply(&replies, "header", &out).code, 502, "{}", ctx());
+    assert_ne!(reply(&replies, "body", &out).exit, 0, "{}", ctx());
+    assert_eq!(reply(&replies, "plain", &out).code, 200, "{}", ctx());
+    // The upstream did send it back, both times.
+    let echoed = api
+        .paths()
+        .iter()
+        .filter(|p| p.starts_with("/echo-credential"))
+        .count();
+    assert_eq!(echoed, 2, "{}", ctx());
+    assert!(
+        !out.stdout.contains(SECRET) && !out.stderr.contains(SECRET),
+        "the sandbox saw the secret\n{}",
+        ctx()
+    );
+    assert_proxy_record(
+        &out,
+        "the echoing header",
+        &json!({"verdict": "deny", "reason": "secret-in-response", "status": 502}),
+    );
+    assert_proxy_record(
+        &out,
+        "the echoing body, cut after its answer was let through",
+        &json!({"verdict": "deny", "reason": "secret-in-response", "path": "/echo-credential?in=body", "status": null}),
+    );
+}
+
 /// A body on a GET goes upstream on a connection closed after it: an upstream that ignores
 /// such a body would otherwise read it as the next request, one no rule checked (here a
 /// DELETE the policy refuses).
@@ -2347,7 +2394,7 @@ impl NginxH2 {
              fastcgi_temp_path {d}/fcgi;\nuwsgi_temp_path {d}/uwsgi;\nscgi_temp_path {d}/scgi;\n\
              server {{\n# nginx 1.22 (Debian 12): http2 is a listen parameter.\nlisten 127.0.0.1:{port} ssl http2;\nserver_name api.test;\n\
              ssl_certificate {cert};\nssl_certificate_key {key};\n\
-             location / {{ return 200 \"$server_protocol $http_authorization\\n\"; }}\n}}\n}}\n",
+             location / {{ set $credential missing; if ($http_authorization = \"Bearer {SECRET}\") {{ set $credential attached; }} return 200 \"$server_protocol $credential\\n\"; }}\n}}\n}}\n",
             d = dir.display(),
             cert = pki.cert.display(),
             key = pki.key.display(),
@@ -2397,12 +2444,7 @@ fn the_upstream_is_spoken_to_in_http2_when_it_offers_it() {
     assert_eq!(reply.code, 200, "{}", out.describe());
     // The sandbox spoke HTTP/1.1 to the tunnel; the tunnel negotiated h2 upstream by ALPN
     // and attached the credential there.
-    assert_eq!(
-        reply.body.trim(),
-        format!("HTTP/2.0 Bearer {SECRET}"),
-        "{}",
-        out.describe()
-    );
+    assert_eq!(reply.body.trim(), "HTTP/2.0 attached", "{}", out.describe());
 }
 
 /// Toward an HTTP/2 upstream too, a body carrying a placeholder of a credential the host's

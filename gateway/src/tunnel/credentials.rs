@@ -19,6 +19,10 @@ pub struct Secret {
     /// wiped when its last copy is dropped.
     header_value: HeaderValue,
     pub placeholder: Option<Placeholder>,
+    /// What of the secret an upstream could send back: the secret, and for Basic auth the
+    /// encoded pair it travels as. A response carrying one is never relayed. Wiped when the
+    /// last copy is dropped.
+    echoes: Vec<Bytes>,
 }
 
 #[derive(Clone)]
@@ -148,6 +152,10 @@ impl Secret {
     pub fn header_value(&self) -> HeaderValue {
         self.header_value.clone()
     }
+
+    pub fn echoes(&self) -> &[Bytes] {
+        &self.echoes
+    }
 }
 
 fn load_one(name: &str, cred: &Credential) -> Result<Secret, CredentialError> {
@@ -181,6 +189,7 @@ fn load_one(name: &str, cred: &Credential) -> Result<Secret, CredentialError> {
     // Built in place, with room reserved up front: a String that grew would leave its old
     // buffer, with part of the secret in it, unwiped.
     let mut formatted = Zeroizing::new(String::new());
+    let mut echoes = vec![wiped(value.as_str())];
     match &cred.basic_user {
         Some(user) => {
             let pair = Zeroizing::new(format!("{user}:{}", value.as_str()));
@@ -188,6 +197,7 @@ fn load_one(name: &str, cred: &Credential) -> Result<Secret, CredentialError> {
             formatted.push_str("Basic ");
             base64::engine::general_purpose::STANDARD
                 .encode_string(pair.as_bytes(), &mut formatted);
+            echoes.push(wiped(&formatted["Basic ".len()..]));
         }
         None => {
             let parts: Vec<&str> = cred.format.split("{secret}").collect();
@@ -212,7 +222,15 @@ fn load_one(name: &str, cred: &Credential) -> Result<Secret, CredentialError> {
         header,
         header_value,
         placeholder,
+        echoes,
     })
+}
+
+/// A copy of `text` wiped when its last `Bytes` is dropped, made at its final size.
+fn wiped(text: &str) -> Bytes {
+    let mut copy = Zeroizing::new(String::with_capacity(text.len()));
+    copy.push_str(text);
+    Bytes::from_owner(Wiped(copy))
 }
 
 /// A header value's bytes: they are wiped when the last `Bytes` sharing them is dropped.
@@ -366,5 +384,12 @@ mod tests {
             "Basic eC1hY2Nlc3MtdG9rZW46czNjcmV0"
         );
         assert!(value(&cred("Bearer {secret}", None)).is_sensitive());
+        // What an answer must not carry: the secret, and the pair as Basic auth sends it.
+        let echoes = |c: &Credential| load_one("c", c).unwrap().echoes().to_vec();
+        assert_eq!(echoes(&cred("Bearer {secret}", None)), ["s3cret"]);
+        assert_eq!(
+            echoes(&cred("", Some("x-access-token"))),
+            ["s3cret", "eC1hY2Nlc3MtdG9rZW46czNjcmV0"]
+        );
     }
 }

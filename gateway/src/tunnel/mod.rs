@@ -14,6 +14,7 @@ mod pool;
 mod pooled_body;
 pub(crate) mod private;
 mod proxy;
+mod response_scan;
 pub use proxy::CREDENTIAL_OVER_PLAIN_HTTP;
 pub mod rules;
 mod snapshot;
@@ -45,7 +46,8 @@ use crate::{
     policy::Policy,
 };
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// What the tunnel answers with; a body cut for carrying a secret ends in an error of its own.
+pub type Body = BoxBody<Bytes, body_scan::BoxError>;
 
 /// Longest a client may take to send a request head (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);

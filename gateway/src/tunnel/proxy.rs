@@ -14,6 +14,7 @@ use super::{
     body_scan, headers, late_cut, local_response,
     pool::{self, UpstreamError},
     private::is_private,
+    response_scan,
     rules::Rule,
     upstream::{self, PrivateUpstream},
     websocket,
@@ -297,6 +298,22 @@ impl Tunnel {
                 };
             }
         };
+        // The credential sent back would reach the sandbox: such an answer is not relayed.
+        let echoes = route
+            .credential()
+            .and_then(|name| snapshot.secrets.get(name))
+            .and_then(|secret| response_scan::Echoes::new(secret.echoes()));
+        if echoes
+            .as_ref()
+            .is_some_and(|e| e.in_headers(resp.headers()))
+        {
+            return self.refuse(
+                StatusCode::BAD_GATEWAY,
+                response_scan::SECRET_IN_RESPONSE,
+                client,
+                fields,
+            );
+        }
         // After the answer's record, whatever way it goes: a cut then comes after it.
         let _answered = late_cut::AnsweredOnDrop(watch);
         if let (Some(client_upgrade), Some(sent_headers), Some(permit)) =
@@ -329,12 +346,20 @@ impl Tunnel {
                     .boxed(),
             );
         }
-        fields.status = Some(resp.status().as_u16());
         let (verdict, reason) = route.verdict(&resp);
-        self.record(verdict, reason, client, fields);
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        Response::from_parts(parts, body.boxed())
+        let body = match echoes {
+            // A cut has no status of its own: the client saw the answer's.
+            Some(echoes) => {
+                let cut = self.deny_later(client, fields.clone());
+                response_scan::Scanned::new(body, echoes, cut).boxed()
+            }
+            None => body.map_err(Into::into).boxed(),
+        };
+        fields.status = Some(parts.status.as_u16());
+        self.record(verdict, reason, client, fields);
+        Response::from_parts(parts, body)
     }
 
     /// The answer and the record when the upstream could not be reached or failed. A

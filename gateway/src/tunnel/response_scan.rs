@@ -1,0 +1,276 @@
+//! Secrets in answers. An upstream that sends the request's credential back (a debugging
+//! endpoint that echoes headers, an error page quoting the request) would hand the sandbox
+//! what it must never hold. An answer's headers are checked before it is relayed; its body
+//! as it streams, cut before the chunk that would carry the secret, and the cut recorded.
+
+use std::{
+    pin::Pin,
+    sync::{Mutex, PoisonError},
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::HeaderMap;
+use memchr::memmem;
+
+use super::{body_scan::BoxError, late_cut};
+
+/// The reason of an answer, or the rest of one, not relayed for carrying the secret.
+pub const SECRET_IN_RESPONSE: &str = "secret-in-response";
+
+/// The error that ends a body carrying the secret: the client's connection is cut.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream's answer carries the credential's secret")]
+pub struct SecretInResponse;
+
+/// The texts of one credential that an answer must not carry.
+pub struct Echoes(Vec<Bytes>);
+
+impl Echoes {
+    /// `None` when there is nothing to look for.
+    pub fn new(echoes: &[Bytes]) -> Option<Self> {
+        let echoes: Vec<Bytes> = echoes.iter().filter(|e| !e.is_empty()).cloned().collect();
+        (!echoes.is_empty()).then_some(Self(echoes))
+    }
+
+    pub fn in_headers(&self, headers: &HeaderMap) -> bool {
+        headers.iter().any(|(name, value)| {
+            self.found_in(name.as_str().as_bytes()) || self.found_in(value.as_bytes())
+        })
+    }
+
+    fn found_in(&self, bytes: &[u8]) -> bool {
+        self.0.iter().any(|e| memmem::find(bytes, e).is_some())
+    }
+
+    /// How many bytes at the end of `bytes` begin one of the texts: held back until the next
+    /// chunk shows whether the rest follows. Usually none, so a stream (server-sent events)
+    /// is relayed as it comes.
+    fn pending(&self, bytes: &[u8]) -> usize {
+        self.0
+            .iter()
+            .map(|e| {
+                (1..e.len().min(bytes.len() + 1))
+                    .rev()
+                    .find(|&k| bytes[bytes.len() - k..] == e[..k])
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Relays `inner`, cutting it before the secret.
+pub struct Scanned<B> {
+    inner: B,
+    echoes: Echoes,
+    /// The start of a text that may be the secret, not relayed yet.
+    held: BytesMut,
+    /// Trailers that came while bytes were held: relayed after them.
+    trailers: Option<HeaderMap>,
+    /// Records the cut; taken when it happens. (In a mutex only so the body is `Sync`, as
+    /// hyper's boxed bodies must be; only `&mut self` ever touches it.)
+    cut: Mutex<Option<late_cut::Record>>,
+    done: bool,
+}
+
+impl<B> Scanned<B> {
+    pub fn new(inner: B, echoes: Echoes, cut: late_cut::Record) -> Self {
+        Self {
+            inner,
+            echoes,
+            held: BytesMut::new(),
+            trailers: None,
+            cut: Mutex::new(Some(cut)),
+            done: false,
+        }
+    }
+
+    fn cut(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.done = true;
+        self.held.clear();
+        let cut = self.cut.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(record) = cut.take() {
+            record(SECRET_IN_RESPONSE);
+        }
+        Poll::Ready(Some(Err(SecretInResponse.into())))
+    }
+}
+
+impl<B> Body for Scanned<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        }
+        loop {
+            let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                None => {
+                    this.done = true;
+                    let rest = this.held.split().freeze();
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                }
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    let Ok(trailers) = frame.into_trailers() else {
+                        continue;
+                    };
+                    if this.echoes.in_headers(&trailers) {
+                        return this.cut();
+                    }
+                    this.done = true;
+                    if this.held.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    this.trailers = Some(trailers);
+                    return Poll::Ready(Some(Ok(Frame::data(this.held.split().freeze()))));
+                }
+            };
+            if this.held.is_empty() {
+                // The usual case: nothing held, the chunk is relayed without a copy.
+                if this.echoes.found_in(&data) {
+                    return this.cut();
+                }
+                let send = data.len() - this.echoes.pending(&data);
+                this.held.extend_from_slice(&data[send..]);
+                if send > 0 {
+                    return Poll::Ready(Some(Ok(Frame::data(data.slice(..send)))));
+                }
+                continue;
+            }
+            this.held.extend_from_slice(&data);
+            if this.echoes.found_in(&this.held) {
+                return this.cut();
+            }
+            let send = this.held.len() - this.echoes.pending(&this.held);
+            if send > 0 {
+                return Poll::Ready(Some(Ok(Frame::data(this.held.split_to(send).freeze()))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.done {
+            return self.trailers.is_none();
+        }
+        self.held.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.inner.size_hint();
+        let held = self.held.len() as u64;
+        hint.set_lower(hint.lower() + held);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::VecDeque, sync::Arc};
+
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+
+    struct Chunks(VecDeque<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn echoes() -> Echoes {
+        Echoes::new(&[Bytes::from_static(b"s3cret-value")]).unwrap()
+    }
+
+    /// What the client receives frame by frame, and the reasons recorded.
+    async fn relay(chunks: &[&str]) -> (Vec<String>, bool, Vec<&'static str>) {
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let record = {
+            let recorded = recorded.clone();
+            Box::new(move |reason| recorded.lock().unwrap().push(reason))
+        };
+        let body = Chunks(
+            chunks
+                .iter()
+                .map(|c| Bytes::copy_from_slice(c.as_bytes()))
+                .collect(),
+        );
+        let mut scanned = Scanned::new(body, echoes(), record);
+        let mut frames = Vec::new();
+        let mut failed = false;
+        while let Some(frame) = scanned.frame().await {
+            match frame {
+                Ok(f) => frames.push(String::from_utf8(f.into_data().unwrap().to_vec()).unwrap()),
+                Err(_) => failed = true,
+            }
+        }
+        let recorded = recorded.lock().unwrap().clone();
+        (frames, failed, recorded)
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_the_secret_is_relayed_chunk_by_chunk() {
+        let (frames, failed, recorded) = relay(&["data: first\n\n", "data: second\n\n"]).await;
+        assert_eq!(frames, ["data: first\n\n", "data: second\n\n"]);
+        assert!(!failed && recorded.is_empty());
+        // Only what could begin the secret waits for the next chunk.
+        let (frames, _, _) = relay(&["a s3c", "ond thing"]).await;
+        assert_eq!(frames, ["a ", "s3cond thing"]);
+    }
+
+    #[tokio::test]
+    async fn the_secret_is_cut_whole_or_split_and_the_cut_recorded_once() {
+        for chunks in [
+            &["x", "token: s3cret-value"][..],
+            &["token: s3cr", "et-value"],
+            &["s", "3", "cret-", "value and more"],
+        ] {
+            let (frames, failed, recorded) = relay(chunks).await;
+            assert!(failed, "{chunks:?}");
+            assert!(
+                frames.iter().all(|f| !f.contains("s3cret-value"))
+                    && !frames.concat().contains("s3cret-value"),
+                "{chunks:?}: {frames:?}"
+            );
+            assert_eq!(recorded, [SECRET_IN_RESPONSE], "{chunks:?}");
+        }
+    }
+
+    #[test]
+    fn headers_are_checked_by_name_and_value() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-echo", "Bearer s3cret-value".parse().unwrap());
+        assert!(echoes().in_headers(&headers));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-echo", "Bearer another".parse().unwrap());
+        assert!(!echoes().in_headers(&headers));
+    }
+}
