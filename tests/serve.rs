@@ -338,11 +338,17 @@ fn a_sandbox_with_a_user_serves_only_that_user() {
     let pki = Pki::new();
     let api = Server::upstream(&pki, "api");
     let scratch = Scratch::new("serve-user");
+    let tunnel_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // 0.0.0.0 reaches 127.0.0.1: listed, it must still be the sandbox's user's only.
     let policy = tunnel_policy(
         "serve-user",
         &pki,
         &format!(
-            "{}{API_CREDENTIAL}",
+            "{}{API_CREDENTIAL}[[network.allow]]\ncidr = \"0.0.0.0/32\"\nports = [{tunnel_port}]\n",
             rule("api.test", api.port, "credential = \"api\"")
         ),
     );
@@ -351,10 +357,17 @@ fn a_sandbox_with_a_user_serves_only_that_user() {
     let config = format!(
         "{}user = \"4242\"\n",
         host_config(&scratch, &parent, &["u"])
+    )
+    .replacen(
+        "version = 1\n",
+        &format!("version = 1\nlisten = \"127.0.0.1:{tunnel_port}\"\n"),
+        1,
     );
     let serve = Serve::start(&scratch, &config);
     let cgroup = format!("{parent}/u");
-    let script = format!("{CURL}\nr api https://api.test/v1/user\n");
+    let script = format!(
+        "{CURL}\nr api https://api.test/v1/user\npython3 -c 'import socket; socket.create_connection((\"0.0.0.0\", {tunnel_port}), timeout=5); print(\"zero: connected\")' 2>&1 | tail -1\n"
+    );
     let (own, own_ctx) = run(&mut in_sandbox_as(4242, &cgroup, "serve-user", &script));
     let (other, other_ctx) = run(&mut in_sandbox_as(4243, &cgroup, "serve-user", &script));
     let refused = |r: &Value| {
@@ -363,9 +376,11 @@ fn a_sandbox_with_a_user_serves_only_that_user() {
             && r["reason"] == "not-the-sandbox-user"
             && r["uid"] == 4243
     };
+    let zero = format!("0.0.0.0:{tunnel_port}");
+    let refused_zero = |r: &Value| refused(r) && r["dst"] == zero.as_str();
     // Kernel events reach the log a moment after the call they refused.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !serve.audit_records().iter().any(refused) && Instant::now() < deadline {
+    while !serve.audit_records().iter().any(refused_zero) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     let records = serve.audit_records();
@@ -383,8 +398,12 @@ fn a_sandbox_with_a_user_serves_only_that_user() {
     let reply = |out: &Output| curl_replies(out).get("api").cloned();
     assert_eq!(reply(&own).map(|r| r.code), Some(200), "{}", ctx());
     assert_ne!(reply(&other).map(|r| r.code), Some(200), "{}", ctx());
+    let said = |out: &Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said(&own).contains("zero: connected"), "{}", ctx());
+    assert!(said(&other).contains("PermissionError"), "{}", ctx());
     assert_eq!(api.paths(), ["/v1/user"], "{}", ctx());
     assert!(records.iter().any(refused), "{}", ctx());
+    assert!(records.iter().any(refused_zero), "{}", ctx());
 }
 
 #[test]

@@ -630,7 +630,8 @@ r plain https://api.test/v1/plain
 
 /// A body on a GET goes upstream on a connection closed after it: an upstream that ignores
 /// such a body would otherwise read it as the next request, one no rule checked (here a
-/// DELETE the policy refuses).
+/// DELETE the policy refuses). A WebSocket handshake, whose connection stays open, may have
+/// no body at all.
 #[test]
 fn a_get_body_cannot_smuggle_a_request_upstream() {
     let pki = Pki::new();
@@ -654,6 +655,13 @@ for _ in range(2):
     t.settimeout(10)
     head = t.recv(65536).decode(errors="replace").split("\r\n")[0]
     print(json.dumps({{"answer": head}}), flush=True)
+# The same as a WebSocket handshake, whose connection would not be closed after it.
+t.sendall(b"GET /ignores-body HTTP/1.1\r\nHost: api.test\r\nUpgrade: websocket\r\n"
+          b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+          b"Sec-WebSocket-Version: 13\r\nContent-Length: "
+          + str(len(smuggled)).encode() + b"\r\n\r\n" + smuggled)
+head = t.recv(65536).decode(errors="replace").split("\r\n")[0]
+print(json.dumps({{"upgrade": head}}), flush=True)
 # Time for the upstream to read whatever followed on its connections.
 time.sleep(1)
 "#
@@ -662,6 +670,12 @@ time.sleep(1)
     let ctx = || described(&out, &[&api]);
     let answers: Vec<&Value> = out.lines.iter().filter_map(|l| l.get("answer")).collect();
     assert_eq!(answers, ["HTTP/1.1 200 OK"; 2], "{}", ctx());
+    assert_eq!(
+        printed(&out, "upgrade"),
+        "HTTP/1.1 400 Bad Request",
+        "{}",
+        ctx()
+    );
     let requests = api.requests();
     let paths: Vec<&str> = requests.iter().filter_map(|r| r["path"].as_str()).collect();
     assert_eq!(

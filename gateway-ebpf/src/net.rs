@@ -72,6 +72,21 @@ fn judge_bind(hook: Hook, family: u32, addr: [u8; 16], port: u16, protocol: u32)
     DENY
 }
 
+/// `::` or `::ffff:0.0.0.0`.
+#[inline(always)]
+fn is_unspecified(addr: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    let mapped = addr[10] == 0xff && addr[11] == 0xff;
+    let zero_head = addr[10] == 0 && addr[11] == 0;
+    (mapped || zero_head) && addr[12] == 0 && addr[13] == 0 && addr[14] == 0 && addr[15] == 0
+}
+
 /// 127.0.0.0/8 (as `::ffff:127.x.y.z`) or `::1`.
 #[inline(always)]
 pub fn is_loopback(addr: &[u8; 16]) -> bool {
@@ -178,10 +193,17 @@ fn judge(hook: Hook, family: u32, addr: [u8; 16], port: u16, protocol: u32) -> i
     let Some(cfg) = config() else {
         return DENY;
     };
-    if protocol == IPPROTO_TCP as u32 && port == cfg.tunnel_port && addr == cfg.tunnel_addr {
-        if cfg.tunnel_uid == ANY_UID || bpf_get_current_uid_gid() as u32 == cfg.tunnel_uid {
-            return ALLOW;
-        }
+    let to_tunnel_port = protocol == IPPROTO_TCP as u32 && port == cfg.tunnel_port;
+    // 0.0.0.0 and :: reach the loopback address: judged as the tunnel for who may connect,
+    // whatever `[[network.allow]]` says of them.
+    let wrong_user = to_tunnel_port
+        && (addr == cfg.tunnel_addr || is_unspecified(&addr))
+        && cfg.tunnel_uid != ANY_UID
+        && bpf_get_current_uid_gid() as u32 != cfg.tunnel_uid;
+    if to_tunnel_port && addr == cfg.tunnel_addr && !wrong_user {
+        return ALLOW;
+    }
+    if wrong_user {
         // SAFETY: helper without preconditions.
         let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
         let mut target = Target::socket(family, 0, protocol);

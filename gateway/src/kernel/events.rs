@@ -53,13 +53,21 @@ impl EventReader {
             tokio::select! {
                 guard = ring.readable_mut() => {
                     if let Ok(mut guard) = guard {
+                        // Backed up or not, the next event or tick comes back here.
                         drain(guard.get_inner_mut(), &audit, &sandbox)?;
                         guard.clear_ready();
                     }
                 }
-                _ = tick.tick() => lost.report(&audit, &sandbox)?,
-                _ = stop.changed() => {
+                _ = tick.tick() => {
+                    // Events left in the ring while the log was backed up.
                     drain(ring.get_mut(), &audit, &sandbox)?;
+                    lost.report(&audit, &sandbox)?;
+                }
+                _ = stop.changed() => {
+                    // The last of them, waiting for the writer if need be.
+                    while drain(ring.get_mut(), &audit, &sandbox)? {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                     return lost.report(&audit, &sandbox);
                 }
             }
@@ -91,8 +99,21 @@ impl LostCounter {
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, audit: &AuditLog, sandbox: &str) -> Result<(), AuditError> {
-    while let Some(item) = ring.next() {
+/// Records the ring's events until it is empty (`false`) or the log is backed up (`true`):
+/// then the rest stay in the ring, whose overflow the kernel counts as lost, and this async
+/// thread never waits on the writer.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    audit: &AuditLog,
+    sandbox: &str,
+) -> Result<bool, AuditError> {
+    loop {
+        if audit.backed_up() {
+            return Ok(true);
+        }
+        let Some(item) = ring.next() else {
+            return Ok(false);
+        };
         if item.len() < size_of::<Event>() {
             continue;
         }
@@ -100,7 +121,6 @@ fn drain(ring: &mut RingBuf<MapData>, audit: &AuditLog, sandbox: &str) -> Result
         let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
         audit.append(&describe(&ev, sandbox))?;
     }
-    Ok(())
 }
 
 /// The audit record for one kernel event.

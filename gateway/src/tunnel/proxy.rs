@@ -181,6 +181,16 @@ impl Tunnel {
         fields: ProxyFields,
     ) -> Response<Body> {
         let ws = websocket::is_request(req.headers());
+        if ws && !http_body::Body::is_end_stream(req.body()) {
+            // A handshake has no body (RFC 6455, 4.1), and an upgrade's connection is never
+            // closed after the exchange: the body could be a second request no rule checked.
+            return self.refuse(
+                StatusCode::BAD_REQUEST,
+                "websocket-with-body",
+                client,
+                fields,
+            );
+        }
         // The pipe outlives this connection: it holds a connection permit of its own.
         let ws_permit = match ws.then(|| self.session_permit()) {
             Some(None) => {
