@@ -532,6 +532,28 @@ fn config_errors_name_file_line_and_column() {
         "{ctx}"
     );
     assert!(!cgroup2_root().join("x").exists(), "{ctx}");
+    // A file the policy names that cannot be read stops serve before anything exists too.
+    let cgroup = test_cgroup("badca");
+    scratch.write(
+        "p.toml",
+        &policy(
+            "serve-badca",
+            "[tls]\nupstream_ca = [\"/nonexistent/ca.pem\"]\n",
+        ),
+    );
+    let config = scratch.write(
+        "serve.toml",
+        &format!("version = 1\n[[sandbox]]\ncgroup = \"{cgroup}\"\npolicy = \"p.toml\"\n"),
+    );
+    let (out, ctx) = run(Command::new(gateway_bin())
+        .args(["serve", "--config"])
+        .arg(&config));
+    assert!(!out.status.success(), "{ctx}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/ca.pem"),
+        "{ctx}"
+    );
+    assert!(!cgroup2_root().join(&cgroup).exists(), "{ctx}");
 }
 
 #[test]

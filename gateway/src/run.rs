@@ -65,6 +65,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     // Secrets first: a missing one is the policy author's to fix before anything is created.
     let secrets = Secrets::load(&policy)?;
+    crate::tunnel::check_upstream_ca(&policy)?;
     let (ca, cgroup_root) = prepare_host()?;
     let user = user::resolve(args.user.as_deref())?;
     let audit_path = args

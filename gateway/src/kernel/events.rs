@@ -102,11 +102,7 @@ impl LostCounter {
 /// Records the ring's events until it is empty (`false`) or the log is backed up (`true`):
 /// then the rest stay in the ring, whose overflow the kernel counts as lost, and this async
 /// thread never waits on the writer.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    audit: &AuditLog,
-    sandbox: &str,
-) -> Result<bool, AuditError> {
+fn drain(ring: &mut RingBuf<MapData>, audit: &AuditLog, sandbox: &str) -> Result<bool, AuditError> {
     loop {
         if audit.backed_up() {
             return Ok(true);

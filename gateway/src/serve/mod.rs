@@ -53,6 +53,10 @@ pub fn serve(config_file: &Path) -> anyhow::Result<i32> {
         .iter()
         .map(|s| Secrets::load(&s.policy))
         .collect::<Result<Vec<_>, _>>()?;
+    for sandbox in &config.sandboxes {
+        tunnel::check_upstream_ca(&sandbox.policy)
+            .with_context(|| format!("sandbox {}", sandbox.policy.name))?;
+    }
     let (ca, cgroup_root) = crate::run::prepare_host()?;
     let audit = AuditLog::open_with(&config.audit_log, config.audit_max_bytes)?;
     let runtime = crate::run::supervisor_runtime()?;

@@ -40,6 +40,12 @@ pub use credentials::{CredentialError, Placeholders, Secrets};
 pub use snapshot::{PolicyHandle, Snapshot};
 pub use workers::{Doorman, MAX_THREADS, spawn_workers, worker_threads};
 
+/// Reads a policy's `[tls] upstream_ca` as the tunnel will, so that a missing or bad file
+/// stops `run` or `serve` before anything is created.
+pub fn check_upstream_ca(policy: &Policy) -> anyhow::Result<()> {
+    upstream::client_tls(&policy.upstream_ca).map(drop)
+}
+
 use self::{authority::Authority, guard::HeadGuard, snapshot::WorkerPools};
 use crate::{
     audit::{AuditLog, Layer, ProxyFields, Record, Verdict},
