@@ -702,6 +702,37 @@ fn run_as_non_root_fails_with_the_clear_message() {
     );
 }
 
+/// A run that cannot bind its tunnel has made nothing, and leaves no state that the next
+/// run would take for a crashed gateway's.
+#[test]
+fn a_run_that_cannot_bind_its_tunnel_leaves_nothing_behind() {
+    let scratch = Scratch::new("busy-port");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let policy = scratch.write(
+        "p.toml",
+        &format!("version = 1\n[tunnel]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let child = std::process::Command::new(gateway_bin())
+        .args(["run", "--audit-log"])
+        .arg(scratch.dir.join("audit.jsonl"))
+        .arg("--policy")
+        .arg(&policy)
+        .args(["--", "true"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Address already in use"), "{stderr}");
+    assert!(
+        !std::path::Path::new(&format!("/run/gateway/{pid}")).exists(),
+        "state left behind\n{stderr}"
+    );
+}
+
 #[test]
 fn inherited_descriptors_are_closed() {
     let run = Run::new("fds", &policy("fds", ""));

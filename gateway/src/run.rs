@@ -183,9 +183,15 @@ async fn supervise(
     } = sandbox;
     // Before anything exists: SIGHUP's default action would end the gateway without cleanup.
     let mut sighup = signal(SignalKind::hangup())?;
-    let listener = tunnel::bind(policy.tunnel_listen)
-        .await
-        .with_context(|| format!("binding the tunnel at {}", policy.tunnel_listen))?;
+    let listener = match tunnel::bind(policy.tunnel_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            // Nothing was made yet: no state for the next run to take for a crash.
+            let _ = std::fs::remove_dir_all(run_dir);
+            return Err(anyhow::Error::from(e)
+                .context(format!("binding the tunnel at {}", policy.tunnel_listen)));
+        }
+    };
     let tunnel_addr = listener.local_addr()?;
     let cgroup_name = run_state
         .cgroup_dir

@@ -45,9 +45,21 @@ impl RunState {
         std::fs::write(&file, json).map_err(SandboxError::io("writing", &file))
     }
 
+    /// A gateway killed but not yet reaped by its parent (a zombie) is gone: it holds
+    /// nothing any more, and its parent may never reap it.
     fn alive(&self) -> bool {
-        process_start_time(self.pid) == Some(self.start_time)
+        process_start_time(self.pid) == Some(self.start_time) && !is_zombie(self.pid)
     }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().next());
+    matches!(state, Some("Z" | "X"))
 }
 
 pub fn process_start_time(pid: u32) -> Option<u64> {
@@ -95,4 +107,37 @@ pub fn clean_stale() -> Result<Vec<String>, anyhow::Error> {
         cleaned.push(format!("{} (gateway pid {})", state.sandbox, state.pid));
     }
     Ok(cleaned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_process_not_yet_reaped_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let state = RunState {
+            pid,
+            start_time: process_start_time(pid).unwrap(),
+            sandbox: "t".into(),
+            cgroup_dir: PathBuf::new(),
+            pin_dir: PathBuf::new(),
+            keep_cgroup: false,
+        };
+        // Exited, and left unreaped until the end of the test.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !is_zombie(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!state.alive());
+        child.wait().unwrap();
+        let me = std::process::id();
+        let running = RunState {
+            pid: me,
+            start_time: process_start_time(me).unwrap(),
+            ..state
+        };
+        assert!(running.alive());
+    }
 }
