@@ -122,6 +122,17 @@ fn env_file(sandbox: &str) -> PathBuf {
     Path::new("/run/gateway/serve").join(sandbox).join("env")
 }
 
+/// The tunnel's address, as the environment file of `sandbox` gives it.
+fn tunnel_of(sandbox: &str) -> std::net::SocketAddr {
+    let env = std::fs::read_to_string(env_file(sandbox)).unwrap();
+    env.lines()
+        .find_map(|l| l.strip_prefix("HTTPS_PROXY='http://"))
+        .and_then(|l| l.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("no HTTPS_PROXY in the env file\n{env}"))
+        .parse()
+        .unwrap()
+}
+
 fn run(c: &mut Command) -> (Output, String) {
     let out = c.output().unwrap();
     let text = format!(
@@ -575,7 +586,9 @@ fn a_crashed_serve_leaves_its_sandbox_without_egress_until_the_next_serve_cleans
 
     serve.signal(libc::SIGKILL);
     let _ = serve.child.wait();
-    // The programs stay pinned: no tunnel, and no other way out.
+    // The programs stay pinned: no tunnel, and no other way out. The tunnel's port is free
+    // now; an unprivileged host process that takes it gets nothing of the sandbox.
+    let squatter = Squatter::bind(tunnel_of("serve-crash"));
     let probe = format!(
         r#"python3 -c '
 import socket, os
@@ -591,11 +604,13 @@ print("direct", attempt({}), "tunnel", attempt(int(proxy)))
         host.port
     );
     let (out, ctx) = run(&mut in_sandbox(&cgroup, "serve-crash", &probe));
+    let squatted = squatter.stop();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!("direct {} tunnel {}", libc::EPERM, libc::ECONNREFUSED),
-        "{ctx}"
+        format!("direct {} tunnel {}", libc::EPERM, libc::EPERM),
+        "{ctx}\nthe squatter got: {squatted:?}"
     );
+    assert!(squatted.is_empty(), "{squatted:?}\n{ctx}");
     assert_eq!(host.accepted(), 0);
 
     // The next serve kills what the crashed one left inside, unpins, and takes over.
@@ -646,11 +661,10 @@ listener.bind((host, port))
 listener.listen()
 client = socket.socket()
 client.bind((host, client_port))
-# The kernel records a tunnel client as its SYN leaves; the handshake need not finish (the
-# cgroup's packet filter drops the listener's answer, so the SYN is retried meanwhile).
+# The kernel would record a tunnel client as its SYN leaves; the handshake need not finish
+# (the cgroup's packet filter drops the listener's answer, so the SYN is retried meanwhile).
 client.setblocking(False)
-client.connect_ex((host, port))
-print(json.dumps({"held": True}), flush=True)
+print(json.dumps({"held": True, "connect": client.connect_ex((host, port))}), flush=True)
 time.sleep(10)
 "#;
 
@@ -658,7 +672,8 @@ time.sleep(10)
 /// sandbox (serve starts no process, so no seccomp filter of the gateway's stops it) that
 /// makes a network namespace and connects there to its own listener on the tunnel's address
 /// and port must not make an entry that a host process connecting from the same address and
-/// port is then claimed by.
+/// port is then claimed by. That connection is refused at connect, too (`not-the-tunnel`):
+/// the listener that would take it is not the gateway's.
 #[test]
 fn a_sandbox_in_a_network_namespace_of_its_own_makes_no_tunnel_client() {
     assert_root();
@@ -679,14 +694,7 @@ fn a_sandbox_in_a_network_namespace_of_its_own_makes_no_tunnel_client() {
     let script = scratch.write("own_netns.py", OWN_NETNS);
     let parent = test_cgroup("netns");
     let serve = Serve::start(&scratch, &host_config(&scratch, &parent, &["a"]));
-    let env = std::fs::read_to_string(env_file("serve-netns")).unwrap();
-    let tunnel: std::net::SocketAddr = env
-        .lines()
-        .find_map(|l| l.strip_prefix("HTTPS_PROXY='http://"))
-        .and_then(|l| l.strip_suffix('\''))
-        .unwrap_or_else(|| panic!("no HTTPS_PROXY in the env file\n{env}"))
-        .parse()
-        .unwrap();
+    let tunnel = tunnel_of("serve-netns");
     let client_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -754,5 +762,16 @@ except OSError as e:
             .iter()
             .any(|r| r["reason"] == "not-a-sandbox" && r["client"] == client.as_str()),
         "no not-a-sandbox record for {client}\n{records:?}\n{log}"
+    );
+    // The sandbox's own connection never left: what listens on the tunnel's address in its
+    // namespace is not the gateway's tunnel. Refused at connect, and recorded.
+    let held: serde_json::Value = serde_json::from_str(&held).unwrap();
+    assert_eq!(held["connect"], libc::EPERM, "{held}\n{log}");
+    assert!(
+        records.iter().any(|r| r["reason"] == "not-the-tunnel"
+            && r["sandbox"] == "serve-netns"
+            && r["hook"] == "connect4"
+            && r["dst"] == tunnel.to_string().as_str()),
+        "no not-the-tunnel record\n{records:?}\n{log}"
     );
 }

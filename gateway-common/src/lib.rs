@@ -95,6 +95,10 @@ pub enum Reason {
     /// A connection to the tunnel by another user than the one the sandbox is for (serve's
     /// `user`): its processes' connections could be taken by another sandbox's of that user.
     NotTheSandboxUser = 13,
+    /// A connection to the tunnel's address and port that the gateway's own listener would
+    /// not take: nothing listens there, or something else does (a host process that bound
+    /// the port after the gateway died, the sandbox's own listener in a namespace of its own).
+    NotTheTunnel = 14,
 }
 
 impl Reason {
@@ -113,6 +117,7 @@ impl Reason {
             11 => Self::MulticastMembership,
             12 => Self::LoopbackOffLoopback,
             13 => Self::NotTheSandboxUser,
+            14 => Self::NotTheTunnel,
             _ => return None,
         })
     }
@@ -132,6 +137,7 @@ impl Reason {
             Self::MulticastMembership => "multicast-membership",
             Self::LoopbackOffLoopback => "loopback-off-loopback",
             Self::NotTheSandboxUser => "not-the-sandbox-user",
+            Self::NotTheTunnel => "not-the-tunnel",
         }
     }
 }

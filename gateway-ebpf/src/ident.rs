@@ -179,7 +179,7 @@ fn endpoints4(ops: *mut bpf_sock_ops) -> ([u8; 16], [u8; 16]) {
 }
 
 #[inline(always)]
-fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+pub(crate) fn is_v4_mapped(addr: &[u8; 16]) -> bool {
     let mut i = 0;
     while i < 10 {
         if addr[i] != 0 {

@@ -5,6 +5,7 @@
 
 mod event;
 mod ident;
+mod listener;
 mod net;
 mod skb;
 mod socket;

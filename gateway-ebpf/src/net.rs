@@ -1,4 +1,6 @@
 //! connect4/6 and sendmsg4/6 on the sandbox cgroup: the tunnel and `[[network.allow]]` only.
+//! "The tunnel" is its address and port taken by the gateway's own listener: once the gateway
+//! is gone, whatever else binds that port is refused (`listener.rs`).
 
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid},
@@ -10,7 +12,10 @@ use gateway_common::{
     ANY_UID, Hook, IPPROTO_TCP, MAX_PORT_RULES, NET_ALLOW_ENTRIES, PortRules, Reason,
 };
 
-use crate::event::{Target, active, config, emit};
+use crate::{
+    event::{Target, active, config, emit},
+    listener::is_the_tunnel,
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -127,7 +132,7 @@ pub fn mapped(v4: [u8; 4]) -> [u8; 16] {
 #[inline(always)]
 fn judge4(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let (addr, port, protocol) = addr4(ctx);
-    judge(hook, AF_INET, addr, port, protocol)
+    judge(ctx, hook, AF_INET, addr, port, protocol)
 }
 
 #[inline(always)]
@@ -145,7 +150,7 @@ fn judge6(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let (addr, port, protocol) = addr6(ctx);
     // A v4-mapped address is judged as the IPv4 address it is: the map and the tunnel
     // address use the same mapped form, so the lookup below is already the IPv4 verdict.
-    judge(hook, AF_INET6, addr, port, protocol)
+    judge(ctx, hook, AF_INET6, addr, port, protocol)
 }
 
 #[inline(always)]
@@ -189,7 +194,14 @@ fn port_of(user_port: u32) -> u16 {
 }
 
 #[inline(always)]
-fn judge(hook: Hook, family: u32, addr: [u8; 16], port: u16, protocol: u32) -> i32 {
+fn judge(
+    ctx: &SockAddrContext,
+    hook: Hook,
+    family: u32,
+    addr: [u8; 16],
+    port: u16,
+    protocol: u32,
+) -> i32 {
     let Some(cfg) = config() else {
         return DENY;
     };
@@ -200,16 +212,23 @@ fn judge(hook: Hook, family: u32, addr: [u8; 16], port: u16, protocol: u32) -> i
         && (addr == cfg.tunnel_addr || is_unspecified(&addr))
         && cfg.tunnel_uid != ANY_UID
         && bpf_get_current_uid_gid() as u32 != cfg.tunnel_uid;
-    if to_tunnel_port && addr == cfg.tunnel_addr && !wrong_user {
-        return ALLOW;
-    }
-    if wrong_user {
+    let refused = if wrong_user {
+        Some(Reason::NotTheSandboxUser)
+    } else if to_tunnel_port && addr == cfg.tunnel_addr {
+        if is_the_tunnel(ctx.sock_addr.cast(), cfg) {
+            return ALLOW;
+        }
+        Some(Reason::NotTheTunnel)
+    } else {
+        None
+    };
+    if let Some(reason) = refused {
         // SAFETY: helper without preconditions.
         let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
         let mut target = Target::socket(family, 0, protocol);
         target.port = port as u32;
         target.addr = addr;
-        emit(hook, Reason::NotTheSandboxUser, cgroup_id, &target);
+        emit(hook, reason, cgroup_id, &target);
         return DENY;
     }
     if allowed_by_policy(&addr, port, protocol) {

@@ -9,12 +9,16 @@
 //!   but from a listed peer.
 //! - Loopback addresses only on the loopback device: a socket bound to another device would
 //!   take a destination the address hooks approved as loopback onto that device's wire.
+//! - A SYN to the tunnel's address and port only where the gateway's own listener takes it:
+//!   the connect hook checked that once, but a SYN is retried, and the gateway may die (and
+//!   another process bind its port) between the check and the SYN.
 
 use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use gateway_common::{Hook, IPPROTO_TCP, IPPROTO_UDP, Reason};
 
 use crate::{
-    event::{Target, Who, emit_as},
+    event::{Target, Who, config, emit_as},
+    listener::is_the_tunnel,
     net::{address_listed, allowed_by_policy, is_loopback, mapped},
 };
 
@@ -112,6 +116,24 @@ fn judge(ctx: &SkBuffContext, hook: Hook) -> Result<i32, i64> {
                     ctx,
                     hook,
                     Reason::InboundConnection,
+                    packet.family,
+                    packet.peer,
+                    port,
+                    packet.protocol,
+                ));
+            }
+            // Only a connection's SYN pays for the listener lookup, and only toward the tunnel.
+            if syn
+                && egress
+                && let Some(cfg) = config()
+                && port == cfg.tunnel_port
+                && packet.peer == cfg.tunnel_addr
+                && !is_the_tunnel(ctx.skb.skb.cast(), cfg)
+            {
+                return Ok(refuse(
+                    ctx,
+                    hook,
+                    Reason::NotTheTunnel,
                     packet.family,
                     packet.peer,
                     port,

@@ -1,7 +1,7 @@
 //! `gateway run`: cgroup, programs, tunnel, then CMD; everything undone when CMD ends.
 
 use std::{
-    os::unix::process::ExitStatusExt as _,
+    os::{fd::AsFd as _, unix::process::ExitStatusExt as _},
     path::PathBuf,
     process::ExitStatus,
     sync::{
@@ -210,6 +210,7 @@ async fn supervise(
         cgroup_dir: cgroup.dir(),
         cgroup_id: cgroup.id(),
         tunnel: tunnel_addr,
+        tunnel_listener: listener.as_fd(),
         // One command, launched by the gateway as one user, with no way to another's.
         tunnel_uid: None,
         policy,

@@ -328,6 +328,73 @@ impl HostUnix {
     }
 }
 
+/// An unprivileged host process (nobody) that takes the tunnel's address and port once
+/// the gateway is gone, and reports every connection it accepts with the first bytes it
+/// received: what a squatter on the freed port would get from the sandbox.
+pub struct Squatter {
+    child: Child,
+}
+
+const SQUATTER: &str = r#"
+import json, select, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port))
+s.listen(16)
+print(json.dumps({"listening": True}), flush=True)
+while True:
+    ready, _, _ = select.select([s, sys.stdin], [], [])
+    if s in ready:
+        c, peer = s.accept()
+        c.settimeout(2)
+        try:
+            data = c.recv(4096).decode(errors="replace")
+        except OSError as e:
+            data = "recv: " + str(e)
+        print(json.dumps({"accepted": str(peer[:2]), "data": data}), flush=True)
+        c.close()
+    if sys.stdin in ready:
+        break
+"#;
+
+impl Squatter {
+    /// Binds `addr` as nobody; returns once it listens.
+    pub fn bind(addr: std::net::SocketAddr) -> Self {
+        let mut child = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .args(["/usr/bin/python3", "-c", SQUATTER])
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if !line.contains("listening") {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the squatter could not take {addr}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Self { child }
+    }
+
+    /// Stops it; returns one record per connection it accepted.
+    pub fn stop(mut self) -> Vec<Value> {
+        drop(self.child.stdin.take());
+        let out = self.child.wait_with_output().unwrap();
+        json_lines(&String::from_utf8_lossy(&out.stdout))
+    }
+}
+
 /// Reads lines from a running sandbox's stdout until one matches.
 pub fn wait_for_line(child: &mut Child, want: &str) -> BufReader<std::process::ChildStdout> {
     let stdout = child.stdout.take().expect("stdout piped");

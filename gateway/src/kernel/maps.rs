@@ -13,7 +13,9 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, lpm_trie::Key},
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, SkStorage, lpm_trie::Key,
+    },
 };
 use gateway_common::{
     ANY_UID, IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RULES, NET_ALLOW_ENTRIES, PortRule, PortRules,
@@ -35,7 +37,8 @@ fn batch_err(map: &'static str, e: std::io::Error) -> KernelError {
     KernelError::Raw(format!("writing the policy into the {map} map: {e}"))
 }
 
-/// Writes the sandbox's identity and the tunnel's address; set once, never reloaded.
+/// Writes the sandbox's identity and the tunnel's address, and tags the tunnel's listener;
+/// set once, never reloaded.
 pub(super) fn configure(ebpf: &mut Ebpf, target: &Target<'_>) -> Result<(), KernelError> {
     let mut config: Array<_, SandboxConfig> = ebpf
         .map_mut("CONFIG")
@@ -50,7 +53,17 @@ pub(super) fn configure(ebpf: &mut Ebpf, target: &Target<'_>) -> Result<(), Kern
         tunnel_uid: target.tunnel_uid.unwrap_or(ANY_UID),
         tunnel_netns: own_netns_cookie()?,
     };
-    config.set(0, cfg, 0).map_err(map_err("CONFIG"))
+    config.set(0, cfg, 0).map_err(map_err("CONFIG"))?;
+    // The tag the programs look for on the socket that would take a connection to the tunnel.
+    // Only this process holds the map, and the tag goes when the socket closes.
+    let mut listener: SkStorage<_, u32> = ebpf
+        .map_mut("TUNNEL_LISTENER")
+        .ok_or_else(|| super::missing("TUNNEL_LISTENER"))?
+        .try_into()
+        .map_err(map_err("TUNNEL_LISTENER"))?;
+    listener
+        .insert(&target.tunnel_listener, 1, 0)
+        .map_err(map_err("TUNNEL_LISTENER"))
 }
 
 /// The cookie of the network namespace this process (and so the tunnel) is in.

@@ -10,7 +10,7 @@ mod unix;
 use std::{
     fs::File,
     net::SocketAddr,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -117,6 +117,10 @@ pub struct Target<'a> {
     pub cgroup_dir: &'a Path,
     pub cgroup_id: u64,
     pub tunnel: SocketAddr,
+    /// The tunnel's listening socket. The programs let a connection to `tunnel` through only
+    /// when this socket is the one that would take it: once the gateway is gone, a process
+    /// that binds the freed port gets nothing of the sandbox.
+    pub tunnel_listener: BorrowedFd<'a>,
     /// The only user that may connect to the tunnel from this sandbox; `None`, any.
     pub tunnel_uid: Option<u32>,
     pub policy: &'a Policy,

@@ -119,7 +119,8 @@ fn map_fd(map: &Map) -> Result<RawFd, KernelError> {
         | Map::PerCpuArray(d)
         | Map::HashMap(d)
         | Map::LpmTrie(d)
-        | Map::RingBuf(d) => d,
+        | Map::RingBuf(d)
+        | Map::SkStorage(d) => d,
         _ => {
             return Err(KernelError::Raw(
                 "unexpected map type in the eBPF object".into(),

@@ -8,6 +8,7 @@ pub mod config;
 
 use std::{
     net::SocketAddr,
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -101,6 +102,7 @@ fn attach(
     index: usize,
     cgroup_root: &Path,
     tunnel_addr: SocketAddr,
+    tunnel_listener: BorrowedFd<'_>,
 ) -> anyhow::Result<Attached> {
     let entry = &config.sandboxes[index];
     let (cgroup, created) = Cgroup::open_or_create(cgroup_root, &entry.cgroup)?;
@@ -145,6 +147,7 @@ fn attach(
         cgroup_dir: cgroup.dir(),
         cgroup_id: cgroup.id(),
         tunnel: tunnel_addr,
+        tunnel_listener,
         tunnel_uid: entry.user,
         policy: &entry.policy,
         pin_dir: &run_state.pin_dir,
@@ -191,7 +194,13 @@ async fn supervise(
     let mut tunnel_threads = Vec::new();
     let outcome: anyhow::Result<i32> = async {
         for index in 0..config.sandboxes.len() {
-            attached.push(attach(config, index, cgroup_root, tunnel_addr)?);
+            attached.push(attach(
+                config,
+                index,
+                cgroup_root,
+                tunnel_addr,
+                listener.as_fd(),
+            )?);
         }
         let mut tunnels = Vec::with_capacity(attached.len());
         let mut clients = Vec::with_capacity(attached.len());
