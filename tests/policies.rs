@@ -391,6 +391,38 @@ fn shadowed_rule_is_a_warning_and_exit_0() {
     );
 }
 
+/// Whoever can read a credential's file has the secret: check warns (`run` and `serve`
+/// refuse it when the sandbox's user is among them).
+#[test]
+fn a_secret_file_others_may_read_is_a_warning() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let scratch = Scratch::new("secret-file-mode");
+    let secret = "gwtest-policy-check-secret-Kk08";
+    let token = scratch.write("token", secret);
+    let t = token.to_str().unwrap();
+    let text = format!(
+        "version = 1\n[[http.allow]]\nhost = \"api.test\"\ncredential = \"api\"\n[credentials.api]\nfile = {t:?}\n"
+    );
+    let file = scratch.write("p.toml", &text);
+    let f = file.display();
+    for (mode, readable) in [(0o640, "group-readable"), (0o604, "world-readable")] {
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();
+        let r = check(&[&file]);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        assert_eq!(
+            r.stderr,
+            format!(
+                "{f}:6:8: warning: secret file {t} is {readable} (mode {mode:o}): whoever can read it has the secret, and gateway run and serve refuse it when the sandbox's user can; make it root's alone: chown root:root {t} && chmod 600 {t}\n"
+            )
+        );
+        assert!(!r.stderr.contains(secret) && !r.stdout.contains(secret));
+        assert!(r.stdout.ends_with(", 1 warning)\n"), "{}", r.stdout);
+    }
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = check(&[&file]);
+    assert_eq!((r.code, r.stderr.as_str()), (Some(0), ""));
+}
+
 #[test]
 fn toml_syntax_error_is_located() {
     let m = messages(

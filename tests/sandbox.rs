@@ -1009,3 +1009,142 @@ print(json.dumps({{"refused": refused}}), flush=True)
         "recorded {recorded} + lost {lost} != {attempts} refusals"
     );
 }
+
+/// A secret the sandbox must never read, in a file of its own.
+const FILE_SECRET: &str = "gwtest-file-secret-Vb7Nq2Lx";
+
+/// A directory for a credential's secret file, and a policy reading it, with the file's
+/// owner, group and mode set as given.
+fn secret_file_run(tag: &str, uid: u32, gid: u32, mode: u32) -> (Run, Scratch, String) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let secrets = Scratch::new(&format!("{tag}-secrets"));
+    let file = secrets.write("token", &format!("{FILE_SECRET}\n"));
+    std::os::unix::fs::chown(&file, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+    let file = file.to_str().unwrap().to_owned();
+    let run = Run::new(
+        tag,
+        &policy(
+            tag,
+            &format!(
+                "[[http.allow]]\nhost = \"api.test\"\ncredential = \"api\"\n[credentials.api]\nfile = {file:?}\n"
+            ),
+        ),
+    );
+    (run, secrets, file)
+}
+
+/// `sh -c` that says it started, then tries to read `file`.
+fn reads(file: &str) -> String {
+    format!("echo started; cat {file:?} 2>/dev/null || echo unreadable")
+}
+
+/// The refusal `gateway run` gives before starting anything: exit 2, the credential, the
+/// file, `why` and what to do on stderr, and CMD never run.
+fn assert_refused_before_start(out: &Finished, file: &str, why: &str) {
+    let ctx = out.describe();
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    assert!(!out.stdout.contains("started"), "CMD ran\n{ctx}");
+    assert!(!out.stdout.contains(FILE_SECRET), "{ctx}");
+    assert!(
+        !out.stderr.contains(FILE_SECRET),
+        "the secret is on stderr\n{ctx}"
+    );
+    for part in [
+        "credential `api`",
+        &format!("secret file {file} "),
+        why,
+        &format!("chown root:root {file} && chmod 600 {file}"),
+    ] {
+        assert!(out.stderr.contains(part), "no {part:?} on stderr\n{ctx}");
+    }
+    assert!(out.audit.is_empty(), "{ctx}");
+}
+
+#[test]
+fn a_secret_file_everyone_may_read_is_refused_before_anything_starts() {
+    let (run, _secrets, file) = secret_file_run("secret-file-644", 0, 0, 0o644);
+    let out = run.finish(run.command(&["sh", "-c", &reads(&file)]).output().unwrap());
+    assert_refused_before_start(&out, &file, "is readable by everyone (mode 644)");
+}
+
+#[test]
+fn a_root_only_secret_file_is_accepted_and_unreadable_inside() {
+    let (run, _secrets, file) = secret_file_run("secret-file-600", 0, 0, 0o600);
+    let out = run.finish(
+        run.command_as(Some("4242"), &[], &["sh", "-c", &reads(&file)])
+            .output()
+            .unwrap(),
+    );
+    assert!(out.status.success(), "{}", out.describe());
+    assert_eq!(out.stdout, "started\nunreadable\n", "{}", out.describe());
+}
+
+#[test]
+fn a_secret_file_of_the_sandbox_user_is_refused() {
+    let (run, _secrets, file) = secret_file_run("secret-file-owner", 4242, 4242, 0o600);
+    let out = run.finish(
+        run.command_as(Some("4242"), &[], &["sh", "-c", &reads(&file)])
+            .output()
+            .unwrap(),
+    );
+    assert_refused_before_start(&out, &file, "is owned by uid 4242, the sandbox's user");
+    assert!(out.stderr.contains("--user"), "{}", out.describe());
+    // The default user is the sudo caller: the same file is refused for it too.
+    let out = run.finish(
+        run.command_as(None, &[], &["sh", "-c", &reads(&file)])
+            .env("SUDO_UID", "4242")
+            .env("SUDO_GID", "4242")
+            .output()
+            .unwrap(),
+    );
+    assert_refused_before_start(&out, &file, "is owned by uid 4242, the sandbox's user");
+}
+
+#[test]
+fn a_secret_file_a_group_of_the_sandbox_user_may_read_is_refused() {
+    let (run, _secrets, file) = secret_file_run("secret-file-group", 0, 4242, 0o640);
+    let out = run.finish(
+        run.command_as(Some("4242"), &[], &["sh", "-c", &reads(&file)])
+            .output()
+            .unwrap(),
+    );
+    assert_refused_before_start(&out, &file, "is readable by group 4242 (mode 640)");
+    // nobody is not in group 4242: the file is safe from it.
+    let out = run.finish(run.command(&["sh", "-c", &reads(&file)]).output().unwrap());
+    assert!(out.status.success(), "{}", out.describe());
+    assert_eq!(out.stdout, "started\nunreadable\n", "{}", out.describe());
+}
+
+#[test]
+fn a_secret_file_in_a_directory_others_may_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (run, secrets, file) = secret_file_run("secret-file-dir", 0, 0, 0o600);
+    std::fs::set_permissions(&secrets.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = run.finish(run.command(&["sh", "-c", &reads(&file)]).output().unwrap());
+    let ctx = out.describe();
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    assert!(!out.stdout.contains("started"), "CMD ran\n{ctx}");
+    for part in [
+        "credential `api`",
+        &format!(
+            "secret file {file} is in directory {}",
+            secrets.dir.display()
+        ),
+        "which others may write (mode 777)",
+        "could be replaced",
+    ] {
+        assert!(out.stderr.contains(part), "no {part:?} on stderr\n{ctx}");
+    }
+    // Owned by the sandbox's user, it could be replaced from inside.
+    std::fs::set_permissions(&secrets.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&secrets.dir, Some(4242), Some(4242)).unwrap();
+    let out = run.finish(
+        run.command_as(Some("4242"), &[], &["sh", "-c", &reads(&file)])
+            .output()
+            .unwrap(),
+    );
+    let ctx = out.describe();
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    assert!(out.stderr.contains("which uid 4242 owns"), "{ctx}");
+}

@@ -184,6 +184,12 @@ fn one_tunnel_serves_two_sandboxes_each_under_its_own_policy() {
     let other = Server::upstream(&pki, "other");
     let scratch = Scratch::new("serve");
     let secret_b = scratch.write("secret-b", SECRET_B);
+    // Root's alone: serve refuses a secret file everyone may read.
+    std::fs::set_permissions(
+        &secret_b,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let a = tunnel_policy(
         "serve-a",
         &pki,
@@ -774,4 +780,67 @@ except OSError as e:
             && r["dst"] == tunnel.to_string().as_str()),
         "no not-the-tunnel record\n{records:?}\n{log}"
     );
+}
+
+/// Serve reads every secret before it creates anything, and refuses a secret file the
+/// sandbox's user could read (or, for a sandbox without `user`, anyone could).
+#[test]
+fn serve_refuses_secret_files_its_sandboxes_could_read() {
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_root();
+    let scratch = Scratch::new("serve-secret-file");
+    let secret = "gwtest-serve-file-secret-Hh61";
+    let file = scratch.write("token", &format!("{secret}\n"));
+    std::os::unix::fs::chown(&file, Some(4242), Some(4242)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = file.to_str().unwrap();
+    scratch.write(
+        "f.toml",
+        &policy(
+            "serve-file",
+            &format!(
+                "[[http.allow]]\nhost = \"api.test\"\ncredential = \"api\"\n[credentials.api]\nfile = {path:?}\n"
+            ),
+        ),
+    );
+    let parent = test_cgroup("secret-file");
+    // A serve that does not refuse would run until stopped: 30 s, then timeout's exit 124.
+    let serve = |config: &str| {
+        let config = scratch.write("serve.toml", config);
+        run(Command::new("timeout")
+            .args(["30", gateway_bin(), "serve", "--config"])
+            .arg(&config)
+            .current_dir("/"))
+    };
+    let (out, ctx) = serve(&format!(
+        "{}user = \"4242\"\n",
+        host_config(&scratch, &parent, &["f"])
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    for part in [
+        "credential `api`",
+        &format!("secret file {path} is owned by uid 4242, the sandbox's user"),
+        &format!("chown root:root {path} && chmod 600 {path}"),
+        "`user`",
+    ] {
+        assert!(stderr.contains(part), "no {part:?}\n{ctx}");
+    }
+    assert!(!stderr.contains(secret), "{ctx}");
+    assert!(!cgroup2_root().join(&parent).exists(), "{ctx}");
+
+    // Without `user` only what everyone may read is known to be readable inside.
+    std::os::unix::fs::chown(&file, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (out, ctx) = serve(&host_config(&scratch, &parent, &["f"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    assert!(
+        stderr.contains(&format!(
+            "secret file {path} is readable by everyone (mode 644)"
+        )),
+        "{ctx}"
+    );
+    assert!(!stderr.contains(secret), "{ctx}");
+    assert!(!cgroup2_root().join(&parent).exists(), "{ctx}");
 }

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use gateway::{
     audit::AuditLog,
     policy,
-    tunnel::{self, ClientIdentity, Doorman, LocalCa, Secrets, Tunnel},
+    tunnel::{self, ClientIdentity, Doorman, LoadContext, LocalCa, SandboxReader, Secrets, Tunnel},
 };
 
 /// Gives every client to the one sandbox: the listener is on loopback and this is a
@@ -38,7 +38,15 @@ fn main() -> anyhow::Result<()> {
         "tunnel_alone listens on loopback only; [tunnel] listen is {}",
         policy.tunnel_listen
     );
-    let secrets = Secrets::load(&policy)?;
+    // No sandbox user: only secret files everyone may read are refused.
+    let secrets = Secrets::load(
+        &policy,
+        &LoadContext {
+            command: "tunnel_alone",
+            sandbox: SandboxReader::Anyone,
+            another_user: "run it as another user",
+        },
+    )?;
     let ca = Arc::new(LocalCa::load_or_create(&tunnel::state_dir().join("ca"))?);
     let audit = AuditLog::open(Path::new(audit_file))?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -18,7 +18,7 @@ use crate::{
     audit::{AuditLog, Layer, Record, ReloadFields, Verdict},
     kernel::{Compiled, KernelError, PolicyMaps},
     policy::{self, Policy, PolicyError, SecretSource, UnixRule},
-    tunnel::{CredentialError, Placeholders, PolicyHandle, Secrets, Snapshot},
+    tunnel::{CredentialError, LoadContext, Placeholders, PolicyHandle, Secrets, Snapshot},
 };
 
 /// Audit reasons of the two outcomes.
@@ -33,14 +33,18 @@ pub struct Started {
     pub removed_env: BTreeSet<String>,
     /// Whether the Landlock scope that refuses outside abstract sockets was left off.
     pub abstract_unix: bool,
+    /// Who runs in the sandbox (a reloaded secret file is judged against it as at start), and
+    /// which command reads the secrets.
+    pub secrets: LoadContext,
 }
 
 impl Started {
-    pub fn new(policy: &Policy, placeholders: Placeholders) -> Self {
+    pub fn new(policy: &Policy, placeholders: Placeholders, secrets: LoadContext) -> Self {
         Self {
             placeholders,
             removed_env: policy.secret_env_vars().map(str::to_owned).collect(),
             abstract_unix: lists_abstract_socket(policy),
+            secrets,
         }
     }
 }
@@ -186,7 +190,7 @@ impl Reloader {
         if !restart.is_empty() {
             return Err(ReloadError::Restart(restart));
         }
-        let secrets = Secrets::reload(&next, &self.started.placeholders)?;
+        let secrets = Secrets::reload(&next, &self.started.placeholders, &self.started.secrets)?;
 
         // The kernel's spare buffer fills (system calls) while another thread compiles the
         // tunnel's rules and reads the upstream CAs; nothing is in force until both are done.
@@ -298,7 +302,7 @@ mod tests {
     }
 
     fn started(p: &Policy) -> Started {
-        Started::new(p, Placeholders::default())
+        Started::new(p, Placeholders::default(), LoadContext::for_test())
     }
 
     const CRED: &str = "[credentials.api]\nenv = \"API_TOKEN\"\n";

@@ -31,7 +31,7 @@ use crate::{
         state::{self, RunState},
         user::{self, SandboxUser},
     },
-    tunnel::{self, LocalCa, Secrets, Tunnel},
+    tunnel::{self, LoadContext, LocalCa, SandboxReader, Secrets, Tunnel},
 };
 
 pub struct RunArgs {
@@ -63,11 +63,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             "LEARN MODE: the tunnel forwards HTTP requests this policy refuses (without any credential) and records each as `would-deny`; the kernel still refuses everything else. Never use it for real work; turn the log into a policy with `gateway policy suggest`"
         );
     }
-    // Secrets first: a missing one is the policy author's to fix before anything is created.
-    let secrets = Secrets::load(&policy)?;
+    let user = user::resolve(args.user.as_deref())?;
+    // Secrets first: a missing one, or a file CMD's user could read, is the policy author's
+    // to fix before anything is created.
+    let load = LoadContext {
+        command: "gateway run",
+        sandbox: SandboxReader::user(user.uid.as_raw(), Some(user.gid.as_raw())),
+        another_user: "run CMD as another user (--user)",
+    };
+    let secrets = Secrets::load(&policy, &load)?;
     crate::tunnel::check_upstream_ca(&policy)?;
     let (ca, cgroup_root) = prepare_host()?;
-    let user = user::resolve(args.user.as_deref())?;
     let audit_path = args
         .audit_log
         .clone()
@@ -99,6 +105,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             run_dir: &run_dir,
             learn: args.learn,
             tunnel_threads: tunnel::worker_threads(args.tunnel_threads),
+            load,
         },
         audit,
         secrets,
@@ -150,6 +157,8 @@ struct Sandbox<'a> {
     run_dir: &'a std::path::Path,
     learn: bool,
     tunnel_threads: usize,
+    /// How the secrets were read, to read them the same way on reload.
+    load: LoadContext,
 }
 
 /// The kernel's record of tunnel clients of each sandbox the tunnel serves (`run` has one,
@@ -180,6 +189,7 @@ async fn supervise(
         run_dir,
         learn,
         tunnel_threads: threads,
+        load,
     } = sandbox;
     // Before anything exists: SIGHUP's default action would end the gateway without cleanup.
     let mut sighup = signal(SignalKind::hangup())?;
@@ -237,7 +247,7 @@ async fn supervise(
             stop_rx.clone(),
         )));
         let placeholders = secrets.placeholder_env();
-        let started = Started::new(policy, secrets.placeholders());
+        let started = Started::new(policy, secrets.placeholders(), load);
         let proxy = Tunnel::new(policy, secrets, ca.clone(), audit.clone(), learn)
             .context("starting the tunnel")?;
         let mut reloader = Reloader::new(

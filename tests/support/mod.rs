@@ -133,19 +133,22 @@ impl Run {
 
     /// `gateway run` with extra flags (such as `--learn`) before `--`.
     pub fn command_with(&self, flags: &[&str], cmd: &[&str]) -> Command {
+        self.command_as(Some("nobody"), flags, cmd)
+    }
+
+    /// `gateway run --user USER` (no `--user` when `None`) with extra flags before `--`.
+    pub fn command_as(&self, user: Option<&str>, flags: &[&str], cmd: &[&str]) -> Command {
         let mut c = Command::new(gateway_bin());
         c.arg("run")
             .args(flags)
             .arg("--policy")
             .arg(&self.policy)
             .arg("--audit-log")
-            .arg(&self.audit)
-            .arg("--user")
-            .arg("nobody")
-            .arg("--")
-            .args(cmd)
-            .current_dir("/")
-            .stdin(Stdio::null());
+            .arg(&self.audit);
+        if let Some(user) = user {
+            c.arg("--user").arg(user);
+        }
+        c.arg("--").args(cmd).current_dir("/").stdin(Stdio::null());
         c
     }
 

@@ -886,6 +886,8 @@ fn credential(
                     "`file` must name the file that holds the secret",
                 );
                 ok = false;
+            } else if let Some(readable) = others_may_read(Path::new(file.value)) {
+                d.warning(&file.span, readable);
             }
             Some(SecretSource::File(PathBuf::from(file.value)))
         }
@@ -1021,6 +1023,23 @@ fn credential(
         basic_user,
         placeholder,
     })
+}
+
+/// A warning when the secret file exists and its group or everyone may read it (`run` and
+/// `serve` refuse it when the sandbox's user is among them, see `tunnel::secret_file`).
+fn others_may_read(file: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mode = std::fs::metadata(file).ok()?.mode() & 0o7777;
+    let readable = match (mode & 0o040 != 0, mode & 0o004 != 0) {
+        (false, false) => return None,
+        (true, false) => "group-readable",
+        (false, true) => "world-readable",
+        (true, true) => "group- and world-readable",
+    };
+    let f = file.display();
+    Some(format!(
+        "secret file {f} is {readable} (mode {mode:o}): whoever can read it has the secret, and gateway run and serve refuse it when the sandbox's user can; make it root's alone: chown root:root {f} && chmod 600 {f}"
+    ))
 }
 
 fn valid_env_name(name: &str) -> bool {

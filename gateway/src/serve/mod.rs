@@ -29,7 +29,7 @@ use crate::{
         env,
         state::{self, RUN_DIR, RunState},
     },
-    tunnel::{self, LocalCa, Secrets, Tunnel},
+    tunnel::{self, LoadContext, LocalCa, SandboxReader, Secrets, Tunnel},
 };
 
 pub use config::Config;
@@ -48,11 +48,12 @@ pub fn serve(config_file: &Path) -> anyhow::Result<i32> {
     }
     nix::sys::prctl::set_dumpable(false).context("making the gateway non-dumpable")?;
     let config = config::load(config_file)?;
-    // Every secret read before anything is created: a missing one is the policy author's.
+    // Every secret read before anything is created: a missing one, or a file the sandbox's
+    // user could read, is the policy author's.
     let secrets = config
         .sandboxes
         .iter()
-        .map(|s| Secrets::load(&s.policy))
+        .map(|s| Secrets::load(&s.policy, &load_context(s)))
         .collect::<Result<Vec<_>, _>>()?;
     for sandbox in &config.sandboxes {
         tunnel::check_upstream_ca(&sandbox.policy)
@@ -67,6 +68,19 @@ pub fn serve(config_file: &Path) -> anyhow::Result<i32> {
     let code = status?;
     synced?;
     Ok(code)
+}
+
+/// How serve reads a sandbox's secrets: a secret file its `user` could read is refused, and
+/// without `user` one that everyone may read.
+fn load_context(entry: &config::SandboxEntry) -> LoadContext {
+    LoadContext {
+        command: "gateway serve",
+        sandbox: match entry.user {
+            Some(uid) => SandboxReader::user(uid, None),
+            None => SandboxReader::Anyone,
+        },
+        another_user: "give the sandbox another `user`",
+    }
 }
 
 /// One sandbox with its programs attached.
@@ -223,7 +237,7 @@ async fn supervise(
             let env_file = env_dir(&sandbox.name).join("env");
             env::write_env_file(&env_file, &vars)
                 .with_context(|| format!("writing {}", env_file.display()))?;
-            let started = Started::new(policy, secrets.placeholders());
+            let started = Started::new(policy, secrets.placeholders(), load_context(entry));
             let proxy = Tunnel::new(policy, secrets, ca.clone(), audit.clone(), false)
                 .with_context(|| format!("starting the tunnel for sandbox {}", policy.name))?;
             reloaders.push(Reloader::new(

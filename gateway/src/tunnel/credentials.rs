@@ -9,6 +9,7 @@ use hyper::header::{HeaderName, HeaderValue};
 use rand::RngCore as _;
 use zeroize::Zeroizing;
 
+use super::secret_file::{self, SandboxReader};
 use crate::policy::{Credential, Policy, SecretSource};
 
 /// One credential ready to attach. `Debug` never shows the secret.
@@ -55,6 +56,14 @@ pub enum CredentialError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// Someone it must not reach could read or replace the file; never says what is in it.
+    #[error("credential `{name}`: secret file {path} {why}: {fix}")]
+    FileExposed {
+        name: String,
+        path: std::path::PathBuf,
+        why: String,
+        fix: String,
+    },
     #[error(
         "credential `{name}` sets placeholder ${var}, which the sandbox's environment does not have: placeholder credentials cannot be added by reload: restart the sandbox"
     )]
@@ -69,16 +78,40 @@ pub enum CredentialError {
 
 pub struct Secrets(BTreeMap<String, Secret>);
 
+/// What reading the secrets needs besides the policy: which command reads them, for what it
+/// tells a policy author, and who runs in the sandbox, who must not be able to read a secret
+/// file.
+#[derive(Debug, Clone)]
+pub struct LoadContext {
+    /// `gateway run` or `gateway serve`.
+    pub command: &'static str,
+    pub sandbox: SandboxReader,
+    /// How to run the sandbox as another user, e.g. "run CMD as another user (--user)".
+    pub another_user: &'static str,
+}
+
+impl LoadContext {
+    /// For unit tests: `gateway run`, and only world-readable files refused.
+    #[cfg(test)]
+    pub fn for_test() -> Self {
+        Self {
+            command: "gateway run",
+            sandbox: SandboxReader::Anyone,
+            another_user: "run CMD as another user (--user)",
+        }
+    }
+}
+
 /// The placeholders exported into the sandbox's environment at start, by credential name.
 /// That environment cannot change, so these are the only placeholders a reload may use.
 #[derive(Clone, Default)]
 pub struct Placeholders(BTreeMap<String, Placeholder>);
 
 impl Secrets {
-    pub fn load(policy: &Policy) -> Result<Self, CredentialError> {
+    pub fn load(policy: &Policy, context: &LoadContext) -> Result<Self, CredentialError> {
         let mut out = BTreeMap::new();
         for (name, cred) in &policy.credentials {
-            out.insert(name.clone(), load_one(name, cred)?);
+            out.insert(name.clone(), load_one(name, cred, context)?);
         }
         Ok(Self(out))
     }
@@ -86,7 +119,11 @@ impl Secrets {
     /// Reads every secret of `policy` again (environment, files) for a reload. A credential
     /// keeps the placeholder it was started with; one whose placeholder the sandbox was not
     /// started with is refused.
-    pub fn reload(policy: &Policy, started: &Placeholders) -> Result<Self, CredentialError> {
+    pub fn reload(
+        policy: &Policy,
+        started: &Placeholders,
+        context: &LoadContext,
+    ) -> Result<Self, CredentialError> {
         let mut out = BTreeMap::new();
         for (name, cred) in &policy.credentials {
             let kept = match &cred.placeholder {
@@ -101,7 +138,7 @@ impl Secrets {
                     }
                 },
             };
-            let mut secret = load_one(name, cred)?;
+            let mut secret = load_one(name, cred, context)?;
             secret.placeholder = kept;
             out.insert(name.clone(), secret);
         }
@@ -158,7 +195,12 @@ impl Secret {
     }
 }
 
-fn load_one(name: &str, cred: &Credential) -> Result<Secret, CredentialError> {
+/// One credential's secret, read from its variable or file.
+fn load_one(
+    name: &str,
+    cred: &Credential,
+    context: &LoadContext,
+) -> Result<Secret, CredentialError> {
     let raw = match &cred.source {
         SecretSource::Env(var) => {
             Zeroizing::new(std::env::var(var).map_err(|_| CredentialError::EnvMissing {
@@ -167,6 +209,14 @@ fn load_one(name: &str, cred: &Credential) -> Result<Secret, CredentialError> {
             })?)
         }
         SecretSource::File(path) => {
+            if let Some(exposed) = secret_file::exposure(path, &context.sandbox) {
+                return Err(CredentialError::FileExposed {
+                    name: name.into(),
+                    path: path.clone(),
+                    why: exposed.why(),
+                    fix: exposed.fix(path, context.another_user),
+                });
+            }
             Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
                 CredentialError::File {
                     name: name.into(),
@@ -289,7 +339,13 @@ mod tests {
             std::process::id()
         ));
         std::fs::write(&path, value).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         path.to_str().unwrap().to_owned()
+    }
+
+    fn ctx() -> LoadContext {
+        LoadContext::for_test()
     }
 
     fn placeholder(s: &Secrets, name: &str) -> Option<(String, String)> {
@@ -302,7 +358,7 @@ mod tests {
     #[test]
     fn a_reload_keeps_each_placeholder_and_reads_the_secret_again() {
         let file = secret_file("keep", "first");
-        let started = Secrets::load(&policy(&[("api", &file, Some("API_PH"))])).unwrap();
+        let started = Secrets::load(&policy(&[("api", &file, Some("API_PH"))]), &ctx()).unwrap();
         let before = placeholder(&started, "api").unwrap();
         assert!(before.1.starts_with("gateway-placeholder-api-"));
 
@@ -310,6 +366,7 @@ mod tests {
         let reloaded = Secrets::reload(
             &policy(&[("api", &file, Some("API_PH")), ("plain", &file, None)]),
             &started.placeholders(),
+            &ctx(),
         )
         .unwrap();
         assert_eq!(placeholder(&reloaded, "api"), Some(before.clone()));
@@ -325,7 +382,7 @@ mod tests {
     #[test]
     fn a_reload_cannot_add_a_placeholder() {
         let file = secret_file("add", "s3cret-value");
-        let started = Secrets::load(&policy(&[("api", &file, None)])).unwrap();
+        let started = Secrets::load(&policy(&[("api", &file, None)]), &ctx()).unwrap();
         for (creds, name) in [
             // A new credential with a placeholder.
             (
@@ -335,7 +392,7 @@ mod tests {
             // An existing credential that gains one.
             (vec![("api", file.as_str(), Some("API_PH"))], "api"),
         ] {
-            let err = Secrets::reload(&policy(&creds), &started.placeholders())
+            let err = Secrets::reload(&policy(&creds), &started.placeholders(), &ctx())
                 .err()
                 .expect("refused");
             let text = err.to_string();
@@ -353,11 +410,12 @@ mod tests {
             assert!(!text.contains("s3cret-value"), "{text}");
         }
         // Another variable for a placeholder the sandbox has is a new one too.
-        let with = Secrets::load(&policy(&[("api", &file, Some("API_PH"))])).unwrap();
+        let with = Secrets::load(&policy(&[("api", &file, Some("API_PH"))]), &ctx()).unwrap();
         assert!(
             Secrets::reload(
                 &policy(&[("api", &file, Some("OTHER_PH"))]),
-                &with.placeholders()
+                &with.placeholders(),
+                &ctx()
             )
             .is_err()
         );
@@ -374,7 +432,7 @@ mod tests {
             basic_user: basic_user.map(str::to_owned),
             placeholder: None,
         };
-        let value = |c: &Credential| load_one("c", c).unwrap().header_value();
+        let value = |c: &Credential| load_one("c", c, &ctx()).unwrap().header_value();
         assert_eq!(value(&cred("Bearer {secret}", None)), "Bearer s3cret");
         assert_eq!(value(&cred("{secret}:{secret}", None)), "s3cret:s3cret");
         assert_eq!(value(&cred("token", None)), "token");
@@ -385,11 +443,35 @@ mod tests {
         );
         assert!(value(&cred("Bearer {secret}", None)).is_sensitive());
         // What an answer must not carry: the secret, and the pair as Basic auth sends it.
-        let echoes = |c: &Credential| load_one("c", c).unwrap().echoes().to_vec();
+        let echoes = |c: &Credential| load_one("c", c, &ctx()).unwrap().echoes().to_vec();
         assert_eq!(echoes(&cred("Bearer {secret}", None)), ["s3cret"]);
         assert_eq!(
             echoes(&cred("", Some("x-access-token"))),
             ["s3cret", "eC1hY2Nlc3MtdG9rZW46czNjcmV0"]
         );
+    }
+
+    #[test]
+    fn a_secret_file_the_sandbox_may_read_is_refused_without_its_contents() {
+        let file = secret_file("exposed", "s3cret-exposed");
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Secrets::load(&policy(&[("api", &file, None)]), &ctx())
+            .err()
+            .expect("refused");
+        let text = err.to_string();
+        assert!(matches!(err, CredentialError::FileExposed { .. }), "{text}");
+        assert!(
+            text.starts_with(&format!(
+                "credential `api`: secret file {file} is readable by everyone (mode 644)"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(&format!("chown root:root {file} && chmod 600 {file}")),
+            "{text}"
+        );
+        assert!(!text.contains("s3cret"), "{text}");
+        let _ = std::fs::remove_file(&file);
     }
 }

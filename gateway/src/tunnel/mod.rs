@@ -15,6 +15,7 @@ mod pooled_body;
 pub(crate) mod private;
 mod proxy;
 mod response_scan;
+mod secret_file;
 pub use proxy::CREDENTIAL_OVER_PLAIN_HTTP;
 pub mod rules;
 mod snapshot;
@@ -36,7 +37,8 @@ use tokio::{
 };
 
 pub use ca::{LocalCa, state_dir};
-pub use credentials::{CredentialError, Placeholders, Secrets};
+pub use credentials::{CredentialError, LoadContext, Placeholders, Secrets};
+pub use secret_file::SandboxReader;
 pub use snapshot::{PolicyHandle, Snapshot};
 pub use workers::{Doorman, MAX_THREADS, spawn_workers, worker_threads};
 

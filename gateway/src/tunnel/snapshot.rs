@@ -133,7 +133,11 @@ mod tests {
 
     fn snapshot(hosts: &[&str]) -> Snapshot {
         let p = policy(hosts);
-        Snapshot::new(&p, Secrets::load(&p).unwrap()).unwrap()
+        Snapshot::new(
+            &p,
+            Secrets::load(&p, &crate::tunnel::LoadContext::for_test()).unwrap(),
+        )
+        .unwrap()
     }
 
     #[test]
