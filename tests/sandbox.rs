@@ -1148,3 +1148,126 @@ fn a_secret_file_in_a_directory_others_may_write_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{ctx}");
     assert!(out.stderr.contains("which uid 4242 owns"), "{ctx}");
 }
+
+/// Variables whose names look like secrets never reach CMD, unless `--keep-env` names them;
+/// one warning names them, never their values.
+#[test]
+fn secret_looking_variables_are_removed_and_named_in_one_warning() {
+    let run = Run::new(
+        "secret-names",
+        &policy(
+            "secret-names",
+            "[[http.allow]]\nhost = \"api.test\"\ncredential = \"api\"\n\
+             [credentials.api]\nenv = \"GATEWAY_TEST_CRED\"\nplaceholder = \"GATEWAY_TEST_PH_TOKEN\"\n",
+        ),
+    );
+    let removed = [
+        ("AWS_SECRET_ACCESS_KEY", "aws-value-Zx81"),
+        ("OPENAI_API_KEY", "openai-value-Qp27"),
+        ("DB_PASSWORD", "db-value-Lm55"),
+        ("gateway_test_token", "lower-value-Tt09"),
+    ];
+    let kept = [
+        ("FOO_BAR", "plain-value"),
+        ("LANG", "C.UTF-8"),
+        ("KEYBOARD", "us"),
+        ("MONKEY", "banana"),
+    ];
+    let mut cmd = run.command(&["sh", "-c", "env"]);
+    cmd.envs(removed).envs(kept);
+    cmd.env("GATEWAY_TEST_CRED", "cred-value-Rr31")
+        .env("GATEWAY_TEST_PH_TOKEN", "outside-value-Pp44");
+    let out = run.finish(cmd.output().unwrap());
+    let ctx = out.describe();
+    assert!(out.status.success(), "{ctx}");
+    for (name, value) in removed {
+        assert!(
+            !out.stdout.contains(&format!("{name}=")),
+            "{name} inside\n{ctx}"
+        );
+        assert!(!out.stdout.contains(value), "{ctx}");
+        assert!(!out.stderr.contains(value), "a value on stderr\n{ctx}");
+    }
+    for (name, value) in kept {
+        assert!(
+            out.stdout.contains(&format!("\n{name}={value}\n"))
+                || out.stdout.starts_with(&format!("{name}={value}\n")),
+            "{name} missing\n{ctx}"
+        );
+    }
+    // The placeholder the gateway sets stays, whatever its name; the credential's own
+    // variable goes, as always.
+    assert!(
+        out.stdout
+            .contains("GATEWAY_TEST_PH_TOKEN=gateway-placeholder-api-"),
+        "{ctx}"
+    );
+    assert!(!out.stdout.contains("cred-value"), "{ctx}");
+    assert!(!out.stdout.contains("outside-value"), "{ctx}");
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("look like secrets"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{ctx}");
+    for (name, _) in removed {
+        assert!(warnings[0].contains(name), "{name} not named\n{ctx}");
+    }
+    for name in [
+        "FOO_BAR",
+        "KEYBOARD",
+        "MONKEY",
+        "GATEWAY_TEST_PH_TOKEN",
+        "GATEWAY_TEST_CRED",
+    ] {
+        assert!(!warnings[0].contains(name), "{name} named\n{ctx}");
+    }
+    assert!(warnings[0].contains("--keep-env NAME"), "{ctx}");
+}
+
+#[test]
+fn keep_env_passes_a_secret_looking_variable_but_never_a_credential_one() {
+    let run = Run::new(
+        "keep-env",
+        &policy(
+            "keep-env",
+            "[[http.allow]]\nhost = \"api.test\"\ncredential = \"api\"\n\
+             [credentials.api]\nenv = \"GATEWAY_TEST_API_TOKEN\"\n",
+        ),
+    );
+    let out = run.finish(
+        run.command_with(&["--keep-env", "GITHUB_TOKEN"], &["sh", "-c", "env"])
+            .env("GITHUB_TOKEN", "kept-value-Gh12")
+            .env("OPENAI_API_KEY", "openai-value-Qp27")
+            .env("GATEWAY_TEST_API_TOKEN", "cred-value-Rr31")
+            .output()
+            .unwrap(),
+    );
+    let ctx = out.describe();
+    assert!(out.status.success(), "{ctx}");
+    assert!(
+        out.stdout.contains("GITHUB_TOKEN=kept-value-Gh12\n"),
+        "{ctx}"
+    );
+    assert!(!out.stdout.contains("OPENAI_API_KEY"), "{ctx}");
+    assert!(!out.stdout.contains("cred-value"), "{ctx}");
+    // A credential's variable is never passed, and asking for it is an error.
+    let out = run.finish(
+        run.command_with(
+            &["--keep-env", "GATEWAY_TEST_API_TOKEN"],
+            &["sh", "-c", "echo started"],
+        )
+        .env("GATEWAY_TEST_API_TOKEN", "cred-value-Rr31")
+        .output()
+        .unwrap(),
+    );
+    let ctx = out.describe();
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    assert!(!out.stdout.contains("started"), "{ctx}");
+    assert!(
+        out.stderr.contains("--keep-env GATEWAY_TEST_API_TOKEN")
+            && out.stderr.contains("credential `api`"),
+        "{ctx}"
+    );
+    assert!(!out.stderr.contains("cred-value"), "{ctx}");
+}

@@ -44,6 +44,12 @@ enum Command {
         /// default one per CPU, at most 4).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=gateway::tunnel::MAX_THREADS as i64))]
         tunnel_threads: Option<u16>,
+        /// Pass this variable of the gateway's environment on to CMD although its name looks
+        /// like a secret (TOKEN, SECRET, PASSWORD, ... or ending in _KEY); repeatable. Such
+        /// variables are otherwise removed, with a warning naming them. A variable a
+        /// credential reads is never passed on.
+        #[arg(long, value_name = "NAME")]
+        keep_env: Vec<String>,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -122,6 +128,7 @@ fn main() -> ExitCode {
             user,
             learn,
             tunnel_threads,
+            keep_env,
             command,
         } => run::run(run::RunArgs {
             policy,
@@ -131,6 +138,7 @@ fn main() -> ExitCode {
             command,
             learn,
             tunnel_threads: tunnel_threads.map(usize::from),
+            keep_env,
         }),
         Command::Serve { config } => serve::serve(&config),
         Command::Cleanup => cleanup(),

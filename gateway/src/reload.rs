@@ -29,7 +29,8 @@ pub const REFUSED: &str = "policy-reload-refused";
 pub struct Started {
     /// The placeholders in CMD's environment.
     pub placeholders: Placeholders,
-    /// The variables removed from CMD's environment because a credential read them.
+    /// The variables removed from CMD's environment: those a credential read, and (`run`)
+    /// those whose names look like secrets.
     pub removed_env: BTreeSet<String>,
     /// Whether the Landlock scope that refuses outside abstract sockets was left off.
     pub abstract_unix: bool,
@@ -280,7 +281,7 @@ fn needs_restart(
         {
             why.push(format!(
                 "credential `{name}` reads ${var}, which the sandbox's environment still \
-                 holds (no credential read it at start): restart the sandbox"
+                 holds (it was passed on at start): restart the sandbox"
             ));
         }
     }

@@ -44,6 +44,8 @@ pub struct RunArgs {
     pub learn: bool,
     /// The tunnel's worker threads; the default when `None`.
     pub tunnel_threads: Option<usize>,
+    /// Variables CMD inherits although their names look like secrets (`--keep-env`).
+    pub keep_env: Vec<String>,
 }
 
 pub const NOT_ROOT: &str = "gateway run needs root (CAP_BPF, CAP_SYS_ADMIN): run it with sudo";
@@ -73,6 +75,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let secrets = Secrets::load(&policy, &load)?;
     crate::tunnel::check_upstream_ca(&policy)?;
+    let removal = env::removal(
+        std::env::vars_os().map(|(name, _)| name),
+        &policy,
+        &args.keep_env,
+    )?;
+    if !removal.by_name.is_empty() {
+        tracing::warn!(
+            "not passed to CMD, their names look like secrets (values not shown): {}; to pass one on, name it with --keep-env NAME",
+            removal.by_name.join(", ")
+        );
+    }
     let (ca, cgroup_root) = prepare_host()?;
     let audit_path = args
         .audit_log
@@ -106,6 +119,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             learn: args.learn,
             tunnel_threads: tunnel::worker_threads(args.tunnel_threads),
             load,
+            removal,
         },
         audit,
         secrets,
@@ -159,6 +173,8 @@ struct Sandbox<'a> {
     tunnel_threads: usize,
     /// How the secrets were read, to read them the same way on reload.
     load: LoadContext,
+    /// What CMD does not inherit of the gateway's environment.
+    removal: env::Removal,
 }
 
 /// The kernel's record of tunnel clients of each sandbox the tunnel serves (`run` has one,
@@ -190,6 +206,7 @@ async fn supervise(
         learn,
         tunnel_threads: threads,
         load,
+        removal,
     } = sandbox;
     // Before anything exists: SIGHUP's default action would end the gateway without cleanup.
     let mut sighup = signal(SignalKind::hangup())?;
@@ -247,7 +264,9 @@ async fn supervise(
             stop_rx.clone(),
         )));
         let placeholders = secrets.placeholder_env();
-        let started = Started::new(policy, secrets.placeholders(), load);
+        let mut started = Started::new(policy, secrets.placeholders(), load);
+        // A later credential may read one of these: the sandbox does not hold it.
+        started.removed_env.extend(removal.by_name.iter().cloned());
         let proxy = Tunnel::new(policy, secrets, ca.clone(), audit.clone(), learn)
             .context("starting the tunnel")?;
         let mut reloader = Reloader::new(
@@ -287,7 +306,7 @@ async fn supervise(
             user,
             command,
             &cgroup,
-            env,
+            (env, removal.remove),
             &audit,
         )
         .await
@@ -333,13 +352,15 @@ struct Signals<'a> {
     reloader: &'a mut Reloader,
 }
 
+/// Starts CMD and waits for it. `(env, remove)`: the variables set for CMD, and those of the
+/// gateway's environment it does not inherit.
 async fn launch_and_wait(
     policy: &Policy,
     signals: Signals<'_>,
     user: &SandboxUser,
     command: &[String],
     cgroup: &Cgroup,
-    env: Vec<(String, String)>,
+    (env, remove): (Vec<(String, String)>, Vec<std::ffi::OsString>),
     audit: &AuditLog,
 ) -> anyhow::Result<i32> {
     // Handlers first: a signal that arrives once CMD runs must be forwarded, not kill us.
@@ -355,7 +376,7 @@ async fn launch_and_wait(
         user,
         cgroup_procs: &procs,
         env,
-        remove: policy.secret_env_vars().map(str::to_owned).collect(),
+        remove,
         confine: confinement.child_side(),
     }
     .spawn()?;

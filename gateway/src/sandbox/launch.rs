@@ -1,7 +1,12 @@
 //! Starts CMD inside the sandbox cgroup as the sandbox user, with no way to regain privilege
 //! and no descriptor inherited from outside except stdin, stdout and stderr.
 
-use std::{ffi::CString, io, os::unix::ffi::OsStrExt as _, path::Path};
+use std::{
+    ffi::{CString, OsString},
+    io,
+    os::unix::ffi::OsStrExt as _,
+    path::Path,
+};
 
 use tokio::process::{Child, Command};
 
@@ -14,7 +19,7 @@ pub struct Launch<'a> {
     pub cgroup_procs: &'a Path,
     /// Variables to set; every other variable is inherited unless listed in `remove`.
     pub env: Vec<(String, String)>,
-    pub remove: Vec<String>,
+    pub remove: Vec<OsString>,
     pub confine: ChildSide,
 }
 

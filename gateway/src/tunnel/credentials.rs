@@ -65,6 +65,10 @@ pub enum CredentialError {
         fix: String,
     },
     #[error(
+        "--keep-env {var}: credential `{name}` reads its secret from ${var}, which never reaches the sandbox: drop --keep-env {var}"
+    )]
+    KeptCredentialVariable { name: String, var: String },
+    #[error(
         "credential `{name}` sets placeholder ${var}, which the sandbox's environment does not have: placeholder credentials cannot be added by reload: restart the sandbox"
     )]
     PlaceholderAdded { name: String, var: String },
