@@ -668,14 +668,15 @@ pub fn valid_name(name: &str) -> bool {
 
 fn net_rule(d: &mut Diag<'_>, value: &Value<'_>) -> Option<NetRule> {
     let t = Table::of(d, value, "[[network.allow]]", Some(NET_RULE_KEYS))?;
-    let cidr = match t.string(d, "cidr") {
+    let cidr_at = t.string(d, "cidr");
+    let cidr = match &cidr_at {
         None => {
             if t.get("cidr").is_none() {
                 t.missing(d, "cidr", "cidr = \"10.0.0.5/32\"");
             }
             None
         }
-        Some(c) => cidr(d, &c),
+        Some(c) => cidr(d, c),
     };
     let protocol = match t.string(d, "protocol") {
         None if t.get("protocol").is_some() => None,
@@ -730,11 +731,47 @@ fn net_rule(d: &mut Diag<'_>, value: &Value<'_>) -> Option<NetRule> {
             ok.then_some(ports)
         }
     };
-    Some(NetRule {
+    let rule = NetRule {
         cidr: cidr?,
         ports: ports?,
         protocol: protocol?,
-    })
+    };
+    if let Some(c) = &cidr_at
+        && let Some(why) = huge_range(&rule, c.value)
+    {
+        d.warning(&c.span, why);
+    }
+    Some(rule)
+}
+
+/// A warning for a `[[network.allow]]` range wider than an IPv4 /8 or an IPv6 /32: the
+/// kernel lets the sandbox reach all of it directly.
+fn huge_range(rule: &NetRule, written: &str) -> Option<String> {
+    let widest = match rule.cidr {
+        ipnet::IpNet::V4(_) => 8,
+        ipnet::IpNet::V6(_) => 32,
+    };
+    if rule.cidr.prefix_len() >= widest {
+        return None;
+    }
+    let mut ports = rule.ports.clone();
+    ports.sort_unstable();
+    let mut next = 1u32;
+    for r in &ports {
+        if u32::from(r.first) <= next {
+            next = next.max(u32::from(r.last) + 1);
+        }
+    }
+    let which = if next > u32::from(u16::MAX) {
+        "on every port".to_owned()
+    } else {
+        let list: Vec<String> = rule.ports.iter().map(ToString::to_string).collect();
+        let one = matches!(rule.ports.as_slice(), [p] if p.first == p.last);
+        format!("on port{} {}", if one { "" } else { "s" }, list.join(", "))
+    };
+    Some(format!(
+        "cidr `{written}` opens the kernel to that whole range directly, {which}: connections to it bypass the tunnel, so no [[http.allow]] rule, credential or private-address check applies to them and they are not audited as requests; list only the addresses the sandbox needs"
+    ))
 }
 
 fn cidr(d: &mut Diag<'_>, c: &At<&str>) -> Option<ipnet::IpNet> {

@@ -248,3 +248,48 @@ fn plain_http_is_an_opt_in_for_credentials() {
     .http[0];
     assert!(rule.plain_http);
 }
+
+fn warnings_of(text: &str) -> Vec<String> {
+    super::check_text(Path::new("p.toml"), text)
+        .unwrap()
+        .warnings
+        .iter()
+        .map(|w| w.render(Path::new("p.toml")))
+        .collect()
+}
+
+#[test]
+fn a_network_rule_for_a_huge_range_is_a_warning() {
+    let net = |cidr: &str, ports: &str| {
+        warnings_of(&format!(
+            "version = 1\n[[network.allow]]\ncidr = \"{cidr}\"\nports = {ports}\n"
+        ))
+    };
+    for (cidr, ports, which) in [
+        ("0.0.0.0/0", "[\"1-65535\"]", "on every port"),
+        ("::/0", "[\"1-1000\", \"1001-65535\"]", "on every port"),
+        ("0.0.0.0/7", "[\"1-65535\"]", "on every port"),
+        ("2000::/3", "[\"1-65535\"]", "on every port"),
+        ("2001:db8::/31", "[\"1-65535\"]", "on every port"),
+        // A few ports do not make the range any smaller.
+        ("0.0.0.0/0", "[53, 443]", "on ports 53, 443"),
+        ("::/0", "[443]", "on port 443"),
+    ] {
+        let w = net(cidr, ports);
+        assert_eq!(
+            w,
+            [format!(
+                "p.toml:3:8: warning: cidr `{cidr}` opens the kernel to that whole range directly, {which}: connections to it bypass the tunnel, so no [[http.allow]] rule, credential or private-address check applies to them and they are not audited as requests; list only the addresses the sandbox needs"
+            )],
+            "{cidr} {ports}"
+        );
+    }
+    for (cidr, ports) in [
+        ("10.0.0.0/8", "[\"1-65535\"]"),
+        ("127.0.0.1/32", "[5432]"),
+        ("2001:db8::/32", "[\"1-65535\"]"),
+        ("fd00::/64", "[443]"),
+    ] {
+        assert_eq!(net(cidr, ports), Vec::<String>::new(), "{cidr} {ports}");
+    }
+}
