@@ -293,3 +293,32 @@ fn a_network_rule_for_a_huge_range_is_a_warning() {
         assert_eq!(net(cidr, ports), Vec::<String>::new(), "{cidr} {ports}");
     }
 }
+
+/// The example's comment says a `GH_TOKEN` placeholder lets gh start: gh sends it to
+/// api.github.com, so it must sit on the credential that host's rule names (anywhere else
+/// the tunnel refuses it, `placeholder-to-unlisted-host`).
+#[test]
+fn the_github_example_placeholder_is_on_the_credential_gh_uses() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/github.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let commented = "# placeholder = \"GH_TOKEN\"";
+    assert_eq!(text.matches(commented).count(), 1, "the example changed");
+    let enabled = text.replace(commented, "placeholder = \"GH_TOKEN\"");
+    let p = parse(&file, &enabled).unwrap();
+    let (holder, _) = p
+        .credentials
+        .iter()
+        .find(|(_, c)| c.placeholder.as_deref() == Some("GH_TOKEN"))
+        .unwrap();
+    let api: Vec<_> = p
+        .http
+        .iter()
+        .filter(|r| r.host == "api.github.com")
+        .map(|r| r.credential.as_deref())
+        .collect();
+    assert_eq!(
+        api,
+        [Some(holder.as_str())],
+        "gh's API calls carry the placeholder"
+    );
+}
