@@ -844,3 +844,31 @@ fn serve_refuses_secret_files_its_sandboxes_could_read() {
     assert!(!stderr.contains(secret), "{ctx}");
     assert!(!cgroup2_root().join(&parent).exists(), "{ctx}");
 }
+
+/// A secret variable missing under serve is to be exported where serve runs.
+#[test]
+fn a_missing_secret_variable_names_the_command_that_reads_it() {
+    assert_root();
+    let scratch = Scratch::new("serve-missing-env");
+    scratch.write(
+        "m.toml",
+        &policy(
+            "serve-missing",
+            "[[http.allow]]\nhost = \"api.test\"\ncredential = \"api\"\n[credentials.api]\nenv = \"GATEWAY_TEST_UNSET_TOKEN\"\n",
+        ),
+    );
+    let parent = test_cgroup("missing-env");
+    let config = scratch.write("serve.toml", &host_config(&scratch, &parent, &["m"]));
+    let (out, ctx) = run(Command::new(gateway_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("GATEWAY_TEST_UNSET_TOKEN"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    assert!(
+        stderr.contains("$GATEWAY_TEST_UNSET_TOKEN, which is not set: export it in the environment of gateway serve"),
+        "{ctx}"
+    );
+    assert!(!stderr.contains("gateway run"), "{ctx}");
+    assert!(!cgroup2_root().join(&parent).exists(), "{ctx}");
+}

@@ -44,10 +44,13 @@ impl fmt::Debug for Secret {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
-    #[error(
-        "credential `{name}` reads its secret from ${var}, which is not set: export it in the environment of gateway run"
-    )]
-    EnvMissing { name: String, var: String },
+    /// `what_to_do` says where to export it, for the command that reads it.
+    #[error("credential `{name}` reads its secret from ${var}, which is not set{what_to_do}")]
+    EnvMissing {
+        name: String,
+        var: String,
+        what_to_do: String,
+    },
     #[error(
         "credential `{name}`: cannot read secret file {path}: {source} (it must be readable by root)"
     )]
@@ -115,7 +118,7 @@ impl Secrets {
     pub fn load(policy: &Policy, context: &LoadContext) -> Result<Self, CredentialError> {
         let mut out = BTreeMap::new();
         for (name, cred) in &policy.credentials {
-            out.insert(name.clone(), load_one(name, cred, context)?);
+            out.insert(name.clone(), load_one(name, cred, context, false)?);
         }
         Ok(Self(out))
     }
@@ -142,7 +145,7 @@ impl Secrets {
                     }
                 },
             };
-            let mut secret = load_one(name, cred, context)?;
+            let mut secret = load_one(name, cred, context, true)?;
             secret.placeholder = kept;
             out.insert(name.clone(), secret);
         }
@@ -199,17 +202,27 @@ impl Secret {
     }
 }
 
-/// One credential's secret, read from its variable or file.
+/// One credential's secret, read from its variable or file. `reload`: the gateway is running,
+/// so its environment can no longer change.
 fn load_one(
     name: &str,
     cred: &Credential,
     context: &LoadContext,
+    reload: bool,
 ) -> Result<Secret, CredentialError> {
     let raw = match &cred.source {
         SecretSource::Env(var) => {
             Zeroizing::new(std::env::var(var).map_err(|_| CredentialError::EnvMissing {
                 name: name.into(),
                 var: var.clone(),
+                what_to_do: if reload {
+                    format!(
+                        " in the environment {0} started with, which a reload cannot change: export it and restart {0}",
+                        context.command
+                    )
+                } else {
+                    format!(": export it in the environment of {}", context.command)
+                },
             })?)
         }
         SecretSource::File(path) => {
@@ -436,7 +449,7 @@ mod tests {
             basic_user: basic_user.map(str::to_owned),
             placeholder: None,
         };
-        let value = |c: &Credential| load_one("c", c, &ctx()).unwrap().header_value();
+        let value = |c: &Credential| load_one("c", c, &ctx(), false).unwrap().header_value();
         assert_eq!(value(&cred("Bearer {secret}", None)), "Bearer s3cret");
         assert_eq!(value(&cred("{secret}:{secret}", None)), "s3cret:s3cret");
         assert_eq!(value(&cred("token", None)), "token");
@@ -452,6 +465,39 @@ mod tests {
         assert_eq!(
             echoes(&cred("", Some("x-access-token"))),
             ["s3cret", "eC1hY2Nlc3MtdG9rZW46czNjcmV0"]
+        );
+    }
+
+    #[test]
+    fn a_missing_variable_is_to_be_exported_where_the_command_runs() {
+        let var = format!("GATEWAY_UNIT_TEST_UNSET_{}", std::process::id());
+        let cred = Credential {
+            source: SecretSource::Env(var.clone()),
+            header: "Authorization".into(),
+            format: "Bearer {secret}".into(),
+            basic_user: None,
+            placeholder: None,
+        };
+        let serve = LoadContext {
+            command: "gateway serve",
+            ..ctx()
+        };
+        let message = |reload| {
+            load_one("api", &cred, &serve, reload)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            message(false),
+            format!(
+                "credential `api` reads its secret from ${var}, which is not set: export it in the environment of gateway serve"
+            )
+        );
+        assert_eq!(
+            message(true),
+            format!(
+                "credential `api` reads its secret from ${var}, which is not set in the environment gateway serve started with, which a reload cannot change: export it and restart gateway serve"
+            )
         );
     }
 
