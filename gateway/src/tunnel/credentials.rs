@@ -460,7 +460,7 @@ mod tests {
         );
         assert!(value(&cred("Bearer {secret}", None)).is_sensitive());
         // What an answer must not carry: the secret, and the pair as Basic auth sends it.
-        let echoes = |c: &Credential| load_one("c", c, &ctx()).unwrap().echoes().to_vec();
+        let echoes = |c: &Credential| load_one("c", c, &ctx(), false).unwrap().echoes().to_vec();
         assert_eq!(echoes(&cred("Bearer {secret}", None)), ["s3cret"]);
         assert_eq!(
             echoes(&cred("", Some("x-access-token"))),
