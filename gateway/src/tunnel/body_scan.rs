@@ -135,35 +135,42 @@ impl<B> Scanned<B> {
     }
 }
 
+/// A body that yields the given chunks one frame each, for the scanners' tests.
 #[cfg(test)]
-mod tests {
-    use std::collections::VecDeque;
+pub(super) struct Chunks(std::collections::VecDeque<Bytes>);
 
-    use http_body_util::BodyExt as _;
-
-    use super::*;
-
-    /// A body that yields the given chunks one frame each.
-    struct Chunks(VecDeque<Bytes>);
-
-    impl Body for Chunks {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
-        }
-    }
-
-    async fn read(chunks: &[&str]) -> Result<String, String> {
-        let body = Chunks(
+#[cfg(test)]
+impl Chunks {
+    pub(super) fn of(chunks: &[&str]) -> Self {
+        Self(
             chunks
                 .iter()
                 .map(|c| Bytes::copy_from_slice(c.as_bytes()))
                 .collect(),
-        );
+        )
+    }
+}
+
+#[cfg(test)]
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+
+    async fn read(chunks: &[&str]) -> Result<String, String> {
+        let body = Chunks::of(chunks);
         match Scanned::new(body, vec!["PH-1234".into()]).collect().await {
             Ok(c) => Ok(String::from_utf8(c.to_bytes().to_vec()).unwrap()),
             Err(e) => Err(e.to_string()),

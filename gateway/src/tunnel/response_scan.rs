@@ -190,24 +190,11 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::VecDeque, sync::Arc};
+    use std::sync::Arc;
 
     use http_body_util::BodyExt as _;
 
-    use super::*;
-
-    struct Chunks(VecDeque<Bytes>);
-
-    impl Body for Chunks {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
-        }
-    }
+    use super::{super::body_scan::Chunks, *};
 
     fn echoes() -> Echoes {
         Echoes::new(&[Bytes::from_static(b"s3cret-value")]).unwrap()
@@ -220,13 +207,7 @@ mod tests {
             let recorded = recorded.clone();
             Box::new(move |reason| recorded.lock().unwrap().push(reason))
         };
-        let body = Chunks(
-            chunks
-                .iter()
-                .map(|c| Bytes::copy_from_slice(c.as_bytes()))
-                .collect(),
-        );
-        let mut scanned = Scanned::new(body, echoes(), record);
+        let mut scanned = Scanned::new(Chunks::of(chunks), echoes(), record);
         let mut frames = Vec::new();
         let mut failed = false;
         while let Some(frame) = scanned.frame().await {
