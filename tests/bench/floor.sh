@@ -34,7 +34,7 @@ pids=()
 cleanup() {
   exec 3>&- 4>&- 2>/dev/null || true
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true
+  baseline_nginx_stop "$work"
   upstream_nginx_stop "$work"
   rm -rf "$work"
 }
@@ -43,28 +43,7 @@ trap cleanup EXIT
 up_port=$(free_port)
 ngx_port=$(free_port)
 upstream_nginx "$work" "$up_port" 2
-# tunnel.sh's baseline, the token written into the config.
-cat > "$work/nginx.conf" <<NGINX
-worker_processes 2;
-pid $work/nginx.pid;
-error_log $work/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream up { server 127.0.0.1:$up_port; keepalive 128; keepalive_requests 1000000; }
-  server {
-    listen 127.0.0.1:$ngx_port;
-    keepalive_requests 1000000;
-    location / {
-      proxy_pass http://up;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer bench-secret-token";
-    }
-  }
-}
-NGINX
-nginx -p "$work" -c "$work/nginx.conf"
+baseline_nginx "$work" "$ngx_port" "$up_port"
 bench_policy bench-floor "$up_port" > "$work/policy.toml"
 echo "wrk.path = \"http://127.0.0.1:$up_port/\"" > "$work/absolute.lua"
 

@@ -30,6 +30,37 @@ NGINX
 
 upstream_nginx_stop() { nginx -p "$1" -c "$1/upstream.conf" -s stop 2>/dev/null || true; }
 
+# baseline_nginx WORK PORT UPSTREAM_PORT [LOG]: the tunnel's baseline, an nginx reverse proxy
+# on PORT doing the tunnel's job toward the upstream (`proxy_pass`, the credential set,
+# upstream keepalive), config and pid under WORK; LOG is its access_log directive
+# (default off). Stop it with baseline_nginx_stop WORK.
+baseline_nginx() {
+  cat > "$1/nginx.conf" <<NGINX
+worker_processes 2;
+pid $1/nginx.pid;
+error_log $1/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  ${4:-access_log off;}
+  upstream up { server 127.0.0.1:$3; keepalive 128; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$2;
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer \$bench_token";
+    }
+  }
+  map \$host \$bench_token { default "bench-secret-token"; }
+}
+NGINX
+  nginx -p "$1" -c "$1/nginx.conf"
+}
+
+baseline_nginx_stop() { nginx -p "$1" -c "$1/nginx.conf" -s stop 2>/dev/null || true; }
+
 # bench_policy NAME PORT: a policy that lets the loopback upstream on PORT through with the
 # `bench` credential (from $BENCH_TOKEN) attached, on stdout.
 bench_policy() {

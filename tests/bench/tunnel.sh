@@ -28,7 +28,7 @@ nginx_log="access_log off;"
 if [ "${NGINX_ACCESS_LOG:-0}" = 1 ]; then
   nginx_log='log_format audit escape=json '"'"'{"ts":"$time_iso8601","method":"$request_method","host":"$host","path":"$request_uri","status":$status,"client":"$remote_addr:$remote_port"}'"'"'; access_log '"$work"'/logs/access.jsonl audit;'
 fi
-trap 'nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; upstream_nginx_stop "$work"; kill "$tls_up" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'baseline_nginx_stop "$work"; upstream_nginx_stop "$work"; kill "$tls_up" 2>/dev/null || true; rm -rf "$work"' EXIT
 install -m 755 "${GATEWAY:-$root/target/release/gateway}" "$work/gateway"
 
 up_port=$(free_port)
@@ -36,28 +36,7 @@ ngx_port=$(free_port)
 # Two nginx instances, so the upstream is a separate server for both proxies: the upstream
 # (`return 200`) and the reverse proxy that is the tunnel's baseline.
 upstream_nginx "$work" "$up_port" 2
-cat > "$work/nginx.conf" <<NGINX
-worker_processes 2;
-pid $work/nginx.pid;
-error_log $work/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  $nginx_log
-  upstream up { server 127.0.0.1:$up_port; keepalive 128; keepalive_requests 1000000; }
-  server {
-    listen 127.0.0.1:$ngx_port;
-    keepalive_requests 1000000;
-    location / {
-      proxy_pass http://up;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer \$bench_token";
-    }
-  }
-  map \$host \$bench_token { default "bench-secret-token"; }
-}
-NGINX
-nginx -p "$work" -c "$work/nginx.conf"
+baseline_nginx "$work" "$ngx_port" "$up_port" "$nginx_log"
 
 # TLS upstream for the new-connection figure: python's ssl server, one request per connection.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
