@@ -118,14 +118,18 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
-        let held = self.held.len() as u64;
-        hint.set_lower(hint.lower() + held);
-        if let Some(upper) = hint.upper() {
-            hint.set_upper(upper + held);
-        }
-        hint
+        with_held(self.inner.size_hint(), self.held.len())
     }
+}
+
+/// A scanner's size: what its inner body has left, plus the bytes it holds back.
+pub(super) fn with_held(mut hint: SizeHint, held: usize) -> SizeHint {
+    let held = held as u64;
+    hint.set_lower(hint.lower() + held);
+    if let Some(upper) = hint.upper() {
+        hint.set_upper(upper + held);
+    }
+    hint
 }
 
 impl<B> Scanned<B> {

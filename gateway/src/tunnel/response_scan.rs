@@ -14,7 +14,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::HeaderMap;
 use memchr::memmem;
 
-use super::{body_scan::BoxError, late_cut};
+use super::{
+    body_scan::{BoxError, with_held},
+    late_cut,
+};
 
 /// The reason of an answer, or the rest of one, not relayed for carrying the secret.
 pub const SECRET_IN_RESPONSE: &str = "secret-in-response";
@@ -178,13 +181,7 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
-        let held = self.held.len() as u64;
-        hint.set_lower(hint.lower() + held);
-        if let Some(upper) = hint.upper() {
-            hint.set_upper(upper + held);
-        }
-        hint
+        with_held(self.inner.size_hint(), self.held.len())
     }
 }
 
