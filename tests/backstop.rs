@@ -287,6 +287,15 @@ impl TestHost {
 }
 
 impl TestHost {
+    /// The index of the host's side of the link.
+    fn ifindex(&self) -> u32 {
+        std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", self.host_if))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     /// A neighbour entry on the host's side: `addr` is the test host's link address.
     fn answer_for(&self, addr: &str) {
         let out = Command::new("ip")
@@ -529,11 +538,7 @@ report("pidfd_getfd", take)
 fn loopback_destinations_never_leave_on_another_device() {
     let udp4 = HostUdp::bind("127.0.0.1:0");
     let host = TestHost::new();
-    let ifindex: u32 = std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", host.host_if))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let ifindex = host.ifindex();
     // As a machine on that link could: answer for 127.0.0.1, so the kernel has where to send.
     host.answer_for("127.0.0.1");
     let run = Run::new(
@@ -614,11 +619,7 @@ report("udp-pktinfo", udp_pktinfo)
 #[test]
 fn multicast_groups_cannot_be_joined() {
     let host = TestHost::new();
-    let ifindex: u32 = std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", host.host_if))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let ifindex = host.ifindex();
     let run = Run::new("multicast-join", &policy("multicast-join", ""));
     // 239.84.79.80 and ff05::5345:4352:4554 end in "TOP" and "SECRET".
     let sniffer = Sniffer::start(&host, &run, &[&[239, 84, 79, 80], b"SECRET"]);

@@ -1039,6 +1039,15 @@ fn reads(file: &str) -> String {
     format!("echo started; cat {file:?} 2>/dev/null || echo unreadable")
 }
 
+/// [`reads`] run in the sandbox as `user`.
+fn reads_as(run: &Run, user: &str, file: &str) -> Finished {
+    run.finish(
+        run.command_as(Some(user), &[], &["sh", "-c", &reads(file)])
+            .output()
+            .unwrap(),
+    )
+}
+
 /// The refusal `gateway run` gives before starting anything: exit 2, the credential, the
 /// file, `why` and what to do on stderr, and CMD never run.
 fn assert_refused_before_start(out: &Finished, file: &str, why: &str) {
@@ -1071,11 +1080,7 @@ fn a_secret_file_everyone_may_read_is_refused_before_anything_starts() {
 #[test]
 fn a_root_only_secret_file_is_accepted_and_unreadable_inside() {
     let (run, _secrets, file) = secret_file_run("secret-file-600", 0, 0, 0o600);
-    let out = run.finish(
-        run.command_as(Some("4242"), &[], &["sh", "-c", &reads(&file)])
-            .output()
-            .unwrap(),
-    );
+    let out = reads_as(&run, "4242", &file);
     assert!(out.status.success(), "{}", out.describe());
     assert_eq!(out.stdout, "started\nunreadable\n", "{}", out.describe());
 }
@@ -1083,11 +1088,7 @@ fn a_root_only_secret_file_is_accepted_and_unreadable_inside() {
 #[test]
 fn a_secret_file_of_the_sandbox_user_is_refused() {
     let (run, _secrets, file) = secret_file_run("secret-file-owner", 4242, 4242, 0o600);
-    let out = run.finish(
-        run.command_as(Some("4242"), &[], &["sh", "-c", &reads(&file)])
-            .output()
-            .unwrap(),
-    );
+    let out = reads_as(&run, "4242", &file);
     assert_refused_before_start(&out, &file, "is owned by uid 4242, the sandbox's user");
     assert!(out.stderr.contains("--user"), "{}", out.describe());
     // The default user is the sudo caller: the same file is refused for it too.
@@ -1104,11 +1105,7 @@ fn a_secret_file_of_the_sandbox_user_is_refused() {
 #[test]
 fn a_secret_file_a_group_of_the_sandbox_user_may_read_is_refused() {
     let (run, _secrets, file) = secret_file_run("secret-file-group", 0, 4242, 0o640);
-    let out = run.finish(
-        run.command_as(Some("4242"), &[], &["sh", "-c", &reads(&file)])
-            .output()
-            .unwrap(),
-    );
+    let out = reads_as(&run, "4242", &file);
     assert_refused_before_start(&out, &file, "is readable by group 4242 (mode 640)");
     // nobody is not in group 4242: the file is safe from it.
     let out = run.finish(run.command(&["sh", "-c", &reads(&file)]).output().unwrap());
@@ -1139,11 +1136,7 @@ fn a_secret_file_in_a_directory_others_may_write_is_refused() {
     // Owned by the sandbox's user, it could be replaced from inside.
     std::fs::set_permissions(&secrets.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::chown(&secrets.dir, Some(4242), Some(4242)).unwrap();
-    let out = run.finish(
-        run.command_as(Some("4242"), &[], &["sh", "-c", &reads(&file)])
-            .output()
-            .unwrap(),
-    );
+    let out = reads_as(&run, "4242", &file);
     let ctx = out.describe();
     assert_eq!(out.status.code(), Some(2), "{ctx}");
     assert!(out.stderr.contains("which uid 4242 owns"), "{ctx}");
