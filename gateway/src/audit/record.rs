@@ -1,7 +1,7 @@
 //! One audit record, with the fields DESIGN.md lists.
 
 use serde::Serialize;
-use std::cell::RefCell;
+use std::{cell::RefCell, time::SystemTime};
 
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -134,7 +134,12 @@ impl Record {
 }
 
 pub fn now_rfc3339() -> String {
-    rfc3339(OffsetDateTime::now_utc())
+    // Seconds and nanoseconds straight from the clock: the calendar date is only worked out
+    // when the second changes.
+    match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) => rfc3339_at(since.as_secs() as i64, since.subsec_nanos()),
+        Err(_) => rfc3339(OffsetDateTime::now_utc()),
+    }
 }
 
 thread_local! {
@@ -146,17 +151,25 @@ thread_local! {
 /// The same text as `time`'s RFC 3339 formatting of a UTC time: the fraction has as many
 /// digits as it needs, none when it is zero.
 fn rfc3339(t: OffsetDateTime) -> String {
+    rfc3339_at(t.unix_timestamp(), t.nanosecond())
+}
+
+/// [`rfc3339`] of the time `unix` seconds and `nanos` nanoseconds after the epoch.
+fn rfc3339_at(unix: i64, nanos: u32) -> String {
     SECOND.with_borrow_mut(|(second, whole)| {
-        if *second != t.unix_timestamp() {
-            let Ok(text) = t.replace_nanosecond(0).unwrap_or(t).format(&Rfc3339) else {
+        if *second != unix {
+            let Ok(text) = OffsetDateTime::from_unix_timestamp(unix)
+                .map_err(|_| ())
+                .and_then(|t| t.format(&Rfc3339).map_err(|_| ()))
+            else {
                 return "1970-01-01T00:00:00Z".into();
             };
             *whole = text.trim_end_matches('Z').to_owned();
-            *second = t.unix_timestamp();
+            *second = unix;
         }
         let mut out = String::with_capacity(whole.len() + 11);
         out.push_str(whole);
-        let mut nanos = t.nanosecond();
+        let mut nanos = nanos;
         if nanos != 0 {
             // Nine digits, trailing zeros dropped, without the formatting machinery.
             let mut digits = [b'0'; 9];
@@ -192,6 +205,8 @@ mod tests {
                 );
             }
         }
+        let now = OffsetDateTime::parse(&now_rfc3339(), &Rfc3339).unwrap();
+        assert!((now - OffsetDateTime::now_utc()).abs() < time::Duration::seconds(5));
     }
 
     #[test]
