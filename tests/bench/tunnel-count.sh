@@ -80,7 +80,7 @@ count_instructions() { # BINARY: prints user instructions per request
   # and counts the portable code instead, so it is also shown apart.
   sha=$(callgrind_annotate --threshold=100 "$dump" 2>/dev/null |
     awk '/sha2::sha256::compress256/ {gsub(",", "", $1); print $1; exit}')
-  rm -f "$work"/cg.out*
+  [ -z "${KEEP_PROFILE:-}" ] || cp "$dump" "$KEEP_PROFILE"; rm -f "$work"/cg.out*
   awk -v ir="$ir" -v sha="${sha:-0}" -v n=$((b - a)) \
     'BEGIN { printf "%.0f, of which sha256 blocks %.0f (%d requests)", ir / n, sha / n, n }'
 }
