@@ -1,7 +1,7 @@
 //! Secrets, read at start and on each reload, attached at the boundary, never printed.
 //! Placeholders stand in for them inside the sandbox.
 
-use std::{collections::BTreeMap, fmt};
+use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -22,8 +22,8 @@ pub struct Secret {
     pub placeholder: Option<Placeholder>,
     /// What of the secret an upstream could send back: the secret, and for Basic auth the
     /// encoded pair it travels as. A response carrying one is never relayed. Wiped when the
-    /// last copy is dropped.
-    echoes: Vec<Bytes>,
+    /// last copy is dropped. Shared, so checking an answer costs no copy of them.
+    echoes: Arc<[Bytes]>,
 }
 
 #[derive(Clone)]
@@ -197,7 +197,7 @@ impl Secret {
         self.header_value.clone()
     }
 
-    pub fn echoes(&self) -> &[Bytes] {
+    pub fn echoes(&self) -> &Arc<[Bytes]> {
         &self.echoes
     }
 }
@@ -289,7 +289,7 @@ fn load_one(
         header,
         header_value,
         placeholder,
-        echoes,
+        echoes: echoes.into(),
     })
 }
 

@@ -217,14 +217,33 @@ fn record(
     verdict: Verdict,
     reason: &str,
     client: SocketAddr,
-    mut fields: ProxyFields,
+    fields: ProxyFields,
 ) {
+    write_record(audit, sandbox, verdict, reason, prepared(fields, client));
+}
+
+/// The fields as a record carries them: with the client, cut to size (once: a cut field
+/// is longer than the bound by its marker).
+fn prepared(mut fields: ProxyFields, client: SocketAddr) -> ProxyFields {
     fields.client = Some(client);
+    fields.bounded()
+}
+
+/// Writes a record of [`prepared`] fields, and hands them back for a later record about the
+/// same request.
+fn write_record(
+    audit: &AuditLog,
+    sandbox: &str,
+    verdict: Verdict,
+    reason: &str,
+    fields: ProxyFields,
+) -> ProxyFields {
     let mut record = Record::new(Layer::Proxy, verdict, sandbox, reason);
-    record.proxy = Some(fields.bounded());
+    record.proxy = Some(fields);
     if let Err(e) = audit.append(&record) {
         tracing::error!("{e}");
     }
+    record.proxy.unwrap_or_default()
 }
 
 fn is_ambiguous(e: &hyper::Error) -> bool {

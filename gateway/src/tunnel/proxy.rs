@@ -359,16 +359,18 @@ impl Tunnel {
         let (verdict, reason) = route.verdict(&resp);
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
+        fields.status = Some(parts.status.as_u16());
+        let fields = super::prepared(fields, client);
+        let mut fields = super::write_record(&self.audit, &self.sandbox, verdict, reason, fields);
         let body = match echoes {
-            // A cut has no status of its own: the client saw the answer's.
             Some(echoes) => {
-                let cut = self.deny_later(client, fields.clone());
+                // A cut has no status of its own: the client saw the answer's.
+                fields.status = None;
+                let cut = self.deny_later_prepared(fields);
                 response_scan::Scanned::new(body, echoes, cut).boxed()
             }
             None => body.map_err(Into::into).boxed(),
         };
-        fields.status = Some(parts.status.as_u16());
-        self.record(verdict, reason, client, fields);
         Response::from_parts(parts, body)
     }
 
@@ -416,14 +418,18 @@ impl Tunnel {
     /// What records a refusal that comes after the request's own record, with no status:
     /// a body cut after the answer (see [`late_cut`]), a WebSocket cut after its upgrade.
     fn deny_later(&self, client: SocketAddr, fields: ProxyFields) -> late_cut::Record {
+        self.deny_later_prepared(super::prepared(fields, client))
+    }
+
+    /// [`Self::deny_later`] for fields a record has already carried.
+    fn deny_later_prepared(&self, fields: ProxyFields) -> late_cut::Record {
         let shared = self.shared.clone();
         Box::new(move |reason| {
-            super::record(
+            super::write_record(
                 &shared.audit,
                 &shared.sandbox,
                 Verdict::Deny,
                 reason,
-                client,
                 fields,
             );
         })

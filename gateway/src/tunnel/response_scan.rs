@@ -5,7 +5,7 @@
 
 use std::{
     pin::Pin,
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll, ready},
 };
 
@@ -27,14 +27,23 @@ pub const SECRET_IN_RESPONSE: &str = "secret-in-response";
 #[error("the upstream's answer carries the credential's secret")]
 pub struct SecretInResponse;
 
-/// The texts of one credential that an answer must not carry.
-pub struct Echoes(Vec<Bytes>);
+/// The texts of one credential that an answer must not carry (none empty).
+pub struct Echoes(Arc<[Bytes]>);
+
+/// Haystacks up to this long are searched from each place the text's first byte occurs:
+/// most header values are this short, and setting up `memmem`'s searcher would cost more
+/// than the search.
+const SHORT: usize = 64;
 
 impl Echoes {
     /// `None` when there is nothing to look for.
-    pub fn new(echoes: &[Bytes]) -> Option<Self> {
-        let echoes: Vec<Bytes> = echoes.iter().filter(|e| !e.is_empty()).cloned().collect();
-        (!echoes.is_empty()).then_some(Self(echoes))
+    pub fn new(echoes: &Arc<[Bytes]>) -> Option<Self> {
+        if echoes.iter().any(Bytes::is_empty) {
+            // Every place would match an empty text; a credential never makes one.
+            let echoes: Vec<Bytes> = echoes.iter().filter(|e| !e.is_empty()).cloned().collect();
+            return (!echoes.is_empty()).then(|| Self(echoes.into()));
+        }
+        (!echoes.is_empty()).then(|| Self(echoes.clone()))
     }
 
     pub fn in_headers(&self, headers: &HeaderMap) -> bool {
@@ -45,9 +54,7 @@ impl Echoes {
 
     fn found_in(&self, bytes: &[u8]) -> bool {
         // Most headers and many chunks are shorter than a secret: no search to set up.
-        self.0
-            .iter()
-            .any(|e| bytes.len() >= e.len() && memmem::find(bytes, e).is_some())
+        self.0.iter().any(|e| contains(bytes, e))
     }
 
     /// How many bytes at the end of `bytes` begin one of the texts: held back until the next
@@ -65,6 +72,16 @@ impl Echoes {
             .max()
             .unwrap_or(0)
     }
+}
+
+fn contains(haystack: &[u8], text: &[u8]) -> bool {
+    let Some(last) = haystack.len().checked_sub(text.len()) else {
+        return false;
+    };
+    if haystack.len() > SHORT {
+        return memmem::find(haystack, text).is_some();
+    }
+    memchr::memchr_iter(text[0], &haystack[..=last]).any(|at| haystack[at..].starts_with(text))
 }
 
 /// Relays `inner`, cutting it before the secret.
@@ -187,14 +204,12 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use http_body_util::BodyExt as _;
 
     use super::{super::body_scan::Chunks, *};
 
     fn echoes() -> Echoes {
-        Echoes::new(&[Bytes::from_static(b"s3cret-value")]).unwrap()
+        Echoes::new(&Arc::from([Bytes::from_static(b"s3cret-value")])).unwrap()
     }
 
     /// What the client receives frame by frame, and the reasons recorded.
@@ -243,6 +258,22 @@ mod tests {
             );
             assert_eq!(recorded, [SECRET_IN_RESPONSE], "{chunks:?}");
         }
+    }
+
+    #[test]
+    fn the_text_is_found_anywhere_in_short_and_long_haystacks() {
+        for pad in [0, 1, 20, super::SHORT, 200] {
+            let filler = "s".repeat(pad);
+            for (hay, found) in [
+                (format!("{filler}s3cret-value"), true),
+                (format!("s3cret-value{filler}"), true),
+                (format!("{filler}s3cret-valu{filler}"), false),
+                (format!("{filler}s3cret-valuE"), false),
+            ] {
+                assert_eq!(echoes().found_in(hay.as_bytes()), found, "{hay}");
+            }
+        }
+        assert!(!echoes().found_in(b""));
     }
 
     #[test]
