@@ -15,7 +15,8 @@
 #   tests/bench/tunnel-count.sh [TUNNEL_ALONE_BINARY...]
 #
 # With several binaries, rounds are interleaved (A B A B ...). Env: ROUNDS (2), WINDOW
-# seconds counted (8), CONNS (64), NATIVE=0 to skip the native counts.
+# seconds counted (8), CONNS (64), NATIVE=0 to skip the native counts, KEEP_PROFILE=FILE keeps
+# the last callgrind profile there (for callgrind_annotate).
 # Needs wrk, nginx, valgrind, perf: apt-get install wrk nginx-light valgrind linux-perf.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
