@@ -595,6 +595,9 @@ fn an_upstream_echoing_the_secret_never_reaches_the_sandbox() {
             "{CURL}
 r header https://api.test/echo-credential?in=header
 r body https://api.test/echo-credential?in=body
+r reason https://api.test/echo-credential?in=reason
+r gzip --compressed https://api.test/echo-credential?in=gzip
+r always --compressed https://api.test/echo-credential?in=gzip-always
 r plain https://api.test/v1/plain
 "
         ),
@@ -603,24 +606,53 @@ r plain https://api.test/v1/plain
     let ctx = || described(&out, &[&api]);
     assert_eq!(reply(&replies, "header", &out).code, 502, "{}", ctx());
     assert_ne!(reply(&replies, "body", &out).exit, 0, "{}", ctx());
+    assert_eq!(reply(&replies, "reason", &out).code, 502, "{}", ctx());
+    // Asked for no compression, the upstream sends the body as it is: cut as the plain one.
+    assert_ne!(reply(&replies, "gzip", &out).exit, 0, "{}", ctx());
+    // Compressed anyway: it could not be checked, so it is not relayed.
+    assert_eq!(reply(&replies, "always", &out).code, 502, "{}", ctx());
     assert_eq!(reply(&replies, "plain", &out).code, 200, "{}", ctx());
-    // The upstream did send it back, both times.
+    // The upstream did send it back, each time.
     let echoed = api
         .paths()
         .iter()
         .filter(|p| p.starts_with("/echo-credential"))
         .count();
-    assert_eq!(echoed, 2, "{}", ctx());
+    assert_eq!(echoed, 5, "{}", ctx());
     assert!(
         !out.stdout.contains(SECRET) && !out.stderr.contains(SECRET),
         "the sandbox saw the secret\n{}",
         ctx()
     );
-    assert_proxy_record(
-        &out,
-        "the echoing header",
-        &json!({"verdict": "deny", "reason": "secret-in-response", "status": 502}),
-    );
+    for (what, path, reason) in [
+        (
+            "the echoing header",
+            "/echo-credential?in=header",
+            "secret-in-response",
+        ),
+        (
+            "the echoing reason",
+            "/echo-credential?in=reason",
+            "secret-in-response",
+        ),
+        (
+            "the compressed body",
+            "/echo-credential?in=gzip-always",
+            "encoded-response",
+        ),
+    ] {
+        // The request left with the credential, then its answer was refused.
+        assert_proxy_record(
+            &out,
+            what,
+            &json!({"verdict": "allow", "reason": "allowlisted", "path": path, "status": 200}),
+        );
+        assert_proxy_record(
+            &out,
+            what,
+            &json!({"verdict": "deny", "reason": reason, "path": path, "status": 502}),
+        );
+    }
     assert_proxy_record(
         &out,
         "the echoing body, cut after its answer was let through",

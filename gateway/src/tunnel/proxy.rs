@@ -215,6 +215,14 @@ impl Tunnel {
             None => return self.refuse(StatusCode::BAD_REQUEST, "bad-uri", client, fields),
         };
         parts.version = Version::HTTP_11;
+        if route.credential().is_some() {
+            // The answer is checked for the secret as it streams, which only works on the
+            // bytes as the client will read them: no compression.
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         headers::strip_hop_by_hop(&mut parts.headers, ws);
         // The Host upstream is generated from the checked authority, never copied.
         parts.headers.remove(header::HOST);
@@ -313,16 +321,24 @@ impl Tunnel {
             .credential()
             .and_then(|name| snapshot.secrets.get(name))
             .and_then(|secret| response_scan::Echoes::new(secret.echoes()));
-        if echoes
+        if let Some(refused) = echoes
             .as_ref()
-            .is_some_and(|e| e.in_headers(resp.headers()))
+            .and_then(|e| response_scan::refused_head(e, &resp))
         {
-            return self.refuse(
-                StatusCode::BAD_GATEWAY,
-                response_scan::SECRET_IN_RESPONSE,
-                client,
-                fields,
+            // The request did leave, credential attached: its own record says so, then
+            // the refusal of the answer.
+            let (verdict, reason) = route.verdict(&resp);
+            fields.status = Some(resp.status().as_u16());
+            let mut fields = super::write_record(
+                &self.audit,
+                &self.sandbox,
+                verdict,
+                reason,
+                super::prepared(fields, client),
             );
+            fields.status = Some(StatusCode::BAD_GATEWAY.as_u16());
+            super::write_record(&self.audit, &self.sandbox, Verdict::Deny, refused, fields);
+            return local_response(StatusCode::BAD_GATEWAY, refused);
         }
         // After the answer's record, whatever way it goes: a cut then comes after it.
         let _answered = late_cut::AnsweredOnDrop(watch);

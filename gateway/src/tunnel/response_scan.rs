@@ -22,6 +22,27 @@ use super::{
 /// The reason of an answer, or the rest of one, not relayed for carrying the secret.
 pub const SECRET_IN_RESPONSE: &str = "secret-in-response";
 
+/// The reason of an answer not relayed because its body is content-encoded (gzip and the
+/// like) toward a request whose credential it must be checked for: compressed, the secret
+/// would pass the check unseen and the client would decode it.
+pub const ENCODED_RESPONSE: &str = "encoded-response";
+
+/// Why an answer to a request that carried the credential is not relayed, judged on its
+/// head: it carries the secret (in its reason phrase, a header's name or value), or its body
+/// could not be checked for it.
+pub fn refused_head<B: Body>(echoes: &Echoes, resp: &hyper::Response<B>) -> Option<&'static str> {
+    let reason = resp.extensions().get::<hyper::ext::ReasonPhrase>();
+    if echoes.in_headers(resp.headers()) || reason.is_some_and(|r| echoes.found_in(r.as_bytes())) {
+        return Some(SECRET_IN_RESPONSE);
+    }
+    let encoded = resp
+        .headers()
+        .get_all(hyper::header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    (encoded && !resp.body().is_end_stream()).then_some(ENCODED_RESPONSE)
+}
+
 /// The error that ends a body carrying the secret: the client's connection is cut.
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream's answer carries the credential's secret")]
