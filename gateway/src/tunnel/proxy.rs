@@ -581,10 +581,31 @@ pub(super) fn placeholder_in_url(listed: bool) -> &'static str {
     }
 }
 
+/// Whether a header value carries `needle` in any case, as sent or percent-decoded (a
+/// cookie or form value an upstream decodes): a placeholder must not get past the check
+/// by being spelt differently.
 fn contains(v: &HeaderValue, needle: &str) -> bool {
-    v.as_bytes()
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
+    let found = |bytes: &[u8]| {
+        bytes
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+    };
+    let mut form = std::borrow::Cow::Borrowed(v.as_bytes());
+    // Decoded up to three times, as the URL checks assume servers that decode twice.
+    for _ in 0..4 {
+        if found(&form) {
+            return true;
+        }
+        if !form.contains(&b'%') {
+            return false;
+        }
+        let decoded: Vec<u8> = percent_encoding::percent_decode(&form).collect();
+        if decoded == *form {
+            return false;
+        }
+        form = decoded.into();
+    }
+    false
 }
 
 /// The scheme and authority a request goes to. On the proxy port only absolute-form is
@@ -674,4 +695,26 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_placeholder_is_found_in_a_header_whatever_its_spelling() {
+        let p = "gateway-placeholder-api-0a1b";
+        for (value, found) in [
+            ("Bearer gateway-placeholder-api-0a1b", true),
+            ("k=GATEWAY-PLACEHOLDER-API-0A1B", true),
+            ("k=%67ateway-placeholder-api-0a1b", true),
+            ("k=%2567ateway-placeholder-api-0a1b", true),
+            ("k=%252567ateway-placeholder-api-0a1b", true),
+            ("k=gateway-placeholder-api-0a1", false),
+            ("k=%zz", false),
+        ] {
+            let v = HeaderValue::from_str(value).unwrap();
+            assert_eq!(contains(&v, p), found, "{value}");
+        }
+    }
 }
