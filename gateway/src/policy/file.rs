@@ -1279,7 +1279,18 @@ fn http_rule(
             None
         }
         Some(c) => match c.value.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
+            Ok(a) => {
+                if private != Some(true) && crate::tunnel::private::is_private(a.ip()) {
+                    d.warning(
+                        &c.span,
+                        format!(
+                            "connect `{}` is not a public address: it is dialled as written, since the private-address check (`private = true`) applies only to names the tunnel resolves; say `private = true` to make that explicit",
+                            c.value
+                        ),
+                    );
+                }
+                Some(a)
+            }
             Err(_) => {
                 d.error(
                     &c.span,

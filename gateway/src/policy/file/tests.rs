@@ -322,3 +322,27 @@ fn the_github_example_placeholder_is_on_the_credential_gh_uses() {
         "gh's API calls carry the placeholder"
     );
 }
+
+#[test]
+fn a_connect_to_a_private_address_without_private_is_a_warning() {
+    let rule = |connect: &str, extra: &str| {
+        warnings_of(&format!(
+            "version = 1\n[[http.allow]]\nhost = \"api.test\"\nconnect = \"{connect}\"\n{extra}"
+        ))
+    };
+    for connect in [
+        "127.0.0.1:8443",
+        "10.1.2.3:443",
+        "169.254.169.254:80",
+        "[::1]:443",
+    ] {
+        assert_eq!(
+            rule(connect, ""),
+            [format!(
+                "p.toml:4:11: warning: connect `{connect}` is not a public address: it is dialled as written, since the private-address check (`private = true`) applies only to names the tunnel resolves; say `private = true` to make that explicit"
+            )],
+            "{connect}"
+        );
+        assert_eq!(rule(connect, "private = true\n"), Vec::<String>::new());
+    }
+}
