@@ -583,6 +583,145 @@ time.sleep(60)
     assert_eq!(rest, "", "the sandboxed process outlived cleanup");
 }
 
+/// A gateway killed outright leaves its programs refusing and writing events into a ring
+/// that no one reads any more. `gateway cleanup` writes those refusals to the run's own audit
+/// log before it unpins anything, as the kernel records the live reader would have written,
+/// and the log's hash chain carries on through them.
+#[test]
+fn refusals_after_the_gateway_is_killed_reach_the_audit_log_at_cleanup() {
+    let before = HostTcp::bind("127.0.0.1:0");
+    let after = HostTcp::bind("127.0.0.1:0");
+    let run = Run::new("drained", &policy("drained", ""));
+    let go = run.scratch.dir.join("go");
+    // Refused connections to one loopback port until the gateway is dead, then to another:
+    // a record of the second can only come from the ring of a dead gateway.
+    let script = format!(
+        r#"{PRELUDE}
+def attempt(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+n = 0
+deadline = time.time() + 60
+while not os.path.exists({go:?}) and time.time() < deadline:
+    attempt({before})
+    n += 1
+    if n == 5:
+        print("ready", flush=True)
+    time.sleep(0.02)
+for i in range(1, 1000):
+    opened = attempt({after})
+    print(json.dumps({{"after": i, "opened": opened}}), flush=True)
+    time.sleep(0.02)
+time.sleep(60)
+"#,
+        go = go.to_str().unwrap(),
+        before = before.port,
+        after = after.port,
+    );
+    let mut gateway = run
+        .command(&["python3", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = wait_for_line(&mut gateway, "ready");
+    let pid = gateway.id();
+    gateway.kill().unwrap();
+    assert_eq!(gateway.wait().unwrap().signal(), Some(libc::SIGKILL));
+    std::fs::write(&go, "").unwrap();
+    // Refusals the dead gateway's programs made and no one read.
+    let wanted = 20;
+    let mut refused_after = 0;
+    while refused_after < wanted {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert!(n > 0, "the sandbox exited early");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["opened"], false, "a connection got out: {v}");
+        refused_after += 1;
+    }
+    assert!(
+        !run.audit_records().iter().any(|r| r["dst"]
+            .as_str()
+            .is_some_and(|d| d.ends_with(&format!(":{}", after.port)))),
+        "a record of a refusal after the kill before cleanup: who wrote it?"
+    );
+
+    let cleanup = std::process::Command::new(gateway_bin())
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&cleanup.stdout);
+    assert!(cleanup.status.success(), "{cleanup:?}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    let attempted_after = refused_after
+        + rest
+            .lines()
+            .filter(|l| l.contains("\"after\""))
+            .count();
+    assert!(
+        !std::path::Path::new(&format!("/sys/fs/bpf/gateway/{pid}")).exists(),
+        "the pins outlived cleanup"
+    );
+    assert!(!std::path::Path::new(&format!("/run/gateway/{pid}")).exists());
+
+    let records = run.audit_records();
+    let dst = format!("127.0.0.1:{}", after.port);
+    let saved = records
+        .iter()
+        .filter(|r| {
+            r["layer"] == "kernel"
+                && r["verdict"] == "deny"
+                && r["sandbox"] == "drained"
+                && r["hook"] == "connect4"
+                && r["dst"] == dst
+                && r["comm"] == "python3"
+                && r["uid"].as_u64() == Some(65534)
+                && r["reason"] == "not-allowlisted"
+        })
+        .count();
+    let lost: u64 = records
+        .iter()
+        .filter(|r| r["reason"] == "events-lost")
+        .filter_map(|r| r["lost"].as_u64())
+        .sum();
+    // Every refusal after the kill is a record or counted as lost (a connect may be tried
+    // again inside one create_connection, hence at least).
+    assert!(
+        saved as u64 + lost >= attempted_after as u64 && saved >= wanted,
+        "{saved} records + {lost} lost of {attempted_after} refusals after the kill:\n{}",
+        records
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(before.accepted() + after.accepted(), 0);
+    // Another gateway starting meanwhile cleans up (and saves) first; cleanup then has
+    // nothing left to do.
+    assert!(
+        text.contains(&format!("cleaned up drained (gateway pid {pid}): "))
+            && text.contains(&format!(" refusals saved to {}", run.audit.display()))
+            || text.contains("nothing to clean up"),
+        "{text}"
+    );
+    let verify = std::process::Command::new(gateway_bin())
+        .args(["audit", "verify", "--log"])
+        .arg(&run.audit)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "the chain does not verify after cleanup: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
 /// After `kill -9` the tunnel's port is free while the sandbox still may connect to the
 /// tunnel's address (fail closed leaves that one door). An unprivileged host process that
 /// binds the port must get nothing: the kernel lets a connection to the tunnel's address
@@ -698,11 +837,11 @@ while not os.path.exists({go:?}) and time.time() < deadline:
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
     assert_eq!(rest, "", "the sandboxed process outlived cleanup");
-    // What is true today: nothing reads the ring buffer of a dead gateway, and cleanup
-    // unpins without reading it, so these refusals reach no record (README, fail closed).
+    // These refusals waited in the dead gateway's ring: cleanup wrote them to the run's log
+    // before it unpinned anything.
     let records = run.audit_records();
     assert!(
-        !records.iter().any(|r| r["reason"] == "not-the-tunnel"),
+        records.iter().any(|r| r["reason"] == "not-the-tunnel"),
         "{records:?}"
     );
 }
