@@ -184,14 +184,17 @@ fn cleanup() -> anyhow::Result<i32> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!("gateway cleanup needs root: run it with sudo");
     }
-    let cleaned = sandbox::state::clean_stale()?;
-    if cleaned.is_empty() {
+    let stale = sandbox::state::clean_stale()?;
+    if stale.cleaned.is_empty() && stale.failed.is_empty() {
         println!("nothing to clean up");
     }
-    for c in cleaned {
+    for c in &stale.cleaned {
         println!("cleaned up {c}");
     }
-    Ok(0)
+    for e in &stale.failed {
+        eprintln!("gateway cleanup: {e:#}");
+    }
+    Ok(if stale.failed.is_empty() { 0 } else { 1 })
 }
 
 fn check(files: &[PathBuf]) -> i32 {

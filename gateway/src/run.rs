@@ -92,6 +92,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .clone()
         .unwrap_or_else(|| audit::DEFAULT_LOG.into());
     let audit = AuditLog::open_with(&audit_path, args.audit_max_bytes)?;
+    // Absolute: `gateway cleanup` may run anywhere.
+    let audit_log = std::path::absolute(&audit_path)
+        .with_context(|| format!("resolving the audit log path {}", audit_path.display()))?;
 
     let id = state::run_id();
     let run_dir = state::run_dir(&id);
@@ -102,6 +105,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         cgroup_dir: cgroup_root.join(crate::sandbox::cgroup::PARENT).join(&id),
         pin_dir: state::pin_dir(&id),
         keep_cgroup: false,
+        audit_log: Some(audit_log),
+        audit_max_bytes: args.audit_max_bytes,
     };
     // Saved before anything exists, so a crash at any later point can be cleaned up.
     run_state.save(&run_dir)?;
@@ -144,8 +149,15 @@ pub(crate) fn prepare_host() -> anyhow::Result<(Arc<LocalCa>, PathBuf)> {
     host::raise_open_files();
     let cgroup_root = host::cgroup2_root()?;
     host::ensure_bpffs()?;
-    for gone in state::clean_stale().context("removing what a crashed gateway left behind")? {
+    let stale = state::clean_stale().context("removing what a crashed gateway left behind")?;
+    for gone in &stale.cleaned {
         tracing::warn!("cleaned up after a crashed gateway: {gone}");
+    }
+    if !stale.failed.is_empty() {
+        // What a crashed gateway left (its refusals among it) is dealt with before a new
+        // one starts; each error says what to do.
+        let each: Vec<String> = stale.failed.iter().map(|e| format!("{e:#}")).collect();
+        anyhow::bail!("cleaning up after a crashed gateway: {}", each.join("\n"));
     }
     Ok((ca, cgroup_root))
 }
@@ -262,6 +274,7 @@ async fn supervise(
             audit.clone(),
             policy.name.clone(),
             stop_rx.clone(),
+            run_dir.join(state::LOST_REPORTED),
         )));
         let placeholders = secrets.placeholder_env();
         let mut started = Started::new(policy, secrets.placeholders(), load);

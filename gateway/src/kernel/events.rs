@@ -2,6 +2,8 @@
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -24,6 +26,60 @@ pub struct EventReader {
 struct LostCounter {
     map: PerCpuArray<MapData, u64>,
     reported: u64,
+    mark: ReportedMark,
+}
+
+/// How much of the lost count is in the log, kept in a file of the run's state for a
+/// `gateway cleanup` after a crash, which reports only the rest. It is written once the
+/// `events-lost` record is in the file (after a sync, on a thread of its own: the reader
+/// never waits on the writer), so a crash in between has some refusals counted twice,
+/// never none.
+struct ReportedMark {
+    path: PathBuf,
+    /// The total last written, so that a slow thread does not write an older one over it.
+    written: Arc<Mutex<u64>>,
+}
+
+impl ReportedMark {
+    fn after_sync(&self, audit: &AuditLog, total: u64) {
+        let (audit, path, written) = (audit.clone(), self.path.clone(), self.written.clone());
+        std::thread::spawn(move || {
+            if audit.sync().is_err() {
+                return;
+            }
+            let mut written = written.lock().unwrap_or_else(PoisonError::into_inner);
+            if total > *written {
+                match write_lost_mark(&path, total) {
+                    Ok(()) => *written = total,
+                    Err(e) => tracing::warn!(
+                        "cannot record how many lost events are reported ({}): a cleanup after a crash would report them again: {e}",
+                        path.display()
+                    ),
+                }
+            }
+        });
+    }
+}
+
+/// Writes `total` as the part of the lost count the log holds (see [`ReportedMark`]).
+pub fn write_lost_mark(path: &Path, total: u64) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, total.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The part of the lost count the log holds: 0 when no mark was written.
+pub fn read_lost_mark(path: &Path) -> std::io::Result<u64> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.trim().parse().map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 impl EventReader {
@@ -32,15 +88,22 @@ impl EventReader {
     }
 
     /// Writes a record per event until `stop` turns true, then drains what is left.
+    /// `lost_mark`: the file (in the run's state directory) that says how much of the lost
+    /// count the log holds.
     pub async fn run(
         self,
         audit: AuditLog,
         sandbox: String,
         mut stop: watch::Receiver<bool>,
+        lost_mark: PathBuf,
     ) -> Result<(), AuditError> {
         let mut lost = LostCounter {
             map: self.lost,
             reported: 0,
+            mark: ReportedMark {
+                path: lost_mark,
+                written: Arc::default(),
+            },
         };
         // SAFETY: the RingBuf owns its map fd, which stays open and unchanged while the
         // AsyncFd owns the RingBuf.
@@ -86,14 +149,13 @@ impl LostCounter {
         };
         if total > self.reported {
             let lost = total - self.reported;
-            let mut rec = Record::new(Layer::Kernel, Verdict::Deny, sandbox, "events-lost");
-            rec.lost = Some(lost);
             tracing::warn!(
                 lost,
                 "kernel refusals were not reported: the event ring was full"
             );
             self.reported = total;
-            audit.append(&rec)?;
+            audit.append(&lost_record(sandbox, lost))?;
+            self.mark.after_sync(audit, total);
         }
         Ok(())
     }
@@ -110,13 +172,26 @@ fn drain(ring: &mut RingBuf<MapData>, audit: &AuditLog, sandbox: &str) -> Result
         let Some(item) = ring.next() else {
             return Ok(false);
         };
-        if item.len() < size_of::<Event>() {
-            continue;
+        if let Some(ev) = event(&item) {
+            audit.append(&describe(&ev, sandbox))?;
         }
-        // SAFETY: the kernel wrote a whole `Event`; read_unaligned copes with any alignment.
-        let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
-        audit.append(&describe(&ev, sandbox))?;
     }
+}
+
+/// The event in one ring item; `None` for an item too short to hold one.
+pub(super) fn event(item: &[u8]) -> Option<Event> {
+    if item.len() < size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: the kernel wrote a whole `Event`; read_unaligned copes with any alignment.
+    Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) })
+}
+
+/// The record of `lost` refusals the kernel counted but could not queue.
+pub fn lost_record(sandbox: &str, lost: u64) -> Record {
+    let mut rec = Record::new(Layer::Kernel, Verdict::Deny, sandbox, "events-lost");
+    rec.lost = Some(lost);
+    rec
 }
 
 /// The audit record for one kernel event.

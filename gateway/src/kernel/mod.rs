@@ -5,6 +5,7 @@ mod batch;
 mod clients;
 mod events;
 mod maps;
+mod stale;
 mod unix;
 
 use std::{
@@ -25,8 +26,9 @@ use aya::{
 };
 
 pub use clients::TunnelClients;
-pub use events::EventReader;
+pub use events::{EventReader, lost_record, read_lost_mark, write_lost_mark};
 pub use maps::{Compiled, PolicyMaps};
+pub use stale::PinnedEvents;
 
 use crate::policy::Policy;
 
@@ -151,6 +153,14 @@ impl Enforcer {
             path: target.pin_dir.to_owned(),
             source,
         })?;
+        // Before any program is attached: whatever a crash leaves attached, cleanup finds the
+        // ring its refusals go to, and writes them to the audit log before unpinning.
+        for name in [stale::EVENTS_PIN, stale::LOST_PIN] {
+            let path = target.pin_dir.join(name);
+            let map = enforcer.ebpf.map(name).ok_or_else(|| missing(name))?;
+            map.pin(&path)
+                .map_err(|source| KernelError::Pin { path, source })?;
+        }
         let cgroup = File::open(target.cgroup_dir).map_err(|source| KernelError::Io {
             path: target.cgroup_dir.to_owned(),
             source,
@@ -281,7 +291,42 @@ impl Enforcer {
     }
 }
 
-/// Removes a pin directory and whatever links a crashed run left in it.
+/// Whether a pin directory holds any link (anything but the event maps).
+pub fn has_links(dir: &Path) -> Result<bool, KernelError> {
+    Ok(!links_in(dir)?.is_empty())
+}
+
+/// Unpins the links a crashed run left in its pin directory, which detaches its programs;
+/// its event maps stay pinned, for the last of their events to be read.
+pub fn unpin_links(dir: &Path) -> Result<(), KernelError> {
+    for link in links_in(dir)? {
+        std::fs::remove_file(&link).map_err(|source| KernelError::Io { path: link, source })?;
+    }
+    Ok(())
+}
+
+fn links_in(dir: &Path) -> Result<Vec<PathBuf>, KernelError> {
+    let io = |source| KernelError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(e)),
+    };
+    let mut links = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name();
+        if name != stale::EVENTS_PIN && name != stale::LOST_PIN {
+            links.push(entry.path());
+        }
+    }
+    Ok(links)
+}
+
+/// Removes a pin directory and whatever links (and event maps) a crashed run left in it.
 pub fn remove_pin_dir(dir: &Path) -> Result<(), KernelError> {
     let io = |source| KernelError::Io {
         path: dir.to_owned(),

@@ -119,6 +119,13 @@ fn attach(
     tunnel_listener: BorrowedFd<'_>,
 ) -> anyhow::Result<Attached> {
     let entry = &config.sandboxes[index];
+    // Absolute, for a `gateway cleanup` run anywhere; before anything is made.
+    let audit_log = std::path::absolute(&config.audit_log).with_context(|| {
+        format!(
+            "resolving the audit log path {}",
+            config.audit_log.display()
+        )
+    })?;
     let (cgroup, created) = Cgroup::open_or_create(cgroup_root, &entry.cgroup)?;
     let undo_created = |created: &[PathBuf]| {
         for dir in created.iter().rev() {
@@ -151,6 +158,8 @@ fn attach(
         cgroup_dir: cgroup.dir().to_owned(),
         pin_dir: state::pin_dir(&id),
         keep_cgroup: created.is_empty(),
+        audit_log: Some(audit_log),
+        audit_max_bytes: config.audit_max_bytes,
     };
     // Saved before anything is attached, so a crash at any later point can be cleaned up.
     if let Err(e) = run_state.save(&run_dir) {
@@ -227,6 +236,7 @@ async fn supervise(
                 audit.clone(),
                 policy.name.clone(),
                 stop_rx.clone(),
+                sandbox.run_dir.join(state::LOST_REPORTED),
             )));
             clients.push((sandbox.enforcer.tunnel_clients()?, sandbox.cgroup.id()));
             let mut vars = env::variables(
