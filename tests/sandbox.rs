@@ -583,20 +583,32 @@ time.sleep(60)
     assert_eq!(rest, "", "the sandboxed process outlived cleanup");
 }
 
-/// A gateway killed outright leaves its programs refusing and writing events into a ring
-/// that no one reads any more. `gateway cleanup` writes those refusals to the run's own audit
-/// log before it unpins anything, as the kernel records the live reader would have written,
-/// and the log's hash chain carries on through them.
-#[test]
-fn refusals_after_the_gateway_is_killed_reach_the_audit_log_at_cleanup() {
-    let before = HostTcp::bind("127.0.0.1:0");
-    let after = HostTcp::bind("127.0.0.1:0");
-    let run = Run::new("drained", &policy("drained", ""));
-    let go = run.scratch.dir.join("go");
-    // Refused connections to one loopback port until the gateway is dead, then to another:
-    // a record of the second can only come from the ring of a dead gateway.
-    let script = format!(
-        r#"{PRELUDE}
+/// A run whose gateway was SIGKILLed after its sandbox had been refused a few times, and
+/// whose sandbox has been refused `wanted` more times since: refusals that only the dead
+/// gateway's ring holds.
+struct Killed {
+    run: Run,
+    /// The sandbox's name.
+    name: String,
+    before: HostTcp,
+    after: HostTcp,
+    /// The dead gateway's pid, which names its state and pin directories.
+    pid: u32,
+    /// The sandbox's stdout: one line per refused connection after the kill.
+    reader: std::io::BufReader<std::process::ChildStdout>,
+    refused_after: usize,
+}
+
+impl Killed {
+    fn new(tag: &str, wanted: usize) -> Self {
+        let before = HostTcp::bind("127.0.0.1:0");
+        let after = HostTcp::bind("127.0.0.1:0");
+        let run = Run::new(tag, &policy(tag, ""));
+        let go = run.scratch.dir.join("go");
+        // Refused connections to one loopback port until the gateway is dead, then to
+        // another: a record of the second can only come from the ring of a dead gateway.
+        let script = format!(
+            r#"{PRELUDE}
 def attempt(port):
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -617,109 +629,187 @@ for i in range(1, 1000):
     time.sleep(0.02)
 time.sleep(60)
 "#,
-        go = go.to_str().unwrap(),
-        before = before.port,
-        after = after.port,
-    );
-    let mut gateway = run
-        .command(&["python3", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut reader = wait_for_line(&mut gateway, "ready");
-    let pid = gateway.id();
-    gateway.kill().unwrap();
-    assert_eq!(gateway.wait().unwrap().signal(), Some(libc::SIGKILL));
-    std::fs::write(&go, "").unwrap();
-    // Refusals the dead gateway's programs made and no one read.
-    let wanted = 20;
-    let mut refused_after = 0;
-    while refused_after < wanted {
-        let mut line = String::new();
-        let n = std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
-        assert!(n > 0, "the sandbox exited early");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["opened"], false, "a connection got out: {v}");
-        refused_after += 1;
+            go = go.to_str().unwrap(),
+            before = before.port,
+            after = after.port,
+        );
+        let mut gateway = run
+            .command(&["python3", "-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut reader = wait_for_line(&mut gateway, "ready");
+        let pid = gateway.id();
+        gateway.kill().unwrap();
+        assert_eq!(gateway.wait().unwrap().signal(), Some(libc::SIGKILL));
+        std::fs::write(&go, "").unwrap();
+        let mut refused_after = 0;
+        while refused_after < wanted {
+            let mut line = String::new();
+            let n = std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+            assert!(n > 0, "the sandbox exited early");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(v["opened"], false, "a connection got out: {v}");
+            refused_after += 1;
+        }
+        let killed = Self {
+            run,
+            name: tag.to_owned(),
+            before,
+            after,
+            pid,
+            reader,
+            refused_after,
+        };
+        assert_eq!(
+            killed.saved(),
+            0,
+            "refusals after the kill recorded before cleanup"
+        );
+        killed
     }
-    assert!(
-        !run.audit_records().iter().any(|r| r["dst"]
-            .as_str()
-            .is_some_and(|d| d.ends_with(&format!(":{}", after.port)))),
-        "a record of a refusal after the kill before cleanup: who wrote it?"
-    );
 
-    let cleanup = std::process::Command::new(gateway_bin())
+    /// Kernel deny records in the log of refusals after the kill.
+    fn saved(&self) -> usize {
+        let dst = format!("127.0.0.1:{}", self.after.port);
+        self.run
+            .audit_records()
+            .iter()
+            .filter(|r| {
+                r["layer"] == "kernel"
+                    && r["verdict"] == "deny"
+                    && r["sandbox"] == self.name.as_str()
+                    && r["hook"] == "connect4"
+                    && r["dst"] == dst
+                    && r["comm"] == "python3"
+                    && r["uid"].as_u64() == Some(65534)
+                    && r["reason"] == "not-allowlisted"
+            })
+            .count()
+    }
+
+    /// Refusals after the kill: those the sandbox reported, counting any it reported
+    /// until cleanup killed it.
+    fn refused_after(&mut self) -> usize {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut self.reader, &mut rest).unwrap();
+        self.refused_after += rest.lines().filter(|l| l.contains("\"after\"")).count();
+        self.refused_after
+    }
+
+    fn pins(&self) -> std::path::PathBuf {
+        format!("/sys/fs/bpf/gateway/{}", self.pid).into()
+    }
+
+    fn state(&self) -> std::path::PathBuf {
+        format!("/run/gateway/{}", self.pid).into()
+    }
+
+    fn assert_saved_and_verified(&mut self) {
+        let refused = self.refused_after();
+        assert!(!self.pins().exists(), "the pins outlived cleanup");
+        assert!(!self.state().exists(), "the state outlived cleanup");
+        let records = self.run.audit_records();
+        let saved = self.saved();
+        let lost: u64 = records
+            .iter()
+            .filter(|r| r["reason"] == "events-lost")
+            .filter_map(|r| r["lost"].as_u64())
+            .sum();
+        // Every refusal after the kill is a record or counted as lost.
+        assert!(
+            saved as u64 + lost >= refused as u64 && saved > 0,
+            "{saved} records + {lost} lost of {refused} refusals after the kill:\n{}",
+            records
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert_eq!(self.before.accepted() + self.after.accepted(), 0);
+        let verify = std::process::Command::new(gateway_bin())
+            .args(["audit", "verify", "--log"])
+            .arg(&self.run.audit)
+            .output()
+            .unwrap();
+        assert!(
+            verify.status.success(),
+            "the chain does not verify after cleanup: {}{}",
+            String::from_utf8_lossy(&verify.stdout),
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+}
+
+fn cleanup() -> std::process::Output {
+    std::process::Command::new(gateway_bin())
         .arg("cleanup")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// A gateway killed outright leaves its programs refusing and writing events into a ring
+/// that no one reads any more. `gateway cleanup` writes those refusals to the run's own audit
+/// log before it unpins anything, as the kernel records the live reader would have written,
+/// and the log's hash chain carries on through them.
+#[test]
+fn refusals_after_the_gateway_is_killed_reach_the_audit_log_at_cleanup() {
+    let mut killed = Killed::new("drained", 20);
+    let cleanup = cleanup();
     let text = String::from_utf8_lossy(&cleanup.stdout);
     assert!(cleanup.status.success(), "{cleanup:?}");
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
-    let attempted_after = refused_after
-        + rest
-            .lines()
-            .filter(|l| l.contains("\"after\""))
-            .count();
-    assert!(
-        !std::path::Path::new(&format!("/sys/fs/bpf/gateway/{pid}")).exists(),
-        "the pins outlived cleanup"
-    );
-    assert!(!std::path::Path::new(&format!("/run/gateway/{pid}")).exists());
-
-    let records = run.audit_records();
-    let dst = format!("127.0.0.1:{}", after.port);
-    let saved = records
-        .iter()
-        .filter(|r| {
-            r["layer"] == "kernel"
-                && r["verdict"] == "deny"
-                && r["sandbox"] == "drained"
-                && r["hook"] == "connect4"
-                && r["dst"] == dst
-                && r["comm"] == "python3"
-                && r["uid"].as_u64() == Some(65534)
-                && r["reason"] == "not-allowlisted"
-        })
-        .count();
-    let lost: u64 = records
-        .iter()
-        .filter(|r| r["reason"] == "events-lost")
-        .filter_map(|r| r["lost"].as_u64())
-        .sum();
-    // Every refusal after the kill is a record or counted as lost (a connect may be tried
-    // again inside one create_connection, hence at least).
-    assert!(
-        saved as u64 + lost >= attempted_after as u64 && saved >= wanted,
-        "{saved} records + {lost} lost of {attempted_after} refusals after the kill:\n{}",
-        records
-            .iter()
-            .map(|r| r.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    assert_eq!(before.accepted() + after.accepted(), 0);
+    killed.assert_saved_and_verified();
     // Another gateway starting meanwhile cleans up (and saves) first; cleanup then has
     // nothing left to do.
+    let pid = killed.pid;
     assert!(
         text.contains(&format!("cleaned up drained (gateway pid {pid}): "))
-            && text.contains(&format!(" refusals saved to {}", run.audit.display()))
+            && text.contains(&format!(
+                " refusals saved to {}",
+                killed.run.audit.display()
+            ))
             || text.contains("nothing to clean up"),
         "{text}"
     );
-    let verify = std::process::Command::new(gateway_bin())
-        .args(["audit", "verify", "--log"])
-        .arg(&run.audit)
-        .output()
-        .unwrap();
+}
+
+/// When the run's audit log cannot be written, cleanup leaves the run as it is (the sandbox
+/// killed, the programs and their unread refusals pinned, the state kept), says what to do
+/// and fails; once the log is writable again, the next cleanup saves them.
+#[test]
+fn cleanup_keeps_the_refusals_pinned_while_the_audit_log_cannot_be_written() {
+    let mut killed = Killed::new("unwritable", 10);
+    // Immutable: not even root may append to it.
+    let chattr = |flag: &str| {
+        let out = std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&killed.run.audit)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "chattr {flag}: {out:?}");
+    };
+    chattr("+i");
+    let refused = cleanup();
+    chattr("-i");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
     assert!(
-        verify.status.success(),
-        "the chain does not verify after cleanup: {}{}",
-        String::from_utf8_lossy(&verify.stdout),
-        String::from_utf8_lossy(&verify.stderr)
+        stderr.contains("sandbox unwritable")
+            && stderr.contains(&format!("make {} writable", killed.run.audit.display()))
+            && stderr.contains("run `gateway cleanup` again"),
+        "{stderr}"
     );
+    assert!(killed.pins().join("EVENTS").exists(), "{stderr}");
+    assert!(killed.pins().join("connect4").exists(), "{stderr}");
+    assert!(killed.state().join("state.json").exists(), "{stderr}");
+    // The sandbox was killed all the same (its stdout ends), and nothing was written.
+    killed.refused_after();
+    assert_eq!(killed.saved(), 0);
+
+    let retried = cleanup();
+    assert!(retried.status.success(), "{retried:?}");
+    killed.assert_saved_and_verified();
 }
 
 /// After `kill -9` the tunnel's port is free while the sandbox still may connect to the
