@@ -1239,6 +1239,101 @@ print(json.dumps({{"refused": refused}}), flush=True)
     );
 }
 
+/// A flood of refusals overflows the ring before the gateway is killed and again after:
+/// the live reader records what it read and reports the rest as lost; cleanup records what
+/// the dead gateway's ring held and reports the rest of the count, without counting again
+/// what the live reader reported. Every refusal is a record or counted as lost, once.
+#[test]
+fn a_flood_across_the_kill_is_recorded_or_counted_as_lost_once() {
+    let run = Run::new("flood-kill", &policy("flood-kill", ""));
+    let go = run.scratch.dir.join("go");
+    let attempts = 20_000;
+    let script = format!(
+        r#"{PRELUDE}
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def flood():
+    refused = 0
+    for _ in range({attempts}):
+        try:
+            s.sendto(b"x", ("127.0.0.1", 9))
+        except PermissionError:
+            refused += 1
+    print(json.dumps({{"refused": refused}}), flush=True)
+flood()
+deadline = time.time() + 60
+while not os.path.exists({go:?}) and time.time() < deadline:
+    time.sleep(0.02)
+flood()
+time.sleep(60)
+"#,
+        go = go.to_str().unwrap(),
+    );
+    let mut gateway = run
+        .command(&["python3", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(gateway.stdout.take().unwrap());
+    let mut next_line = || {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert!(n > 0, "the sandbox exited early");
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    let pid = next_line()["pid"].as_u64().unwrap();
+    assert_eq!(next_line()["refused"], attempts);
+    let counted = |records: &[serde_json::Value]| {
+        let recorded = records
+            .iter()
+            .filter(|r| r["hook"] == "sendmsg4" && r["pid"].as_u64() == Some(pid))
+            .count() as u64;
+        let lost: u64 = records
+            .iter()
+            .filter(|r| r["reason"] == "events-lost")
+            .filter_map(|r| r["lost"].as_u64())
+            .sum();
+        (recorded, lost)
+    };
+    // The live reader has recorded or counted the first flood, and noted how much of the
+    // count is in the log, before the kill.
+    let mark = format!("/run/gateway/{}/lost-reported", gateway.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (recorded, lost) = counted(&run.audit_records());
+        let marked: u64 = std::fs::read_to_string(&mark)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        if recorded + lost == attempts && marked == lost {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "live: recorded {recorded} + lost {lost} (marked {marked}) != {attempts}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    gateway.kill().unwrap();
+    assert_eq!(gateway.wait().unwrap().signal(), Some(libc::SIGKILL));
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(next_line()["refused"], attempts);
+
+    let cleanup = std::process::Command::new(gateway_bin())
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    assert!(cleanup.status.success(), "{cleanup:?}");
+    let (recorded, lost) = counted(&run.audit_records());
+    assert_eq!(
+        recorded + lost,
+        2 * attempts,
+        "recorded {recorded} + lost {lost} != {} refusals\n{}",
+        2 * attempts,
+        String::from_utf8_lossy(&cleanup.stdout)
+    );
+}
+
 /// A secret the sandbox must never read, in a file of its own.
 const FILE_SECRET: &str = "gwtest-file-secret-Vb7Nq2Lx";
 
