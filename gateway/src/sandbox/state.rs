@@ -7,6 +7,10 @@ use std::{
 };
 
 use anyhow::Context as _;
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+};
 use serde::{Deserialize, Serialize};
 
 use super::{SandboxError, cgroup::Cgroup, host::BPFFS};
@@ -160,6 +164,22 @@ pub fn clean_stale() -> Result<Cleanup, anyhow::Error> {
     };
     for entry in entries {
         let dir = entry?.path();
+        // One cleanup of a run at a time: two gateways starting together would otherwise
+        // both read its ring, and record its refusals twice or garbled. The lock lasts until
+        // the run's state is gone; whoever does not get it leaves the run to the other.
+        let Ok(dir_file) = std::fs::File::open(&dir) else {
+            continue;
+        };
+        let _cleaning = match Flock::lock(dir_file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, Errno::EWOULDBLOCK)) => continue,
+            Err((_, e)) => {
+                cleanup
+                    .failed
+                    .push(anyhow::anyhow!("locking {}: {e}", dir.display()));
+                continue;
+            }
+        };
         let Ok(text) = std::fs::read(dir.join("state.json")) else {
             continue;
         };
