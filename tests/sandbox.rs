@@ -812,6 +812,40 @@ fn cleanup_keeps_the_refusals_pinned_while_the_audit_log_cannot_be_written() {
     killed.assert_saved_and_verified();
 }
 
+/// The state of a run from a gateway that did not record its audit log: cleanup still
+/// removes it, and says that its refusals could not be saved rather than fail.
+#[test]
+fn cleanup_of_a_run_without_a_recorded_audit_log_says_its_refusals_were_not_saved() {
+    assert_root();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let id = format!("old-{}", gone.id());
+    let dir = std::path::Path::new("/run/gateway").join(&id);
+    std::fs::create_dir_all(&dir).unwrap();
+    // As an older gateway wrote it: no `audit_log`; nothing of it left in the kernel.
+    let state = serde_json::json!({
+        "pid": gone.id(),
+        "start_time": 0,
+        "sandbox": "old",
+        "cgroup_dir": format!("/sys/fs/cgroup/gateway-test-absent/{id}"),
+        "pin_dir": format!("/sys/fs/bpf/gateway/{id}"),
+        "keep_cgroup": false,
+    });
+    std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
+    let out = cleanup();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!dir.exists(), "the old state outlived cleanup");
+    // Another gateway starting meanwhile may have cleaned it up first.
+    assert!(
+        text.contains(&format!(
+            "cleaned up old (gateway pid {}): the refusals its programs made after the gateway died could not be saved: its state, from an older gateway, does not say where its audit log is",
+            gone.id()
+        )) || text.contains("nothing to clean up"),
+        "{text}"
+    );
+}
+
 /// After `kill -9` the tunnel's port is free while the sandbox still may connect to the
 /// tunnel's address (fail closed leaves that one door). An unprivileged host process that
 /// binds the port must get nothing: the kernel lets a connection to the tunnel's address
