@@ -277,6 +277,7 @@ fn load_one(
             }
         }
     }
+    with_escaped_spellings(&mut echoes);
     let mut header_value = HeaderValue::from_maybe_shared(Bytes::from_owner(Wiped(formatted)))
         .map_err(|_| header_err())?;
     header_value.set_sensitive(true);
@@ -291,6 +292,62 @@ fn load_one(
         placeholder,
         echoes: echoes.into(),
     })
+}
+
+/// Adds how an upstream would quote each echo back where that differs from the echo: JSON
+/// (`/` as `\/`, as PHP writes it; `"` and `\`) and percent-encoded (upper- and lower-case
+/// hex). Secrets with `/`, `+` or `=` (AWS keys, Basic auth's base64) otherwise pass a check
+/// that looks for them only as sent.
+fn with_escaped_spellings(echoes: &mut Vec<Bytes>) {
+    /// What percent-encoding leaves as it is: RFC 3986's unreserved characters.
+    const ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    let sent = echoes.len();
+    for i in 0..sent {
+        let Ok(text) = std::str::from_utf8(&echoes[i]) else {
+            continue;
+        };
+        let mut json = Zeroizing::new(String::with_capacity(text.len() * 2));
+        for c in text.chars() {
+            match c {
+                '"' | '\\' | '/' => json.push('\\'),
+                _ => {}
+            }
+            json.push(c);
+        }
+        // Built at a size it cannot outgrow, as the other copies: no unwiped old buffer.
+        let mut upper = Zeroizing::new(String::with_capacity(text.len() * 3));
+        for part in percent_encoding::utf8_percent_encode(text, ENCODED) {
+            upper.push_str(part);
+        }
+        let lower = Zeroizing::new(lower_hex(&upper));
+        for spelling in [json.as_str(), upper.as_str(), lower.as_str()] {
+            if !echoes.iter().any(|e| e == spelling.as_bytes()) {
+                echoes.push(wiped(spelling));
+            }
+        }
+    }
+}
+
+/// `text` with the hex digits of its percent-escapes in lower case.
+fn lower_hex(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut escape = 0;
+    for c in text.chars() {
+        if c == '%' {
+            escape = 2;
+            out.push(c);
+        } else if escape > 0 {
+            escape -= 1;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A copy of `text` wiped when its last `Bytes` is dropped, made at its final size.
@@ -466,6 +523,25 @@ mod tests {
             echoes(&cred("", Some("x-access-token"))),
             ["s3cret", "eC1hY2Nlc3MtdG9rZW46czNjcmV0"]
         );
+        // And as an upstream would quote them back, where that differs.
+        let file = secret_file("escaped", "a/b+c=\"d\n");
+        let cred = Credential {
+            source: SecretSource::File(file.clone().into()),
+            header: "Authorization".into(),
+            format: "Bearer {secret}".into(),
+            basic_user: None,
+            placeholder: None,
+        };
+        assert_eq!(
+            echoes(&cred),
+            [
+                "a/b+c=\"d",
+                "a\\/b+c=\\\"d",
+                "a%2Fb%2Bc%3D%22d",
+                "a%2fb%2bc%3d%22d"
+            ]
+        );
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]
