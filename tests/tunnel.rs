@@ -2395,6 +2395,12 @@ r big-chunked -X POST -H 'Transfer-Encoding: chunked' --data-binary @/tmp/big ht
             }),
         );
     }
+    // The chunked one had left, credential attached, when it was cut: its own record says so.
+    assert_proxy_record(
+        &out,
+        "POST /v1/chunked, sent before the cut",
+        &json!({"verdict": "allow", "reason": "allowlisted", "path": "/v1/chunked", "status": null}),
+    );
 }
 
 #[test]

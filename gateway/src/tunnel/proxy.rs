@@ -311,7 +311,13 @@ impl Tunnel {
             Ok(r) => r,
             Err(e) => {
                 return match watch.as_ref().and_then(|w| w.failed()) {
-                    Some(reason) => self.refuse(late_cut::status(reason), reason, client, fields),
+                    Some(reason) => self.refuse_after_leaving(
+                        route.let_through(),
+                        late_cut::status(reason),
+                        reason,
+                        client,
+                        fields,
+                    ),
                     None => self.upstream_failed(&e, route, target, client, fields),
                 };
             }
@@ -325,20 +331,14 @@ impl Tunnel {
             .as_ref()
             .and_then(|e| response_scan::refused_head(e, &resp))
         {
-            // The request did leave, credential attached: its own record says so, then
-            // the refusal of the answer.
-            let (verdict, reason) = route.verdict(&resp);
             fields.status = Some(resp.status().as_u16());
-            let mut fields = super::write_record(
-                &self.audit,
-                &self.sandbox,
-                verdict,
-                reason,
-                super::prepared(fields, client),
+            return self.refuse_after_leaving(
+                route.verdict(&resp),
+                StatusCode::BAD_GATEWAY,
+                refused,
+                client,
+                fields,
             );
-            fields.status = Some(StatusCode::BAD_GATEWAY.as_u16());
-            super::write_record(&self.audit, &self.sandbox, Verdict::Deny, refused, fields);
-            return local_response(StatusCode::BAD_GATEWAY, refused);
         }
         // After the answer's record, whatever way it goes: a cut then comes after it.
         let _answered = late_cut::AnsweredOnDrop(watch);
@@ -462,6 +462,25 @@ impl Tunnel {
                 websocket::Cut::NotAFrame => "websocket-not-a-frame",
             })
         })
+    }
+
+    /// The answer and records when the tunnel stops a request after it left (its head, with
+    /// the credential attached, and maybe part of its body) or refuses the upstream's answer
+    /// to it: the request's own record, `verdict` with the status `fields` hold (the
+    /// upstream's, or none), then the refusal.
+    fn refuse_after_leaving(
+        &self,
+        (verdict, reason): (Verdict, &'static str),
+        status: StatusCode,
+        refused: &'static str,
+        client: SocketAddr,
+        fields: ProxyFields,
+    ) -> Response<Body> {
+        let fields = super::prepared(fields, client);
+        let mut fields = super::write_record(&self.audit, &self.sandbox, verdict, reason, fields);
+        fields.status = Some(status.as_u16());
+        super::write_record(&self.audit, &self.sandbox, Verdict::Deny, refused, fields);
+        local_response(status, refused)
     }
 
     pub(super) fn refuse(
