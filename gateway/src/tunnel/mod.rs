@@ -179,27 +179,38 @@ impl Tunnel {
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
-        let mid_head = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = Arc::new(guard::Watch::default());
         let served = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_buf_size(MAX_HEAD_BYTES)
-            .serve_connection(TokioIo::new(HeadGuard::new(io, mid_head.clone())), service)
+            .serve_connection(TokioIo::new(HeadGuard::new(io, watch.clone())), service)
             .with_upgrades()
             .await;
-        if let Err(e) = served {
+        if let Err(e) = &served {
             tracing::debug!(%client, "tunnel connection: {e}");
+        }
+        // Inside a session, at least the CONNECT target is known.
+        let fields = || ProxyFields {
+            host: inner.as_ref().map(|a| a.host.clone()),
+            port: inner.as_ref().map(|a| a.port),
+            ..Default::default()
+        };
+        // Whatever hyper made of the refused head's start (an end of stream mid-head, or
+        // its own error), the guard's reason is the one to record.
+        if let Some(reason) = watch.refused() {
+            let fields = ProxyFields {
+                status: watch.answered().then_some(StatusCode::BAD_REQUEST.as_u16()),
+                ..fields()
+            };
+            self.record(Verdict::Deny, reason, client, fields);
+            return;
+        }
+        if let Err(e) = served {
             // hyper's header timer also ends keep-alive connections idle between requests:
             // only a head that started and did not finish in time is a refusal.
-            let slow_head = e.is_timeout() && mid_head.load(std::sync::atomic::Ordering::Relaxed);
-            if e.is_parse() || slow_head || is_ambiguous(&e) {
-                // Inside a session, at least the CONNECT target is known.
-                let fields = ProxyFields {
-                    host: inner.as_ref().map(|a| a.host.clone()),
-                    port: inner.as_ref().map(|a| a.port),
-                    ..Default::default()
-                };
-                self.record(Verdict::Deny, "malformed-request", client, fields);
+            if e.is_parse() || (e.is_timeout() && watch.mid_head()) {
+                self.record(Verdict::Deny, "malformed-request", client, fields());
             }
         }
     }
@@ -246,26 +257,11 @@ fn write_record(
     record.proxy.unwrap_or_default()
 }
 
-fn is_ambiguous(e: &hyper::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::InvalidData;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 /// A response the tunnel makes itself. The reason goes in a header so clients and people
 /// can tell a gateway refusal from an upstream's answer.
 pub fn local_response(status: StatusCode, reason: &str) -> Response<Body> {
-    let body = format!(
-        "gateway: {} ({reason})\n",
-        status.canonical_reason().unwrap_or("")
-    );
     let mut resp = Response::new(
-        Full::new(Bytes::from(body))
+        Full::new(Bytes::from(refusal_text(status, reason)))
             .map_err(|never| match never {})
             .boxed(),
     );
@@ -278,6 +274,14 @@ pub fn local_response(status: StatusCode, reason: &str) -> Response<Body> {
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+/// The body of a response the tunnel makes itself.
+fn refusal_text(status: StatusCode, reason: &str) -> String {
+    format!(
+        "gateway: {} ({reason})\n",
+        status.canonical_reason().unwrap_or("")
+    )
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
