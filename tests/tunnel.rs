@@ -1564,23 +1564,42 @@ def read_head(s):
             break
         data += chunk
     return data
+def until_eof(s):
+    try:
+        while s.recv(65536):
+            pass
+    except socket.timeout:
+        return False
+    except OSError:
+        pass
+    return True
 def outcome(s, payload):
+    """The status, the x-gateway-reason and Connection headers, and whether the tunnel
+    closed the connection after its answer."""
     try:
         s.sendall(payload)
     except OSError:
-        return "closed"
+        return {"outcome": "closed"}
     try:
         data = read_head(s)
     except socket.timeout:
-        return "timeout"
+        return {"outcome": "timeout"}
     except OSError:
-        return "closed"
+        return {"outcome": "closed"}
     if not data:
-        return "closed"
+        return {"outcome": "closed"}
+    lines = data.split(b"\r\n\r\n")[0].split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower().decode()] = value.strip().decode()
     try:
-        return int(data.split(b" ", 2)[1])
+        status = int(lines[0].split(b" ", 2)[1])
     except (IndexError, ValueError):
-        return "garbage: " + repr(data[:80])
+        return {"outcome": "garbage: " + repr(data[:80])}
+    close = headers.get("connection") == "close"
+    return {"outcome": status, "reason": headers.get("x-gateway-reason"),
+            "connection": headers.get("connection"), "closed_after": close and until_eof(s)}
 def tunnel():
     return socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
 def intercepted(sni="api.test"):
@@ -1594,12 +1613,12 @@ def case(name, connect, payload):
     try:
         s = connect()
     except ssl.SSLError:
-        result = "closed"
+        result = {"outcome": "closed"}
     except Exception as e:
-        result = "error: " + repr(e)
+        result = {"outcome": "error: " + repr(e)}
     else:
         result = outcome(s, payload)
-    print(json.dumps({"case": name, "outcome": result}), flush=True)
+    print(json.dumps({"case": name, **result}), flush=True)
 
 case("control", intercepted,
      b"GET /v1/control HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
@@ -1612,6 +1631,7 @@ INNER = {
                      b"Content-Length: 5\r\n\r\nhello",
     "obs-fold": b"GET /v1/obs-fold HTTP/1.1\r\nHost: api.test\r\nX-Folded: one\r\n two\r\n\r\n",
     "bare-lf": b"GET /v1/bare-lf HTTP/1.1\nHost: api.test\n\n",
+    "bare-cr": b"GET /v1/bare-cr HTTP/1.1\r\nHost: api.test\r\nX-A: a\rb\r\n\r\n",
     "big-header": b"GET /v1/big-header HTTP/1.1\r\nHost: api.test\r\nX-Big: " + BIG + b"\r\n\r\n",
     "host-mismatch": b"GET /v1/host-mismatch HTTP/1.1\r\nHost: other.test\r\n\r\n",
     "dot-params": b"GET /v1/..;/admin HTTP/1.1\r\nHost: api.test\r\n\r\n",
@@ -1652,21 +1672,81 @@ for name, payload in OUTER.items():
         "the well-formed control request must pass\n{}",
         ctx()
     );
+    // What the head guard refuses (hyper would read these heads one way, another parser
+    // another): the tunnel's own 400 naming the reason, the connection closed after it, and
+    // one record each, toward the CONNECT target inside a session.
+    let guarded = [
+        ("cl-te", "content-length-and-transfer-encoding", true),
+        ("two-cl", "duplicate-content-length", true),
+        ("same-cl-twice", "duplicate-content-length", true),
+        ("obs-fold", "obs-fold", true),
+        ("bare-lf", "bare-lf", true),
+        ("bare-cr", "bare-cr", true),
+        ("cl-list", "invalid-content-length", true),
+        ("cl-padded", "invalid-content-length", true),
+        ("connect-bare-lf", "bare-lf", false),
+        ("connect-obs-fold", "obs-fold", false),
+    ];
+    let answers: HashMap<&str, &Value> = out
+        .lines
+        .iter()
+        .filter_map(|l| Some((l["case"].as_str()?, l)))
+        .collect();
+    for (name, reason, _) in guarded {
+        let got = answers
+            .get(name)
+            .unwrap_or_else(|| panic!("case {name} did not run\n{}", ctx()));
+        assert_eq!(
+            [
+                &got["outcome"],
+                &got["reason"],
+                &got["connection"],
+                &got["closed_after"]
+            ],
+            [&json!(400), &json!(reason), &json!("close"), &json!(true)],
+            "{name}: expected the tunnel's 400 ({reason}), then the connection closed\n{}",
+            ctx()
+        );
+    }
+    for (reason, inside) in guarded.iter().map(|&(_, r, i)| (r, i)) {
+        let host = if inside {
+            json!("api.test")
+        } else {
+            Value::Null
+        };
+        let want = guarded
+            .iter()
+            .filter(|&&(_, r, i)| r == reason && i == inside)
+            .count();
+        let records: Vec<&Value> = proxy_records(&out)
+            .into_iter()
+            .filter(|r| r["reason"] == reason && r["host"] == host)
+            .collect();
+        assert_eq!(
+            records.len(),
+            want,
+            "one record per head refused for {reason} (inside a session: {inside})\n{}",
+            ctx()
+        );
+        for r in records {
+            assert_eq!(
+                [&r["verdict"], &r["status"]],
+                [&json!("deny"), &json!(400)],
+                "{r}\n{}",
+                ctx()
+            );
+            assert!(r["client"].is_string(), "{r}\n{}", ctx());
+            if inside {
+                assert_eq!(r["port"], 443, "{r}\n{}", ctx());
+            }
+        }
+    }
     let cases = [
-        "cl-te",
-        "two-cl",
-        "same-cl-twice",
-        "obs-fold",
-        "bare-lf",
         "big-header",
         "host-mismatch",
         "dot-params",
         "dots-encoded-twice",
-        "cl-list",
-        "cl-padded",
         "sni-mismatch",
-        "connect-bare-lf",
-        "connect-obs-fold",
         "connect-big-header",
         "long-host",
     ];
@@ -1693,6 +1773,120 @@ for name, payload in OUTER.items():
             "port": 443,
             "path": "/v1/host-mismatch",
         }),
+    );
+}
+
+/// A good request and a head the guard refuses, pipelined in one write, on a plain proxy
+/// connection and inside an intercepted session: the first is answered as ever, the second
+/// gets the 400, and nothing after it is read, let alone forwarded.
+#[test]
+fn a_refused_head_pipelined_after_a_good_request_ends_the_connection_there() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let plain = Server::spawn(&pki.scratch.dir, "plain", "upstream.py", &[]);
+    let body = format!(
+        "{}[[http.allow]]\nhost = \"plain.test\"\nport = 8080\nconnect = \"127.0.0.1:{}\"\n",
+        rule("api.test", api.port, ""),
+        plain.port
+    );
+    let name = "tunnel-pipelined";
+    let run = Run::new(name, &tunnel_policy(name, &pki, &body));
+    let out = python(
+        &run,
+        r#"
+import ssl
+def answers(s, payload):
+    """Status and x-gateway-reason of each response, read until the tunnel closes."""
+    s.sendall(payload)
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        data += b"<still open>"
+    except OSError:
+        pass
+    got = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if not sep:
+            got.append({"left": repr(data[:80])})
+            break
+        lines = head.split(b"\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower().decode()] = value.strip().decode()
+        got.append({"status": int(lines[0].split(b" ")[1]),
+                    "reason": headers.get("x-gateway-reason")})
+        data = rest[int(headers.get("content-length", "0")):]
+    return got
+def tunnel():
+    return socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
+def request(target, host, extra=b""):
+    return b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + extra + b"\r\n"
+
+URL = b"http://plain.test:8080"
+print(json.dumps({"plain": answers(tunnel(),
+    request(URL + b"/v1/first", b"plain.test:8080")
+    + request(URL + b"/v1/second", b"plain.test:8080", b"X-Folded: one\r\n two\r\n")
+    + request(URL + b"/v1/third", b"plain.test:8080"))}), flush=True)
+
+s = tunnel()
+s.sendall(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
+head = s.recv(4096)
+assert head.startswith(b"HTTP/1.1 200"), head
+tls = ssl.create_default_context().wrap_socket(s, server_hostname="api.test")
+print(json.dumps({"inner": answers(tls,
+    request(b"/v1/first", b"api.test")
+    + request(b"/v1/second", b"api.test", b"Content-Length: 5\r\nContent-Length: 5\r\n") + b"hello"
+    + request(b"/v1/third", b"api.test"))}), flush=True)
+"#,
+    );
+    let ctx = || described(&out, &[&api, &plain]);
+    assert_eq!(
+        printed(&out, "plain"),
+        &json!([
+            {"status": 200, "reason": null},
+            {"status": 400, "reason": "obs-fold"},
+        ]),
+        "{}",
+        ctx()
+    );
+    assert_eq!(plain.paths(), ["/v1/first"], "{}", ctx());
+    assert_eq!(
+        printed(&out, "inner"),
+        &json!([
+            {"status": 200, "reason": null},
+            {"status": 400, "reason": "duplicate-content-length"},
+        ]),
+        "{}",
+        ctx()
+    );
+    assert_eq!(api.paths(), ["/v1/first"], "{}", ctx());
+    for (host, port) in [("plain.test", 8080), ("api.test", 443)] {
+        assert_proxy_record(
+            &out,
+            &format!("the first request to {host}"),
+            &json!({"verdict": "allow", "host": host, "port": port, "path": "/v1/first"}),
+        );
+    }
+    let refused: Vec<(&Value, &Value)> = proxy_records(&out)
+        .into_iter()
+        .filter(|r| r["verdict"] == "deny")
+        .map(|r| (&r["reason"], &r["host"]))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (&json!("obs-fold"), &Value::Null),
+            (&json!("duplicate-content-length"), &json!("api.test")),
+        ],
+        "{}",
+        ctx()
     );
 }
 
