@@ -16,7 +16,7 @@
 //! with part of a head in its buffer, hyper reads again only once it has answered every
 //! request before it and wants the rest of that head. Then the guard writes its 400, closes
 //! its sending side and reports the end of the stream (hyper takes it for a client that left
-//! mid-head, and answers nothing). What comes after the refused head is never read. [`Watch`]
+//! mid-head, and answers nothing). What comes after the refused head is never read. [`Report`]
 //! tells the connection's owner, who writes the record.
 //!
 //! `Prefixed` replays bytes already read (a TLS ClientHello) in front of a stream.
@@ -38,7 +38,7 @@ const KEEP: usize = 256;
 
 /// What a connection's guard saw, for its owner once hyper is done with the connection.
 #[derive(Default)]
-pub struct Watch {
+pub struct Report {
     /// Whether part of a request head has arrived and the rest not yet: when hyper's header
     /// timer fires, a slow head (refused) rather than an idle keep-alive connection (closed).
     mid_head: AtomicBool,
@@ -48,7 +48,7 @@ pub struct Watch {
     answered: AtomicBool,
 }
 
-impl Watch {
+impl Report {
     pub fn mid_head(&self) -> bool {
         self.mid_head.load(Ordering::Relaxed)
     }
@@ -99,16 +99,16 @@ pub struct HeadGuard<S> {
     /// The start of the current header line (at most [`KEEP`] bytes), kept across lines
     /// and heads so that its buffer is allocated once per connection.
     line: Vec<u8>,
-    watch: Arc<Watch>,
+    report: Arc<Report>,
 }
 
 impl<S> HeadGuard<S> {
-    pub fn new(inner: S, watch: Arc<Watch>) -> Self {
+    pub fn new(inner: S, report: Arc<Report>) -> Self {
         Self {
             inner,
             state: State::Head(Head::default()),
             line: Vec::new(),
-            watch,
+            report,
         }
     }
 
@@ -287,7 +287,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HeadGuard<S> {
                 *sent += n;
             }
             ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
-            self.watch.answered.store(true, Ordering::Relaxed);
+            self.report.answered.store(true, Ordering::Relaxed);
             ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
             self.state = State::Answered;
         }
@@ -314,12 +314,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadGuard<S> {
                     State::Head(head) => head.request_line_seen || head.cr || !self.line.is_empty(),
                     _ => false,
                 };
-                self.watch.mid_head.store(mid_head, Ordering::Relaxed);
+                self.report.mid_head.store(mid_head, Ordering::Relaxed);
                 Poll::Ready(Ok(()))
             }
             Err(refusal) => {
                 buf.set_filled(before + refusal.keep);
-                let _ = self.watch.refused.set(refusal.reason);
+                let _ = self.report.refused.set(refusal.reason);
                 self.state = State::Refused {
                     answer: answer(refusal.reason),
                     sent: 0,

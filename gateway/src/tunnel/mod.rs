@@ -179,12 +179,12 @@ impl Tunnel {
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
-        let watch = Arc::new(guard::Watch::default());
+        let report = Arc::new(guard::Report::default());
         let served = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_buf_size(MAX_HEAD_BYTES)
-            .serve_connection(TokioIo::new(HeadGuard::new(io, watch.clone())), service)
+            .serve_connection(TokioIo::new(HeadGuard::new(io, report.clone())), service)
             .with_upgrades()
             .await;
         if let Err(e) = &served {
@@ -198,9 +198,11 @@ impl Tunnel {
         };
         // Whatever hyper made of the refused head's start (an end of stream mid-head, or
         // its own error), the guard's reason is the one to record.
-        if let Some(reason) = watch.refused() {
+        if let Some(reason) = report.refused() {
             let fields = ProxyFields {
-                status: watch.answered().then_some(StatusCode::BAD_REQUEST.as_u16()),
+                status: report
+                    .answered()
+                    .then_some(StatusCode::BAD_REQUEST.as_u16()),
                 ..fields()
             };
             self.record(Verdict::Deny, reason, client, fields);
@@ -209,7 +211,7 @@ impl Tunnel {
         if let Err(e) = served {
             // hyper's header timer also ends keep-alive connections idle between requests:
             // only a head that started and did not finish in time is a refusal.
-            if e.is_parse() || (e.is_timeout() && watch.mid_head()) {
+            if e.is_parse() || (e.is_timeout() && report.mid_head()) {
                 self.record(Verdict::Deny, "malformed-request", client, fields());
             }
         }

@@ -164,7 +164,7 @@ impl AsyncWrite for Client {
 
 /// hyper behind the guard, as the tunnel runs it: the paths it served and what the client
 /// got, for `stream` arriving in the given reads.
-async fn serve(reads: &[&[u8]], watch: Arc<Watch>) -> (Vec<String>, Wire) {
+async fn serve(reads: &[&[u8]], report: Arc<Report>) -> (Vec<String>, Wire) {
     use http_body_util::BodyExt as _;
     let wire = Arc::new(std::sync::Mutex::new(Wire {
         reads: reads.iter().map(|r| r.to_vec()).collect(),
@@ -184,7 +184,7 @@ async fn serve(reads: &[&[u8]], watch: Arc<Watch>) -> (Vec<String>, Wire) {
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .serve_connection(
-            hyper_util::rt::TokioIo::new(HeadGuard::new(Client(wire.clone()), watch)),
+            hyper_util::rt::TokioIo::new(HeadGuard::new(Client(wire.clone()), report)),
             service,
         )
         .with_upgrades();
@@ -234,8 +234,8 @@ async fn requests_before_a_refused_head_are_served_and_it_is_answered() {
             for at in 0..=stream.len() {
                 let (one, two) = stream.split_at(at);
                 let reads: Vec<&[u8]> = [one, two].into_iter().filter(|r| !r.is_empty()).collect();
-                let watch = Arc::new(Watch::default());
-                let (served, wire) = serve(&reads, watch.clone()).await;
+                let report = Arc::new(Report::default());
+                let (served, wire) = serve(&reads, report.clone()).await;
                 let what = format!("{} split at {at}", String::from_utf8_lossy(&stream));
                 assert_eq!(served, paths, "{what}");
                 let answers = wire
@@ -246,8 +246,8 @@ async fn requests_before_a_refused_head_are_served_and_it_is_answered() {
                 assert_eq!(answers, paths.len() + 1, "{what}");
                 assert!(wire.written.ends_with(&answer(reason)), "{what}");
                 assert!(wire.shut, "{what}");
-                assert_eq!(watch.refused(), Some(reason), "{what}");
-                assert!(watch.answered(), "{what}");
+                assert_eq!(report.refused(), Some(reason), "{what}");
+                assert!(report.answered(), "{what}");
             }
         }
     }
