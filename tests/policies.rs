@@ -665,6 +665,13 @@ fn explain_package_mirror() {
         None,
     );
     assert_allowed(f, "GET", "https://registry.npmjs.org/left-pad", 2, None);
+    assert_allowed(
+        f,
+        "GET",
+        "https://registry.npmjs.org/@types%2fnode",
+        2,
+        None,
+    );
     assert_denied(f, "POST", "https://upload.pypi.org/legacy/");
     assert_denied(f, "PUT", "https://registry.npmjs.org/left-pad");
 }

@@ -1235,6 +1235,20 @@ fn http_rule(
                 ),
             );
             ok = false;
+        } else if let Some((read, e)) = crate::tunnel::path_forms::readings(p.value)
+            .into_iter()
+            .flatten()
+            .find_map(|r| Some((r.clone(), glob::Pattern::new(&r).err()?)))
+        {
+            // The tunnel matches a glob as it reads a path too (see tunnel::path_forms).
+            d.error(
+                &p.span,
+                format!(
+                    "bad path glob `{}`: read as an upstream may read a path (`%2f` as `/`, `;parameters` dropped) it is `{read}`, which is no glob: {}; leave `/` and `;` out of `[...]`",
+                    p.value, e.msg
+                ),
+            );
+            ok = false;
         }
     }
     let paths: Vec<String> = paths.iter().map(|p| p.value.to_owned()).collect();

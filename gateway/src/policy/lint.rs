@@ -5,7 +5,10 @@
 
 use crate::{
     policy::HttpRule,
-    tunnel::{authority::canonical_host, rules::GLOB},
+    tunnel::{
+        authority::canonical_host,
+        path_forms::{PathForms, PathGlob},
+    },
 };
 
 /// The candidate closest to `word`, when it is close enough to be a likely typo.
@@ -78,8 +81,8 @@ struct Prepared {
     methods: Vec<String>,
     /// Sorted, no repeats; empty is any path.
     paths: Vec<String>,
-    /// The paths compiled with the tunnel's options, for literal probes.
-    patterns: Vec<Option<glob::Pattern>>,
+    /// The paths compiled as the tunnel matches them, for literal probes.
+    patterns: Vec<Option<PathGlob>>,
 }
 
 impl Prepared {
@@ -98,7 +101,7 @@ impl Prepared {
         let mut paths = rule.paths.clone();
         paths.sort();
         paths.dedup();
-        let patterns = paths.iter().map(|p| glob::Pattern::new(p).ok()).collect();
+        let patterns = paths.iter().map(|p| PathGlob::new(p).ok()).collect();
         Self {
             host,
             port: rule.port,
@@ -156,14 +159,15 @@ fn has_glob_syntax(s: &str) -> bool {
 }
 
 /// Every path the glob `b` matches, the glob `a` (compiled: `compiled`) matches too. Only
-/// decided in the simple cases: the same text, a literal `b` that `a` matches (with the
-/// tunnel's options), or `a` of the form `LITERAL/**` and `b` starting with `LITERAL/`.
-fn path_covers_compiled(a: &str, compiled: Option<&glob::Pattern>, b: &str) -> bool {
+/// decided in the simple cases: the same text, a literal `b` that `a` matches (as the
+/// tunnel matches a path: a path `b` matches reads as `b` does, every way), or `a` of the
+/// form `LITERAL/**` and `b` starting with `LITERAL/` (each reading keeps that prefix).
+fn path_covers_compiled(a: &str, compiled: Option<&PathGlob>, b: &str) -> bool {
     if a == b {
         return true;
     }
     if !has_glob_syntax(b) {
-        return compiled.is_some_and(|p| p.matches_with(b, GLOB));
+        return compiled.is_some_and(|p| p.matches(&PathForms::new(b)));
     }
     match a.strip_suffix("/**") {
         Some(prefix) if !has_glob_syntax(prefix) => {
@@ -238,7 +242,7 @@ mod tests {
     use super::*;
 
     fn path_covers(a: &str, b: &str) -> bool {
-        path_covers_compiled(a, glob::Pattern::new(a).ok().as_ref(), b)
+        path_covers_compiled(a, PathGlob::new(a).ok().as_ref(), b)
     }
 
     fn shadows(a: &HttpRule, b: &HttpRule) -> bool {
@@ -294,6 +298,12 @@ mod tests {
         assert!(!path_covers("/repos/**", "/repo*/x"));
         assert!(!path_covers("/a/*", "/a/**"));
         assert!(!path_covers("/a/*/c", "/a/b*/c"));
+        // The tunnel reads `%2f` as `/` and drops `;parameters` too: `/v1/*` never matches
+        // these, so a rule for them is not shadowed.
+        assert!(!path_covers("/v1/*", "/v1/a%2fb"));
+        assert!(!path_covers("/files/*.json", "/files/a;.json"));
+        assert!(path_covers("/**", "/@scope%2fname"));
+        assert!(path_covers("/@scope%2f*", "/@scope%2fname"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod credentials;
 mod guard;
 pub(crate) mod headers;
 mod late_cut;
+pub(crate) mod path_forms;
 mod pool;
 mod pooled_body;
 pub(crate) mod private;

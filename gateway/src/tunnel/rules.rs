@@ -5,10 +5,12 @@
 
 use std::collections::HashMap;
 
-use glob::{MatchOptions, Pattern};
 use hyper::Method;
 
-use super::authority::{Authority, canonical_host};
+use super::{
+    authority::{Authority, canonical_host},
+    path_forms::{PathForms, PathGlob},
+};
 use crate::policy::HttpRule;
 
 /// A rule prepared for matching: host canonical, methods upper case, globs compiled.
@@ -17,7 +19,8 @@ pub struct Rule {
     pub spec: HttpRule,
     host: HostPattern,
     methods: Vec<String>,
-    paths: Vec<Pattern>,
+    /// Each matched in every way an upstream may read a path (see [`super::path_forms`]).
+    paths: Vec<PathGlob>,
 }
 
 enum HostPattern {
@@ -34,12 +37,6 @@ pub struct Rules {
     below: HashMap<String, Vec<usize>>,
 }
 
-pub(crate) const GLOB: MatchOptions = MatchOptions {
-    case_sensitive: true,
-    require_literal_separator: true,
-    require_literal_leading_dot: false,
-};
-
 impl Rules {
     /// Compiles the policy's rules; `policy::load` has already validated them.
     pub fn new(rules: &[HttpRule]) -> anyhow::Result<Self> {
@@ -52,7 +49,7 @@ impl Rules {
             let paths = spec
                 .paths
                 .iter()
-                .map(|p| Pattern::new(p))
+                .map(|p| PathGlob::new(p))
                 .collect::<Result<_, _>>()?;
             out.push(Rule {
                 index,
@@ -82,11 +79,13 @@ impl Rules {
         })
     }
 
-    /// The first rule allowing this request. `path` excludes the query.
+    /// The first rule allowing this request. `path` excludes the query; a rule's glob must
+    /// match it in every way an upstream may read it.
     pub fn decide(&self, method: &Method, target: &Authority, path: &str) -> Option<&Rule> {
+        let path = PathForms::new(path);
         self.candidates(target).into_iter().find(|r| {
             (r.methods.is_empty() || r.methods.iter().any(|m| m == method.as_str()))
-                && (r.paths.is_empty() || r.paths.iter().any(|p| p.matches_with(path, GLOB)))
+                && (r.paths.is_empty() || r.paths.iter().any(|p| p.matches(&path)))
         })
     }
 
@@ -243,5 +242,31 @@ mod tests {
         let get = Method::GET;
         assert!(rules.decide(&get, &at("h.test"), "/v1/a/items").is_some());
         assert!(rules.decide(&get, &at("h.test"), "/v1/a/b/items").is_none());
+    }
+
+    #[test]
+    fn a_rule_allows_a_path_only_as_every_upstream_reads_it() {
+        let rules = Rules::new(&[
+            rule("h.test", &[], &["/v1/*", "/files/*.json", "/@scope%2f*"]),
+            rule("h.test", &["GET"], &["/wide/**"]),
+            rule("npm.test", &[], &["/**"]),
+        ])
+        .unwrap();
+        let hit = |h: &str, p: &str| rules.decide(&Method::GET, &at(h), p).map(|r| r.index);
+        assert_eq!(hit("h.test", "/v1/admin"), Some(0));
+        // WSGI servers route this to /v1/admin/delete_all.
+        assert_eq!(hit("h.test", "/v1/admin%2Fdelete_all"), None);
+        assert_eq!(hit("h.test", "/v1/admin%2fdelete_all"), None);
+        assert_eq!(hit("h.test", "/v1/admin%252Fdelete_all"), None);
+        // Tomcat and Jetty route this to /files/secret.
+        assert_eq!(hit("h.test", "/files/report.json"), Some(0));
+        assert_eq!(hit("h.test", "/files/secret;.json"), None);
+        assert_eq!(hit("h.test", "/files/secret%3B.json"), None);
+        // A rule written with `%2f` keeps matching what it names, and nothing deeper.
+        assert_eq!(hit("h.test", "/@scope%2fname"), Some(0));
+        assert_eq!(hit("h.test", "/@scope%2fname%2fx"), None);
+        assert_eq!(hit("h.test", "/wide/admin%2Fdelete_all;x"), Some(1));
+        assert_eq!(hit("npm.test", "/@types%2fnode"), Some(2));
+        assert_eq!(hit("npm.test", "/@types%2Fnode/-/node-1.0.0.tgz"), Some(2));
     }
 }

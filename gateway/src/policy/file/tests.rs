@@ -346,3 +346,17 @@ fn a_connect_to_a_private_address_without_private_is_a_warning() {
         assert_eq!(rule(connect, "private = true\n"), Vec::<String>::new());
     }
 }
+
+#[test]
+fn a_glob_that_is_no_glob_once_read_as_the_tunnel_reads_paths_is_an_error() {
+    assert_eq!(
+        errors("version = 1\n[[http.allow]]\nhost = \"a.test\"\npaths = [\"/v1/[;]x\"]\n"),
+        [
+            "p.toml:4:10: bad path glob `/v1/[;]x`: read as an upstream may read a path (`%2f` as `/`, `;parameters` dropped) it is `/v1/[`, which is no glob: invalid range pattern; leave `/` and `;` out of `[...]`"
+        ]
+    );
+    // npm's scoped packages and path parameters outside `[...]` are fine.
+    let fine =
+        "version = 1\n[[http.allow]]\nhost = \"a.test\"\npaths = [\"/@scope%2f*\", \"/a;v=1/*\"]\n";
+    assert!(super::check_text(Path::new("p.toml"), fine).is_ok());
+}
