@@ -285,6 +285,36 @@ env = "GITHUB_TOKEN"
     }
 
     #[test]
+    fn paths_are_matched_as_the_tunnel_reads_them() {
+        // `/repos/**` spans segments however they are written; a single `*` would not.
+        assert_eq!(
+            decide("GET", "https://api.github.com/repos/a%2Fb").unwrap(),
+            "allow: rule 0 (p.toml:2), credential gh"
+        );
+        let checked = check_text(
+            Path::new("p.toml"),
+            "version = 1\n[[http.allow]]\nhost = \"h.test\"\npaths = [\"/v1/*\", \"/f/*.json\"]\n",
+        )
+        .unwrap();
+        let reason = |url: &str| match explain(&checked, "GET", url).unwrap() {
+            Decision::Deny { reason, .. } => reason,
+            Decision::Allow { .. } => "allow",
+        };
+        assert_eq!(reason("https://h.test/v1/admin"), "allow");
+        assert_eq!(
+            reason("https://h.test/v1/admin%2Fdelete_all"),
+            "not-allowlisted"
+        );
+        assert_eq!(reason("https://h.test/f/secret;.json"), "not-allowlisted");
+        assert_eq!(
+            reason("https://h.test/v1/%25252e%25252e"),
+            "encoded-path-separator"
+        );
+        assert_eq!(reason("https://h.test/v1/..%3b"), "dot-segment-in-path");
+        assert_eq!(reason("https://h.test/v1/%c0%ae"), "encoded-path-separator");
+    }
+
+    #[test]
     fn passthrough_is_decided_by_host_alone() {
         assert!(
             decide("DELETE", "https://splice.test/anything")

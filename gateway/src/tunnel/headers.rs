@@ -1,9 +1,13 @@
 //! Header rules at the boundary: what is ambiguous (refused), what is hop-by-hop (dropped).
 
+use std::borrow::Cow;
+
 use hyper::{
     HeaderMap,
     header::{self, HeaderName, HeaderValue},
 };
+
+use super::path_forms;
 
 /// Why a request is refused with 400 before any rule is consulted.
 pub fn ambiguity(headers: &HeaderMap) -> Option<&'static str> {
@@ -22,30 +26,71 @@ pub fn ambiguity(headers: &HeaderMap) -> Option<&'static str> {
 
 /// Why a path is refused: dot segments, encoded dots or backslashes, NUL — anything an
 /// upstream could resolve to a path other than the one the rule was matched against. An
-/// encoded `/` is allowed (npm names scoped packages `/@scope%2fname`): rules match the path
-/// as sent, where it stays inside one segment, and dot segments are looked for with it
+/// encoded `/` is allowed (npm names scoped packages `/@scope%2fname`): rules match it in
+/// every reading (see [`super::path_forms`]), and dot segments are looked for with it
 /// decoded as well, so `/a%2f..%2fadmin` is refused whichever way the upstream reads it.
-/// Servers that decode twice are covered by looking again with `%25` decoded once, and
-/// servers that take `;` as the start of a segment's parameters (`..;/`) by ignoring them.
+/// Servers that decode twice or more are covered by looking at the path with `%25` decoded
+/// until none is left; servers that take `;` as the start of a segment's parameters (`..;/`)
+/// by ignoring them, `%3b` included (a server may decode before it splits them off); and
+/// lenient UTF-8 decoders, which read overlong forms such as `%c0%ae` as `.`, by refusing
+/// such forms of the characters that matter here.
 pub fn path_ambiguity(path: &str) -> Option<&'static str> {
     let lower = path.to_ascii_lowercase();
-    let twice = lower.contains("%25").then(|| lower.replace("%25", "%"));
-    let encoded = |p: &str| ["%5c", "%00", "%2e"].iter().any(|e| p.contains(e));
-    if encoded(&lower) || twice.as_deref().is_some_and(encoded) || path.contains('\\') {
+    let decoded = path_forms::collapse_encoded_percent(&lower);
+    let encoded = ["%5c", "%00", "%2e"].iter().any(|e| decoded.contains(e));
+    if encoded || path.contains('\\') || overlong_special(&decoded) {
         return Some("encoded-path-separator");
     }
-    let dot_segment = |p: &str| {
-        p.split('/')
-            .any(|seg| matches!(seg.split(';').next(), Some("." | "..")))
+    // A dot segment as sent stays one here: this reading only adds separators. (Most paths
+    // have no escape: nothing to copy.)
+    let separated = if decoded.contains('%') {
+        Cow::Owned(decoded.replace("%3b", ";").replace("%2f", "/"))
+    } else {
+        Cow::Borrowed(&*decoded)
     };
-    let hides_dots = |p: &str| p.contains("%2f") && dot_segment(&p.replace("%2f", "/"));
-    if dot_segment(path) || hides_dots(&lower) || twice.as_deref().is_some_and(hides_dots) {
+    let dot_segment = separated
+        .split('/')
+        .any(|seg| matches!(seg.split(';').next(), Some("." | "..")));
+    if dot_segment {
         return Some("dot-segment-in-path");
     }
     if !path.starts_with('/') && path != "*" {
         return Some("relative-path");
     }
     None
+}
+
+/// A run of escapes (lower case) that a lenient UTF-8 decoder reads as `.`, `/`, `\`, `;`,
+/// `%` or NUL: an overlong form (`%c0%ae`, `%e0%80%af`, `%c1%9c`), also with continuation
+/// bytes whose top bits are wrong (such decoders only mask them). Valid UTF-8 never encodes
+/// these in more than one byte, so no UTF-8 name is refused; a Latin-1 one could be (`%c0%6e`,
+/// "Àn"), rarely, and is refused rather than guessed at.
+fn overlong_special(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    let escaped = |i: usize| -> Option<u8> {
+        let hex = bytes.get(i + 1..i + 3)?;
+        (bytes[i] == b'%')
+            .then(|| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok())
+            .flatten()
+    };
+    (0..bytes.len()).any(|i| {
+        let Some(lead) = escaped(i) else {
+            return false;
+        };
+        // A lead byte of 2 to 6 bytes (5 and 6 as the first UTF-8 allowed).
+        let len = lead.leading_ones() as usize;
+        if !(2..=6).contains(&len) {
+            return false;
+        }
+        let mut value = u32::from(lead & (0x7f >> len));
+        for k in 1..len {
+            match escaped(i + 3 * k) {
+                Some(cont) => value = (value << 6) | u32::from(cont & 0x3f),
+                None => return false,
+            }
+        }
+        matches!(value, 0x2e | 0x2f | 0x5c | 0x3b | 0x25 | 0)
+    })
 }
 
 /// Hop-by-hop headers, `Upgrade` (kept only for a WebSocket request, which sets it anew)
@@ -116,6 +161,70 @@ mod tests {
         assert!(path_ambiguity("/a%252f..%252fadmin").is_some());
         assert!(path_ambiguity("/a%255cb").is_some());
         assert_eq!(path_ambiguity("/discount/100%25"), None);
+        // Decoded three times and more.
+        assert_eq!(
+            path_ambiguity("/public/%25252e%25252e/admin"),
+            Some("encoded-path-separator")
+        );
+        assert_eq!(
+            path_ambiguity("/public/%2525252E/admin"),
+            Some("encoded-path-separator")
+        );
+        assert_eq!(
+            path_ambiguity("/a%2525252f..%2525252fadmin"),
+            Some("dot-segment-in-path")
+        );
+        assert_eq!(path_ambiguity("/discount/100%252525"), None);
+        // An encoded `;` starts parameters too.
+        assert_eq!(
+            path_ambiguity("/public/..%3b/admin"),
+            Some("dot-segment-in-path")
+        );
+        assert_eq!(
+            path_ambiguity("/public/.%3Bx/admin"),
+            Some("dot-segment-in-path")
+        );
+        assert_eq!(
+            path_ambiguity("/public/..%253b/admin"),
+            Some("dot-segment-in-path")
+        );
+        assert_eq!(path_ambiguity("/public/a%3bv=1"), None);
+    }
+
+    #[test]
+    fn overlong_utf8() {
+        for path in [
+            "/public/%c0%ae%c0%ae/admin",
+            "/public/%C0%AE%C0%AE/admin",
+            "/public/..%c0%afadmin",
+            "/public/%e0%80%ae%e0%80%ae/admin",
+            "/public/%f0%80%80%ae./admin",
+            "/public/%f8%80%80%80%ae./admin",
+            "/public/..%c1%9cadmin",
+            "/public/..%c0%bbx/admin",
+            "/public/%c0%80",
+            // A decoder that only masks continuation bytes.
+            "/public/%c0%6e%c0%6e/admin",
+            // Decoded twice first.
+            "/public/%25c0%25ae%25c0%25ae/admin",
+        ] {
+            assert_eq!(
+                path_ambiguity(path),
+                Some("encoded-path-separator"),
+                "{path}"
+            );
+        }
+        // Real UTF-8, and a lead byte that leads nowhere.
+        for path in [
+            "/wiki/caf%c3%a9",
+            "/wiki/%e2%80%a6",
+            "/wiki/%f0%9f%98%80",
+            "/wiki/%c0",
+            "/wiki/%c0x",
+            "/wiki/%ff%ae",
+        ] {
+            assert_eq!(path_ambiguity(path), None, "{path}");
+        }
     }
 
     #[test]
