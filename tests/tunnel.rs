@@ -308,6 +308,122 @@ r unlisted-local https://localhost:{p}/v1/items
     assert_host_refused(&out, "localhost", other.port, "not-allowlisted");
 }
 
+/// A path is let through only if the rule matches it however the upstream reads it: as
+/// sent, with `%2F` as `/` (Flask and Django decode it before routing), without `;`
+/// parameters (Tomcat, Jetty). Headers that make a framework take another method or path
+/// are refused outright. Nothing refused reaches either upstream.
+#[test]
+fn encoded_slashes_path_parameters_and_override_headers_cannot_widen_a_rule() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let other = Server::upstream(&pki, "other");
+    let body = format!(
+        "{}{}",
+        rule(
+            "api.test",
+            api.port,
+            "paths = [\"/v1/*\", \"/files/*.json\", \"/npm/@scope%2f*\"]"
+        ),
+        rule("other.test", other.port, "paths = [\"/v1/**\"]"),
+    );
+    let run = Run::new(
+        "tunnel-path-forms",
+        &tunnel_policy("tunnel-path-forms", &pki, &body),
+    );
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}
+r one-segment --path-as-is https://api.test/v1/items
+r slash-under-star --path-as-is https://api.test/v1/admin%2Fdelete_all
+r slash-under-globstar --path-as-is https://other.test/v1/admin%2Fdelete_all
+r scoped --path-as-is https://api.test/npm/@scope%2fname
+r scoped-deeper --path-as-is https://api.test/npm/@scope%2fname%2fx
+r json --path-as-is https://api.test/files/report.json
+r params --path-as-is 'https://api.test/files/secret;.json'
+r triple-encoded-dots --path-as-is https://other.test/v1/%25252e%25252e/admin
+r encoded-params-dots --path-as-is https://other.test/v1/..%3b/admin
+r overlong-dots --path-as-is https://other.test/v1/%c0%ae%c0%ae/admin
+r method-override -H 'X-HTTP-Method-Override: DELETE' https://api.test/v1/override
+r method-override-same -H 'X-HTTP-Method-Override: GET' https://api.test/v1/same
+r x-http-method -H 'X-HTTP-Method: DELETE' https://api.test/v1/x-http-method
+r x-method-override -H 'X-Method-Override: PUT' https://api.test/v1/x-method-override
+r original-url -H 'X-Original-URL: /admin' https://api.test/v1/original
+r rewrite-url -H 'X-Rewrite-URL: /admin' https://api.test/v1/rewrite
+"
+        ),
+    );
+    let replies = replies(&out.stdout);
+    let ctx = || described(&out, &[&api, &other]);
+    let code = |name: &str| reply(&replies, name, &out).code;
+    for name in [
+        "one-segment",
+        "slash-under-globstar",
+        "scoped",
+        "json",
+        "method-override-same",
+    ] {
+        assert_eq!(code(name), 200, "{name}\n{}", ctx());
+    }
+    for name in ["slash-under-star", "scoped-deeper", "params"] {
+        assert_eq!(code(name), 403, "{name}\n{}", ctx());
+    }
+    for name in [
+        "triple-encoded-dots",
+        "encoded-params-dots",
+        "overlong-dots",
+        "method-override",
+        "x-http-method",
+        "x-method-override",
+        "original-url",
+        "rewrite-url",
+    ] {
+        assert_eq!(code(name), 400, "{name}\n{}", ctx());
+    }
+    assert_eq!(
+        api.paths(),
+        [
+            "/v1/items",
+            "/npm/@scope%2fname",
+            "/files/report.json",
+            "/v1/same"
+        ],
+        "{}",
+        ctx()
+    );
+    assert_eq!(other.paths(), ["/v1/admin%2Fdelete_all"], "{}", ctx());
+
+    assert_not_allowlisted(&out, "GET", "api.test", 443, "/v1/admin%2Fdelete_all");
+    assert_not_allowlisted(&out, "GET", "api.test", 443, "/npm/@scope%2fname%2fx");
+    assert_not_allowlisted(&out, "GET", "api.test", 443, "/files/secret;.json");
+    for path in [
+        "/v1/override",
+        "/v1/x-http-method",
+        "/v1/x-method-override",
+        "/v1/original",
+        "/v1/rewrite",
+    ] {
+        let records: Vec<&Value> = proxy_records(&out)
+            .into_iter()
+            .filter(|r| r["path"] == path)
+            .collect();
+        assert_eq!(records.len(), 1, "{path}: one record\n{}", ctx());
+        assert_proxy_record(
+            &out,
+            path,
+            &json!({
+                "verdict": "deny",
+                "reason": "override-header",
+                "method": "GET",
+                "host": "api.test",
+                "path": path,
+                "status": 400,
+                "rule": null,
+            }),
+        );
+    }
+}
+
 #[test]
 fn git_clones_over_https_with_the_token_injected() {
     let pki = Pki::new();

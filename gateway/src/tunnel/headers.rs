@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 
 use hyper::{
-    HeaderMap,
+    HeaderMap, Method,
     header::{self, HeaderName, HeaderValue},
 };
 
@@ -22,6 +22,24 @@ pub fn ambiguity(headers: &HeaderMap) -> Option<&'static str> {
         return Some("duplicate-host");
     }
     None
+}
+
+/// Why a request is refused with 400 for a header that some frameworks take as its real
+/// method or path (Symfony, Laravel, ASP.NET, IIS rewrite, Express's method-override):
+/// rules would have judged another request than the one the upstream serves. A method
+/// override naming the request's own method changes nothing and passes (frameworks
+/// upper-case it, so case is ignored).
+pub fn override_header(method: &Method, headers: &HeaderMap) -> Option<&'static str> {
+    // One pass over the headers (a handful per request) rather than five lookups.
+    let refused = headers.iter().any(|(name, value)| match name.as_str() {
+        "x-original-url" | "x-rewrite-url" => true,
+        "x-http-method-override" | "x-http-method" | "x-method-override" => !value
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(method.as_str().as_bytes()),
+        _ => false,
+    });
+    refused.then_some("override-header")
 }
 
 /// Why a path is refused: dot segments, encoded dots or backslashes, NUL — anything an
@@ -225,6 +243,54 @@ mod tests {
         ] {
             assert_eq!(path_ambiguity(path), None, "{path}");
         }
+    }
+
+    #[test]
+    fn override_headers() {
+        let with = |name: &str, value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-kept", "1".parse().unwrap());
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+            h
+        };
+        let get = Method::GET;
+        for (name, value) in [
+            ("X-HTTP-Method-Override", "DELETE"),
+            ("X-HTTP-Method", "PUT"),
+            ("X-Method-Override", "POST"),
+            ("x-http-method-override", "GET, DELETE"),
+            ("x-http-method-override", ""),
+            ("X-Original-URL", "/admin"),
+            ("X-Rewrite-URL", "/admin"),
+            // Even naming the request's own path: no rule looked at it.
+            ("X-Original-URL", "/public/x"),
+        ] {
+            assert_eq!(
+                override_header(&get, &with(name, value)),
+                Some("override-header"),
+                "{name}: {value}"
+            );
+        }
+        assert_eq!(
+            override_header(&get, &with("X-HTTP-Method-Override", "GET")),
+            None
+        );
+        assert_eq!(
+            override_header(&get, &with("X-HTTP-Method-Override", " get ")),
+            None
+        );
+        assert_eq!(
+            override_header(&Method::DELETE, &with("X-HTTP-Method", "DELETE")),
+            None
+        );
+        assert_eq!(override_header(&get, &with("x-other", "DELETE")), None);
+        // A second value overrides as well as the first.
+        let mut two = with("X-HTTP-Method-Override", "GET");
+        two.append("x-http-method-override", "DELETE".parse().unwrap());
+        assert_eq!(override_header(&get, &two), Some("override-header"));
     }
 
     #[test]

@@ -126,8 +126,9 @@ impl Tunnel {
         };
         fields.host = Some(target.host.clone());
         fields.port = Some(target.port);
-        if let Some(reason) =
-            headers::ambiguity(req.headers()).or_else(|| headers::path_ambiguity(req.uri().path()))
+        if let Some(reason) = headers::ambiguity(req.headers())
+            .or_else(|| headers::override_header(req.method(), req.headers()))
+            .or_else(|| headers::path_ambiguity(req.uri().path()))
         {
             return self.refuse(StatusCode::BAD_REQUEST, reason, client, fields);
         }
