@@ -1,7 +1,8 @@
 //! Placeholders in WebSocket messages. Toward a host whose rule does not name a placeholder's
-//! credential, what the client sends after the upgrade is read frame by frame (headers parsed
-//! by tungstenite, payloads unmasked), and the connection is cut before the read that would
-//! complete a placeholder is passed on, as for request bodies (see [`super::body_scan`]).
+//! credential, what the client sends after the upgrade is read frame by frame, and the
+//! connection is cut before the read that would complete a placeholder is passed on, as for
+//! request bodies (see [`super::body_scan`]). The framing is read apart ([`Frames`]), for
+//! any direction.
 
 use std::io::Cursor;
 
@@ -9,10 +10,10 @@ use tungstenite::protocol::frame::{FrameHeader, coding::OpCode};
 
 use super::body_scan::Needles;
 
-/// Why the client's side of a WebSocket was cut.
+/// Why one side of a WebSocket was cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cut {
-    /// A placeholder of a credential this host's rule does not name.
+    /// A placeholder of a credential this host's rule does not name, from the client.
     Placeholder,
     /// A frame an extension transformed (an RSV bit set, as permessage-deflate does): its
     /// payload cannot be read as sent. The tunnel drops `Sec-WebSocket-Extensions` from such
@@ -24,15 +25,18 @@ pub enum Cut {
 
 const MAX_CONTROL_PAYLOAD: u64 = 125;
 
-/// The client-to-upstream byte stream of one WebSocket, read as frames.
-pub struct FrameScan {
-    needles: Needles,
-    /// The last `needles.keep` data payload bytes seen, unmasked, then the current read's: a
-    /// placeholder split across reads or fragments is seen whole.
-    window: Vec<u8>,
-    /// The payload of the control frame being read (at most 125 bytes), apart: one may come
-    /// between the fragments of a message, which the upstream joins without it.
-    control: Option<Vec<u8>>,
+/// A frame header, once whole.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    /// Close, ping or pong: at most 125 bytes, never fragmented, and allowed between the
+    /// fragments of a message, which do not include it.
+    pub control: bool,
+}
+
+/// One direction of a WebSocket read as frames as its bytes arrive (RFC 6455 5.2): headers
+/// parsed by tungstenite, payloads unmasked (the client's are masked, the server's not).
+#[derive(Default)]
+pub struct Frames {
     /// A frame header not complete yet.
     header: Vec<u8>,
     /// Payload bytes of the current frame still to come.
@@ -42,41 +46,101 @@ pub struct FrameScan {
     at: usize,
 }
 
+impl Frames {
+    /// True when the next bytes are (part of) a frame header.
+    pub fn in_header(&self) -> bool {
+        self.left == 0
+    }
+
+    /// Takes header bytes from the front of `bytes`; the header once it is whole. Only when
+    /// [`Self::in_header`].
+    pub fn header(&mut self, bytes: &mut &[u8]) -> Result<Option<Header>, Cut> {
+        // The longest header: 2 bytes, an 8-byte length, a 4-byte mask.
+        const LONGEST: usize = 14;
+        let taken = (LONGEST - self.header.len()).min(bytes.len());
+        self.header.extend_from_slice(&bytes[..taken]);
+        let mut cursor = Cursor::new(&self.header[..]);
+        match FrameHeader::parse(&mut cursor) {
+            Ok(Some((header, len))) => {
+                let used = usize::try_from(cursor.position()).map_err(|_| Cut::NotAFrame)?;
+                let beyond = self.header.len() - used;
+                self.header.clear();
+                if header.rsv1 || header.rsv2 || header.rsv3 {
+                    return Err(Cut::Extension);
+                }
+                let control = matches!(header.opcode, OpCode::Control(_));
+                // RFC 6455 5.5: a control frame is never fragmented and carries at most 125
+                // bytes, all of which a reader holds.
+                if control && (len > MAX_CONTROL_PAYLOAD || !header.is_final) {
+                    return Err(Cut::NotAFrame);
+                }
+                self.mask = header.mask;
+                self.left = len;
+                self.at = 0;
+                *bytes = &bytes[taken - beyond..];
+                Ok(Some(Header { control }))
+            }
+            Ok(None) if self.header.len() < LONGEST => {
+                *bytes = &bytes[taken..];
+                Ok(None)
+            }
+            Ok(None) | Err(_) => Err(Cut::NotAFrame),
+        }
+    }
+
+    /// Moves the current frame's payload bytes from the front of `bytes` onto `into`,
+    /// unmasked; true when that completes the frame. Only when not [`Self::in_header`].
+    pub fn payload(&mut self, bytes: &mut &[u8], into: &mut Vec<u8>) -> bool {
+        let n = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        let start = into.len();
+        into.extend_from_slice(&bytes[..n]);
+        if let Some(mask) = self.mask {
+            for (i, b) in into[start..].iter_mut().enumerate() {
+                *b ^= mask[(self.at + i) % 4];
+            }
+        }
+        self.at += n;
+        self.left -= n as u64;
+        *bytes = &bytes[n..];
+        self.left == 0
+    }
+}
+
+/// The client-to-upstream byte stream of one WebSocket, read as frames.
+pub struct FrameScan {
+    needles: Needles,
+    frames: Frames,
+    /// The last `needles.keep` data payload bytes seen, unmasked, then the current read's: a
+    /// placeholder split across reads or fragments is seen whole.
+    window: Vec<u8>,
+    /// The payload of the control frame being read (at most 125 bytes), apart: one may come
+    /// between the fragments of a message, which the upstream joins without it.
+    control: Option<Vec<u8>>,
+}
+
 impl FrameScan {
     pub fn new(placeholders: Vec<String>) -> Self {
         Self {
             needles: Needles::new(placeholders),
+            frames: Frames::default(),
             window: Vec::new(),
             control: None,
-            header: Vec::new(),
-            left: 0,
-            mask: None,
-            at: 0,
         }
     }
 
     /// Reads the next bytes the client sent. `Err` means they must not be passed on.
     pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), Cut> {
         while !bytes.is_empty() {
-            if self.left == 0 {
-                bytes = self.feed_header(bytes)?;
+            if self.frames.in_header() {
+                if let Some(header) = self.frames.header(&mut bytes)? {
+                    self.control = header.control.then(Vec::new);
+                }
                 continue;
             }
-            let n = usize::try_from(self.left)
-                .unwrap_or(usize::MAX)
-                .min(bytes.len());
             let payload = self.control.as_mut().unwrap_or(&mut self.window);
-            let start = payload.len();
-            payload.extend_from_slice(&bytes[..n]);
-            if let Some(mask) = self.mask {
-                for (i, b) in payload[start..].iter_mut().enumerate() {
-                    *b ^= mask[(self.at + i) % 4];
-                }
-            }
-            self.at += n;
-            self.left -= n as u64;
-            bytes = &bytes[n..];
-            if self.left == 0
+            if self.frames.payload(&mut bytes, payload)
                 && let Some(control) = self.control.take()
                 && self.needles.found_in(&control)
             {
@@ -93,38 +157,6 @@ impl FrameScan {
         let drop = self.window.len().saturating_sub(self.needles.keep);
         self.window.drain(..drop);
         Ok(())
-    }
-
-    /// Takes header bytes from `bytes`; returns what follows the header once it is whole.
-    fn feed_header<'a>(&mut self, bytes: &'a [u8]) -> Result<&'a [u8], Cut> {
-        // The longest header: 2 bytes, an 8-byte length, a 4-byte mask.
-        const LONGEST: usize = 14;
-        let taken = (LONGEST - self.header.len()).min(bytes.len());
-        self.header.extend_from_slice(&bytes[..taken]);
-        let mut cursor = Cursor::new(&self.header[..]);
-        match FrameHeader::parse(&mut cursor) {
-            Ok(Some((header, len))) => {
-                let used = usize::try_from(cursor.position()).map_err(|_| Cut::NotAFrame)?;
-                let beyond = self.header.len() - used;
-                self.header.clear();
-                if header.rsv1 || header.rsv2 || header.rsv3 {
-                    return Err(Cut::Extension);
-                }
-                let control = matches!(header.opcode, OpCode::Control(_));
-                // RFC 6455 5.5: a control frame is never fragmented and carries at most 125
-                // bytes, all of which are held here.
-                if control && (len > MAX_CONTROL_PAYLOAD || !header.is_final) {
-                    return Err(Cut::NotAFrame);
-                }
-                self.mask = header.mask;
-                self.left = len;
-                self.at = 0;
-                self.control = control.then(Vec::new);
-                Ok(&bytes[taken - beyond..])
-            }
-            Ok(None) if self.header.len() < LONGEST => Ok(&bytes[taken..]),
-            Ok(None) | Err(_) => Err(Cut::NotAFrame),
-        }
     }
 }
 
