@@ -1175,6 +1175,123 @@ print(json.dumps({{"handshake": handshake}}), flush=True)
     );
 }
 
+/// An upstream may send the credential back in a WebSocket message as in an answer: whole
+/// in one frame, or split across two fragments of one message that arrive apart. Nothing of
+/// it reaches the client (what came before it does), the connection is closed, and the cut
+/// is recorded after the upgrade's record. Compression, which would hide it, is not offered
+/// upstream.
+#[test]
+fn an_upstream_echoing_the_secret_over_a_websocket_never_reaches_the_sandbox() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let run = api_run("tunnel-ws-echo", &pki, api.port, "credential = \"api\"");
+    let out = python(
+        &run,
+        &format!(
+            r#"
+{CONNECTED}{WS_CLIENT}
+for name, path in (("whole", "/ws-echo-credential"), ("split", "/ws-echo-credential?split")):
+    t, connect, handshake, accept_ok = open_ws(
+        "api.test", "Sec-WebSocket-Extensions: permessage-deflate\r\n", path=path)
+    t.settimeout(10)
+    received = b""
+    try:
+        while True:
+            chunk = t.recv(4096)
+            if not chunk:
+                end = "closed"
+                break
+            received += chunk
+    except TimeoutError:
+        end = "timeout"
+    except OSError:
+        end = "closed"
+    print(json.dumps({{name: {{"handshake": handshake, "accept_ok": accept_ok,
+                              "received": received.decode("latin-1"), "end": end}}}}),
+          flush=True)
+"#
+        ),
+    );
+    let ctx = || described(&out, &[&api]);
+    assert_no_secret("the sandbox's output", &out.stdout);
+    assert_no_secret("the sandbox's errors", &out.stderr);
+    for (name, path) in [
+        ("whole", "/ws-echo-credential"),
+        ("split", "/ws-echo-credential?split"),
+    ] {
+        let seen = printed(&out, name);
+        assert_eq!(
+            seen["handshake"].as_str().map(|l| l.split(' ').nth(1)),
+            Some(Some("101")),
+            "{name}\n{}",
+            ctx()
+        );
+        assert_eq!(seen["accept_ok"], true, "{name}\n{}", ctx());
+        // The message before it came through as sent (a server frame, unmasked), and nothing
+        // of the frame carrying the secret. Of a fragmented message, what came before the
+        // secret may have gone: the first fragment's header (text, not final, 36 bytes) and
+        // its text as far as the secret.
+        let received = seen["received"].as_str().unwrap();
+        let hello = "\u{81}\u{5}hello";
+        let may_follow = if name == "whole" {
+            ""
+        } else {
+            "\u{1}$your auth: Bearer "
+        };
+        assert!(
+            received
+                .strip_prefix(hello)
+                .is_some_and(|rest| may_follow.starts_with(rest)),
+            "{name}: {received:?}\n{}",
+            ctx()
+        );
+        assert_eq!(seen["end"], "closed", "{name}\n{}", ctx());
+        let records = proxy_records(&out);
+        let at = |verdict: &str, reason: &str| {
+            records
+                .iter()
+                .position(|r| r["verdict"] == verdict && r["reason"] == reason && r["path"] == path)
+        };
+        let (upgraded, cut) = (at("allow", "allowlisted"), at("deny", "secret-in-response"));
+        assert!(
+            upgraded.is_some() && cut.is_some() && upgraded < cut,
+            "{name}: the upgrade's record, then the cut's\n{}",
+            ctx()
+        );
+        assert_proxy_record(
+            &out,
+            &format!("the WebSocket message echoing the secret ({name})"),
+            &json!({
+                "verdict": "deny",
+                "reason": "secret-in-response",
+                "host": "api.test",
+                "path": path,
+                "status": null,
+                "credential": "api",
+            }),
+        );
+    }
+    let requests = api.requests();
+    assert_eq!(
+        api.paths(),
+        ["/ws-echo-credential", "/ws-echo-credential?split"],
+        "{}",
+        ctx()
+    );
+    for request in &requests {
+        // The upstream did get the credential, and no offer of compression.
+        assert_eq!(
+            header(request, "authorization"),
+            [format!("Bearer {SECRET}").as_str()]
+        );
+        assert!(
+            header(request, "sec-websocket-extensions").is_empty(),
+            "{}",
+            ctx()
+        );
+    }
+}
+
 /// api.test, whose rule names the `api` credential (its placeholder in
 /// `$API_TOKEN_PLACEHOLDER`), and other.test, whose rule names none, for a run named `name`.
 fn placeholder_hosts(name: &str) -> (Pki, Server, Server, Run) {

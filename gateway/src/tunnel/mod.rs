@@ -23,6 +23,7 @@ mod snapshot;
 mod upstream;
 mod websocket;
 mod workers;
+mod ws_echo;
 mod ws_scan;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

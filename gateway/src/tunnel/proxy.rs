@@ -244,8 +244,15 @@ impl Tunnel {
                 .collect()
         };
         let ws_unlisted = if ws { unlisted() } else { Vec::new() };
-        if !ws_unlisted.is_empty() {
-            // Compressed messages could not be read for placeholders: none are negotiated.
+        // The credential sent back would reach the sandbox: an answer, or a WebSocket's
+        // messages, carrying it are not relayed.
+        let echoes = route
+            .credential()
+            .and_then(|name| snapshot.secrets.get(name))
+            .and_then(|secret| response_scan::Echoes::new(secret.echoes()));
+        if !ws_unlisted.is_empty() || (ws && echoes.is_some()) {
+            // Compressed messages could not be read for placeholders or the secret: none
+            // are negotiated.
             parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
         }
         let bodiless = http_body::Body::is_end_stream(&body);
@@ -323,11 +330,6 @@ impl Tunnel {
                 };
             }
         };
-        // The credential sent back would reach the sandbox: such an answer is not relayed.
-        let echoes = route
-            .credential()
-            .and_then(|name| snapshot.secrets.get(name))
-            .and_then(|secret| response_scan::Echoes::new(secret.echoes()));
         if let Some(refused) = echoes
             .as_ref()
             .and_then(|e| response_scan::refused_head(e, &resp))
@@ -358,11 +360,15 @@ impl Tunnel {
                 return local_response(StatusCode::BAD_GATEWAY, BAD_WEBSOCKET_ACCEPT);
             }
             let (verdict, reason) = route.verdict(&resp);
-            let scan = (!ws_unlisted.is_empty()).then(|| {
-                let refused = self.ws_refusal(client, fields.clone());
-                (websocket::FrameScan::new(ws_unlisted), refused)
+            let up = (!ws_unlisted.is_empty()).then(|| websocket::FrameScan::new(ws_unlisted));
+            let down = echoes.map(websocket::EchoScan::new);
+            // A WebSocket with nothing to look for stays a blind pipe.
+            let scans = (up.is_some() || down.is_some()).then(|| websocket::Scans {
+                up,
+                down,
+                refused: self.ws_refusal(client, fields.clone()),
             });
-            websocket::pipe(client_upgrade, hyper::upgrade::on(&mut resp), scan, permit);
+            websocket::pipe(client_upgrade, hyper::upgrade::on(&mut resp), scans, permit);
             fields.status = Some(101);
             self.record(verdict, reason, client, fields);
             let (parts, _) = resp.into_parts();
@@ -459,8 +465,10 @@ impl Tunnel {
         Box::new(move |cut| {
             record(match cut {
                 websocket::Cut::Placeholder => "placeholder-to-unlisted-host",
+                websocket::Cut::Secret => response_scan::SECRET_IN_RESPONSE,
                 websocket::Cut::Extension => "websocket-extension",
                 websocket::Cut::NotAFrame => "websocket-not-a-frame",
+                websocket::Cut::HeldTooLong => "websocket-held-too-long",
             })
         })
     }

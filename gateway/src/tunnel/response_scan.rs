@@ -73,7 +73,7 @@ impl Echoes {
         })
     }
 
-    fn found_in(&self, bytes: &[u8]) -> bool {
+    pub(super) fn found_in(&self, bytes: &[u8]) -> bool {
         // Most headers and many chunks are shorter than a secret: no search to set up.
         self.0.iter().any(|e| contains(bytes, e))
     }
@@ -81,7 +81,7 @@ impl Echoes {
     /// How many bytes at the end of `bytes` begin one of the texts: held back until the next
     /// chunk shows whether the rest follows. Usually none, so a stream (server-sent events)
     /// is relayed as it comes.
-    fn pending(&self, bytes: &[u8]) -> usize {
+    pub(super) fn pending(&self, bytes: &[u8]) -> usize {
         self.0
             .iter()
             .map(|e| {

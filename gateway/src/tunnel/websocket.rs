@@ -1,5 +1,6 @@
-//! WebSocket upgrades: forwarded after the request was checked, turned into a blind pipe only
-//! after the upstream answers a real 101 for this handshake.
+//! WebSocket upgrades: forwarded after the request was checked, turned into a pipe only after
+//! the upstream answers a real 101 for this handshake. The pipe is blind unless a direction
+//! may carry what must not pass: placeholders up, the attached credential's secret down.
 
 use base64::Engine as _;
 use hyper::{HeaderMap, Response, StatusCode, header, upgrade::OnUpgrade};
@@ -7,7 +8,10 @@ use hyper_util::rt::TokioIo;
 use sha1::{Digest as _, Sha1};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-pub use super::ws_scan::{Cut, FrameScan};
+pub use super::{
+    ws_echo::EchoScan,
+    ws_scan::{Cut, FrameScan},
+};
 
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -37,13 +41,23 @@ pub fn accepted<B>(request: &HeaderMap, resp: &Response<B>) -> bool {
             .is_some_and(|v| v.as_bytes() == want.as_bytes())
 }
 
-/// Copies bytes both ways once both sides have switched protocols. With `scan`, what the
-/// client sends is read as frames first; when it may not be passed on, both sides are closed
-/// and `refused` is told why.
+/// What is read of a WebSocket's frames before they are passed on, and who is told, once,
+/// why the WebSocket was cut.
+pub struct Scans {
+    /// The client's frames, for placeholders of credentials this host's rule does not name.
+    pub up: Option<FrameScan>,
+    /// The upstream's frames, for the secret of the credential attached toward it.
+    pub down: Option<EchoScan>,
+    pub refused: Refused,
+}
+
+/// Copies bytes both ways once both sides have switched protocols. With `scans`, a direction
+/// that has a scan is read as frames first; when what it carries may not be passed on, both
+/// sides are closed and `refused` is told why. Without, the bytes are copied unread.
 pub fn pipe(
     client: OnUpgrade,
     upstream: OnUpgrade,
-    scan: Option<(FrameScan, Refused)>,
+    scans: Option<Scans>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     tokio::spawn(async move {
@@ -57,7 +71,7 @@ pub fn pipe(
         };
         let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
-        let Some((scan, refused)) = scan else {
+        let Some(Scans { up, down, refused }) = scans else {
             if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
                 tracing::debug!("websocket pipe: {e}");
             }
@@ -65,31 +79,51 @@ pub fn pipe(
         };
         let (mut from_client, mut to_client) = tokio::io::split(client);
         let (mut from_upstream, mut to_upstream) = tokio::io::split(upstream);
-        let down = async {
-            let _ = tokio::io::copy(&mut from_upstream, &mut to_client).await;
-            let _ = to_client.shutdown().await;
+        let up = async {
+            match up {
+                Some(scan) => scanned_copy(&mut from_client, &mut to_upstream, scan).await,
+                None => plain_copy(&mut from_client, &mut to_upstream).await,
+            }
         };
-        let up = scanned_copy(&mut from_client, &mut to_upstream, scan);
-        tokio::pin!(down);
+        let down = async {
+            match down {
+                Some(scan) => echo_checked_copy(&mut from_upstream, &mut to_client, scan).await,
+                None => plain_copy(&mut from_upstream, &mut to_client).await,
+            }
+        };
         tokio::pin!(up);
-        // Both directions run to their end unless the client's is cut; then dropping both
-        // halves closes both connections at once.
-        tokio::select! {
+        tokio::pin!(down);
+        // Both directions run to their end unless one is cut; then dropping both halves
+        // closes both connections at once.
+        let cut = tokio::select! {
             cut = &mut up => match cut {
-                Some(cut) => refused(cut),
+                Some(cut) => Some(cut),
                 None => down.await,
             },
-            () = &mut down => {
-                if let Some(cut) = up.await {
-                    refused(cut);
-                }
-            }
+            cut = &mut down => match cut {
+                Some(cut) => Some(cut),
+                None => up.await,
+            },
+        };
+        if let Some(cut) = cut {
+            refused(cut);
         }
     });
 }
 
 /// Told, once, why a WebSocket was cut.
 pub type Refused = Box<dyn FnOnce(Cut) + Send>;
+
+/// Copies one direction unread, then passes its end on.
+async fn plain_copy<R, W>(from: &mut R, to: &mut W) -> Option<Cut>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tokio::io::copy(from, to).await;
+    let _ = to.shutdown().await;
+    None
+}
 
 /// Copies the client's frames upstream, each read scanned before it is passed on; stops
 /// with the reason when one may not be.
@@ -111,6 +145,33 @@ where
             return Some(cut);
         }
         if to.write_all(&buf[..n]).await.is_err() {
+            return None;
+        }
+    }
+}
+
+/// Copies the upstream's frames to the client as far as each read shows they do not carry
+/// the secret; stops with the reason when they do. Bytes still held back when the upstream
+/// ends are an unfinished frame: never relayed.
+async fn echo_checked_copy<R, W>(from: &mut R, to: &mut W, mut scan: EchoScan) -> Option<Cut>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return None;
+            }
+            Ok(n) => n,
+        };
+        let relayed = match scan.feed(&buf[..n]) {
+            Ok(relayed) => relayed,
+            Err(cut) => return Some(cut),
+        };
+        if !relayed.is_empty() && to.write_all(relayed).await.is_err() {
             return None;
         }
     }

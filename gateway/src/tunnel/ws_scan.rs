@@ -1,8 +1,8 @@
 //! Placeholders in WebSocket messages. Toward a host whose rule does not name a placeholder's
 //! credential, what the client sends after the upgrade is read frame by frame, and the
 //! connection is cut before the read that would complete a placeholder is passed on, as for
-//! request bodies (see [`super::body_scan`]). The framing is read apart ([`Frames`]), for
-//! any direction.
+//! request bodies (see [`super::body_scan`]). The framing, [`Frames`], is read the same way
+//! for the secret in what the upstream sends ([`super::ws_echo`]).
 
 use std::io::Cursor;
 
@@ -15,12 +15,18 @@ use super::body_scan::Needles;
 pub enum Cut {
     /// A placeholder of a credential this host's rule does not name, from the client.
     Placeholder,
+    /// The secret of the credential attached toward this host, from the upstream.
+    Secret,
     /// A frame an extension transformed (an RSV bit set, as permessage-deflate does): its
     /// payload cannot be read as sent. The tunnel drops `Sec-WebSocket-Extensions` from such
     /// a handshake, so only a peer that ignores the negotiation sends one.
     Extension,
     /// Bytes that are not a WebSocket frame header.
     NotAFrame,
+    /// More than [`super::ws_echo::MAX_HELD`] bytes from the upstream held back at once:
+    /// frames without payload (pings, empty fragments) after the start of a message's text
+    /// that may begin the secret, which would otherwise be held without end.
+    HeldTooLong,
 }
 
 const MAX_CONTROL_PAYLOAD: u64 = 125;
@@ -31,6 +37,10 @@ pub struct Header {
     /// Close, ping or pong: at most 125 bytes, never fragmented, and allowed between the
     /// fragments of a message, which do not include it.
     pub control: bool,
+    /// The last frame of its message.
+    pub fin: bool,
+    /// Payload length.
+    pub len: u64,
 }
 
 /// One direction of a WebSocket read as frames as its bytes arrive (RFC 6455 5.2): headers
@@ -50,6 +60,11 @@ impl Frames {
     /// True when the next bytes are (part of) a frame header.
     pub fn in_header(&self) -> bool {
         self.left == 0
+    }
+
+    /// True when a header was begun and is not whole yet.
+    pub fn header_begun(&self) -> bool {
+        !self.header.is_empty()
     }
 
     /// Takes header bytes from the front of `bytes`; the header once it is whole. Only when
@@ -78,7 +93,11 @@ impl Frames {
                 self.left = len;
                 self.at = 0;
                 *bytes = &bytes[taken - beyond..];
-                Ok(Some(Header { control }))
+                Ok(Some(Header {
+                    control,
+                    fin: header.is_final,
+                    len,
+                }))
             }
             Ok(None) if self.header.len() < LONGEST => {
                 *bytes = &bytes[taken..];
