@@ -53,6 +53,12 @@ pub fn override_header(method: &Method, headers: &HeaderMap) -> Option<&'static 
 /// lenient UTF-8 decoders, which read overlong forms such as `%c0%ae` as `.`, by refusing
 /// such forms of the characters that matter here.
 pub fn path_ambiguity(path: &str) -> Option<&'static str> {
+    // Without an escape, a backslash or a dot nothing below can match: most paths, checked
+    // in one pass with no copy (this runs on every request).
+    let plain = !path.bytes().any(|b| matches!(b, b'%' | b'\\' | b'.'));
+    if plain && path.starts_with('/') {
+        return None;
+    }
     let lower = path.to_ascii_lowercase();
     let decoded = path_forms::collapse_encoded_percent(&lower);
     let encoded = ["%5c", "%00", "%2e"].iter().any(|e| decoded.contains(e));

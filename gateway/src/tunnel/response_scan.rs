@@ -48,8 +48,9 @@ pub fn refused_head<B: Body>(echoes: &Echoes, resp: &hyper::Response<B>) -> Opti
 #[error("the upstream's answer carries the credential's secret")]
 pub struct SecretInResponse;
 
-/// The texts of one credential that an answer must not carry (none empty).
-pub struct Echoes(Arc<[Bytes]>);
+/// The texts of one credential that an answer must not carry (none empty), and the length
+/// of the shortest.
+pub struct Echoes(Arc<[Bytes]>, usize);
 
 /// Haystacks up to this long are searched from each place the text's first byte occurs:
 /// most header values are this short, and setting up `memmem`'s searcher would cost more
@@ -59,12 +60,13 @@ const SHORT: usize = 64;
 impl Echoes {
     /// `None` when there is nothing to look for.
     pub fn new(echoes: &Arc<[Bytes]>) -> Option<Self> {
+        let shortest = |e: &[Bytes]| e.iter().map(Bytes::len).min();
         if echoes.iter().any(Bytes::is_empty) {
             // Every place would match an empty text; a credential never makes one.
             let echoes: Vec<Bytes> = echoes.iter().filter(|e| !e.is_empty()).cloned().collect();
-            return (!echoes.is_empty()).then(|| Self(echoes.into()));
+            return shortest(&echoes).map(|n| Self(echoes.into(), n));
         }
-        (!echoes.is_empty()).then(|| Self(echoes.clone()))
+        shortest(echoes).map(|n| Self(echoes.clone(), n))
     }
 
     pub fn in_headers(&self, headers: &HeaderMap) -> bool {
@@ -74,8 +76,8 @@ impl Echoes {
     }
 
     pub(super) fn found_in(&self, bytes: &[u8]) -> bool {
-        // Most headers and many chunks are shorter than a secret: no search to set up.
-        self.0.iter().any(|e| contains(bytes, e))
+        // Most headers and many chunks are shorter than a secret: no search at all.
+        bytes.len() >= self.1 && self.0.iter().any(|e| contains(bytes, e))
     }
 
     /// How many bytes at the end of `bytes` begin one of the texts: held back until the next
