@@ -85,6 +85,7 @@ plain_http = true               # the loopback upstream speaks plain HTTP
 [[http.allow]]
 host = "api.bench"
 connect = "127.0.0.1:$tls_port"
+private = true                  # a loopback address, dialled as written
 
 [credentials.bench]
 env = "BENCH_TOKEN"
