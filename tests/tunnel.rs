@@ -344,6 +344,8 @@ r params --path-as-is 'https://api.test/files/secret;.json'
 r triple-encoded-dots --path-as-is https://other.test/v1/%25252e%25252e/admin
 r encoded-params-dots --path-as-is https://other.test/v1/..%3b/admin
 r overlong-dots --path-as-is https://other.test/v1/%c0%ae%c0%ae/admin
+r escaped-hex-slash --path-as-is https://api.test/v1/admin%25%32%46delete_all
+r escaped-hex-dots --path-as-is https://other.test/v1/%25%32%65%25%32%65
 r method-override -H 'X-HTTP-Method-Override: DELETE' https://api.test/v1/override
 r method-override-same -H 'X-HTTP-Method-Override: GET' https://api.test/v1/same
 r x-http-method -H 'X-HTTP-Method: DELETE' https://api.test/v1/x-http-method
@@ -372,6 +374,8 @@ r rewrite-url -H 'X-Rewrite-URL: /admin' https://api.test/v1/rewrite
         "triple-encoded-dots",
         "encoded-params-dots",
         "overlong-dots",
+        "escaped-hex-slash",
+        "escaped-hex-dots",
         "method-override",
         "x-http-method",
         "x-method-override",

@@ -81,7 +81,40 @@ pub fn path_ambiguity(path: &str) -> Option<&'static str> {
     if !path.starts_with('/') && path != "*" {
         return Some("relative-path");
     }
+    if path.contains('%') && decoding_hides_separator(path) {
+        return Some("encoded-path-separator");
+    }
     None
+}
+
+/// Whether decoding the path whole (every escape, not only `%25`), once or again, yields an
+/// escape of `.`, `/`, `\`, `;` or NUL, or an overlong form of one: `%25%32%65` and `%2%65`
+/// read as `%2e` after one decode, which the checks above, looking at the path's own
+/// escapes, cannot see. Bounded: a path still changing after four decodes is refused.
+fn decoding_hides_separator(path: &str) -> bool {
+    let mut form = path.as_bytes().to_vec();
+    for _ in 0..4 {
+        if !form.contains(&b'%') {
+            return false;
+        }
+        let next: Vec<u8> = percent_encoding::percent_decode(&form).collect();
+        if next == form {
+            return false;
+        }
+        let escapes_separator = next.windows(3).any(|w| {
+            w[0] == b'%'
+                && std::str::from_utf8(&w[1..])
+                    .ok()
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .is_some_and(|b| matches!(b, b'.' | b'/' | b'\\' | b';' | 0))
+        });
+        let lower = String::from_utf8_lossy(&next).to_ascii_lowercase();
+        if escapes_separator || overlong_special(&lower) {
+            return true;
+        }
+        form = next;
+    }
+    true
 }
 
 /// A run of escapes (lower case) that a lenient UTF-8 decoder reads as `.`, `/`, `\`, `;`,
@@ -199,6 +232,24 @@ mod tests {
             Some("dot-segment-in-path")
         );
         assert_eq!(path_ambiguity("/discount/100%252525"), None);
+        // Decoded whole, not only `%25`: the hex digits may be escapes too (found by review).
+        for path in [
+            "/v1/%25%32%65%25%32%65",
+            "/v1/admin%25%32%46delete_all",
+            "/v1/%2%65%2%65/admin",
+            "/v1/%%32%65%%32%65/admin",
+            "/v1/a%25%33%62/b",
+            "/v1/a%25%35%43b",
+            "/v1/a%25%63%30%25%61%65b",
+        ] {
+            assert_eq!(
+                path_ambiguity(path),
+                Some("encoded-path-separator"),
+                "{path}"
+            );
+        }
+        assert_eq!(path_ambiguity("/v1/%25%34%31"), None);
+        assert_eq!(path_ambiguity("/v1/caf%C3%A9"), None);
         // An encoded `;` starts parameters too.
         assert_eq!(
             path_ambiguity("/public/..%3b/admin"),
