@@ -296,20 +296,25 @@ fn load_one(
 
 /// Adds how an upstream would quote each echo back where that differs from the echo: JSON
 /// (`/` as `\/`, as PHP writes it; `"` and `\`) and percent-encoded (upper- and lower-case
-/// hex). Secrets with `/`, `+` or `=` (AWS keys, Basic auth's base64) otherwise pass a check
+/// hex; everything reserved, or all but `/`). Other encoders' mixes (Go's `PathEscape`
+/// keeps `+` and `=`) are not listed. Secrets with `/`, `+` or `=` (AWS keys, Basic auth's base64) otherwise pass a check
 /// that looks for them only as sent.
 fn with_escaped_spellings(echoes: &mut Vec<Bytes>) {
-    /// What percent-encoding leaves as it is: RFC 3986's unreserved characters.
-    const ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    /// What percent-encoders leave as it is: RFC 3986's unreserved characters (JavaScript's
+    /// `encodeURIComponent`, Go's `QueryEscape`, for these secrets' characters), and those
+    /// with `/` (Python's `quote`).
+    const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
         .remove(b'-')
         .remove(b'.')
         .remove(b'_')
         .remove(b'~');
+    const PATH: &percent_encoding::AsciiSet = &UNRESERVED.remove(b'/');
     let sent = echoes.len();
     for i in 0..sent {
         let Ok(text) = std::str::from_utf8(&echoes[i]) else {
             continue;
         };
+        let mut spellings = Vec::with_capacity(5);
         let mut json = Zeroizing::new(String::with_capacity(text.len() * 2));
         for c in text.chars() {
             match c {
@@ -318,13 +323,17 @@ fn with_escaped_spellings(echoes: &mut Vec<Bytes>) {
             }
             json.push(c);
         }
-        // Built at a size it cannot outgrow, as the other copies: no unwiped old buffer.
-        let mut upper = Zeroizing::new(String::with_capacity(text.len() * 3));
-        for part in percent_encoding::utf8_percent_encode(text, ENCODED) {
-            upper.push_str(part);
+        spellings.push(json);
+        for set in [UNRESERVED, PATH] {
+            // Built at a size it cannot outgrow, as the other copies: no unwiped old buffer.
+            let mut upper = Zeroizing::new(String::with_capacity(text.len() * 3));
+            for part in percent_encoding::utf8_percent_encode(text, set) {
+                upper.push_str(part);
+            }
+            spellings.push(Zeroizing::new(lower_hex(&upper)));
+            spellings.push(upper);
         }
-        let lower = Zeroizing::new(lower_hex(&upper));
-        for spelling in [json.as_str(), upper.as_str(), lower.as_str()] {
+        for spelling in &spellings {
             if !echoes.iter().any(|e| e == spelling.as_bytes()) {
                 echoes.push(wiped(spelling));
             }
@@ -537,8 +546,10 @@ mod tests {
             [
                 "a/b+c=\"d",
                 "a\\/b+c=\\\"d",
+                "a%2fb%2bc%3d%22d",
                 "a%2Fb%2Bc%3D%22d",
-                "a%2fb%2bc%3d%22d"
+                "a/b%2bc%3d%22d",
+                "a/b%2Bc%3D%22d"
             ]
         );
         let _ = std::fs::remove_file(&file);
