@@ -297,8 +297,8 @@ fn load_one(
 /// Adds how an upstream would quote each echo back where that differs from the echo: JSON
 /// (`/` as `\/`, as PHP writes it; `"` and `\`) and percent-encoded (upper- and lower-case
 /// hex; everything reserved, or all but `/`). Other encoders' mixes (Go's `PathEscape`
-/// keeps `+` and `=`) are not listed. Secrets with `/`, `+` or `=` (AWS keys, Basic auth's base64) otherwise pass a check
-/// that looks for them only as sent.
+/// keeps `+` and `=`) are not listed. Secrets with `/`, `+` or `=` (AWS keys, Basic auth's
+/// base64) otherwise pass a check that looks for them only as sent.
 fn with_escaped_spellings(echoes: &mut Vec<Bytes>) {
     /// What percent-encoders leave as it is: RFC 3986's unreserved characters (JavaScript's
     /// `encodeURIComponent`, Go's `QueryEscape`, for these secrets' characters), and those
