@@ -87,7 +87,7 @@ pub fn pipe(
         };
         let down = async {
             match down {
-                Some(scan) => echo_checked_copy(&mut from_upstream, &mut to_client, scan).await,
+                Some(scan) => scanned_copy(&mut from_upstream, &mut to_client, scan).await,
                 None => plain_copy(&mut from_upstream, &mut to_client).await,
             }
         };
@@ -125,35 +125,30 @@ where
     None
 }
 
-/// Copies the client's frames upstream, each read scanned before it is passed on; stops
-/// with the reason when one may not be.
-async fn scanned_copy<R, W>(from: &mut R, to: &mut W, mut scan: FrameScan) -> Option<Cut>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; 16 << 10];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let _ = to.shutdown().await;
-                return None;
-            }
-            Ok(n) => n,
-        };
-        if let Err(cut) = scan.feed(&buf[..n]) {
-            return Some(cut);
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return None;
-        }
+/// A direction's reader: given each read, what of it may be relayed now, or why the pipe is
+/// cut.
+trait Relay {
+    fn relayable<'a>(&'a mut self, read: &'a [u8]) -> Result<&'a [u8], Cut>;
+}
+
+/// The client's frames: each read is passed on whole once scanned.
+impl Relay for FrameScan {
+    fn relayable<'a>(&'a mut self, read: &'a [u8]) -> Result<&'a [u8], Cut> {
+        self.feed(read).map(|()| read)
     }
 }
 
-/// Copies the upstream's frames to the client as far as each read shows they do not carry
-/// the secret; stops with the reason when they do. Bytes still held back when the upstream
-/// ends are an unfinished frame: never relayed.
-async fn echo_checked_copy<R, W>(from: &mut R, to: &mut W, mut scan: EchoScan) -> Option<Cut>
+/// The upstream's frames: relayed as far as each read shows they do not carry the secret.
+/// Bytes still held back when the upstream ends are an unfinished frame: never relayed.
+impl Relay for EchoScan {
+    fn relayable<'a>(&'a mut self, read: &'a [u8]) -> Result<&'a [u8], Cut> {
+        self.feed(read)
+    }
+}
+
+/// Copies one direction through its reader; stops with the reason when a read may not be
+/// relayed.
+async fn scanned_copy<R, W>(from: &mut R, to: &mut W, mut scan: impl Relay) -> Option<Cut>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -167,7 +162,7 @@ where
             }
             Ok(n) => n,
         };
-        let relayed = match scan.feed(&buf[..n]) {
+        let relayed = match scan.relayable(&buf[..n]) {
             Ok(relayed) => relayed,
             Err(cut) => return Some(cut),
         };
