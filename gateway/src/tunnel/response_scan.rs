@@ -135,12 +135,21 @@ impl<B> Scanned<B> {
 
     fn cut(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.done = true;
+        zeroize::Zeroize::zeroize(&mut self.held[..]);
         self.held.clear();
         let cut = self.cut.get_mut().unwrap_or_else(PoisonError::into_inner);
         if let Some(record) = cut.take() {
             record(SECRET_IN_RESPONSE);
         }
         Poll::Ready(Some(Err(SecretInResponse.into())))
+    }
+}
+
+/// What is held may be the start of the secret, and at a cut is the whole of it: wiped, as
+/// the tunnel's own copies of the secret are (hyper's read buffers are not).
+impl<B> Drop for Scanned<B> {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.held[..]);
     }
 }
 

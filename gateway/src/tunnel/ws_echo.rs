@@ -44,6 +44,17 @@ pub struct EchoScan {
     relayed: usize,
 }
 
+/// Its buffers hold what may be the start of the secret, and at a cut the whole of it:
+/// wiped, as the tunnel's own copies of the secret are (hyper's are not).
+impl Drop for EchoScan {
+    fn drop(&mut self) {
+        use zeroize::Zeroize as _;
+        self.window.zeroize();
+        self.control.zeroize();
+        self.held.zeroize();
+    }
+}
+
 impl EchoScan {
     pub fn new(echoes: Echoes) -> Self {
         Self {
