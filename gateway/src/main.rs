@@ -185,11 +185,17 @@ fn cleanup() -> anyhow::Result<i32> {
         anyhow::bail!("gateway cleanup needs root: run it with sudo");
     }
     let stale = sandbox::state::clean_stale()?;
-    if stale.cleaned.is_empty() && stale.failed.is_empty() {
+    if stale.cleaned.is_empty() && stale.failed.is_empty() && stale.busy.is_empty() {
         println!("nothing to clean up");
     }
     for c in &stale.cleaned {
         println!("cleaned up {c}");
+    }
+    for dir in &stale.busy {
+        println!(
+            "left {} to the cleanup already handling it (a gateway starting, or another `gateway cleanup`)",
+            dir.display()
+        );
     }
     for e in &stale.failed {
         eprintln!("gateway cleanup: {e:#}");

@@ -149,6 +149,8 @@ impl fmt::Display for Cleaned {
 pub struct Cleanup {
     pub cleaned: Vec<Cleaned>,
     pub failed: Vec<anyhow::Error>,
+    /// State directories another cleanup was handling: left to it.
+    pub busy: Vec<PathBuf>,
 }
 
 /// Removes what crashed runs left behind: their sandboxes are killed, the refusals their
@@ -172,7 +174,10 @@ pub fn clean_stale() -> Result<Cleanup, anyhow::Error> {
         };
         let _cleaning = match Flock::lock(dir_file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
-            Err((_, Errno::EWOULDBLOCK)) => continue,
+            Err((_, Errno::EWOULDBLOCK)) => {
+                cleanup.busy.push(dir);
+                continue;
+            }
             Err((_, e)) => {
                 cleanup
                     .failed
