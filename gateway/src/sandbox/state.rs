@@ -307,7 +307,12 @@ fn save_refusals(dir: &Path, state: &RunState) -> anyhow::Result<Saved> {
         refusals += n;
         lost += newly_lost;
         if newly_lost > 0 {
-            kernel::write_lost_mark(&mark, total)?;
+            kernel::write_lost_mark(&mark, total).with_context(|| {
+                keep(
+                    "recording that the lost count is in the log (a retry records it again)",
+                    links_pinned,
+                )
+            })?;
             reported = total;
         }
         if links_pinned {
