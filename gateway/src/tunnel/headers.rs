@@ -92,29 +92,17 @@ pub fn path_ambiguity(path: &str) -> Option<&'static str> {
 /// read as `%2e` after one decode, which the checks above, looking at the path's own
 /// escapes, cannot see. Bounded: a path still changing after four decodes is refused.
 fn decoding_hides_separator(path: &str) -> bool {
-    let mut form = path.as_bytes().to_vec();
-    for _ in 0..4 {
-        if !form.contains(&b'%') {
-            return false;
-        }
-        let next: Vec<u8> = percent_encoding::percent_decode(&form).collect();
-        if next == form {
-            return false;
-        }
-        let escapes_separator = next.windows(3).any(|w| {
+    path_forms::in_decodings(path.as_bytes(), 4, |form| {
+        let escapes_separator = form.windows(3).any(|w| {
             w[0] == b'%'
                 && std::str::from_utf8(&w[1..])
                     .ok()
                     .and_then(|hex| u8::from_str_radix(hex, 16).ok())
                     .is_some_and(|b| matches!(b, b'.' | b'/' | b'\\' | b';' | 0))
         });
-        let lower = String::from_utf8_lossy(&next).to_ascii_lowercase();
-        if escapes_separator || overlong_special(&lower) {
-            return true;
-        }
-        form = next;
-    }
-    true
+        escapes_separator || overlong_special(&String::from_utf8_lossy(form).to_ascii_lowercase())
+    })
+    .unwrap_or(true)
 }
 
 /// A run of escapes (lower case) that a lenient UTF-8 decoder reads as `.`, `/`, `\`, `;`,

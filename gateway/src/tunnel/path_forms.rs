@@ -90,6 +90,32 @@ impl PathGlob {
     }
 }
 
+/// Checks `text` decoded whole (every escape) once, twice, ... up to `rounds` times, as
+/// servers that decode more than once read it, stopping when a decode changes nothing.
+/// Whether `check` held for one of those forms; `None` when the text still changed after
+/// `rounds` decodes, for the caller to judge.
+pub fn in_decodings(
+    text: &[u8],
+    rounds: usize,
+    mut check: impl FnMut(&[u8]) -> bool,
+) -> Option<bool> {
+    let mut form = Cow::Borrowed(text);
+    for _ in 0..rounds {
+        if !form.contains(&b'%') {
+            return Some(false);
+        }
+        let next: Vec<u8> = percent_encoding::percent_decode(&form).collect();
+        if next == *form {
+            return Some(false);
+        }
+        if check(&next) {
+            return Some(true);
+        }
+        form = next.into();
+    }
+    None
+}
+
 /// `%25` decoded until none is left, in one pass: `%2525` is `%`, `%252e` is `%2e`. No
 /// `%25` can overlap another, so the result is what decoding `%25` again and again until
 /// nothing changes gives, whatever the order, and each escape that a decoding round would

@@ -11,7 +11,7 @@ use hyper::{
 use super::{
     Body, Secrets, Snapshot, Tunnel,
     authority::Authority,
-    body_scan, headers, late_cut, local_response,
+    body_scan, headers, late_cut, local_response, path_forms,
     pool::{self, UpstreamError},
     private::is_private,
     response_scan,
@@ -597,21 +597,7 @@ fn carries(text: &[u8], needle: &str) -> bool {
             .windows(needle.len())
             .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
     };
-    let mut form = std::borrow::Cow::Borrowed(text);
-    for _ in 0..4 {
-        if found(&form) {
-            return true;
-        }
-        if !form.contains(&b'%') {
-            return false;
-        }
-        let decoded: Vec<u8> = percent_encoding::percent_decode(&form).collect();
-        if decoded == *form {
-            return false;
-        }
-        form = decoded.into();
-    }
-    false
+    found(text) || path_forms::in_decodings(text, 3, found).unwrap_or(false)
 }
 
 /// The scheme and authority a request goes to. On the proxy port only absolute-form is
