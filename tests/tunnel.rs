@@ -352,6 +352,12 @@ r x-http-method -H 'X-HTTP-Method: DELETE' https://api.test/v1/x-http-method
 r x-method-override -H 'X-Method-Override: PUT' https://api.test/v1/x-method-override
 r original-url -H 'X-Original-URL: /admin' https://api.test/v1/original
 r rewrite-url -H 'X-Rewrite-URL: /admin' https://api.test/v1/rewrite
+r original-method -H 'X-Original-Method: DELETE' https://api.test/v1/original-method
+r method-parameter 'https://api.test/v1/method-parameter?a=1&%5Fmethod=DELETE'
+r method-parameter-same 'https://api.test/v1/method-parameter-same?_method=get'
+r iis-escape --path-as-is https://other.test/v1/%u002e%u002e/admin
+r fullwidth-slash --path-as-is https://api.test/v1/admin%ef%bc%8fdelete_all
+r fullwidth-dots --path-as-is https://other.test/v1/%ef%bc%8e%ef%bc%8e/admin
 "
         ),
     );
@@ -364,6 +370,7 @@ r rewrite-url -H 'X-Rewrite-URL: /admin' https://api.test/v1/rewrite
         "scoped",
         "json",
         "method-override-same",
+        "method-parameter-same",
     ] {
         assert_eq!(code(name), 200, "{name}\n{}", ctx());
     }
@@ -381,6 +388,11 @@ r rewrite-url -H 'X-Rewrite-URL: /admin' https://api.test/v1/rewrite
         "x-method-override",
         "original-url",
         "rewrite-url",
+        "original-method",
+        "method-parameter",
+        "iis-escape",
+        "fullwidth-slash",
+        "fullwidth-dots",
     ] {
         assert_eq!(code(name), 400, "{name}\n{}", ctx());
     }
@@ -390,7 +402,8 @@ r rewrite-url -H 'X-Rewrite-URL: /admin' https://api.test/v1/rewrite
             "/v1/items",
             "/npm/@scope%2fname",
             "/files/report.json",
-            "/v1/same"
+            "/v1/same",
+            "/v1/method-parameter-same?_method=get"
         ],
         "{}",
         ctx()
@@ -406,6 +419,7 @@ r rewrite-url -H 'X-Rewrite-URL: /admin' https://api.test/v1/rewrite
         "/v1/x-method-override",
         "/v1/original",
         "/v1/rewrite",
+        "/v1/original-method",
     ] {
         let records: Vec<&Value> = proxy_records(&out)
             .into_iter()
@@ -423,6 +437,37 @@ r rewrite-url -H 'X-Rewrite-URL: /admin' https://api.test/v1/rewrite
                 "path": path,
                 "status": 400,
                 "rule": null,
+            }),
+        );
+    }
+    for (host, path, reason) in [
+        (
+            "api.test",
+            "/v1/method-parameter?a=1&%5Fmethod=DELETE",
+            "override-parameter",
+        ),
+        ("other.test", "/v1/%u002e%u002e/admin", "unicode-escape"),
+        (
+            "api.test",
+            "/v1/admin%ef%bc%8fdelete_all",
+            "lookalike-path-separator",
+        ),
+        (
+            "other.test",
+            "/v1/%ef%bc%8e%ef%bc%8e/admin",
+            "lookalike-path-separator",
+        ),
+    ] {
+        assert_proxy_record(
+            &out,
+            path,
+            &json!({
+                "verdict": "deny",
+                "reason": reason,
+                "method": "GET",
+                "host": host,
+                "path": path,
+                "status": 400,
             }),
         );
     }

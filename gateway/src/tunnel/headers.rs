@@ -33,13 +33,34 @@ pub fn override_header(method: &Method, headers: &HeaderMap) -> Option<&'static 
     // One pass over the headers (a handful per request) rather than five lookups.
     let refused = headers.iter().any(|(name, value)| match name.as_str() {
         "x-original-url" | "x-rewrite-url" => true,
-        "x-http-method-override" | "x-http-method" | "x-method-override" => !value
-            .as_bytes()
-            .trim_ascii()
-            .eq_ignore_ascii_case(method.as_str().as_bytes()),
+        "x-http-method-override" | "x-http-method" | "x-method-override" | "x-original-method" => {
+            !value
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(method.as_str().as_bytes())
+        }
         _ => false,
     });
     refused.then_some("override-header")
+}
+
+/// Why a request is refused with 400 for a query parameter that frameworks take as its real
+/// method (`_method`: Laravel and Symfony read it from the query of a POST, Rails and
+/// Express's method-override from a form): a rule allowing POST would let a DELETE through.
+/// Names are decoded and compared in any case; the request's own method passes.
+pub fn override_parameter(method: &Method, query: Option<&str>) -> Option<&'static str> {
+    let refused = url::form_urlencoded::parse(query?.as_bytes()).any(|(name, value)| {
+        let overrides = [
+            "_method",
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+        ]
+        .iter()
+        .any(|n| name.trim().eq_ignore_ascii_case(n));
+        overrides && !value.trim().eq_ignore_ascii_case(method.as_str())
+    });
+    refused.then_some("override-parameter")
 }
 
 /// Why a path is refused: dot segments, encoded dots or backslashes, NUL — anything an
@@ -55,7 +76,9 @@ pub fn override_header(method: &Method, headers: &HeaderMap) -> Option<&'static 
 pub fn path_ambiguity(path: &str) -> Option<&'static str> {
     // Without an escape, a backslash or a dot nothing below can match: most paths, checked
     // in one pass with no copy (this runs on every request).
-    let plain = !path.bytes().any(|b| matches!(b, b'%' | b'\\' | b'.'));
+    let plain = !path
+        .bytes()
+        .any(|b| matches!(b, b'%' | b'\\' | b'.') || !b.is_ascii());
     if plain && path.starts_with('/') {
         return None;
     }
@@ -64,6 +87,12 @@ pub fn path_ambiguity(path: &str) -> Option<&'static str> {
     let encoded = ["%5c", "%00", "%2e"].iter().any(|e| decoded.contains(e));
     if encoded || path.contains('\\') || overlong_special(&decoded) {
         return Some("encoded-path-separator");
+    }
+    if unicode_escape(&decoded) {
+        return Some("unicode-escape");
+    }
+    if lookalike_separator(path.as_bytes()) {
+        return Some("lookalike-path-separator");
     }
     // A dot segment as sent stays one here: this reading only adds separators. (Most paths
     // have no escape: nothing to copy.)
@@ -84,7 +113,38 @@ pub fn path_ambiguity(path: &str) -> Option<&'static str> {
     if path.contains('%') && decoding_hides_separator(path) {
         return Some("encoded-path-separator");
     }
+    if path.contains('%')
+        && path_forms::in_decodings(path.as_bytes(), 4, lookalike_separator).unwrap_or(true)
+    {
+        return Some("lookalike-path-separator");
+    }
     None
+}
+
+/// IIS's own escape, `%uXXXX` (`%u002e` is `.`), which no standard decoder reads: the
+/// upstream could see another path than the rule did. Never sent by an ordinary client.
+fn unicode_escape(lower: &str) -> bool {
+    lower
+        .as_bytes()
+        .windows(6)
+        .any(|w| w.starts_with(b"%u") && w[2..].iter().all(u8::is_ascii_hexdigit))
+}
+
+/// Characters that Unicode compatibility normalisation (NFKC, which some frameworks apply
+/// to paths) or Windows' best-fit mapping (IIS, ASP.NET) turn into `.`, `/`, `\`, `;` or
+/// `%`: `／` in a segment would become a separator after the rule matched it as text.
+/// (`…` is left out: it reads `...`, a name, and titles use it.)
+const LOOKALIKES: &[char] = &[
+    '\u{2024}', '\u{2025}', '\u{fe52}', '\u{ff0e}', // .
+    '\u{ff0f}', '\u{2215}', '\u{2044}', '\u{29f8}', // /
+    '\u{ff3c}', '\u{fe68}', '\u{2216}', '\u{29f5}', '\u{29f9}', // \
+    '\u{ff1b}', '\u{fe54}', '\u{37e}', // ;
+    '\u{ff05}', '\u{fe6a}', // %
+];
+
+/// Whether `bytes`, read as UTF-8 (invalid sequences skipped), hold one of [`LOOKALIKES`].
+fn lookalike_separator(bytes: &[u8]) -> bool {
+    !bytes.is_ascii() && String::from_utf8_lossy(bytes).contains(LOOKALIKES)
 }
 
 /// Whether decoding the path whole (every escape, not only `%25`), once or again, yields an
@@ -291,6 +351,68 @@ mod tests {
     }
 
     #[test]
+    fn iis_escapes_and_lookalike_separators() {
+        for path in [
+            "/v1/%u002e%u002e/admin",
+            "/v1/%U002F",
+            "/v1/%25u002e",
+            "/v1/%u0061dmin",
+        ] {
+            assert_eq!(path_ambiguity(path), Some("unicode-escape"), "{path}");
+        }
+        for path in [
+            "/v1/a\u{ff0f}b",
+            "/v1/a%ef%bc%8fb",
+            "/v1/a%EF%BC%8Fb",
+            "/v1/a%25ef%25bc%258fb",
+            "/v1/%e2%88%95admin",
+            "/v1/\u{2024}\u{2024}/admin",
+            "/v1/%ef%bc%8e%ef%bc%8e/admin",
+            "/v1/%ef%bc%bcadmin",
+            "/v1/..%cd%be/admin",
+            "/v1/100%ef%bc%85",
+        ] {
+            assert_eq!(
+                path_ambiguity(path),
+                Some("lookalike-path-separator"),
+                "{path}"
+            );
+        }
+        // Other non-ASCII names, encoded or not, and a literal `%u` not followed by hex.
+        for path in [
+            "/wiki/%e6%97%a5%e6%9c%ac",
+            "/wiki/日本",
+            "/caf%c3%a9",
+            "/a%25ub",
+        ] {
+            assert_eq!(path_ambiguity(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn override_parameters() {
+        let post = Method::POST;
+        for query in [
+            "_method=DELETE",
+            "a=1&_method=put",
+            "%5Fmethod=DELETE",
+            "_METHOD=DELETE",
+            "_method=",
+            "x-http-method-override=PATCH",
+        ] {
+            assert_eq!(
+                override_parameter(&post, Some(query)),
+                Some("override-parameter"),
+                "{query}"
+            );
+        }
+        for query in ["_method=post", "method=DELETE", "q=_method%3DDELETE", "a=1"] {
+            assert_eq!(override_parameter(&post, Some(query)), None, "{query}");
+        }
+        assert_eq!(override_parameter(&post, None), None);
+    }
+
+    #[test]
     fn override_headers() {
         let with = |name: &str, value: &str| {
             let mut h = HeaderMap::new();
@@ -310,6 +432,7 @@ mod tests {
             ("x-http-method-override", ""),
             ("X-Original-URL", "/admin"),
             ("X-Rewrite-URL", "/admin"),
+            ("X-Original-Method", "DELETE"),
             // Even naming the request's own path: no rule looked at it.
             ("X-Original-URL", "/public/x"),
         ] {

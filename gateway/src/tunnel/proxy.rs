@@ -128,6 +128,7 @@ impl Tunnel {
         fields.port = Some(target.port);
         if let Some(reason) = headers::ambiguity(req.headers())
             .or_else(|| headers::override_header(req.method(), req.headers()))
+            .or_else(|| headers::override_parameter(req.method(), req.uri().query()))
             .or_else(|| headers::path_ambiguity(req.uri().path()))
         {
             return self.refuse(StatusCode::BAD_REQUEST, reason, client, fields);
