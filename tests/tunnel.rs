@@ -473,6 +473,63 @@ r fullwidth-dots --path-as-is https://other.test/v1/%ef%bc%8e%ef%bc%8e/admin
     }
 }
 
+/// A rule allowing POST does not let a form's `_method=DELETE` through (Rails, Laravel and
+/// Express take it as the real method): the chunk naming it never leaves, the request is
+/// aborted and refused 400. A field whose value only mentions it, and JSON, pass.
+#[test]
+fn a_method_named_in_a_form_body_is_refused() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let run = Run::new(
+        "tunnel-form-method",
+        &tunnel_policy(
+            "tunnel-form-method",
+            &pki,
+            &rule(
+                "api.test",
+                api.port,
+                "methods = [\"POST\"]\npaths = [\"/v1/**\"]",
+            ),
+        ),
+    );
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}
+r urlencoded --data 'title=x&_method=DELETE' https://api.test/v1/urlencoded
+r encoded-name --data 'title=x&%5Fmethod=DELETE' https://api.test/v1/encoded-name
+r multipart -F title=x -F _method=DELETE https://api.test/v1/multipart
+r mentioned --data 'title=_method%3DDELETE' https://api.test/v1/mentioned
+r json -H 'Content-Type: application/json' --data '{{\"_method\":\"DELETE\"}}' https://api.test/v1/json
+"
+        ),
+    );
+    let replies = replies(&out.stdout);
+    let ctx = || described(&out, &[&api]);
+    let code = |name: &str| reply(&replies, name, &out).code;
+    for name in ["mentioned", "json"] {
+        assert_eq!(code(name), 200, "{name}\n{}", ctx());
+    }
+    for name in ["urlencoded", "encoded-name", "multipart"] {
+        assert_eq!(code(name), 400, "{name}\n{}", ctx());
+        let path = format!("/v1/{name}");
+        assert_proxy_record(
+            &out,
+            &path,
+            &json!({
+                "verdict": "deny",
+                "reason": "override-parameter",
+                "method": "POST",
+                "host": "api.test",
+                "path": path,
+                "status": 400,
+                "rule": 0,
+            }),
+        );
+    }
+    assert_eq!(api.paths(), ["/v1/mentioned", "/v1/json"], "{}", ctx());
+}
+
 #[test]
 fn git_clones_over_https_with_the_token_injected() {
     let pki = Pki::new();

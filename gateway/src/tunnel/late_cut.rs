@@ -14,7 +14,10 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::StatusCode;
 
-use super::body_scan::{BoxError, PlaceholderInBody};
+use super::{
+    body_scan::{BoxError, PlaceholderInBody},
+    form_override::MethodInForm,
+};
 
 /// Writes the refusal's record: `reason`, verdict deny, status null.
 pub type Record = Box<dyn FnOnce(&'static str) + Send>;
@@ -97,14 +100,15 @@ impl Drop for AnsweredOnDrop {
 
 /// The answer to a request whose body the tunnel cut for `reason`.
 pub fn status(reason: &str) -> StatusCode {
-    if reason == TOO_LARGE {
-        StatusCode::PAYLOAD_TOO_LARGE
-    } else {
-        StatusCode::FORBIDDEN
+    match reason {
+        TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+        METHOD_IN_FORM => StatusCode::BAD_REQUEST,
+        _ => StatusCode::FORBIDDEN,
     }
 }
 
 const TOO_LARGE: &str = "request-body-too-large";
+const METHOD_IN_FORM: &str = "override-parameter";
 
 /// Passes `inner` through and tells `watch` when the tunnel itself ended it.
 pub struct Watched<B> {
@@ -122,6 +126,8 @@ impl<B> Watched<B> {
 fn tunnel_cut(e: &BoxError) -> Option<&'static str> {
     if e.downcast_ref::<PlaceholderInBody>().is_some() {
         Some("placeholder-to-unlisted-host")
+    } else if e.downcast_ref::<MethodInForm>().is_some() {
+        Some(METHOD_IN_FORM)
     } else if e
         .downcast_ref::<http_body_util::LengthLimitError>()
         .is_some()

@@ -7,6 +7,7 @@ mod body_scan;
 mod ca;
 mod connect;
 mod credentials;
+mod form_override;
 mod guard;
 pub(crate) mod headers;
 mod late_cut;

@@ -11,7 +11,7 @@ use hyper::{
 use super::{
     Body, Secrets, Snapshot, Tunnel,
     authority::Authority,
-    body_scan, headers, late_cut, local_response, path_forms,
+    body_scan, form_override, headers, late_cut, local_response, path_forms,
     pool::{self, UpstreamError},
     private::is_private,
     response_scan,
@@ -267,11 +267,20 @@ impl Tunnel {
         } else {
             pool::Exchange::Pooled
         };
-        let scanned = !unlisted.is_empty();
-        let body: upstream::RequestBody = if scanned {
-            body_scan::Scanned::new(body, unlisted).boxed()
+        let form = if bodiless {
+            None
         } else {
+            form_override::Form::of(&parts.method, &parts.headers)
+        };
+        let scanned = !unlisted.is_empty() || form.is_some();
+        let body: upstream::RequestBody = if unlisted.is_empty() {
             body.map_err(Into::into).boxed()
+        } else {
+            body_scan::Scanned::new(body, unlisted).boxed()
+        };
+        let body = match form {
+            Some(form) => form_override::Scanned::new(body, form).boxed(),
+            None => body,
         };
         let body: upstream::RequestBody = match snapshot.max_request_body {
             None => body,
