@@ -353,11 +353,14 @@ r x-method-override -H 'X-Method-Override: PUT' https://api.test/v1/x-method-ove
 r original-url -H 'X-Original-URL: /admin' https://api.test/v1/original
 r rewrite-url -H 'X-Rewrite-URL: /admin' https://api.test/v1/rewrite
 r original-method -H 'X-Original-Method: DELETE' https://api.test/v1/original-method
+r underscore-override -H 'X_HTTP_Method_Override: DELETE' https://api.test/v1/underscore
 r method-parameter 'https://api.test/v1/method-parameter?a=1&%5Fmethod=DELETE'
 r method-parameter-same 'https://api.test/v1/method-parameter-same?_method=get'
 r iis-escape --path-as-is https://other.test/v1/%u002e%u002e/admin
 r fullwidth-slash --path-as-is https://api.test/v1/admin%ef%bc%8fdelete_all
 r fullwidth-dots --path-as-is https://other.test/v1/%ef%bc%8e%ef%bc%8e/admin
+r empty-segment --path-as-is https://other.test/v1//admin
+r empty-params-segment --path-as-is 'https://other.test/v1/;x/admin'
 "
         ),
     );
@@ -389,10 +392,13 @@ r fullwidth-dots --path-as-is https://other.test/v1/%ef%bc%8e%ef%bc%8e/admin
         "original-url",
         "rewrite-url",
         "original-method",
+        "underscore-override",
         "method-parameter",
         "iis-escape",
         "fullwidth-slash",
         "fullwidth-dots",
+        "empty-segment",
+        "empty-params-segment",
     ] {
         assert_eq!(code(name), 400, "{name}\n{}", ctx());
     }
@@ -447,6 +453,9 @@ r fullwidth-dots --path-as-is https://other.test/v1/%ef%bc%8e%ef%bc%8e/admin
             "override-parameter",
         ),
         ("other.test", "/v1/%u002e%u002e/admin", "unicode-escape"),
+        ("api.test", "/v1/underscore", "underscore-in-header-name"),
+        ("other.test", "/v1//admin", "empty-path-segment"),
+        ("other.test", "/v1/;x/admin", "empty-path-segment"),
         (
             "api.test",
             "/v1/admin%ef%bc%8fdelete_all",
@@ -820,6 +829,7 @@ r body https://api.test/echo-credential?in=body
 r reason https://api.test/echo-credential?in=reason
 r gzip --compressed https://api.test/echo-credential?in=gzip
 r always --compressed https://api.test/echo-credential?in=gzip-always
+r te-gzip --raw https://api.test/echo-credential?in=te-gzip
 r plain https://api.test/v1/plain
 "
         ),
@@ -833,6 +843,8 @@ r plain https://api.test/v1/plain
     assert_ne!(reply(&replies, "gzip", &out).exit, 0, "{}", ctx());
     // Compressed anyway: it could not be checked, so it is not relayed.
     assert_eq!(reply(&replies, "always", &out).code, 502, "{}", ctx());
+    // So is a body whose transfer coding hyper does not take off (`gzip, chunked`).
+    assert_eq!(reply(&replies, "te-gzip", &out).code, 502, "{}", ctx());
     assert_eq!(reply(&replies, "plain", &out).code, 200, "{}", ctx());
     // The upstream did send it back, each time.
     let echoed = api
@@ -840,7 +852,7 @@ r plain https://api.test/v1/plain
         .iter()
         .filter(|p| p.starts_with("/echo-credential"))
         .count();
-    assert_eq!(echoed, 5, "{}", ctx());
+    assert_eq!(echoed, 6, "{}", ctx());
     assert!(
         !out.stdout.contains(SECRET) && !out.stderr.contains(SECRET),
         "the sandbox saw the secret\n{}",
@@ -860,6 +872,11 @@ r plain https://api.test/v1/plain
         (
             "the compressed body",
             "/echo-credential?in=gzip-always",
+            "encoded-response",
+        ),
+        (
+            "the transfer-coded body",
+            "/echo-credential?in=te-gzip",
             "encoded-response",
         ),
     ] {

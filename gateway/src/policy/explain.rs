@@ -128,6 +128,12 @@ pub fn explain(checked: &Checked, method: &str, url: &str) -> Result<Decision, S
             reason,
         );
     }
+    if let Some(reason) = headers::override_parameter(&method, uri.query()) {
+        return deny(
+            "the query names another method (`_method`), which frameworks would serve".into(),
+            reason,
+        );
+    }
     if method == Method::TRACE {
         return deny(
             "the tunnel refuses TRACE whatever the rules say".into(),
@@ -312,6 +318,16 @@ env = "GITHUB_TOKEN"
         );
         assert_eq!(reason("https://h.test/v1/..%3b"), "dot-segment-in-path");
         assert_eq!(reason("https://h.test/v1/%c0%ae"), "encoded-path-separator");
+        assert_eq!(reason("https://h.test/v1//x"), "empty-path-segment");
+        assert_eq!(reason("https://h.test/v1/%u002e"), "unicode-escape");
+        assert_eq!(
+            reason("https://h.test/v1/a%ef%bc%8fb"),
+            "lookalike-path-separator"
+        );
+        assert_eq!(
+            reason("https://h.test/v1/x?_method=DELETE"),
+            "override-parameter"
+        );
     }
 
     #[test]

@@ -28,20 +28,29 @@ pub fn ambiguity(headers: &HeaderMap) -> Option<&'static str> {
 /// method or path (Symfony, Laravel, ASP.NET, IIS rewrite, Express's method-override):
 /// rules would have judged another request than the one the upstream serves. A method
 /// override naming the request's own method changes nothing and passes (frameworks
-/// upper-case it, so case is ignored).
-pub fn override_header(method: &Method, headers: &HeaderMap) -> Option<&'static str> {
-    // One pass over the headers (a handful per request) rather than five lookups.
-    let refused = headers.iter().any(|(name, value)| match name.as_str() {
-        "x-original-url" | "x-rewrite-url" => true,
-        "x-http-method-override" | "x-http-method" | "x-method-override" | "x-original-method" => {
-            !value
-                .as_bytes()
-                .trim_ascii()
-                .eq_ignore_ascii_case(method.as_str().as_bytes())
-        }
-        _ => false,
-    });
-    refused.then_some("override-header")
+/// upper-case it, so case is ignored). Names with `_` are refused too: CGI-style servers
+/// (WSGI, Rack, PHP) read `_` as `-`, so `X_HTTP_Method_Override` is an override there, and
+/// `X_Api_Key` the credential's header beside the one the tunnel sets (nginx and Apache
+/// drop such headers by default, so clients do not rely on them).
+pub fn refused_header(method: &Method, headers: &HeaderMap) -> Option<&'static str> {
+    // One pass over the headers (a handful per request) rather than a lookup for each.
+    headers
+        .iter()
+        .find_map(|(name, value)| match name.as_str() {
+            "x-original-url" | "x-rewrite-url" => Some("override-header"),
+            "x-http-method-override"
+            | "x-http-method"
+            | "x-method-override"
+            | "x-original-method" => {
+                let same = value
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(method.as_str().as_bytes());
+                (!same).then_some("override-header")
+            }
+            name if name.contains('_') => Some("underscore-in-header-name"),
+            _ => None,
+        })
 }
 
 /// Why a request is refused with 400 for a query parameter that frameworks take as its real
@@ -78,8 +87,8 @@ pub fn path_ambiguity(path: &str) -> Option<&'static str> {
     // in one pass with no copy (this runs on every request).
     let plain = !path
         .bytes()
-        .any(|b| matches!(b, b'%' | b'\\' | b'.') || !b.is_ascii());
-    if plain && path.starts_with('/') {
+        .any(|b| matches!(b, b'%' | b'\\' | b'.' | b';') || !b.is_ascii());
+    if plain && path.starts_with('/') && !path.contains("//") {
         return None;
     }
     let lower = path.to_ascii_lowercase();
@@ -101,11 +110,18 @@ pub fn path_ambiguity(path: &str) -> Option<&'static str> {
     } else {
         Cow::Borrowed(&*decoded)
     };
-    let dot_segment = separated
-        .split('/')
-        .any(|seg| matches!(seg.split(';').next(), Some("." | "..")));
-    if dot_segment {
-        return Some("dot-segment-in-path");
+    // An empty segment, also one that is empty once its `;` parameters are dropped: nginx
+    // and Tomcat merge `//`, so `/v1//info` (allowed by `/v1/*/info`) is served as `/v1/info`.
+    // Only a last one (a trailing `/`) is kept.
+    let last = separated.split('/').count() - 1;
+    for (i, seg) in separated.split('/').enumerate() {
+        let name = seg.split(';').next().unwrap_or_default();
+        if matches!(name, "." | "..") {
+            return Some("dot-segment-in-path");
+        }
+        if name.is_empty() && i > 0 && i < last {
+            return Some("empty-path-segment");
+        }
     }
     if !path.starts_with('/') && path != "*" {
         return Some("relative-path");
@@ -351,6 +367,23 @@ mod tests {
     }
 
     #[test]
+    fn empty_segments() {
+        for path in [
+            "/v1//info",
+            "//v1/info",
+            "/v1/;/info",
+            "/v1/;x/info",
+            "/v1/%2f/info",
+            "/v1/%2F%2Finfo",
+        ] {
+            assert_eq!(path_ambiguity(path), Some("empty-path-segment"), "{path}");
+        }
+        for path in ["/", "/v1/", "/v1/info;", "/v1/a;b/info", "/v1/info/;x"] {
+            assert_eq!(path_ambiguity(path), None, "{path}");
+        }
+    }
+
+    #[test]
     fn iis_escapes_and_lookalike_separators() {
         for path in [
             "/v1/%u002e%u002e/admin",
@@ -437,28 +470,35 @@ mod tests {
             ("X-Original-URL", "/public/x"),
         ] {
             assert_eq!(
-                override_header(&get, &with(name, value)),
+                refused_header(&get, &with(name, value)),
                 Some("override-header"),
                 "{name}: {value}"
             );
         }
         assert_eq!(
-            override_header(&get, &with("X-HTTP-Method-Override", "GET")),
+            refused_header(&get, &with("X-HTTP-Method-Override", "GET")),
             None
         );
         assert_eq!(
-            override_header(&get, &with("X-HTTP-Method-Override", " get ")),
+            refused_header(&get, &with("X-HTTP-Method-Override", " get ")),
             None
         );
         assert_eq!(
-            override_header(&Method::DELETE, &with("X-HTTP-Method", "DELETE")),
+            refused_header(&Method::DELETE, &with("X-HTTP-Method", "DELETE")),
             None
         );
-        assert_eq!(override_header(&get, &with("x-other", "DELETE")), None);
+        assert_eq!(refused_header(&get, &with("x-other", "DELETE")), None);
         // A second value overrides as well as the first.
         let mut two = with("X-HTTP-Method-Override", "GET");
         two.append("x-http-method-override", "DELETE".parse().unwrap());
-        assert_eq!(override_header(&get, &two), Some("override-header"));
+        assert_eq!(refused_header(&get, &two), Some("override-header"));
+        for name in ["X_HTTP_Method_Override", "x_api_key", "authorization_"] {
+            assert_eq!(
+                refused_header(&get, &with(name, "GET")),
+                Some("underscore-in-header-name"),
+                "{name}"
+            );
+        }
     }
 
     #[test]

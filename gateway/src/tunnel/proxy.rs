@@ -127,7 +127,7 @@ impl Tunnel {
         fields.host = Some(target.host.clone());
         fields.port = Some(target.port);
         if let Some(reason) = headers::ambiguity(req.headers())
-            .or_else(|| headers::override_header(req.method(), req.headers()))
+            .or_else(|| headers::refused_header(req.method(), req.headers()))
             .or_else(|| headers::override_parameter(req.method(), req.uri().query()))
             .or_else(|| headers::path_ambiguity(req.uri().path()))
         {

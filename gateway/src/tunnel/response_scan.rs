@@ -35,12 +35,24 @@ pub fn refused_head<B: Body>(echoes: &Echoes, resp: &hyper::Response<B>) -> Opti
     if echoes.in_headers(resp.headers()) || reason.is_some_and(|r| echoes.found_in(r.as_bytes())) {
         return Some(SECRET_IN_RESPONSE);
     }
-    let encoded = resp
-        .headers()
+    let headers = resp.headers();
+    let encoded = headers
         .get_all(hyper::header::CONTENT_ENCODING)
         .iter()
         .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    (encoded && !resp.body().is_end_stream()).then_some(ENCODED_RESPONSE)
+    // hyper takes only `chunked` off a transfer coding: `gzip, chunked` would reach the
+    // scan compressed, and the client (the header is dropped as hop-by-hop, the bytes not).
+    let transfer_coded = headers
+        .get_all(hyper::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|c| {
+            !c.is_empty()
+                && !c.eq_ignore_ascii_case(b"chunked")
+                && !c.eq_ignore_ascii_case(b"identity")
+        });
+    ((encoded || transfer_coded) && !resp.body().is_end_stream()).then_some(ENCODED_RESPONSE)
 }
 
 /// The error that ends a body carrying the secret: the client's connection is cut.

@@ -360,3 +360,23 @@ fn a_glob_that_is_no_glob_once_read_as_the_tunnel_reads_paths_is_an_error() {
         "version = 1\n[[http.allow]]\nhost = \"a.test\"\npaths = [\"/@scope%2f*\", \"/a;v=1/*\"]\n";
     assert!(super::check_text(Path::new("p.toml"), fine).is_ok());
 }
+
+#[test]
+fn a_credential_header_the_tunnel_removes_or_refuses_is_an_error() {
+    for (name, why) in [
+        ("Proxy-Authorization", "hop-by-hop"),
+        ("Transfer-Encoding", "hop-by-hop"),
+        ("Host", "the request itself"),
+        ("X-HTTP-Method-Override", "path or method"),
+        ("X_Api_Key", "`_` as `-`"),
+    ] {
+        let text = format!("version = 1\n[credentials.c]\nenv = \"C\"\nheader = \"{name}\"\n");
+        let e = errors(&text);
+        assert!(
+            e.iter().any(|l| l.starts_with("p.toml:4:10: header `")
+                && l.contains("cannot carry a credential")
+                && l.contains(why)),
+            "{name}: {e:?}"
+        );
+    }
+}
