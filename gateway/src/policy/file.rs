@@ -134,39 +134,6 @@ pub fn check_text(path: &Path, text: &str) -> Result<Checked, PolicyError> {
 }
 
 /// Validates policy text into a policy (warnings dropped).
-
-/// Why a credential cannot be sent in header `name`: the tunnel removes it on the way (the
-/// secret would never arrive), it frames or routes the request, or the tunnel refuses it
-/// from the sandbox and so would refuse what it sets itself.
-fn unusable_credential_header(name: &str) -> Option<&'static str> {
-    let lower = name.to_ascii_lowercase();
-    match lower.as_str() {
-        "connection"
-        | "keep-alive"
-        | "proxy-connection"
-        | "proxy-authorization"
-        | "proxy-authenticate"
-        | "te"
-        | "trailer"
-        | "transfer-encoding"
-        | "upgrade"
-        | "http2-settings" => Some("the tunnel removes it as hop-by-hop"),
-        "host" | "content-length" | "content-type" | "content-encoding" | "expect" => {
-            Some("it describes the request itself")
-        }
-        "x-original-url"
-        | "x-rewrite-url"
-        | "x-http-method-override"
-        | "x-http-method"
-        | "x-method-override"
-        | "x-original-method" => Some("frameworks read it as the request's path or method"),
-        _ if lower.contains('_') => {
-            Some("servers read `_` as `-`, and the tunnel refuses such names")
-        }
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 pub fn parse(path: &Path, text: &str) -> Result<Policy, PolicyError> {
     check_text(path, text).map(|c| c.policy)
@@ -1437,6 +1404,38 @@ fn http_lints(d: &mut Diag<'_>, rules: &[HttpRule], at: &[Place], all_valid: boo
     if let Err(e) = crate::tunnel::rules::Rules::new(rules) {
         let at = at.first().map_or(0..0, |n| n.span.clone());
         d.error(&at, format!("the tunnel cannot compile these rules: {e}"));
+    }
+}
+
+/// Why a credential cannot be sent in header `name`: the tunnel removes it on the way (the
+/// secret would never arrive), it frames or routes the request, or the tunnel refuses it
+/// from the sandbox and so would refuse what it sets itself.
+fn unusable_credential_header(name: &str) -> Option<&'static str> {
+    let lower = name.to_ascii_lowercase();
+    match lower.as_str() {
+        "connection"
+        | "keep-alive"
+        | "proxy-connection"
+        | "proxy-authorization"
+        | "proxy-authenticate"
+        | "te"
+        | "trailer"
+        | "transfer-encoding"
+        | "upgrade"
+        | "http2-settings" => Some("the tunnel removes it as hop-by-hop"),
+        "host" | "content-length" | "content-type" | "content-encoding" | "expect" => {
+            Some("it describes the request itself")
+        }
+        "x-original-url"
+        | "x-rewrite-url"
+        | "x-http-method-override"
+        | "x-http-method"
+        | "x-method-override"
+        | "x-original-method" => Some("frameworks read it as the request's path or method"),
+        _ if lower.contains('_') => {
+            Some("servers read `_` as `-`, and the tunnel refuses such names")
+        }
+        _ => None,
     }
 }
 
