@@ -815,6 +815,74 @@ def connected(host):
 /// An upstream that sends the credential back, in a header or in the body, would hand the
 /// sandbox the secret: a header is refused (502) before anything is relayed, a body is cut
 /// before the chunk that carries it. Both are recorded.
+/// A host the credential is sent to may hand it back to any request, through a rule with no
+/// credential or another name routed to the same upstream: every answer is checked for
+/// every secret of the policy.
+#[test]
+fn a_stored_secret_never_reaches_the_sandbox_through_another_rule() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let rules = format!(
+        "{}{}{}",
+        rule(
+            "api.test",
+            api.port,
+            "paths = [\"/v1/**\"]\ncredential = \"api\""
+        ),
+        rule(
+            "api.test",
+            api.port,
+            "paths = [\"/public/**\", \"/last-credential\"]"
+        ),
+        rule("other.test", api.port, ""),
+    );
+    let run = Run::new(
+        "tunnel-stored-echo",
+        &tunnel_policy(
+            "tunnel-stored-echo",
+            &pki,
+            &format!("{rules}{API_CREDENTIAL}"),
+        ),
+    );
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}
+r store https://api.test/v1/store
+r same-host https://api.test/last-credential
+r other-host https://other.test/last-credential
+r plain https://other.test/v1/plain
+"
+        ),
+    );
+    let replies = replies(&out.stdout);
+    let ctx = || described(&out, &[&api]);
+    assert_eq!(reply(&replies, "store", &out).code, 200, "{}", ctx());
+    assert_eq!(reply(&replies, "plain", &out).code, 200, "{}", ctx());
+    for name in ["same-host", "other-host"] {
+        assert_ne!(reply(&replies, name, &out).exit, 0, "{name}\n{}", ctx());
+    }
+    assert!(
+        !out.stdout.contains(SECRET) && !out.stderr.contains(SECRET),
+        "the sandbox saw the secret\n{}",
+        ctx()
+    );
+    for host in ["api.test", "other.test"] {
+        assert_proxy_record(
+            &out,
+            host,
+            &json!({
+                "verdict": "deny",
+                "reason": "secret-in-response",
+                "host": host,
+                "path": "/last-credential",
+                "status": null,
+                "credential": null,
+            }),
+        );
+    }
+}
+
 #[test]
 fn an_upstream_echoing_the_secret_never_reaches_the_sandbox() {
     let pki = Pki::new();

@@ -179,6 +179,11 @@ impl Secrets {
         self.0.values()
     }
 
+    /// Every secret's texts together (shared, not copied): what no answer may carry.
+    pub fn all_echoes(&self) -> Arc<[Bytes]> {
+        self.iter().flat_map(|s| s.echoes.iter().cloned()).collect()
+    }
+
     /// The credential whose placeholder `name` holds, ignoring case: a host name (the
     /// tunnel lowercases it, DNS ignores case) or a method.
     pub fn placeholder_in(&self, name: &str) -> Option<&Secret> {

@@ -217,7 +217,10 @@ impl Tunnel {
             None => return self.refuse(StatusCode::BAD_REQUEST, "bad-uri", client, fields),
         };
         parts.version = Version::HTTP_11;
-        if route.credential().is_some() {
+        // A host some rule sends a credential to may hand it back to any request, through
+        // whichever rule (a stored-request inspector, a log page).
+        let guarded = route.credential().is_some() || snapshot.rules.credentialed(target);
+        if guarded {
             // The answer is checked for the secret as it streams, which only works on the
             // bytes as the client will read them: no compression.
             parts.headers.insert(
@@ -245,12 +248,9 @@ impl Tunnel {
                 .collect()
         };
         let ws_unlisted = if ws { unlisted() } else { Vec::new() };
-        // The credential sent back would reach the sandbox: an answer, or a WebSocket's
-        // messages, carrying it are not relayed.
-        let echoes = route
-            .credential()
-            .and_then(|name| snapshot.secrets.get(name))
-            .and_then(|secret| response_scan::Echoes::new(secret.echoes()));
+        // A secret sent back would reach the sandbox: an answer, or a WebSocket's messages,
+        // carrying any of the policy's are not relayed, whichever rule let the request through.
+        let echoes = snapshot.echoes.clone();
         if !ws_unlisted.is_empty() || (ws && echoes.is_some()) {
             // Compressed messages could not be read for placeholders or the secret: none
             // are negotiated.
@@ -342,7 +342,7 @@ impl Tunnel {
         };
         if let Some(refused) = echoes
             .as_ref()
-            .and_then(|e| response_scan::refused_head(e, &resp))
+            .and_then(|e| response_scan::refused_head(e, &resp, guarded))
         {
             fields.status = Some(resp.status().as_u16());
             return self.refuse_after_leaving(

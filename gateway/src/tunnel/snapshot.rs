@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::{credentials::Secrets, pool::Pool, rules::Rules, upstream};
+use super::{credentials::Secrets, pool::Pool, response_scan::Echoes, rules::Rules, upstream};
 use crate::policy::Policy;
 
 pub struct Snapshot {
@@ -17,6 +17,9 @@ pub struct Snapshot {
     pub(super) generation: u64,
     pub(super) rules: Rules,
     pub(super) secrets: Secrets,
+    /// Every secret's texts, which no answer is relayed with, whichever rule let its request
+    /// through; `None` when the policy has no credential.
+    pub(super) echoes: Option<Echoes>,
     /// Largest request body forwarded, in bytes.
     pub(super) max_request_body: Option<u64>,
     /// Upstream TLS settings: system roots plus `[tls] upstream_ca`, read once per policy.
@@ -29,6 +32,7 @@ impl Snapshot {
         Ok(Self {
             generation: 0,
             rules: Rules::new(&policy.http)?,
+            echoes: Echoes::new(&secrets.all_echoes()),
             secrets,
             max_request_body: policy.max_request_body,
             upstream_tls: upstream::client_tls(&policy.upstream_ca)?,
