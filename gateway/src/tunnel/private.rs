@@ -26,15 +26,17 @@ pub fn is_link_local(ip: IpAddr) -> bool {
     }
 }
 
-/// The IPv4 address an IPv6 one stands for: mapped, compatible, NAT64 or 6to4.
+/// The IPv4 address an IPv6 one stands for: mapped, compatible, SIIT-translated
+/// (`::ffff:0:a.b.c.d`), NAT64 (well-known and local-use `64:ff9b:1::/48` prefixes, as /96)
+/// or 6to4.
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let seg = ip.segments();
     let o = ip.octets();
     if let Some(v4) = ip.to_ipv4_mapped() {
         return Some(v4);
     }
-    if seg[..6] == [0, 0, 0, 0, 0, 0] || (seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0; 4])
-    {
+    let nat64 = seg[0] == 0x64 && seg[1] == 0xff9b && seg[3..6] == [0; 3] && seg[2] <= 1;
+    if seg[..6] == [0, 0, 0, 0, 0, 0] || seg[..6] == [0, 0, 0, 0, 0xffff, 0] || nat64 {
         return Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
     }
     (seg[0] == 0x2002).then(|| Ipv4Addr::new(o[2], o[3], o[4], o[5]))
@@ -73,6 +75,7 @@ fn private_v6(ip: Ipv6Addr) -> bool {
         || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
         || (seg[0] == 0x2001 && seg[1] == 0) // Teredo embeds an IPv4 address
         || seg[..6] == [0, 0, 0, 0, 0, 0] // IPv4-compatible (deprecated)
+        || seg[..6] == [0, 0, 0, 0, 0xffff, 0] // SIIT-translated, where a translator exists
 }
 
 #[cfg(test)]
@@ -94,6 +97,8 @@ mod tests {
             "::ffff:169.254.169.254",
             "::169.254.169.254",
             "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "::ffff:0:169.254.169.254",
             "2002:a9fe:a9fe::1",
         ] {
             assert!(ll(s), "{s} is link-local");
@@ -129,6 +134,8 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "2002:a9fe:a9fe::1",
             "::127.0.0.1",
+            "::ffff:0:8.8.8.8",
+            "64:ff9b:1::808:808",
         ] {
             assert!(p(s), "{s} must count as private");
         }
