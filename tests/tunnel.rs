@@ -851,6 +851,8 @@ fn a_stored_secret_never_reaches_the_sandbox_through_another_rule() {
 r store https://api.test/v1/store
 r same-host https://api.test/last-credential
 r other-host https://other.test/last-credential
+r other-host-gzip --compressed 'https://other.test/last-credential?gzip'
+r other-host-gzip-always --compressed 'https://other.test/last-credential?gzip-always'
 r plain https://other.test/v1/plain
 "
         ),
@@ -859,9 +861,13 @@ r plain https://other.test/v1/plain
     let ctx = || described(&out, &[&api]);
     assert_eq!(reply(&replies, "store", &out).code, 200, "{}", ctx());
     assert_eq!(reply(&replies, "plain", &out).code, 200, "{}", ctx());
-    for name in ["same-host", "other-host"] {
+    // Asked for compression, the upstream is told not to: cut as the others.
+    for name in ["same-host", "other-host", "other-host-gzip"] {
         assert_ne!(reply(&replies, name, &out).exit, 0, "{name}\n{}", ctx());
     }
+    // Compressed anyway: it could not be checked, so it is not relayed.
+    let always = reply(&replies, "other-host-gzip-always", &out);
+    assert_eq!(always.code, 502, "{}", ctx());
     assert!(
         !out.stdout.contains(SECRET) && !out.stderr.contains(SECRET),
         "the sandbox saw the secret\n{}",

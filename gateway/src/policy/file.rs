@@ -1432,9 +1432,6 @@ fn unusable_credential_header(name: &str) -> Option<&'static str> {
         | "x-http-method"
         | "x-method-override"
         | "x-original-method" => Some("frameworks read it as the request's path or method"),
-        _ if lower.contains('_') => {
-            Some("servers read `_` as `-`, and the tunnel refuses such names")
-        }
         _ => None,
     }
 }

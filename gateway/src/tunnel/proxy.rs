@@ -217,9 +217,10 @@ impl Tunnel {
             None => return self.refuse(StatusCode::BAD_REQUEST, "bad-uri", client, fields),
         };
         parts.version = Version::HTTP_11;
-        // A host some rule sends a credential to may hand it back to any request, through
-        // whichever rule (a stored-request inspector, a log page).
-        let guarded = route.credential().is_some() || snapshot.rules.credentialed(target);
+        // An upstream may hand a secret back to any request, through whichever rule or
+        // name reaches it (a stored-request inspector, a log page); compressed, the answer
+        // could not be checked. So while the policy holds any secret, no answer may be.
+        let guarded = snapshot.echoes.is_some();
         if guarded {
             // The answer is checked for the secret as it streams, which only works on the
             // bytes as the client will read them: no compression.

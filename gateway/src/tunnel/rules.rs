@@ -95,14 +95,6 @@ impl Rules {
         self.candidates(target).into_iter().next()
     }
 
-    /// Whether a rule for this host and port attaches a credential: whichever rule let a
-    /// request through, the upstream may have been handed the secret.
-    pub fn credentialed(&self, target: &Authority) -> bool {
-        self.candidates(target)
-            .iter()
-            .any(|r| r.spec.credential.is_some())
-    }
-
     pub fn get(&self, index: usize) -> Option<&Rule> {
         self.rules.get(index)
     }
