@@ -318,7 +318,8 @@ env = "GITHUB_TOKEN"
         );
         assert_eq!(reason("https://h.test/v1/..%3b"), "dot-segment-in-path");
         assert_eq!(reason("https://h.test/v1/%c0%ae"), "encoded-path-separator");
-        assert_eq!(reason("https://h.test/v1//x"), "empty-path-segment");
+        // nginx merges `//`: `/v1//x` is `/v1/x` there; `/v1/*` cannot match it as sent.
+        assert_eq!(reason("https://h.test/v1//x"), "not-allowlisted");
         assert_eq!(reason("https://h.test/v1/%u002e"), "unicode-escape");
         assert_eq!(
             reason("https://h.test/v1/a%ef%bc%8fb"),

@@ -3,7 +3,9 @@
 //! The tunnel forwards a path as sent, but upstreams do not all route on it as sent: WSGI
 //! servers (Flask, Django) decode `%2F` to `/` before routing, so `/v1/admin%2Fdelete_all`,
 //! one segment as sent, is two there; Tomcat and Jetty drop each segment's `;parameters`, so
-//! `/files/secret;.json` is `/files/secret`; a few servers decode twice (`%252F`). A glob
+//! `/files/secret;.json` is `/files/secret`; a few servers decode twice (`%252F`); nginx and
+//! Tomcat merge `//` into `/`, so `/v1//info`, which `/v1/*/info` matches with an empty `*`,
+//! is `/v1/info` there. A glob
 //! matched against one of these readings alone lets `/v1/*` or `/files/*.json` reach what
 //! the author did not list. So a rule's glob matches a path only if it matches in every
 //! reading, and the glob is read the same way as the path (the same text transformation),
@@ -23,14 +25,15 @@ pub(crate) const GLOB: MatchOptions = MatchOptions {
 };
 
 /// The readings besides "as sent": `%2F` as `/`; `;parameters` dropped; both, in either
-/// order (`/a;x%2fb/c` is `/a/c` when parameters go first, `/a/b/c` when slashes do).
-const READINGS: usize = 4;
+/// order (`/a;x%2fb/c` is `/a/c` when parameters go first, `/a/b/c` when slashes do); and
+/// each of those and the path as sent with `//` merged.
+const READINGS: usize = 9;
 
 /// Each reading of `text` other than as sent, `None` where it reads as sent. Every reading
 /// first collapses `%25` (a server that decodes twice sees `%252F` as `%2F`).
 pub fn readings(text: &str) -> [Option<String>; READINGS] {
-    // Most paths have neither `%` nor `;`: they read the same every way, and cost nothing.
-    if !text.bytes().any(|b| b == b'%' || b == b';') {
+    // Most paths have no `%`, `;` or `//`: they read the same every way, and cost nothing.
+    if !text.bytes().any(|b| b == b'%' || b == b';') && !text.contains("//") {
         return Default::default();
     }
     let collapsed = collapse_encoded_percent(text);
@@ -38,7 +41,37 @@ pub fn readings(text: &str) -> [Option<String>; READINGS] {
     let params = drop_params(&collapsed).into_owned();
     let slashes_then_params = drop_params(&slashes).into_owned();
     let params_then_slashes = decode_slashes(&params).into_owned();
-    [slashes, params, slashes_then_params, params_then_slashes].map(|r| (r != text).then_some(r))
+    // A merged reading that merges nothing is its unmerged one: not matched twice.
+    let merged = |t: &str| match merge_slashes(t) {
+        Cow::Owned(m) => m,
+        Cow::Borrowed(_) => text.to_owned(),
+    };
+    [
+        merged(text),
+        merged(&slashes),
+        merged(&params),
+        merged(&slashes_then_params),
+        merged(&params_then_slashes),
+        slashes,
+        params,
+        slashes_then_params,
+        params_then_slashes,
+    ]
+    .map(|r| (r != text).then_some(r))
+}
+
+/// Runs of `/` as one.
+fn merge_slashes(text: &str) -> Cow<'_, str> {
+    if !text.contains("//") {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if !(c == '/' && out.ends_with('/')) {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// A request path in every reading.
@@ -195,6 +228,19 @@ mod tests {
     }
 
     #[test]
+    fn merged_slashes_are_one_reading() {
+        // An empty `*` between two slashes: nginx serves `/v1/info`.
+        assert!(!matches("/v1/*/info", "/v1//info"));
+        assert!(!matches("/v1/*/info", "/v1/;x/info"));
+        assert!(!matches("/v1/*/info", "/v1/%2F/info"));
+        assert!(matches("/v1/*/info", "/v1/a/info"));
+        // Under `**`, merged or not, it stays inside.
+        assert!(matches("/bucket/**", "/bucket//logs//2024/x"));
+        assert!(matches("/**", "/https://example.com/article"));
+        assert!(!matches("/r/*", "/r//x"));
+    }
+
+    #[test]
     fn an_encoded_slash_is_a_separator_for_single_stars() {
         assert!(matches("/v1/*", "/v1/admin"));
         assert!(!matches("/v1/*", "/v1/admin%2Fdelete_all"));
@@ -253,16 +299,23 @@ mod tests {
 
     #[test]
     fn readings() {
-        assert_eq!(super::readings("/v1/x"), [None, None, None, None]);
+        assert!(super::readings("/v1/x").iter().all(Option::is_none));
         assert_eq!(
             super::readings("/a;x%2Fb/c"),
             [
+                None,
+                None,
+                None,
+                None,
+                None,
                 Some("/a;x/b/c".into()),
                 Some("/a/c".into()),
                 Some("/a/b/c".into()),
                 Some("/a/c".into()),
             ]
         );
+        assert_eq!(super::readings("//a")[0].as_deref(), Some("/a"));
+        assert_eq!(super::readings("/a;x/;y/b")[2].as_deref(), Some("/a/b"));
         assert_eq!(collapse_encoded_percent("/%2525%252e%25"), "/%%2e%");
         assert_eq!(collapse_encoded_percent("/%%2525"), "/%%");
         assert_eq!(decode_slashes("/é%2fü%2F"), "/é/ü/");
