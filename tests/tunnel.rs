@@ -493,9 +493,10 @@ r double-slash-under-globstar --path-as-is https://other.test/v1//deeper
     }
 }
 
-/// A rule allowing POST does not let a form's `_method=DELETE` through (Rails, Laravel and
+/// A rule allowing POST does not let a body's `_method=DELETE` through (Rails, Laravel and
 /// Express take it as the real method): the chunk naming it never leaves, the request is
-/// aborted and refused 400. A field whose value only mentions it, and JSON, pass.
+/// aborted and refused 400. A field whose value only mentions it, and a file that quotes
+/// it, pass; a compressed form is refused before it leaves.
 #[test]
 fn a_method_named_in_a_form_body_is_refused() {
     let pki = Pki::new();
@@ -521,16 +522,21 @@ r encoded-name --data 'title=x&%5Fmethod=DELETE' https://api.test/v1/encoded-nam
 r multipart -F title=x -F _method=DELETE https://api.test/v1/multipart
 r mentioned --data 'title=_method%3DDELETE' https://api.test/v1/mentioned
 r json -H 'Content-Type: application/json' --data '{{\"_method\":\"DELETE\"}}' https://api.test/v1/json
+r untyped -H 'Content-Type:' --data '.method=DELETE' https://api.test/v1/untyped
+printf '<input type=\"hidden\" name=\"_method\" value=\"delete\">' > /tmp/view.erb
+r file -F title=x -F file=@/tmp/view.erb https://api.test/v1/file
+printf 'title=x&_method=DELETE' | gzip > /tmp/form.gz
+r gzipped -H 'Content-Encoding: gzip' --data-binary @/tmp/form.gz https://api.test/v1/gzipped
 "
         ),
     );
     let replies = replies(&out.stdout);
     let ctx = || described(&out, &[&api]);
     let code = |name: &str| reply(&replies, name, &out).code;
-    for name in ["mentioned", "json"] {
+    for name in ["mentioned", "file"] {
         assert_eq!(code(name), 200, "{name}\n{}", ctx());
     }
-    for name in ["urlencoded", "encoded-name", "multipart"] {
+    for name in ["urlencoded", "encoded-name", "multipart", "json", "untyped"] {
         assert_eq!(code(name), 400, "{name}\n{}", ctx());
         let path = format!("/v1/{name}");
         assert_proxy_record(
@@ -547,7 +553,13 @@ r json -H 'Content-Type: application/json' --data '{{\"_method\":\"DELETE\"}}' h
             }),
         );
     }
-    assert_eq!(api.paths(), ["/v1/mentioned", "/v1/json"], "{}", ctx());
+    assert_eq!(code("gzipped"), 400, "{}", ctx());
+    assert_proxy_record(
+        &out,
+        "/v1/gzipped",
+        &json!({"verdict": "deny", "reason": "encoded-request-body", "path": "/v1/gzipped", "status": 400}),
+    );
+    assert_eq!(api.paths(), ["/v1/mentioned", "/v1/file"], "{}", ctx());
 }
 
 #[test]

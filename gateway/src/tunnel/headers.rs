@@ -56,18 +56,12 @@ pub fn refused_header(method: &Method, headers: &HeaderMap) -> Option<&'static s
 /// Why a request is refused with 400 for a query parameter that frameworks take as its real
 /// method (`_method`: Laravel and Symfony read it from the query of a POST, Rails and
 /// Express's method-override from a form): a rule allowing POST would let a DELETE through.
-/// Names are decoded and compared in any case; the request's own method passes.
+/// Names are decoded and read as PHP and Rack read them (`.method`, `[_method]`), in any
+/// case; the request's own method passes.
 pub fn override_parameter(method: &Method, query: Option<&str>) -> Option<&'static str> {
     let refused = url::form_urlencoded::parse(query?.as_bytes()).any(|(name, value)| {
-        let overrides = [
-            "_method",
-            "x-http-method-override",
-            "x-http-method",
-            "x-method-override",
-        ]
-        .iter()
-        .any(|n| name.trim().eq_ignore_ascii_case(n));
-        overrides && !value.trim().eq_ignore_ascii_case(method.as_str())
+        super::form_override::names_a_method(name.as_bytes())
+            && !value.trim().eq_ignore_ascii_case(method.as_str())
     });
     refused.then_some("override-parameter")
 }
@@ -140,14 +134,17 @@ fn unicode_escape(lower: &str) -> bool {
 }
 
 /// Characters that Unicode compatibility normalisation (NFKC, which some frameworks apply
-/// to paths) or Windows' best-fit mapping (IIS, ASP.NET) turn into `.`, `/`, `\`, `;` or
-/// `%`: `／` in a segment would become a separator after the rule matched it as text.
-/// (`…` is left out: it reads `...`, a name, and titles use it.)
+/// to paths) or Windows' best-fit mapping (IIS, ASP.NET; `¥` and `₩` in the Japanese and
+/// Korean code pages) turn into `/`, `\`, `;`, `%`, or a `.` or `..`: `／` in a segment would
+/// become a separator after the rule matched it as text. Every NFKC mapping of the kind is
+/// here but those that only end in dots after other text (`⒈` is `1.`) or make three (`…`,
+/// a name, which titles use).
 const LOOKALIKES: &[char] = &[
-    '\u{2024}', '\u{2025}', '\u{fe52}', '\u{ff0e}', // .
+    '\u{2024}', '\u{2025}', '\u{fe30}', '\u{fe52}', '\u{ff0e}', // . and ..
     '\u{ff0f}', '\u{2215}', '\u{2044}', '\u{29f8}', // /
-    '\u{ff3c}', '\u{fe68}', '\u{2216}', '\u{29f5}', '\u{29f9}', // \
-    '\u{ff1b}', '\u{fe54}', '\u{37e}', // ;
+    '\u{2100}', '\u{2101}', '\u{2105}', '\u{2106}', // a/c, a/s, c/o, c/u
+    '\u{ff3c}', '\u{fe68}', '\u{2216}', '\u{29f5}', '\u{29f9}', '\u{a5}', '\u{20a9}', // \
+    '\u{ff1b}', '\u{fe54}', '\u{fe14}', '\u{37e}', // ;
     '\u{ff05}', '\u{fe6a}', // %
 ];
 
@@ -380,6 +377,9 @@ mod tests {
             "/v1/%ef%bc%bcadmin",
             "/v1/..%cd%be/admin",
             "/v1/100%ef%bc%85",
+            "/v1/%EF%B8%B0/x",
+            "/v1/%E2%84%85",
+            "/v1/a%c2%a5b",
         ] {
             assert_eq!(
                 path_ambiguity(path),
@@ -408,6 +408,9 @@ mod tests {
             "_METHOD=DELETE",
             "_method=",
             "x-http-method-override=PATCH",
+            ".method=DELETE",
+            "%2Emethod=DELETE",
+            "+_method=DELETE",
         ] {
             assert_eq!(
                 override_parameter(&post, Some(query)),

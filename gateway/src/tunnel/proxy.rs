@@ -273,6 +273,15 @@ impl Tunnel {
         } else {
             form_override::Form::of(&parts.method, &parts.headers)
         };
+        if form.is_some() && form_override::Form::encoded(&parts.headers) {
+            // Compressed, the form could not be read for a method override.
+            return self.refuse(
+                StatusCode::BAD_REQUEST,
+                "encoded-request-body",
+                client,
+                fields,
+            );
+        }
         let scanned = !unlisted.is_empty() || form.is_some();
         let body: upstream::RequestBody = if unlisted.is_empty() {
             body.map_err(Into::into).boxed()
