@@ -1413,16 +1413,9 @@ fn http_lints(d: &mut Diag<'_>, rules: &[HttpRule], at: &[Place], all_valid: boo
 fn unusable_credential_header(name: &str) -> Option<&'static str> {
     let lower = name.to_ascii_lowercase();
     match lower.as_str() {
-        "connection"
-        | "keep-alive"
-        | "proxy-connection"
-        | "proxy-authorization"
-        | "proxy-authenticate"
-        | "te"
-        | "trailer"
-        | "transfer-encoding"
-        | "upgrade"
-        | "http2-settings" => Some("the tunnel removes it as hop-by-hop"),
+        hop if crate::tunnel::headers::is_hop_by_hop_name(hop) => {
+            Some("the tunnel removes it as hop-by-hop")
+        }
         "host" | "content-length" | "content-type" | "content-encoding" | "expect" => {
             Some("it describes the request itself")
         }

@@ -207,8 +207,13 @@ fn overlong_special(path: &str) -> bool {
 /// Hop-by-hop headers, `Upgrade` (kept only for a WebSocket request, which sets it anew)
 /// and `HTTP2-Settings` (h2c is never forwarded).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
+    is_hop_by_hop_name(name.as_str())
+}
+
+/// [`is_hop_by_hop`] for a lower-case name as text (a policy's credential `header`).
+pub fn is_hop_by_hop_name(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "connection"
             | "keep-alive"
             | "proxy-connection"
