@@ -21,6 +21,10 @@ pub fn ambiguity(headers: &HeaderMap) -> Option<&'static str> {
     if headers.get_all(header::HOST).iter().count() > 1 {
         return Some("duplicate-host");
     }
+    // Servers take the first, the last, or both joined: each would read the body its way.
+    if headers.get_all(header::CONTENT_TYPE).iter().count() > 1 {
+        return Some("duplicate-content-type");
+    }
     None
 }
 
@@ -59,6 +63,10 @@ pub fn refused_header(method: &Method, headers: &HeaderMap) -> Option<&'static s
 /// Names are decoded and read as PHP and Rack read them (`.method`, `[_method]`), in any
 /// case; the request's own method passes.
 pub fn override_parameter(method: &Method, query: Option<&str>) -> Option<&'static str> {
+    // ASP.NET decodes IIS's `%uXXXX` in names too; no standard client sends one.
+    if unicode_escape(&query?.to_ascii_lowercase()) {
+        return Some("unicode-escape");
+    }
     let refused = url::form_urlencoded::parse(query?.as_bytes()).any(|(name, value)| {
         super::form_override::names_a_method(name.as_bytes())
             && !value.trim().eq_ignore_ascii_case(method.as_str())
@@ -416,6 +424,8 @@ mod tests {
             ".method=DELETE",
             "%2Emethod=DELETE",
             "+_method=DELETE",
+            "_method%00=DELETE",
+            "_method[]=DELETE",
         ] {
             assert_eq!(
                 override_parameter(&post, Some(query)),
@@ -427,6 +437,10 @@ mod tests {
             assert_eq!(override_parameter(&post, Some(query)), None, "{query}");
         }
         assert_eq!(override_parameter(&post, None), None);
+        assert_eq!(
+            override_parameter(&post, Some("%u0058-HTTP-Method-Override=DELETE")),
+            Some("unicode-escape")
+        );
     }
 
     #[test]

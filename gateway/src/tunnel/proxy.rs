@@ -273,7 +273,10 @@ impl Tunnel {
         } else {
             form_override::Form::of(&parts.method, &parts.headers)
         };
-        if form.is_some() && form_override::Form::encoded(&parts.headers) {
+        if form
+            .as_ref()
+            .is_some_and(|f| f.compressed_form(&parts.headers))
+        {
             // Compressed, the form could not be read for a method override.
             return self.refuse(
                 StatusCode::BAD_REQUEST,
