@@ -1,130 +1,129 @@
 //! A multipart body's part heads: the `name` a `Content-Disposition` gives a part, read as
-//! PHP and Rack read it. Part contents are not looked at (an uploaded file may quote any
-//! form). A head is judged whole, when its blank line comes: the chunk that ends it never
-//! leaves if it names a method, and without its end no server takes the part.
+//! PHP and Rack read it. Frameworks disagree on where a part's head starts and ends (Rack
+//! and PHP take different line ends, whitespace and boundaries), so no part structure is
+//! tracked here: every line of the body is judged as if it were a head line, folded lines
+//! joined. A line is judged when it ends: the chunk that ends it never leaves if it names a
+//! method. So a file whose text quotes a part head naming the method is refused too.
 
-/// Longer part heads are refused rather than read in part.
-const MAX_HEAD: usize = 16 << 10;
+/// The most of a line kept; a longer line that may be a disposition is refused.
+const MAX_LINE: usize = 16 << 10;
 
-/// The `boundary` parameter of a multipart Content-Type (lower-cased), if it is one that
-/// servers agree on: not empty, and of RFC 2046's characters. Otherwise Rack reads the body
-/// as urlencoded, and so does the caller.
-pub fn boundary(kind: &[u8]) -> Option<Vec<u8>> {
-    let at = kind.windows(8).position(|w| w == b"boundary")? + 8;
-    let rest = kind[at..]
-        .trim_ascii_start()
-        .strip_prefix(b"=")?
-        .trim_ascii_start();
-    let value = match rest.strip_prefix(b"\"") {
-        Some(quoted) => &quoted[..quoted.iter().position(|&b| b == b'"')?],
-        None => {
-            let end = rest
-                .iter()
-                .position(|&b| matches!(b, b';' | b',') || b.is_ascii_whitespace())
-                .unwrap_or(rest.len());
-            &rest[..end]
-        }
-    };
-    let bchars = |b: &u8| b.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(b);
-    (!value.is_empty() && value.len() <= 70 && value.iter().all(bchars)).then(|| value.to_vec())
+/// Whitespace as PHP reads it (C's `isspace`), which Rust's ASCII whitespace lacks `\v` of.
+pub fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\x0b' | b'\x0c' | b'\r')
 }
 
+/// Whether a multipart Content-Type (lower-cased) has one boundary that every server reads
+/// the same: one `boundary` in it, followed at once by `=` and a value of RFC 2046's
+/// characters. Otherwise some read none and parse the body as urlencoded (Rack), or read
+/// another (PHP takes the first `boundary`, older Rack the last).
+pub fn plain_boundary(kind: &[u8]) -> bool {
+    let mut at = kind
+        .windows(8)
+        .enumerate()
+        .filter(|(_, w)| *w == b"boundary");
+    let (Some((first, _)), None) = (at.next(), at.next()) else {
+        return false;
+    };
+    let Some(rest) = kind[first + 8..].strip_prefix(b"=") else {
+        return false;
+    };
+    let value = match rest.strip_prefix(b"\"") {
+        Some(quoted) => match quoted.iter().position(|&b| b == b'"') {
+            Some(end) => &quoted[..end],
+            None => return false,
+        },
+        None => &rest[..rest.iter().position(|&b| b == b';').unwrap_or(rest.len())],
+    };
+    let bchars = |b: &u8| b.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(b);
+    !value.is_empty() && value.len() <= 70 && !value.ends_with(b" ") && value.iter().all(bchars)
+}
+
+#[derive(Default)]
 pub struct Parts {
-    /// `--` and the boundary, lower-cased: a line starting with it opens a part's head.
-    delimiter: Vec<u8>,
-    /// The start of the current line (as much as the delimiter needs), in a part's content.
+    /// The current line, up to [`MAX_LINE`] bytes of it.
     line: Vec<u8>,
-    /// The head being read, when in one.
-    head: Option<Vec<u8>>,
+    /// Whether the current line is longer than that.
+    long: bool,
+    /// The line before, with what was folded into it.
+    previous: Vec<u8>,
 }
 
 impl Parts {
-    pub fn new(boundary: Vec<u8>) -> Self {
-        let mut delimiter = b"--".to_vec();
-        delimiter.extend(boundary);
-        Self {
-            delimiter,
-            line: Vec::new(),
-            head: None,
-        }
-    }
-
     pub fn feed(&mut self, chunk: &[u8]) -> bool {
-        chunk.iter().any(|&b| self.byte(b))
-    }
-
-    fn byte(&mut self, b: u8) -> bool {
-        if let Some(head) = &mut self.head {
-            head.push(b);
-            if head.ends_with(b"\n\n")
-                || head.ends_with(b"\n\r\n")
-                || head == b"\r\n"
-                || head == b"\n"
-            {
-                let head = self.head.take().unwrap_or_default();
-                return names_a_method(&head);
+        let mut rest = chunk;
+        while let Some(end) = memchr::memchr(b'\n', rest) {
+            self.keep(&rest[..end]);
+            if self.line_ends() {
+                return true;
             }
-            return head.len() > MAX_HEAD;
+            rest = &rest[end + 1..];
         }
-        if b == b'\n' {
-            let line = std::mem::take(&mut self.line);
-            if line
-                .trim_ascii_end()
-                .to_ascii_lowercase()
-                .starts_with(&self.delimiter)
-            {
-                self.head = Some(Vec::new());
-            }
-        } else if self.line.len() <= self.delimiter.len() + 2 {
-            self.line.push(b);
-        }
+        self.keep(rest);
         false
     }
-}
 
-/// Whether a part's head has a `Content-Disposition` (also as part of a longer header name,
-/// as Rack 2's unanchored match reads it) whose `name` is one of the method's.
-fn names_a_method(head: &[u8]) -> bool {
-    unfolded(head).iter().any(|line| {
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            return false;
-        };
-        let field = line[..colon].to_ascii_lowercase();
-        field.windows(19).any(|w| w == b"content-disposition") && {
-            let names = disposition_names(&line[colon + 1..]);
-            names.iter().any(|n| super::names_a_method(n))
-        }
-    })
-}
-
-/// The head's header lines, a line that starts with a space or tab, or has no colon, joined
-/// to the one before it (folding, and PHP's reading of a colon-less line).
-fn unfolded(head: &[u8]) -> Vec<Vec<u8>> {
-    let mut lines: Vec<Vec<u8>> = Vec::new();
-    for raw in head.split(|&b| b == b'\n') {
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if raw.trim_ascii().is_empty() {
-            continue;
-        }
-        let continues = raw[0] == b' ' || raw[0] == b'\t' || !raw.contains(&b':');
-        match lines.last_mut() {
-            Some(last) if continues => last.extend_from_slice(raw),
-            _ => lines.push(raw.to_vec()),
-        }
+    fn keep(&mut self, bytes: &[u8]) {
+        let room = MAX_LINE - self.line.len();
+        self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        self.long |= bytes.len() > room;
     }
-    lines
+
+    /// Judges the line that just ended, joined to the one before if it continues it (it
+    /// starts with whitespace, or has no colon: PHP appends such a line).
+    fn line_ends(&mut self) -> bool {
+        let line = std::mem::take(&mut self.line);
+        let long = std::mem::take(&mut self.long);
+        let line = line.strip_suffix(b"\r").unwrap_or(&line);
+        let continues = line.first().is_some_and(|&b| is_space(b)) || !line.contains(&b':');
+        let judged = if continues && !line.iter().all(|&b| is_space(b)) {
+            let mut joined = std::mem::take(&mut self.previous);
+            joined
+                .extend_from_slice(&line[..line.len().min(MAX_LINE - joined.len().min(MAX_LINE))]);
+            joined
+        } else {
+            line.to_vec()
+        };
+        let found = if long || judged.len() >= MAX_LINE {
+            is_disposition(&judged)
+        } else {
+            names_a_method(&judged)
+        };
+        self.previous = judged;
+        found
+    }
+}
+
+/// Whether a head line is a `Content-Disposition`, also as part of a longer header name
+/// (Rack 2 matches it anywhere in a line).
+fn is_disposition(line: &[u8]) -> bool {
+    let field = &line[..line.iter().position(|&b| b == b':').unwrap_or(line.len())];
+    field
+        .windows(19)
+        .any(|w| w.eq_ignore_ascii_case(b"content-disposition"))
+}
+
+/// Whether a head line is a disposition whose `name` is one of the method's.
+fn names_a_method(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    is_disposition(line)
+        && disposition_names(&line[colon + 1..])
+            .iter()
+            .any(|n| super::names_a_method(n))
 }
 
 /// Every name a disposition value gives: `name` (quoted with `\` escapes, single-quoted as
-/// PHP reads it, or bare, also cut at a space as PHP cuts it), RFC 2231's `name*`, and the
-/// `name*0`, `name*1`... pieces joined. Parameters are split outside quotes only.
+/// PHP reads it, or bare, also cut at whitespace as PHP cuts it), RFC 2231's `name*`, and
+/// the `name*0`, `name*1`... pieces joined. Parameters are split outside quotes only.
 fn disposition_names(value: &[u8]) -> Vec<Vec<u8>> {
     let mut names = Vec::new();
     let mut pieces: Vec<(u32, Vec<u8>)> = Vec::new();
     for (key, value, quoted) in params(value) {
-        let key = key.trim_ascii().to_ascii_lowercase();
+        let key = trim(&key).to_ascii_lowercase();
         if key == b"name" {
-            if !quoted && let Some(cut) = value.split(|b| b.is_ascii_whitespace()).next() {
+            if !quoted && let Some(cut) = value.split(|&b| is_space(b)).next() {
                 names.push(cut.to_vec());
             }
             names.push(value);
@@ -154,6 +153,18 @@ fn disposition_names(value: &[u8]) -> Vec<Vec<u8>> {
         names.push(pieces.into_iter().flat_map(|(_, v)| v).collect());
     }
     names
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|&b| !is_space(b))
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|&b| !is_space(b))
+        .map_or(start, |e| e + 1);
+    &bytes[start..end.max(start)]
 }
 
 /// `charset'language'percent-encoded` (RFC 2231): the value, decoded.
@@ -190,7 +201,7 @@ fn params(text: &[u8]) -> Vec<(Vec<u8>, Vec<u8>, bool)> {
             continue;
         }
         i += 1;
-        while i < text.len() && text[i].is_ascii_whitespace() {
+        while i < text.len() && is_space(text[i]) {
             i += 1;
         }
         let mut value = Vec::new();
@@ -214,7 +225,7 @@ fn params(text: &[u8]) -> Vec<(Vec<u8>, Vec<u8>, bool)> {
                 i += 1;
             }
             i += 1;
-            value = value.trim_ascii().to_vec();
+            value = trim(&value).to_vec();
         }
         out.push((key, value, quoted));
     }
