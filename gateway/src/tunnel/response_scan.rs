@@ -46,7 +46,8 @@ pub fn refused_head<B: Body>(
     let encoded = headers
         .get_all(hyper::header::CONTENT_ENCODING)
         .iter()
-        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        .map(|v| v.as_bytes().trim_ascii())
+        .any(|v| !v.is_empty() && !v.eq_ignore_ascii_case(b"identity"));
     // hyper takes only `chunked` off a transfer coding: `gzip, chunked` would reach the
     // scan compressed, and the client (the header is dropped as hop-by-hop, the bytes not).
     let transfer_coded = headers
