@@ -43,21 +43,21 @@ pub fn readings(text: &str) -> [Option<String>; READINGS] {
     let params_then_slashes = decode_slashes(&params).into_owned();
     // A merged reading that merges nothing is its unmerged one: not matched twice.
     let merged = |t: &str| match merge_slashes(t) {
-        Cow::Owned(m) => m,
-        Cow::Borrowed(_) => text.to_owned(),
+        Cow::Owned(m) => (m != text).then_some(m),
+        Cow::Borrowed(_) => None,
     };
+    let unmerged = |r: String| (r != text).then_some(r);
     [
         merged(text),
         merged(&slashes),
         merged(&params),
         merged(&slashes_then_params),
         merged(&params_then_slashes),
-        slashes,
-        params,
-        slashes_then_params,
-        params_then_slashes,
+        unmerged(slashes),
+        unmerged(params),
+        unmerged(slashes_then_params),
+        unmerged(params_then_slashes),
     ]
-    .map(|r| (r != text).then_some(r))
 }
 
 /// Runs of `/` as one.
