@@ -202,6 +202,7 @@ impl Secret {
         self.header_value.clone()
     }
 
+    #[cfg(test)]
     pub fn echoes(&self) -> &Arc<[Bytes]> {
         &self.echoes
     }

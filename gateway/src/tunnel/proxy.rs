@@ -220,8 +220,7 @@ impl Tunnel {
         // An upstream may hand a secret back to any request, through whichever rule or
         // name reaches it (a stored-request inspector, a log page); compressed, the answer
         // could not be checked. So while the policy holds any secret, no answer may be.
-        let guarded = snapshot.echoes.is_some();
-        if guarded {
+        if snapshot.echoes.is_some() {
             // The answer is checked for the secret as it streams, which only works on the
             // bytes as the client will read them: no compression.
             parts.headers.insert(
@@ -355,7 +354,7 @@ impl Tunnel {
         };
         if let Some(refused) = echoes
             .as_ref()
-            .and_then(|e| response_scan::refused_head(e, &resp, guarded))
+            .and_then(|e| response_scan::refused_head(e, &resp))
         {
             fields.status = Some(resp.status().as_u16());
             return self.refuse_after_leaving(

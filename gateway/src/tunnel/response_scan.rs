@@ -28,19 +28,11 @@ pub const SECRET_IN_RESPONSE: &str = "secret-in-response";
 pub const ENCODED_RESPONSE: &str = "encoded-response";
 
 /// Why an answer is not relayed, judged on its head: it carries a secret (in its reason
-/// phrase, a header's name or value), or, from a host that was handed a secret (`guarded`),
-/// its body could not be checked for one.
-pub fn refused_head<B: Body>(
-    echoes: &Echoes,
-    resp: &hyper::Response<B>,
-    guarded: bool,
-) -> Option<&'static str> {
+/// phrase, a header's name or value), or its body could not be checked for one.
+pub fn refused_head<B: Body>(echoes: &Echoes, resp: &hyper::Response<B>) -> Option<&'static str> {
     let reason = resp.extensions().get::<hyper::ext::ReasonPhrase>();
     if echoes.in_headers(resp.headers()) || reason.is_some_and(|r| echoes.found_in(r.as_bytes())) {
         return Some(SECRET_IN_RESPONSE);
-    }
-    if !guarded {
-        return None;
     }
     let headers = resp.headers();
     let encoded = headers
@@ -68,8 +60,8 @@ pub fn refused_head<B: Body>(
 #[error("the upstream's answer carries the credential's secret")]
 pub struct SecretInResponse;
 
-/// The texts of one credential that an answer must not carry (none empty), and the length
-/// of the shortest.
+/// The texts of the policy's credentials that an answer must not carry (none empty), and
+/// the length of the shortest.
 #[derive(Clone)]
 pub struct Echoes(Arc<[Bytes]>, usize);
 

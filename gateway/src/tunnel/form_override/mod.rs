@@ -4,11 +4,11 @@
 //! of it through. The body streams on unbuffered; the chunk that completes such a field
 //! never leaves, and the request is aborted, as for a placeholder in a body.
 //!
-//! Read the way those frameworks parse: an `application/x-www-form-urlencoded` body (also a
-//! POST with no or an empty Content-Type, and a multipart one without a boundary, which Rack
-//! reads as one) field by field, names percent-decoded and normalised as PHP and Rack do; a
-//! `multipart/*` body by its parts' `Content-Disposition` names; a JSON body (Laravel) by its
-//! keys. A compressed such body is refused before it leaves (Express would inflate it).
+//! Read every way those frameworks may parse it ([`Form`]): an urlencoded body field by
+//! field, names percent-decoded and normalised as PHP, Rack and qs do (`urlencoded`); a
+//! multipart body line by line for `Content-Disposition` names (`multipart`); a JSON body by
+//! its top-level keys, as Laravel reads it (`json`). A compressed form is refused before it
+//! leaves (Express would inflate it); compressed JSON passes unread.
 
 use std::{
     pin::Pin,
