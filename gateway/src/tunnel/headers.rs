@@ -63,11 +63,12 @@ pub fn refused_header(method: &Method, headers: &HeaderMap) -> Option<&'static s
 /// Names are decoded and read as PHP and Rack read them (`.method`, `[_method]`), in any
 /// case; the request's own method passes.
 pub fn override_parameter(method: &Method, query: Option<&str>) -> Option<&'static str> {
+    let query = query?;
     // ASP.NET decodes IIS's `%uXXXX` in names too; no standard client sends one.
-    if unicode_escape(&query?.to_ascii_lowercase()) {
+    if unicode_escape(query) {
         return Some("unicode-escape");
     }
-    let refused = url::form_urlencoded::parse(query?.as_bytes()).any(|(name, value)| {
+    let refused = url::form_urlencoded::parse(query.as_bytes()).any(|(name, value)| {
         super::form_override::names_a_method(name.as_bytes())
             && !value.trim().eq_ignore_ascii_case(method.as_str())
     });
@@ -121,24 +122,19 @@ pub fn path_ambiguity(path: &str) -> Option<&'static str> {
     if !path.starts_with('/') && path != "*" {
         return Some("relative-path");
     }
-    if path.contains('%') && decoding_hides_separator(path) {
-        return Some("encoded-path-separator");
-    }
-    if path.contains('%')
-        && path_forms::in_decodings(path.as_bytes(), 4, lookalike_separator).unwrap_or(true)
-    {
-        return Some("lookalike-path-separator");
+    if path.contains('%') {
+        return in_decodings(path);
     }
     None
 }
 
-/// IIS's own escape, `%uXXXX` (`%u002e` is `.`), which no standard decoder reads: the
-/// upstream could see another path than the rule did. Never sent by an ordinary client.
-fn unicode_escape(lower: &str) -> bool {
-    lower
-        .as_bytes()
-        .windows(6)
-        .any(|w| w.starts_with(b"%u") && w[2..].iter().all(u8::is_ascii_hexdigit))
+/// IIS's own escape, `%uXXXX` (`%u002e` is `.`, either case), which no standard decoder
+/// reads: the upstream could see another path than the rule did. Never sent by an ordinary
+/// client.
+fn unicode_escape(text: &str) -> bool {
+    text.as_bytes().windows(6).any(|w| {
+        w[0] == b'%' && w[1].eq_ignore_ascii_case(&b'u') && w[2..].iter().all(u8::is_ascii_hexdigit)
+    })
 }
 
 /// Characters that Unicode compatibility normalisation (NFKC, which some frameworks apply
@@ -161,22 +157,29 @@ fn lookalike_separator(bytes: &[u8]) -> bool {
     !bytes.is_ascii() && String::from_utf8_lossy(bytes).contains(LOOKALIKES)
 }
 
-/// Whether decoding the path whole (every escape, not only `%25`), once or again, yields an
-/// escape of `.`, `/`, `\`, `;` or NUL, or an overlong form of one: `%25%32%65` and `%2%65`
-/// read as `%2e` after one decode, which the checks above, looking at the path's own
-/// escapes, cannot see. Bounded: a path still changing after four decodes is refused.
-fn decoding_hides_separator(path: &str) -> bool {
-    path_forms::in_decodings(path.as_bytes(), 4, |form| {
-        let escapes_separator = form.windows(3).any(|w| {
+/// What decoding the path whole (every escape, not only `%25`), once or again, reveals:
+/// an escape of `.`, `/`, `\`, `;` or NUL, or an overlong form of one (`%25%32%65` and
+/// `%2%65` read as `%2e` after one decode, which the checks above, looking at the path's own
+/// escapes, cannot see), or else one of [`LOOKALIKES`]. One pass over the decodings serves
+/// both. Bounded: a path still changing after four decodes is refused.
+fn in_decodings(path: &str) -> Option<&'static str> {
+    let mut lookalike = false;
+    let hides_separator = path_forms::in_decodings(path.as_bytes(), 4, |form| {
+        lookalike |= lookalike_separator(form);
+        form.windows(3).any(|w| {
             w[0] == b'%'
                 && std::str::from_utf8(&w[1..])
                     .ok()
                     .and_then(|hex| u8::from_str_radix(hex, 16).ok())
                     .is_some_and(|b| matches!(b, b'.' | b'/' | b'\\' | b';' | 0))
-        });
-        escapes_separator || overlong_special(&String::from_utf8_lossy(form).to_ascii_lowercase())
+        }) || overlong_special(&String::from_utf8_lossy(form).to_ascii_lowercase())
     })
-    .unwrap_or(true)
+    .unwrap_or(true);
+    if hides_separator {
+        Some("encoded-path-separator")
+    } else {
+        lookalike.then_some("lookalike-path-separator")
+    }
 }
 
 /// A run of escapes (lower case) that a lenient UTF-8 decoder reads as `.`, `/`, `\`, `;`,
