@@ -899,13 +899,16 @@ r plain https://other.test/v1/plain
     let ctx = || described(&out, &[&api]);
     assert_eq!(reply(&replies, "store", &out).code, 200, "{}", ctx());
     assert_eq!(reply(&replies, "plain", &out).code, 200, "{}", ctx());
-    // Asked for compression, the upstream is told not to: cut as the others.
-    for name in ["same-host", "other-host", "other-host-gzip"] {
+    // Asked for compression, the upstream is told not to: cut as the others; compressed
+    // anyway, it is read decoded and cut too.
+    for name in [
+        "same-host",
+        "other-host",
+        "other-host-gzip",
+        "other-host-gzip-always",
+    ] {
         assert_ne!(reply(&replies, name, &out).exit, 0, "{name}\n{}", ctx());
     }
-    // Compressed anyway: it could not be checked, so it is not relayed.
-    let always = reply(&replies, "other-host-gzip-always", &out);
-    assert_eq!(always.code, 502, "{}", ctx());
     assert!(
         !out.stdout.contains(SECRET) && !out.stderr.contains(SECRET),
         "the sandbox saw the secret\n{}",
@@ -941,6 +944,8 @@ r body https://api.test/echo-credential?in=body
 r reason https://api.test/echo-credential?in=reason
 r gzip --compressed https://api.test/echo-credential?in=gzip
 r always --compressed https://api.test/echo-credential?in=gzip-always
+r deflate --compressed https://api.test/echo-credential?in=deflate-always
+r gzip-name https://api.test/echo-credential?in=gzip-name
 r te-gzip --raw https://api.test/echo-credential?in=te-gzip
 r plain https://api.test/v1/plain
 "
@@ -953,9 +958,13 @@ r plain https://api.test/v1/plain
     assert_eq!(reply(&replies, "reason", &out).code, 502, "{}", ctx());
     // Asked for no compression, the upstream sends the body as it is: cut as the plain one.
     assert_ne!(reply(&replies, "gzip", &out).exit, 0, "{}", ctx());
-    // Compressed anyway: it could not be checked, so it is not relayed.
-    assert_eq!(reply(&replies, "always", &out).code, 502, "{}", ctx());
-    // So is a body whose transfer coding hyper does not take off (`gzip, chunked`).
+    // Compressed anyway, it is read decoded, and as the bytes are (the secret as the gzip
+    // header's file name, which no decoder returns): cut as well.
+    for name in ["always", "deflate", "gzip-name"] {
+        assert_ne!(reply(&replies, name, &out).exit, 0, "{name}\n{}", ctx());
+    }
+    // A body whose transfer coding hyper does not take off (`gzip, chunked`) could not be
+    // checked: not relayed.
     assert_eq!(reply(&replies, "te-gzip", &out).code, 502, "{}", ctx());
     assert_eq!(reply(&replies, "plain", &out).code, 200, "{}", ctx());
     // The upstream did send it back, each time.
@@ -964,7 +973,7 @@ r plain https://api.test/v1/plain
         .iter()
         .filter(|p| p.starts_with("/echo-credential"))
         .count();
-    assert_eq!(echoed, 6, "{}", ctx());
+    assert_eq!(echoed, 8, "{}", ctx());
     assert!(
         !out.stdout.contains(SECRET) && !out.stderr.contains(SECRET),
         "the sandbox saw the secret\n{}",
@@ -980,11 +989,6 @@ r plain https://api.test/v1/plain
             "the echoing reason",
             "/echo-credential?in=reason",
             "secret-in-response",
-        ),
-        (
-            "the compressed body",
-            "/echo-credential?in=gzip-always",
-            "encoded-response",
         ),
         (
             "the transfer-coded body",
@@ -1004,11 +1008,65 @@ r plain https://api.test/v1/plain
             &json!({"verdict": "deny", "reason": reason, "path": path, "status": 502}),
         );
     }
+    for path in [
+        "/echo-credential?in=body",
+        "/echo-credential?in=gzip-always",
+        "/echo-credential?in=deflate-always",
+        "/echo-credential?in=gzip-name",
+    ] {
+        assert_proxy_record(
+            &out,
+            "the echoing body, cut after its answer was let through",
+            &json!({"verdict": "deny", "reason": "secret-in-response", "path": path, "status": null}),
+        );
+    }
+}
+
+/// While the policy holds a credential, an answer content-encoded although the tunnel asked
+/// for none (a stored object, a server that compresses anyway) is read decoded and relayed as
+/// it came; one in a coding the tunnel cannot read is refused.
+#[test]
+fn a_compressed_answer_is_read_decoded_and_relayed_as_it_came() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let run = api_run("tunnel-coded", &pki, api.port, "credential = \"api\"");
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}
+r gzip --compressed https://api.test/compressed
+r deflate --compressed 'https://api.test/compressed?deflate'
+r saved -o /tmp/saved.gz https://api.test/compressed
+echo \"unpacked: $(gzip -dc /tmp/saved.gz | head -c 20)\"
+r br --compressed 'https://api.test/compressed?br'
+"
+        ),
+    );
+    let replies = replies(&out.stdout);
+    let ctx = || described(&out, &[&api]);
+    for name in ["gzip", "deflate"] {
+        let r = reply(&replies, name, &out);
+        assert_eq!((r.code, r.exit), (200, 0), "{name}\n{}", ctx());
+        assert!(r.body.contains(&"x".repeat(2000)), "{name}\n{}", ctx());
+    }
+    // Relayed as the upstream sent it: still gzip for a client that does not decode.
+    assert_eq!(reply(&replies, "saved", &out).code, 200, "{}", ctx());
+    assert!(
+        out.stdout.contains("unpacked: {\"compressed\": \"xxx"),
+        "{}",
+        ctx()
+    );
+    assert_eq!(reply(&replies, "br", &out).code, 502, "{}", ctx());
     assert_proxy_record(
         &out,
-        "the echoing body, cut after its answer was let through",
-        &json!({"verdict": "deny", "reason": "secret-in-response", "path": "/echo-credential?in=body", "status": null}),
+        "the answer in a coding the tunnel cannot read",
+        &json!({"verdict": "deny", "reason": "encoded-response", "path": "/compressed?br", "status": 502}),
     );
+    let cut = proxy_records(&out)
+        .into_iter()
+        .filter(|r| r["verdict"] == "deny")
+        .count();
+    assert_eq!(cut, 1, "{}", ctx());
 }
 
 /// A body on a GET goes upstream on a connection closed after it: an upstream that ignores

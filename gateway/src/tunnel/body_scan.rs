@@ -145,6 +145,10 @@ pub(super) struct Chunks(std::collections::VecDeque<Bytes>);
 
 #[cfg(test)]
 impl Chunks {
+    pub(super) fn of_bytes(chunks: Vec<Bytes>) -> Self {
+        Self(chunks.into())
+    }
+
     pub(super) fn of(chunks: &[&str]) -> Self {
         Self(
             chunks

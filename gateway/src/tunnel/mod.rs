@@ -5,6 +5,7 @@
 pub mod authority;
 mod body_scan;
 mod ca;
+mod coded_scan;
 mod connect;
 mod credentials;
 mod form_override;

@@ -11,7 +11,7 @@ use hyper::{
 use super::{
     Body, Secrets, Snapshot, Tunnel,
     authority::Authority,
-    body_scan, form_override, headers, late_cut, local_response, path_forms,
+    body_scan, coded_scan, form_override, headers, late_cut, local_response, path_forms,
     pool::{self, UpstreamError},
     private::is_private,
     response_scan,
@@ -352,19 +352,20 @@ impl Tunnel {
                 };
             }
         };
-        if let Some(refused) = echoes
-            .as_ref()
-            .and_then(|e| response_scan::refused_head(e, &resp))
-        {
-            fields.status = Some(resp.status().as_u16());
-            return self.refuse_after_leaving(
-                route.verdict(&resp),
-                StatusCode::BAD_GATEWAY,
-                refused,
-                client,
-                fields,
-            );
-        }
+        let coding = match echoes.as_ref().map(|e| response_scan::read_head(e, &resp)) {
+            Some(Err(refused)) => {
+                fields.status = Some(resp.status().as_u16());
+                return self.refuse_after_leaving(
+                    route.verdict(&resp),
+                    StatusCode::BAD_GATEWAY,
+                    refused,
+                    client,
+                    fields,
+                );
+            }
+            Some(Ok(coding)) => coding,
+            None => None,
+        };
         // After the answer's record, whatever way it goes: a cut then comes after it.
         let _answered = late_cut::AnsweredOnDrop(watch);
         if let (Some(client_upgrade), Some(sent_headers), Some(permit)) =
@@ -412,7 +413,10 @@ impl Tunnel {
                 // A cut has no status of its own: the client saw the answer's.
                 fields.status = None;
                 let cut = self.deny_later_prepared(fields);
-                response_scan::Scanned::new(body, echoes, cut).boxed()
+                match coding {
+                    None => response_scan::Scanned::new(body, echoes, cut).boxed(),
+                    Some(coding) => coded_scan::Scanned::new(body, coding, echoes, cut).boxed(),
+                }
             }
             None => body.map_err(Into::into).boxed(),
         };

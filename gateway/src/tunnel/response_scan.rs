@@ -16,30 +16,34 @@ use memchr::memmem;
 
 use super::{
     body_scan::{BoxError, with_held},
+    coded_scan::Coding,
     late_cut,
 };
 
 /// The reason of an answer, or the rest of one, not relayed for carrying the secret.
 pub const SECRET_IN_RESPONSE: &str = "secret-in-response";
 
-/// The reason of an answer not relayed because its body is content-encoded (gzip and the
-/// like) toward a request whose credential it must be checked for: compressed, the secret
-/// would pass the check unseen and the client would decode it.
+/// The reason of an answer not relayed, or cut, because its body could not be read for the
+/// secret: content-encoded in a way the scan does not decode (brotli, zstd, two codings, a
+/// transfer coding besides `chunked`), or not decoding as its coding says. The client would
+/// decode what the check could not.
 pub const ENCODED_RESPONSE: &str = "encoded-response";
 
-/// Why an answer is not relayed, judged on its head: it carries a secret (in its reason
-/// phrase, a header's name or value), or its body could not be checked for one.
-pub fn refused_head<B: Body>(echoes: &Echoes, resp: &hyper::Response<B>) -> Option<&'static str> {
+/// How an answer's body is read for the secret, judged on its head: as it is, or decoded
+/// (`Some`); `Err` with the reason it is refused: it carries a secret (in its reason phrase,
+/// a header's name or value), or its body could not be read for one.
+pub fn read_head<B: Body>(
+    echoes: &Echoes,
+    resp: &hyper::Response<B>,
+) -> Result<Option<Coding>, &'static str> {
     let reason = resp.extensions().get::<hyper::ext::ReasonPhrase>();
     if echoes.in_headers(resp.headers()) || reason.is_some_and(|r| echoes.found_in(r.as_bytes())) {
-        return Some(SECRET_IN_RESPONSE);
+        return Err(SECRET_IN_RESPONSE);
+    }
+    if resp.body().is_end_stream() {
+        return Ok(None);
     }
     let headers = resp.headers();
-    let encoded = headers
-        .get_all(hyper::header::CONTENT_ENCODING)
-        .iter()
-        .map(|v| v.as_bytes().trim_ascii())
-        .any(|v| !v.is_empty() && !v.eq_ignore_ascii_case(b"identity"));
     // hyper takes only `chunked` off a transfer coding: `gzip, chunked` would reach the
     // scan compressed, and the client (the header is dropped as hop-by-hop, the bytes not).
     let transfer_coded = headers
@@ -52,7 +56,10 @@ pub fn refused_head<B: Body>(echoes: &Echoes, resp: &hyper::Response<B>) -> Opti
                 && !c.eq_ignore_ascii_case(b"chunked")
                 && !c.eq_ignore_ascii_case(b"identity")
         });
-    ((encoded || transfer_coded) && !resp.body().is_end_stream()).then_some(ENCODED_RESPONSE)
+    if transfer_coded {
+        return Err(ENCODED_RESPONSE);
+    }
+    Coding::of(headers).map_err(|()| ENCODED_RESPONSE)
 }
 
 /// The error that ends a body carrying the secret: the client's connection is cut.
@@ -86,6 +93,11 @@ impl Echoes {
         headers.iter().any(|(name, value)| {
             self.found_in(name.as_str().as_bytes()) || self.found_in(value.as_bytes())
         })
+    }
+
+    /// The length of the longest text.
+    pub(super) fn longest(&self) -> usize {
+        self.0.iter().map(Bytes::len).max().unwrap_or(0)
     }
 
     pub(super) fn found_in(&self, bytes: &[u8]) -> bool {

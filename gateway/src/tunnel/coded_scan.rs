@@ -1,0 +1,689 @@
+//! Answers content-encoded although the tunnel asked for none: objects stored compressed
+//! (`Content-Encoding: gzip` on an S3 or GCS object), servers that compress whatever was
+//! asked. The secret is looked for in every way a client may read the body: decoded as its
+//! coding says (gzip members one after another; deflate as zlib, and as raw deflate, which
+//! clients fall back to), and as the bytes themselves, for a client that does not decode
+//! (a gzip header's file name or comment is never decoded). The bytes are relayed as they
+//! came, a chunk at a time once it is read every way; a chunk after which some reading ends
+//! with what could begin the secret waits for the next.
+//!
+//! What the decoders keep (their window of decoded bytes) is not wiped, as hyper's read
+//! buffers are not; the scanner's own copies are.
+
+use std::{
+    io::Write as _,
+    pin::Pin,
+    sync::{Mutex, PoisonError},
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Bytes, BytesMut};
+use flate2::write::{DeflateDecoder, MultiGzDecoder, ZlibDecoder};
+use http_body::{Body, Frame, SizeHint};
+use hyper::HeaderMap;
+
+use super::{
+    body_scan::{BoxError, with_held},
+    late_cut,
+    response_scan::{ENCODED_RESPONSE, Echoes, SECRET_IN_RESPONSE, SecretInResponse},
+};
+
+/// A content coding the scan reads through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coding {
+    Gzip,
+    Deflate,
+}
+
+impl Coding {
+    /// The one coding `Content-Encoding` names, besides `identity`: `Ok(None)` for none,
+    /// `Err(())` for any the scan cannot read through (br, zstd, compress, or two codings).
+    pub fn of(headers: &HeaderMap) -> Result<Option<Self>, ()> {
+        let mut codings = headers
+            .get_all(hyper::header::CONTENT_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
+        let Some(first) = codings.next() else {
+            return Ok(None);
+        };
+        if codings.next().is_some() {
+            return Err(());
+        }
+        if first.eq_ignore_ascii_case(b"gzip") || first.eq_ignore_ascii_case(b"x-gzip") {
+            Ok(Some(Self::Gzip))
+        } else if first.eq_ignore_ascii_case(b"deflate") {
+            Ok(Some(Self::Deflate))
+        } else {
+            Err(())
+        }
+    }
+}
+
+/// Decoded bytes may be at most this many times the encoded ones, beyond [`SLACK`]: a small
+/// answer that inflates to gigabytes would keep a worker decoding for nothing a client uses.
+/// Text and JSON compress 5-20 times, logs rarely past 100.
+const MAX_RATIO: u64 = 256;
+const SLACK: u64 = 16 << 20;
+
+/// A stream read for the secret piece by piece: each piece is checked, with the end of the
+/// one before, for a secret that spans them.
+struct Stream {
+    echoes: Echoes,
+    /// The last bytes read, as many as a secret less one: enough to see one that spans two
+    /// pieces.
+    tail: Vec<u8>,
+    keep: usize,
+}
+
+impl Stream {
+    fn new(echoes: Echoes) -> Self {
+        let keep = echoes.longest().saturating_sub(1);
+        Self {
+            echoes,
+            tail: Vec::with_capacity(2 * keep),
+            keep,
+        }
+    }
+
+    /// Whether `piece` completes a secret, here or with what came before.
+    fn completes(&mut self, piece: &[u8]) -> bool {
+        let head = &piece[..piece.len().min(self.keep)];
+        let tail_len = self.tail.len();
+        self.tail.extend_from_slice(head);
+        let spans = self.echoes.found_in(&self.tail);
+        self.tail.truncate(tail_len);
+        if spans || self.echoes.found_in(piece) {
+            return true;
+        }
+        if piece.len() >= self.keep {
+            zeroize::Zeroize::zeroize(&mut self.tail[..]);
+            self.tail.clear();
+            self.tail
+                .extend_from_slice(&piece[piece.len() - self.keep..]);
+        } else {
+            self.tail.extend_from_slice(piece);
+            let excess = self.tail.len().saturating_sub(self.keep);
+            zeroize::Zeroize::zeroize(&mut self.tail[..excess]);
+            self.tail.drain(..excess);
+        }
+        false
+    }
+
+    /// Whether what was read last could begin the secret.
+    fn pending(&self) -> bool {
+        self.echoes.pending(&self.tail) > 0
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.tail[..]);
+    }
+}
+
+/// Where a decoder writes: the decoded stream, read as it comes, never kept.
+struct Sink {
+    stream: Stream,
+    found: bool,
+    decoded: u64,
+    /// How many decoded bytes the encoded ones read so far allow.
+    budget: u64,
+}
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.decoded += buf.len() as u64;
+        if self.stream.completes(buf) {
+            self.found = true;
+            return Err(std::io::Error::other("the secret"));
+        }
+        if self.decoded > self.budget {
+            return Err(std::io::Error::other("inflates past the ratio allowed"));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Decoder {
+    Gzip(MultiGzDecoder<Sink>),
+    Zlib(ZlibDecoder<Sink>),
+    Raw(DeflateDecoder<Sink>),
+}
+
+impl Decoder {
+    /// Decodes `bytes`, and everything they let the decoder emit.
+    fn feed(&mut self, bytes: &[u8], budget: u64) -> std::io::Result<()> {
+        self.sink().budget = budget;
+        match self {
+            Self::Gzip(d) => d.write_all(bytes).and_then(|()| d.flush()),
+            Self::Zlib(d) => d.write_all(bytes).and_then(|()| d.flush()),
+            Self::Raw(d) => d.write_all(bytes).and_then(|()| d.flush()),
+        }
+    }
+
+    fn sink(&mut self) -> &mut Sink {
+        match self {
+            Self::Gzip(d) => d.get_mut(),
+            Self::Zlib(d) => d.get_mut(),
+            Self::Raw(d) => d.get_mut(),
+        }
+    }
+}
+
+/// One way of decoding the body. A client reads it this way for sure (`required`), or may
+/// (raw deflate under a zlib header, which some clients try when zlib fails): a required
+/// reading that fails cuts the answer, since the client's decoder would not fail alike; a
+/// possible one that fails is dropped, as a client's decoder would stop there too.
+struct Reading {
+    decoder: Decoder,
+    required: bool,
+}
+
+/// Whether two bytes begin a zlib stream (RFC 1950: deflate, a window up to 32 KiB, a
+/// header check that divides by 31), as clients judge it to choose between zlib and raw.
+fn zlib_header(b0: u8, b1: u8) -> bool {
+    b0 & 0x0f == 8 && b0 >> 4 <= 7 && (u16::from(b0) << 8 | u16::from(b1)) % 31 == 0
+}
+
+/// Relays `inner`, an encoded body, cut before anything any reading of it finds the secret in.
+pub struct Scanned<B> {
+    inner: B,
+    echoes: Echoes,
+    /// The bytes as relayed.
+    raw: Stream,
+    /// `None` until the first bytes show which deflate it is.
+    readings: Option<Vec<Reading>>,
+    /// The first byte of a deflate body, until the second comes.
+    first: Option<u8>,
+    encoded: u64,
+    /// Chunks read every way but not relayed yet, because a reading ends with what could
+    /// begin the secret.
+    held: Vec<Bytes>,
+    held_len: usize,
+    trailers: Option<HeaderMap>,
+    /// Records the cut (in a mutex only so the body is `Sync`; see response_scan).
+    cut: Mutex<Option<late_cut::Record>>,
+    done: bool,
+}
+
+impl<B> Scanned<B> {
+    pub fn new(inner: B, coding: Coding, echoes: Echoes, cut: late_cut::Record) -> Self {
+        let readings = match coding {
+            Coding::Gzip => Some(vec![Reading {
+                decoder: Decoder::Gzip(MultiGzDecoder::new(Self::sink(&echoes))),
+                required: true,
+            }]),
+            Coding::Deflate => None,
+        };
+        Self {
+            inner,
+            raw: Stream::new(echoes.clone()),
+            echoes,
+            readings,
+            first: None,
+            encoded: 0,
+            held: Vec::new(),
+            held_len: 0,
+            trailers: None,
+            cut: Mutex::new(Some(cut)),
+            done: false,
+        }
+    }
+
+    fn sink(echoes: &Echoes) -> Sink {
+        Sink {
+            stream: Stream::new(echoes.clone()),
+            found: false,
+            decoded: 0,
+            budget: SLACK,
+        }
+    }
+
+    /// The deflate readings, once the body's first two bytes are known.
+    fn deflate_readings(&self, b0: u8, b1: u8) -> Vec<Reading> {
+        let raw = Decoder::Raw(DeflateDecoder::new(Self::sink(&self.echoes)));
+        if !zlib_header(b0, b1) {
+            return vec![Reading {
+                decoder: raw,
+                required: true,
+            }];
+        }
+        vec![
+            Reading {
+                decoder: Decoder::Zlib(ZlibDecoder::new(Self::sink(&self.echoes))),
+                required: true,
+            },
+            Reading {
+                decoder: raw,
+                required: false,
+            },
+        ]
+    }
+
+    /// Reads `data` every way: `Err` with the reason to cut, else whether to hold it.
+    fn read(&mut self, data: &[u8]) -> Result<bool, &'static str> {
+        if self.raw.completes(data) {
+            return Err(SECRET_IN_RESPONSE);
+        }
+        self.encoded += data.len() as u64;
+        let budget = self.encoded.saturating_mul(MAX_RATIO).saturating_add(SLACK);
+        if self.readings.is_none() {
+            // Deflate: zlib or raw is judged on the first two bytes, whichever chunks they
+            // come in.
+            match (self.first, data) {
+                (first, []) => return Ok(first.is_some()),
+                (None, [b0]) => {
+                    self.first = Some(*b0);
+                    return Ok(true);
+                }
+                (None, [b0, b1, ..]) => self.readings = Some(self.deflate_readings(*b0, *b1)),
+                (Some(b0), [b1, ..]) => {
+                    self.readings = Some(self.deflate_readings(b0, *b1));
+                    self.decode(&[b0], budget)?;
+                }
+            }
+        }
+        self.decode(data, budget)
+    }
+
+    fn decode(&mut self, data: &[u8], budget: u64) -> Result<bool, &'static str> {
+        let readings = self.readings.get_or_insert_with(Vec::new);
+        let mut failed = None;
+        readings.retain_mut(|r| match r.decoder.feed(data, budget) {
+            Ok(()) => true,
+            Err(_) if r.decoder.sink().found => {
+                failed = Some(SECRET_IN_RESPONSE);
+                true
+            }
+            Err(_) if r.required => {
+                failed = failed.or(Some(ENCODED_RESPONSE));
+                true
+            }
+            Err(_) => false,
+        });
+        if let Some(reason) = failed {
+            return Err(reason);
+        }
+        Ok(self.raw.pending()
+            || readings
+                .iter_mut()
+                .any(|r| r.decoder.sink().stream.pending()))
+    }
+
+    fn cut(&mut self, reason: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.done = true;
+        self.held.clear();
+        self.held_len = 0;
+        self.trailers = None;
+        let cut = self.cut.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(record) = cut.take() {
+            record(reason);
+        }
+        Poll::Ready(Some(Err(SecretInResponse.into())))
+    }
+
+    /// What is held, as one chunk.
+    fn release(&mut self) -> Option<Bytes> {
+        self.held_len = 0;
+        match self.held.len() {
+            0 => None,
+            1 => self.held.pop(),
+            _ => {
+                let mut joined = BytesMut::with_capacity(self.held.iter().map(Bytes::len).sum());
+                for chunk in self.held.drain(..) {
+                    joined.extend_from_slice(&chunk);
+                }
+                Some(joined.freeze())
+            }
+        }
+    }
+}
+
+impl<B> Body for Scanned<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.done {
+            if let Some(rest) = this.release() {
+                return Poll::Ready(Some(Ok(Frame::data(rest))));
+            }
+            return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        }
+        loop {
+            let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    this.done = true;
+                    this.held.clear();
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                None => {
+                    // A stream that ends on what could begin the secret ends without it.
+                    this.done = true;
+                    return Poll::Ready(this.release().map(|rest| Ok(Frame::data(rest))));
+                }
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    let Ok(trailers) = frame.into_trailers() else {
+                        continue;
+                    };
+                    if this.echoes.in_headers(&trailers) {
+                        return this.cut(SECRET_IN_RESPONSE);
+                    }
+                    this.done = true;
+                    this.trailers = Some(trailers);
+                    let rest = this.release();
+                    return Poll::Ready(Some(Ok(match rest {
+                        Some(rest) => Frame::data(rest),
+                        None => Frame::trailers(this.trailers.take().unwrap_or_default()),
+                    })));
+                }
+            };
+            let hold = match this.read(&data) {
+                Ok(hold) => hold,
+                Err(reason) => return this.cut(reason),
+            };
+            this.held_len += data.len();
+            this.held.push(data);
+            if !hold && let Some(chunk) = this.release() {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.done {
+            return self.held.is_empty() && self.trailers.is_none();
+        }
+        self.held.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        with_held(self.inner.size_hint(), self.held_len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use flate2::{Compression, GzBuilder, write::GzEncoder};
+    use http_body_util::BodyExt as _;
+
+    use super::{super::body_scan::Chunks, *};
+
+    const SECRET: &[u8] = b"s3cret-value";
+
+    fn echoes() -> Echoes {
+        Echoes::new(&Arc::from([Bytes::from_static(SECRET)])).unwrap()
+    }
+
+    struct Relayed {
+        frames: Vec<Bytes>,
+        failed: bool,
+        recorded: Vec<&'static str>,
+    }
+
+    impl Relayed {
+        fn bytes(&self) -> Vec<u8> {
+            self.frames.concat()
+        }
+    }
+
+    async fn relay(chunks: Vec<Bytes>, coding: Coding) -> Relayed {
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let record = {
+            let recorded = recorded.clone();
+            Box::new(move |reason| recorded.lock().unwrap().push(reason))
+        };
+        let mut scanned = Scanned::new(Chunks::of_bytes(chunks), coding, echoes(), record);
+        let mut frames = Vec::new();
+        let mut failed = false;
+        while let Some(frame) = scanned.frame().await {
+            match frame {
+                Ok(f) => frames.push(f.into_data().unwrap()),
+                Err(_) => failed = true,
+            }
+        }
+        let recorded = recorded.lock().unwrap().clone();
+        Relayed {
+            frames,
+            failed,
+            recorded,
+        }
+    }
+
+    /// `body` cut into pieces of `size` bytes.
+    fn pieces(body: &[u8], size: usize) -> Vec<Bytes> {
+        body.chunks(size).map(Bytes::copy_from_slice).collect()
+    }
+
+    fn gzip(text: &[u8]) -> Vec<u8> {
+        let mut e = GzEncoder::new(Vec::new(), Compression::default());
+        e.write_all(text).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn zlib(text: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), Compression::default());
+        e.write_all(text).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn raw_deflate(text: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), Compression::default());
+        e.write_all(text).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// What a client decoding the relayed bytes as far as they go would read, every way.
+    fn decoded_prefix(relayed: &[u8], coding: Coding) -> Vec<u8> {
+        fn decode<W: std::io::Write>(mut d: W, relayed: &[u8]) -> W {
+            let _ = d.write_all(relayed).and_then(|()| d.flush());
+            d
+        }
+        let mut out = match coding {
+            Coding::Gzip => decode(MultiGzDecoder::new(Vec::new()), relayed)
+                .get_ref()
+                .clone(),
+            Coding::Deflate => decode(ZlibDecoder::new(Vec::new()), relayed)
+                .get_ref()
+                .clone(),
+        };
+        out.extend_from_slice(decode(DeflateDecoder::new(Vec::new()), relayed).get_ref());
+        out
+    }
+
+    fn holds_secret(bytes: &[u8]) -> bool {
+        memchr::memmem::find(bytes, SECRET).is_some()
+    }
+
+    #[test]
+    fn the_coding_is_read_from_every_content_encoding_line() {
+        let of = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(hyper::header::CONTENT_ENCODING, v.parse().unwrap());
+            }
+            Coding::of(&h)
+        };
+        assert_eq!(of(&[]), Ok(None));
+        assert_eq!(of(&["identity"]), Ok(None));
+        assert_eq!(of(&[" "]), Ok(None));
+        for gzip in [
+            &["gzip"][..],
+            &["X-Gzip"],
+            &[" GZIP "],
+            &["identity, gzip"],
+            &["", "gzip"],
+        ] {
+            assert_eq!(of(gzip), Ok(Some(Coding::Gzip)), "{gzip:?}");
+        }
+        assert_eq!(of(&["deflate"]), Ok(Some(Coding::Deflate)));
+        for other in [
+            &["br"][..],
+            &["zstd"],
+            &["gzip, gzip"],
+            &["gzip", "deflate"],
+            &["compress"],
+        ] {
+            assert_eq!(of(other), Err(()), "{other:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_clean_encoded_body_is_relayed_as_it_came() {
+        let text = b"{\"items\": [1, 2, 3], \"note\": \"nothing secret here\"}".repeat(40);
+        for (coding, body) in [
+            (Coding::Gzip, gzip(&text)),
+            (Coding::Deflate, zlib(&text)),
+            (Coding::Deflate, raw_deflate(&text)),
+        ] {
+            for size in [1, 2, 3, 7, 64, body.len()] {
+                let relayed = relay(pieces(&body, size), coding).await;
+                assert!(
+                    !relayed.failed && relayed.recorded.is_empty(),
+                    "{coding:?} {size}"
+                );
+                assert_eq!(relayed.bytes(), body, "{coding:?} {size}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_relayed_as_it_is_flushed() {
+        let mut e = GzEncoder::new(Vec::new(), Compression::default());
+        let mut chunks = Vec::new();
+        for event in ["data: one\n\n", "data: two\n\n", "data: three\n\n"] {
+            e.write_all(event.as_bytes()).unwrap();
+            e.flush().unwrap();
+            chunks.push(Bytes::from(std::mem::take(e.get_mut())));
+        }
+        let relayed = relay(chunks.clone(), Coding::Gzip).await;
+        assert!(!relayed.failed);
+        assert_eq!(relayed.frames, chunks);
+    }
+
+    #[tokio::test]
+    async fn the_secret_is_cut_however_the_encoded_body_is_split() {
+        let mut text = b"{\"padding\": \"".to_vec();
+        text.extend_from_slice(&b"abcdefgh".repeat(50));
+        text.extend_from_slice(b"\", \"echoed\": \"Bearer s3cret-value\"}");
+        let mut gzip_members = gzip(b"a first member, clean");
+        gzip_members.extend_from_slice(&gzip(&text));
+        for (what, coding, body) in [
+            ("gzip", Coding::Gzip, gzip(&text)),
+            ("second gzip member", Coding::Gzip, gzip_members),
+            ("zlib", Coding::Deflate, zlib(&text)),
+            ("raw deflate", Coding::Deflate, raw_deflate(&text)),
+            (
+                "stored",
+                Coding::Gzip,
+                GzEncoder::new(Vec::new(), Compression::none())
+                    .tap_write(&text)
+                    .finish()
+                    .unwrap(),
+            ),
+        ] {
+            for size in 1..=body.len().min(80) {
+                let relayed = relay(pieces(&body, size), coding).await;
+                assert!(relayed.failed, "{what} {size}");
+                assert_eq!(relayed.recorded, [SECRET_IN_RESPONSE], "{what} {size}");
+                let sent = relayed.bytes();
+                assert!(!holds_secret(&sent), "{what} {size}");
+                // Nor any of it: what could begin the secret waited for the rest.
+                let decoded = decoded_prefix(&sent, coding);
+                assert!(
+                    memchr::memmem::find(&decoded, b"Bearer s").is_none(),
+                    "{what} {size}: a client decodes the secret's start"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_secret_in_bytes_no_decoder_reads_is_cut_too() {
+        // A gzip header's file name is skipped by decoders, not by a client that saves the
+        // bytes as they are.
+        let mut e = GzBuilder::new()
+            .filename("s3cret-value.txt")
+            .write(Vec::new(), Compression::default());
+        e.write_all(b"harmless").unwrap();
+        let body = e.finish().unwrap();
+        for size in [1, 5, body.len()] {
+            let relayed = relay(pieces(&body, size), Coding::Gzip).await;
+            assert!(relayed.failed, "{size}");
+            assert_eq!(relayed.recorded, [SECRET_IN_RESPONSE], "{size}");
+            assert!(!holds_secret(&relayed.bytes()), "{size}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_does_not_decode_as_labelled_is_cut_before_any_of_it_is_relayed() {
+        let mut trailing = gzip(b"clean");
+        trailing.extend_from_slice(b"and then plain bytes");
+        for (what, coding, body, relayed_at_most) in [
+            (
+                "plain text labelled gzip",
+                Coding::Gzip,
+                b"plain text".to_vec(),
+                0,
+            ),
+            (
+                "plain text labelled deflate",
+                Coding::Deflate,
+                b"plain text".to_vec(),
+                0,
+            ),
+            (
+                "bytes after the gzip member",
+                Coding::Gzip,
+                trailing.clone(),
+                gzip(b"clean").len(),
+            ),
+        ] {
+            let relayed = relay(vec![Bytes::from(body)], coding).await;
+            assert!(relayed.failed, "{what}");
+            assert_eq!(relayed.recorded, [ENCODED_RESPONSE], "{what}");
+            assert!(relayed.bytes().len() <= relayed_at_most, "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_inflates_past_the_ratio_is_cut() {
+        let zeros = vec![0u8; 2 * SLACK as usize];
+        let body = gzip(&zeros);
+        assert!((zeros.len() as u64) > SLACK + body.len() as u64 * MAX_RATIO);
+        let relayed = relay(pieces(&body, 16 << 10), Coding::Gzip).await;
+        assert!(relayed.failed);
+        assert_eq!(relayed.recorded, [ENCODED_RESPONSE]);
+    }
+
+    trait TapWrite {
+        fn tap_write(self, bytes: &[u8]) -> Self;
+    }
+
+    impl<W: std::io::Write> TapWrite for GzEncoder<W> {
+        fn tap_write(mut self, bytes: &[u8]) -> Self {
+            self.write_all(bytes).unwrap();
+            self
+        }
+    }
+}
