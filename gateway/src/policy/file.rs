@@ -1398,12 +1398,50 @@ fn http_lints(d: &mut Diag<'_>, rules: &[HttpRule], at: &[Place], all_valid: boo
         };
         d.push(&b.span, severity, message);
     }
+    spliced_beside_credential(d, rules, at);
     if !all_valid {
         return;
     }
     if let Err(e) = crate::tunnel::rules::Rules::new(rules) {
         let at = at.first().map_or(0..0, |n| n.span.clone());
         d.error(&at, format!("the tunnel cannot compile these rules: {e}"));
+    }
+}
+
+/// A warning for a passthrough rule that reaches an upstream a credential is sent to (the
+/// same host, a wildcard over it, or the same `connect`): its answers are spliced unread, so
+/// a secret that upstream stores or echoes would reach the sandbox unseen through it.
+fn spliced_beside_credential(d: &mut Diag<'_>, rules: &[HttpRule], at: &[Place]) {
+    let covers = |wide: &str, host: &str| {
+        wide.eq_ignore_ascii_case(host)
+            || wide.strip_prefix("*.").is_some_and(|base| {
+                let base = format!(".{}", base.to_ascii_lowercase());
+                host.to_ascii_lowercase().ends_with(&base)
+            })
+    };
+    for (p, spliced) in rules.iter().enumerate().filter(|(_, r)| r.passthrough) {
+        let shared = rules.iter().enumerate().find(|(_, c)| {
+            !c.passthrough
+                && c.credential.is_some()
+                && (covers(&spliced.host, &c.host)
+                    || covers(&c.host, &spliced.host)
+                    || spliced.connect.is_some() && spliced.connect == c.connect)
+        });
+        let (Some((c, credentialed)), Some(place)) = (shared, at.get(p)) else {
+            continue;
+        };
+        let Some(other) = at.get(c) else {
+            continue;
+        };
+        let (i, j, l) = (place.index, other.index, d.line_of(&other.span));
+        let name = credentialed.credential.as_deref().unwrap_or_default();
+        d.push(
+            &place.span,
+            Severity::Warning,
+            format!(
+                "passthrough rule {i} splices TLS unread to an upstream rule {j} (line {l}) sends credential `{name}` to: an answer through rule {i} is not checked for the secret, so one that upstream stores or echoes would reach the sandbox; intercept this host instead"
+            ),
+        );
     }
 }
 

@@ -379,3 +379,32 @@ fn a_credential_header_the_tunnel_removes_or_refuses_is_an_error() {
         );
     }
 }
+
+#[test]
+fn a_passthrough_rule_beside_a_credential_for_its_upstream_is_a_warning() {
+    let policy = |spliced: &str| {
+        warnings_of(&format!(
+            "version = 1\n[[http.allow]]\nhost = \"api.example.com\"\ncredential = \"api\"\nconnect = \"192.0.2.1:443\"\nprivate = true\n\n[[http.allow]]\n{spliced}passthrough = true\n\n[credentials.api]\nenv = \"API_TOKEN\"\n"
+        ))
+    };
+    for spliced in [
+        "host = \"API.example.com\"\nport = 8443\n",
+        "host = \"*.example.com\"\n",
+        "host = \"other.example.org\"\nconnect = \"192.0.2.1:443\"\nprivate = true\n",
+    ] {
+        assert_eq!(
+            policy(spliced),
+            [
+                "p.toml:8:1: warning: passthrough rule 1 splices TLS unread to an upstream rule 0 (line 2) sends credential `api` to: an answer through rule 1 is not checked for the secret, so one that upstream stores or echoes would reach the sandbox; intercept this host instead"
+            ],
+            "{spliced}"
+        );
+    }
+    for spliced in [
+        "host = \"example.com\"\n",
+        "host = \"*.example.org\"\n",
+        "host = \"other.example.org\"\nconnect = \"192.0.2.2:443\"\nprivate = true\n",
+    ] {
+        assert_eq!(policy(spliced), Vec::<String>::new(), "{spliced}");
+    }
+}
