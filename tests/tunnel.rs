@@ -202,16 +202,26 @@ fn curl_gets_the_credential_injected_and_a_forged_one_replaced() {
             "{CURL}
 r plain https://api.test/v1/items?limit=1
 r forged -H 'Authorization: Bearer forged-by-the-agent' https://api.test/v1/forged
+r connection -H 'Connection: authorization, accept-encoding' https://api.test/v1/connection
 r post -X POST -H 'Expect: 100-continue' --data-binary hello https://api.test/v1/post
 r redirect https://api.test/redirect
+r both-lengths https://api.test/v1/both-lengths
 "
         ),
     );
     let replies = replies(&out.stdout);
     let ctx = || described(&out, &[&api]);
-    for name in ["plain", "forged", "post"] {
+    for name in ["plain", "forged", "connection", "post"] {
         assert_eq!(reply(&replies, name, &out).code, 200, "{name}\n{}", ctx());
     }
+    // An answer framed both ways is read by its chunks, and relayed with that length only.
+    let both = reply(&replies, "both-lengths", &out);
+    assert_eq!(
+        (both.code, both.exit, both.body.trim()),
+        (200, 0, "ok"),
+        "{}",
+        ctx()
+    );
     let echo: Value = serde_json::from_str(&reply(&replies, "plain", &out).body).unwrap();
     assert_eq!(echo["path"], "/v1/items?limit=1", "{}", ctx());
 
@@ -222,8 +232,10 @@ r redirect https://api.test/redirect
         [
             json!("/v1/items?limit=1"),
             json!("/v1/forged"),
+            json!("/v1/connection"),
             json!("/v1/post"),
-            json!("/redirect")
+            json!("/redirect"),
+            json!("/v1/both-lengths")
         ],
         "the tunnel must not follow the redirect to /landing\n{}",
         ctx()
@@ -243,11 +255,18 @@ r redirect https://api.test/redirect
             "Host sent upstream: {host:?}"
         );
     }
-    assert_eq!(requests[2]["method"], "POST");
-    assert_eq!(requests[2]["body_len"], 5);
+    // A `Connection` naming the tunnel's own headers took neither off.
+    assert_eq!(
+        header(&requests[2], "accept-encoding"),
+        ["identity"],
+        "{}",
+        ctx()
+    );
+    assert_eq!(requests[3]["method"], "POST");
+    assert_eq!(requests[3]["body_len"], 5);
     // The tunnel answers `100 Continue` itself and sends the body at once: an upstream
     // answering the expectation early would take the body for a request of its own.
-    assert!(header(&requests[2], "expect").is_empty(), "{}", ctx());
+    assert!(header(&requests[3], "expect").is_empty(), "{}", ctx());
 
     let redirect = reply(&replies, "redirect", &out);
     assert_eq!(redirect.code, 302, "{}", ctx());
@@ -3285,6 +3304,102 @@ fn a_placeholder_in_a_body_toward_an_http2_upstream_is_refused() {
         "{reply:?}\n{}",
         out.describe()
     );
+}
+
+/// node serving HTTP/2 over TLS on 127.0.0.1, killed on drop: it answers with the trailers
+/// of the request it received, and whether the credential came with it.
+struct NodeH2 {
+    child: Child,
+    port: u16,
+}
+
+impl NodeH2 {
+    fn start(pki: &Pki) -> Self {
+        let script = format!(
+            r#"
+const http2 = require("http2"), fs = require("fs");
+const server = http2.createSecureServer(
+  {{ key: fs.readFileSync({key:?}), cert: fs.readFileSync({cert:?}) }},
+  (req, res) => {{
+    req.resume();
+    req.on("end", () => res.end(JSON.stringify({{
+      trailers: req.trailers,
+      credential: req.headers["authorization"] === "Bearer {SECRET}",
+    }})));
+  }});
+server.listen(0, "127.0.0.1", () => console.log("PORT " + server.address().port));
+"#,
+            key = pki.key.to_str().unwrap(),
+            cert = pki.cert.to_str().unwrap(),
+        );
+        let mut child = Command::new("node")
+            .args(["-e", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("node is needed for this test (apt-get install nodejs)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("node did not start: {line:?}"));
+        Self { child, port }
+    }
+}
+
+impl Drop for NodeH2 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A request's trailers would reach an HTTP/2 upstream past every header check (an override
+/// header, the agent's own Authorization): none are forwarded.
+#[test]
+fn request_trailers_never_reach_an_http2_upstream() {
+    let pki = Pki::new();
+    let node = NodeH2::start(&pki);
+    let run = api_run("tunnel-trailers", &pki, node.port, "credential = \"api\"");
+    let out = python(
+        &run,
+        &format!(
+            r#"{CONNECTED}
+import ssl
+t = ssl.create_default_context().wrap_socket(connected("api.test")[0], server_hostname="api.test")
+t.settimeout(10)
+t.sendall(b"POST /v1/trailers HTTP/1.1\r\nHost: api.test\r\nTransfer-Encoding: chunked\r\n"
+          b"Trailer: X-HTTP-Method-Override, Authorization\r\nConnection: close\r\n\r\n"
+          b"5\r\nhello\r\n0\r\nX-HTTP-Method-Override: DELETE\r\n"
+          b"Authorization: Bearer forged-by-the-agent\r\n\r\n")
+data = b""
+while True:
+    chunk = t.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+head, _, body = data.partition(b"\r\n\r\n")
+print(json.dumps({{"status": head.split(b"\r\n")[0].decode(), "body": body.decode(errors="replace")}}), flush=True)
+"#
+        ),
+    );
+    assert_eq!(
+        printed(&out, "status"),
+        "HTTP/1.1 200 OK",
+        "{}",
+        out.describe()
+    );
+    let body = printed(&out, "body").as_str().unwrap_or_default();
+    // The answer is chunked: its one chunk holds node's JSON.
+    let json_start = body.find('{').unwrap_or(0);
+    let json_end = body.rfind('}').map_or(body.len(), |e| e + 1);
+    let seen: Value = serde_json::from_str(&body[json_start..json_end])
+        .unwrap_or_else(|e| panic!("{e}: {body:?}\n{}", out.describe()));
+    assert_eq!(seen["credential"], true, "{seen}\n{}", out.describe());
+    assert_eq!(seen["trailers"], json!({}), "{seen}\n{}", out.describe());
 }
 
 #[test]

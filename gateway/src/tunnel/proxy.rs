@@ -207,6 +207,9 @@ impl Tunnel {
         };
         let client_upgrade = ws.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        // Before the tunnel adds its own headers: a `Connection` naming them must not take
+        // the credential or `Accept-Encoding: identity` off again.
+        headers::strip_hop_by_hop(&mut parts.headers, ws);
         if let Err(Refusal(status, reason)) =
             credentials(&snapshot.secrets, &mut parts, target, route.credential())
         {
@@ -228,7 +231,6 @@ impl Tunnel {
                 HeaderValue::from_static("identity"),
             );
         }
-        headers::strip_hop_by_hop(&mut parts.headers, ws);
         // The Host upstream is generated from the checked authority, never copied.
         parts.headers.remove(header::HOST);
         // The tunnel answered `100 Continue` itself and sends the body at once: an upstream
@@ -285,8 +287,12 @@ impl Tunnel {
             );
         }
         let scanned = !unlisted.is_empty() || form.is_some();
-        let body: upstream::RequestBody = if unlisted.is_empty() {
+        let body: upstream::RequestBody = if bodiless {
             body.map_err(Into::into).boxed()
+        } else if unlisted.is_empty() {
+            // Trailers would reach an HTTP/2 upstream (hyper drops them toward HTTP/1.1)
+            // past every header check: none go.
+            body.map_frame(without_trailers).map_err(Into::into).boxed()
         } else {
             body_scan::Scanned::new(body, unlisted).boxed()
         };
@@ -404,6 +410,11 @@ impl Tunnel {
         }
         let (verdict, reason) = route.verdict(&resp);
         let (mut parts, body) = resp.into_parts();
+        if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+            // hyper read the body by its chunks (RFC 9112, 6.3); a Content-Length beside
+            // them would give the client another length than the body it gets.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         headers::strip_hop_by_hop(&mut parts.headers, false);
         fields.status = Some(parts.status.as_u16());
         let fields = super::prepared(fields, client);
@@ -536,6 +547,15 @@ impl Tunnel {
 /// refused: in the URL, toward a host whose rule does not name its credential, and in any
 /// other header even toward its own host, where it is never swapped for the secret (an
 /// upstream that echoes headers back would hand the sandbox the secret).
+/// A request body's trailers, as an empty chunk.
+fn without_trailers(frame: hyper::body::Frame<bytes::Bytes>) -> hyper::body::Frame<bytes::Bytes> {
+    if frame.is_trailers() {
+        hyper::body::Frame::data(bytes::Bytes::new())
+    } else {
+        frame
+    }
+}
+
 fn credentials(
     secrets: &Secrets,
     parts: &mut hyper::http::request::Parts,
