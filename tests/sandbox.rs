@@ -1500,6 +1500,46 @@ fn a_secret_file_in_a_directory_others_may_write_is_refused() {
     assert!(out.stderr.contains("which uid 4242 owns"), "{ctx}");
 }
 
+/// A link in the middle of the way to the file counts as the file's own directory does: the
+/// policy names a link in a root-only directory that leads, through a link in a directory
+/// the sandbox's user owns, back to a root-only file; that user could point the middle link
+/// at any file root may read, which the tunnel would then send upstream.
+#[test]
+fn a_secret_file_reached_through_a_link_others_may_replace_is_refused() {
+    let (run, secrets, real) = secret_file_run("secret-file-hop", 0, 0, 0o600);
+    let hops = Scratch::new("secret-file-hop-links");
+    std::os::unix::fs::chown(&hops.dir, Some(4242), Some(4242)).unwrap();
+    let hop = hops.dir.join("hop");
+    std::os::unix::fs::symlink(&real, &hop).unwrap();
+    let named = secrets.dir.join("named");
+    std::os::unix::fs::symlink(&hop, &named).unwrap();
+    let named = named.to_str().unwrap().to_owned();
+    let run = Run::new(
+        "secret-file-hop",
+        &policy(
+            "secret-file-hop",
+            &format!(
+                "[[http.allow]]\nhost = \"api.test\"\ncredential = \"api\"\n[credentials.api]\nfile = {named:?}\n"
+            ),
+        ),
+    );
+    let out = run.finish(run.command(&["sh", "-c", &reads(&real)]).output().unwrap());
+    let ctx = out.describe();
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    assert!(!out.stdout.contains("started"), "CMD ran\n{ctx}");
+    for part in [
+        "credential `api`".to_owned(),
+        format!(
+            "secret file {named} is reached through {}",
+            hops.dir.display()
+        ),
+        "which uid 4242 owns".to_owned(),
+    ] {
+        assert!(out.stderr.contains(&part), "no {part:?} on stderr\n{ctx}");
+    }
+    assert!(!out.stderr.contains(FILE_SECRET), "{ctx}");
+}
+
 /// Variables whose names look like secrets never reach CMD, unless `--keep-env` names them;
 /// one warning names them, never their values.
 #[test]

@@ -78,6 +78,10 @@ pub enum CredentialError {
     #[error("credential `{name}`: the secret is empty")]
     Empty { name: String },
     #[error(
+        "credential `{name}`: the secret holds a control character (a line break, a tab, a NUL): a secret is one line of text; check the variable or file"
+    )]
+    Control { name: String },
+    #[error(
         "credential `{name}`: header `{header}` or the formatted secret is not a valid HTTP header (control characters?)"
     )]
     Header { name: String, header: String },
@@ -240,19 +244,24 @@ fn load_one(
                     fix: exposed.fix(path, context.another_user),
                 });
             }
-            Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
-                CredentialError::File {
-                    name: name.into(),
-                    path: path.clone(),
-                    source,
-                }
-            })?)
+            secret_file::read(path).map_err(|source| CredentialError::File {
+                name: name.into(),
+                path: path.clone(),
+                source,
+            })?
         }
     };
-    // Files usually end in a newline that is not part of the token.
-    let value = Zeroizing::new(raw.trim_end_matches(['\n', '\r']).to_owned());
+    // Files usually end in a newline that is not part of the token. Spaces around it are
+    // no part of it either: an upstream trims them from the header (RFC 9110, 5.5), so one
+    // that echoed the value would send back text the answer scan did not look for.
+    let value = Zeroizing::new(raw.trim_ascii().to_owned());
     if value.is_empty() {
         return Err(CredentialError::Empty { name: name.into() });
+    }
+    if value.bytes().any(|b| b.is_ascii_control()) {
+        // Checked here for every format: base64 (Basic) would carry a line break or a NUL
+        // upstream where a header could not.
+        return Err(CredentialError::Control { name: name.into() });
     }
     let header_err = || CredentialError::Header {
         name: name.into(),
@@ -559,6 +568,43 @@ mod tests {
             ]
         );
         let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn spaces_around_a_secret_are_not_part_of_it_and_control_characters_are_refused() {
+        let cred = |file: &str, basic_user: Option<&str>| Credential {
+            source: SecretSource::File(file.into()),
+            header: "Authorization".into(),
+            format: "Bearer {secret}".into(),
+            basic_user: basic_user.map(str::to_owned),
+            placeholder: None,
+        };
+        // An upstream trims the header's value: an echo of it is found only if the scan
+        // looks for the secret as trimmed.
+        let file = secret_file("spaced", " \ts3cret \r\n");
+        let secret = load_one("c", &cred(&file, None), &ctx(), false).unwrap();
+        assert_eq!(secret.header_value(), "Bearer s3cret");
+        assert_eq!(secret.echoes().to_vec(), ["s3cret"]);
+        let _ = std::fs::remove_file(&file);
+        for (what, text) in [
+            ("two lines", "first\nsecond\n"),
+            ("a NUL", "s3c\0ret"),
+            ("a control byte", "s3c\x01ret"),
+            ("a tab inside", "s3c\tret"),
+        ] {
+            let file = secret_file("control", text);
+            for basic_user in [None, Some("x-access-token")] {
+                let e = load_one("c", &cred(&file, basic_user), &ctx(), false)
+                    .err()
+                    .unwrap_or_else(|| panic!("{what} {basic_user:?}"));
+                assert!(
+                    matches!(e, CredentialError::Control { .. }),
+                    "{what} {basic_user:?}: {e}"
+                );
+                assert!(!e.to_string().contains("s3c"), "{e}");
+            }
+            let _ = std::fs::remove_file(&file);
+        }
     }
 
     #[test]

@@ -5,10 +5,13 @@
 //! tunnel would then send upstream).
 
 use std::{
-    ffi::CString,
+    collections::VecDeque,
+    ffi::{CString, OsString},
     os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
 };
+
+use zeroize::Zeroizing;
 
 /// Who runs in the sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +70,16 @@ pub enum Exposure {
         dir: PathBuf,
         mode: u32,
     },
+    /// An entry on its path, in a sticky directory others may write, belongs to someone else
+    /// than root: its owner may replace it.
+    EntryOwned {
+        entry: PathBuf,
+        uid: u32,
+    },
+    /// Group or others may write it: the credential could be set from outside.
+    Writable {
+        mode: u32,
+    },
 }
 
 impl Exposure {
@@ -93,6 +106,13 @@ impl Exposure {
                 "is in directory {}, which others may write (mode {mode:o}), so the file could be replaced, e.g. by a link to another file that the tunnel would then send upstream",
                 dir.display()
             ),
+            Self::EntryOwned { entry, uid } => format!(
+                "is reached through {}, which uid {uid} owns in a directory others may write, so it could be replaced, e.g. by a link to another file that the tunnel would then send upstream",
+                entry.display()
+            ),
+            Self::Writable { mode } => format!(
+                "may be written by others than root (mode {mode:o}), so someone else could set the credential the tunnel sends"
+            ),
         }
     }
 
@@ -104,7 +124,11 @@ impl Exposure {
             Self::OwnedBySandboxUser { .. } | Self::GroupReadable { .. } => {
                 format!("{own}, or {another_user}")
             }
-            Self::WorldReadable { .. } => own,
+            Self::WorldReadable { .. } | Self::Writable { .. } => own,
+            Self::EntryOwned { entry, .. } => format!(
+                "keep the file, and every link to it, in a directory only root may write (such as /etc/gateway/secrets), not through {}",
+                entry.display()
+            ),
             Self::Acl { .. } => format!("setfacl -b {f} && {own}"),
             Self::DirectoryOwned { dir, .. } | Self::DirectoryWritable { dir, .. } => {
                 let d = dir.display();
@@ -142,41 +166,123 @@ pub fn exposure(file: &Path, reader: &SandboxReader) -> Option<Exposure> {
     if mode & 0o040 != 0 && has_acl(file) {
         return Some(Exposure::Acl { mode });
     }
+    if mode & 0o022 != 0 {
+        return Some(Exposure::Writable { mode });
+    }
     replaceable(file)
 }
 
-/// A directory someone other than root (the gateway's user) may write, on the path as
-/// written or on the path it resolves to.
+/// A directory someone other than root (the gateway's user) may write, among those the file
+/// is looked up in: each directory on the path as written and, link by link, on every path
+/// a symbolic link on the way leads to (a link in the middle of the path counts as much as
+/// the file's own directory); or, in a sticky directory such as /tmp, an entry on the way
+/// that someone else owns.
 fn replaceable(file: &Path) -> Option<Exposure> {
     let gateway = nix::unistd::geteuid().as_raw();
-    let written = std::path::absolute(file).ok()?;
-    let mut dirs: Vec<PathBuf> = written.ancestors().skip(1).map(Path::to_owned).collect();
-    if let Ok(real) = std::fs::canonicalize(file) {
-        for d in real.ancestors().skip(1) {
-            if !dirs.iter().any(|x| x == d) {
-                dirs.push(d.to_owned());
-            }
-        }
-    }
-    for dir in dirs {
-        let Ok(meta) = std::fs::metadata(&dir) else {
+    let trusted = |uid: u32| uid == 0 || uid == gateway;
+    let mut pending: VecDeque<OsString> = names(&std::path::absolute(file).ok()?);
+    let mut at = PathBuf::from("/");
+    let mut judged: Vec<PathBuf> = Vec::new();
+    let mut links = 0;
+    while let Some(name) = pending.pop_front() {
+        if name == ".." {
+            at.pop();
             continue;
-        };
-        let mode = meta.mode() & 0o7777;
-        if meta.uid() != 0 && meta.uid() != gateway {
-            return Some(Exposure::DirectoryOwned {
-                dir,
+        }
+        let dir = std::fs::metadata(&at).ok()?;
+        let mode = dir.mode() & 0o7777;
+        let sticky = mode & 0o1000 != 0;
+        if !judged.contains(&at) {
+            if !trusted(dir.uid()) {
+                return Some(Exposure::DirectoryOwned {
+                    dir: at,
+                    uid: dir.uid(),
+                    mode,
+                });
+            }
+            // In a sticky directory (/tmp) only an entry's owner may rename or remove it:
+            // the entry is judged below.
+            if mode & 0o022 != 0 && !sticky {
+                return Some(Exposure::DirectoryWritable { dir: at, mode });
+            }
+            judged.push(at.clone());
+        }
+        let entry = at.join(&name);
+        // Missing: not judged here (reading it says why).
+        let meta = std::fs::symlink_metadata(&entry).ok()?;
+        if sticky && mode & 0o022 != 0 && !trusted(meta.uid()) {
+            return Some(Exposure::EntryOwned {
+                entry,
                 uid: meta.uid(),
-                mode,
             });
         }
-        // In a sticky directory (/tmp) only an entry's owner may rename or remove it, and
-        // the entry below is judged next.
-        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-            return Some(Exposure::DirectoryWritable { dir, mode });
+        if !meta.file_type().is_symlink() {
+            at = entry;
+            continue;
+        }
+        links += 1;
+        if links > MAX_LINKS {
+            return None;
+        }
+        let target = std::fs::read_link(&entry).ok()?;
+        if target.is_absolute() {
+            at = PathBuf::from("/");
+        }
+        for name in names(&target).into_iter().rev() {
+            pending.push_front(name);
         }
     }
     None
+}
+
+/// As many links as the kernel follows on one path before it gives up (ELOOP).
+const MAX_LINKS: usize = 40;
+
+/// The names on `path`, `..` kept, the root and `.` left out.
+fn names(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_owned()),
+            Component::ParentDir => Some(OsString::from("..")),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+        .collect()
+}
+
+/// A credential's secret is one line; a file far larger is not one.
+pub const MAX_SECRET_BYTES: u64 = 64 << 10;
+
+/// Reads a secret file judged by [`exposure`]: a regular file (a FIFO or a device would
+/// block the reload, or never end) of at most [`MAX_SECRET_BYTES`].
+pub fn read(path: &Path) -> std::io::Result<Zeroizing<String>> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other(
+            "it is not a regular file (a FIFO or a device would block or never end)",
+        ));
+    }
+    if meta.len() > MAX_SECRET_BYTES {
+        return Err(std::io::Error::other(format!(
+            "it holds {} bytes, more than the {MAX_SECRET_BYTES} a secret may",
+            meta.len()
+        )));
+    }
+    // Room for all of it up front: a String that grew would leave an unwiped copy behind.
+    let mut text = Zeroizing::new(String::with_capacity(meta.len() as usize + 1));
+    (&mut file)
+        .take(MAX_SECRET_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_SECRET_BYTES {
+        return Err(std::io::Error::other(format!(
+            "it holds more than the {MAX_SECRET_BYTES} bytes a secret may"
+        )));
+    }
+    Ok(text)
 }
 
 fn has_acl(file: &Path) -> bool {
@@ -327,8 +433,71 @@ mod tests {
         );
         chmod(&target_dir.0, 0o755);
         assert_eq!(exposure(&link, &other), None);
+        // A link in the middle: the file's own directory and the target's are root's, the
+        // link between them sits where others may write, and could be pointed elsewhere.
+        let middle_dir = Dir(dir.0.with_extension("middle"));
+        std::fs::create_dir(&middle_dir.0).unwrap();
+        chmod(&middle_dir.0, 0o777);
+        std::os::unix::fs::symlink(&target, middle_dir.0.join("hop")).unwrap();
+        let first = dir.0.join("first");
+        std::os::unix::fs::symlink(middle_dir.0.join("hop"), &first).unwrap();
+        assert_eq!(
+            exposure(&first, &other),
+            Some(Exposure::DirectoryWritable {
+                dir: middle_dir.0.clone(),
+                mode: 0o777
+            })
+        );
+        // Sticky, as /tmp: the link there is judged by its owner.
+        chmod(&middle_dir.0, 0o1777);
+        assert_eq!(exposure(&first, &other), None);
+        let stranger = me.wrapping_add(4242);
+        nix::unistd::fchownat(
+            None,
+            &middle_dir.0.join("hop"),
+            Some(nix::unistd::Uid::from_raw(stranger)),
+            None,
+            nix::unistd::FchownatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+        assert_eq!(
+            exposure(&first, &other),
+            Some(Exposure::EntryOwned {
+                entry: middle_dir.0.join("hop"),
+                uid: stranger
+            })
+        );
+        // Writable by others: the credential could be set from outside.
+        chmod(&target, 0o602);
+        assert_eq!(
+            exposure(&target, &other),
+            Some(Exposure::Writable { mode: 0o602 })
+        );
+        chmod(&target, 0o600);
         // Missing: not judged here (reading it says why).
         assert_eq!(exposure(&dir.0.join("missing"), &other), None);
+    }
+
+    #[test]
+    fn only_a_regular_file_of_a_secret_s_size_is_read() {
+        let dir = Dir(std::env::temp_dir().join(format!(
+            "gateway-secret-read-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        )));
+        std::fs::create_dir(&dir.0).unwrap();
+        let file = dir.0.join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        assert_eq!(read(&file).unwrap().as_str(), "s3cret\n");
+        // A FIFO no one writes: refused at once, not waited on.
+        let fifo = dir.0.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = read(&fifo).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let big = dir.0.join("big");
+        std::fs::write(&big, vec![b'x'; MAX_SECRET_BYTES as usize + 1]).unwrap();
+        let e = read(&big).unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
     }
 
     #[test]
