@@ -457,7 +457,7 @@ mod tests {
             &middle_dir.0.join("hop"),
             Some(nix::unistd::Uid::from_raw(stranger)),
             None,
-            nix::unistd::FchownatFlags::NoFollowSymlink,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
         .unwrap();
         assert_eq!(
