@@ -1506,7 +1506,7 @@ fn a_secret_file_in_a_directory_others_may_write_is_refused() {
 /// at any file root may read, which the tunnel would then send upstream.
 #[test]
 fn a_secret_file_reached_through_a_link_others_may_replace_is_refused() {
-    let (run, secrets, real) = secret_file_run("secret-file-hop", 0, 0, 0o600);
+    let (_, secrets, real) = secret_file_run("secret-file-hop", 0, 0, 0o600);
     let hops = Scratch::new("secret-file-hop-links");
     std::os::unix::fs::chown(&hops.dir, Some(4242), Some(4242)).unwrap();
     let hop = hops.dir.join("hop");
