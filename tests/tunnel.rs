@@ -3142,6 +3142,173 @@ r big-chunked -X POST -H 'Transfer-Encoding: chunked' --data-binary @/tmp/big ht
     );
 }
 
+/// A TLS server (python's ssl, that is OpenSSL) on 127.0.0.1 that prints each SNI it is
+/// asked for, killed on drop.
+struct SniLogger {
+    child: Child,
+    port: u16,
+    out: BufReader<ChildStdout>,
+}
+
+impl SniLogger {
+    fn start(pki: &Pki) -> Self {
+        let script = format!(
+            r#"
+import socket, ssl, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain({cert:?}, {key:?})
+ctx.sni_callback = lambda sock, name, c: print("SNI", name, flush=True)
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+print("PORT", srv.getsockname()[1], flush=True)
+def serve(c):
+    try:
+        ctx.wrap_socket(c, server_side=True).recv(100)
+    except Exception:
+        pass
+    finally:
+        c.close()
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"#,
+            cert = pki.cert.to_str().unwrap(),
+            key = pki.key.to_str().unwrap(),
+        );
+        let mut child = Command::new("python3")
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the TLS server did not start: {line:?}"));
+        Self { child, port, out }
+    }
+
+    /// The names asked for so far (the server is stopped to read them).
+    fn names(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut rest = String::new();
+        let _ = self.out.read_to_string(&mut rest);
+        rest.lines()
+            .filter_map(|l| l.strip_prefix("SNI "))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for SniLogger {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A passthrough session's second ClientHello (after a HelloRetryRequest) is checked as the
+/// first is: naming another host, it never reaches the upstream, whose SNI callback would
+/// otherwise switch to that host's virtual server. Sent at once behind the first, as an
+/// attacker may, or after the retry, as clients do.
+#[test]
+fn a_second_client_hello_after_a_retry_must_name_the_same_host() {
+    let pki = Pki::new();
+    let server = SniLogger::start(&pki);
+    let rules = rule("api.test", server.port, "passthrough = true");
+    let run = Run::new(
+        "tunnel-hello-retry",
+        &tunnel_policy("tunnel-hello-retry", &pki, &rules),
+    );
+    let out = python(
+        &run,
+        &format!(
+            r#"{CONNECTED}
+import os, struct
+def ext(t, d):
+    return struct.pack(">HH", t, len(d)) + d
+def hello(sni, share, rnd, sid):
+    """A TLS 1.3 ClientHello offering x25519, with `share` as its key share (none asks
+    the server for a retry)."""
+    name = sni.encode()
+    exts = (ext(0, struct.pack(">HBH", len(name) + 3, 0, len(name)) + name)
+            + ext(0x0a, struct.pack(">HH", 2, 0x001d))
+            + ext(0x0d, struct.pack(">H", 8) + bytes.fromhex("0403080404010804"))
+            + ext(0x2b, bytes([2, 3, 4]))
+            + ext(0x33, struct.pack(">H", len(share)) + share))
+    body = (b"\x03\x03" + rnd + bytes([len(sid)]) + sid + struct.pack(">H", 2) + b"\x13\x01"
+            + b"\x01\x00" + struct.pack(">H", len(exts)) + exts)
+    hs = b"\x01" + struct.pack(">I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack(">H", len(hs)) + hs
+RETRY = bytes.fromhex("CF21AD74E59A6111BE1D8C021E65B891C2A211167ABB8C5E079E09E2C8A8339C")
+CCS = b"\x14\x03\x03\x00\x01\x01"
+def attempt(second_sni, at_once):
+    s, status = connected("api.test")
+    rnd, sid = os.urandom(32), os.urandom(32)
+    second = CCS + hello(second_sni, struct.pack(">HH", 0x1d, 32) + os.urandom(32), rnd, sid)
+    first = hello("api.test", b"", rnd, sid)
+    s.settimeout(5)
+    if at_once:
+        s.sendall(first + second)
+    else:
+        s.sendall(first)
+    got = b""
+    try:
+        while RETRY not in got:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        retried = RETRY in got
+        if not at_once:
+            s.sendall(second)
+        after = b""
+        while len(after) < 6:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            after += chunk
+    except OSError as e:
+        retried, after = RETRY in got, b""
+    # A ServerHello after the second hello: the handshake went on.
+    print(json.dumps({{"attempt": [second_sni, at_once], "retried": retried,
+                      "went_on": after[:1] == b"\x16"}}), flush=True)
+    s.close()
+attempt("api.test", False)
+attempt("other.test", False)
+attempt("other.test", True)
+"#
+        ),
+    );
+    let ctx = out.describe();
+    let attempts: Vec<&Value> = out
+        .lines
+        .iter()
+        .filter(|l| l.get("attempt").is_some())
+        .collect();
+    assert_eq!(attempts.len(), 3, "{ctx}");
+    // The same name again: the retry is spliced as any handshake is.
+    assert_eq!(attempts[0]["retried"], true, "{ctx}");
+    assert_eq!(attempts[0]["went_on"], true, "{ctx}");
+    for a in &attempts[1..] {
+        assert_eq!(a["went_on"], false, "{a}\n{ctx}");
+    }
+    let names = server.names();
+    assert!(
+        names.iter().all(|n| n == "api.test") && !names.is_empty(),
+        "the upstream was asked for {names:?}\n{ctx}"
+    );
+    let mismatches = proxy_records(&out)
+        .into_iter()
+        .filter(|r| r["verdict"] == "deny" && r["reason"] == "sni-mismatch")
+        .count();
+    assert_eq!(mismatches, 2, "{ctx}");
+}
+
 #[test]
 fn passthrough_splices_tls_after_the_sni_check() {
     let pki = Pki::new();

@@ -8,13 +8,13 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use http_body_util::BodyExt as _;
 use hyper::{Request, Response, StatusCode, body::Incoming};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 
 use super::{
     Body, Tunnel,
     authority::{Authority, canonical_host},
     guard::Prefixed,
-    upstream,
+    hello_gate, upstream,
 };
 use crate::{
     audit::{ProxyFields, Verdict},
@@ -129,12 +129,7 @@ impl Tunnel {
                     return;
                 }
             };
-        let sni_ok = match &sni {
-            Some(name) => canonical_host(name).as_deref() == Some(target.host.as_str()),
-            // Clients send no SNI for an IP address.
-            None => target.ip().is_some(),
-        };
-        if !sni_ok {
+        if !sni_matches(sni.as_deref(), &target) {
             self.record(Verdict::Deny, "sni-mismatch", client, fields);
             return;
         }
@@ -142,9 +137,24 @@ impl Tunnel {
             match upstream::dial_raw(&spec, &target.host, target.port, &self.upstream).await {
                 Ok(mut up) => {
                     fields.rule = Some(rule);
-                    self.record(Verdict::Allow, "passthrough", client, fields);
-                    if up.write_all(&hello).await.is_ok() {
-                        let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+                    let Some(hello_end) = hello_gate::first_hello_end(&hello) else {
+                        self.record(Verdict::Deny, "not-tls", client, fields);
+                        return;
+                    };
+                    self.record(Verdict::Allow, "passthrough", client, fields.clone());
+                    let sni_ok = |sni: Option<&str>| sni_matches(sni, &target);
+                    let opened = hello_gate::open(&mut io, &mut up, &hello, hello_end, &sni_ok);
+                    match tokio::time::timeout(HELLO_TIMEOUT, opened).await {
+                        Ok(Ok(())) => {
+                            let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+                        }
+                        Ok(Err(hello_gate::Refused::SniMismatch)) => {
+                            self.record(Verdict::Deny, "sni-mismatch", client, fields);
+                        }
+                        Ok(Err(hello_gate::Refused::NotTls)) => {
+                            self.record(Verdict::Deny, "not-tls", client, fields);
+                        }
+                        Ok(Err(hello_gate::Refused::Closed)) | Err(_) => {}
                     }
                 }
                 Err(e) => {
@@ -184,6 +194,15 @@ impl Tunnel {
             }
         };
         self.serve_http(tls, client, Some(target)).await;
+    }
+}
+
+/// Whether a ClientHello's SNI names the CONNECT target. Clients send no SNI for an IP
+/// address.
+fn sni_matches(sni: Option<&str>, target: &Authority) -> bool {
+    match sni {
+        Some(name) => canonical_host(name).as_deref() == Some(target.host.as_str()),
+        None => target.ip().is_some(),
     }
 }
 

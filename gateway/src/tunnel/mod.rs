@@ -11,6 +11,7 @@ mod credentials;
 mod form_override;
 mod guard;
 pub(crate) mod headers;
+mod hello_gate;
 mod late_cut;
 pub(crate) mod path_forms;
 mod pool;
