@@ -72,6 +72,10 @@ pub enum CredentialError {
     )]
     KeptCredentialVariable { name: String, var: String },
     #[error(
+        "credential `{name}` reads its secret from ${var}, which is not valid UTF-8 text: a secret is one line of text"
+    )]
+    EnvNotText { name: String, var: String },
+    #[error(
         "credential `{name}` sets placeholder ${var}, which the sandbox's environment does not have: placeholder credentials cannot be added by reload: restart the sandbox"
     )]
     PlaceholderAdded { name: String, var: String },
@@ -221,8 +225,12 @@ fn load_one(
     reload: bool,
 ) -> Result<Secret, CredentialError> {
     let raw = match &cred.source {
-        SecretSource::Env(var) => {
-            Zeroizing::new(std::env::var(var).map_err(|_| CredentialError::EnvMissing {
+        SecretSource::Env(var) => Zeroizing::new(std::env::var(var).map_err(|e| match e {
+            std::env::VarError::NotUnicode(_) => CredentialError::EnvNotText {
+                name: name.into(),
+                var: var.clone(),
+            },
+            std::env::VarError::NotPresent => CredentialError::EnvMissing {
                 name: name.into(),
                 var: var.clone(),
                 what_to_do: if reload {
@@ -233,8 +241,8 @@ fn load_one(
                 } else {
                     format!(": export it in the environment of {}", context.command)
                 },
-            })?)
-        }
+            },
+        })?),
         SecretSource::File(path) => {
             if let Some(exposed) = secret_file::exposure(path, &context.sandbox) {
                 return Err(CredentialError::FileExposed {
@@ -636,6 +644,28 @@ mod tests {
             message(true),
             format!(
                 "credential `api` reads its secret from ${var}, which is not set in the environment gateway serve started with, which a reload cannot change: export it and restart gateway serve"
+            )
+        );
+        // Set, but not text: said so, not "not set", and without the value.
+        let bad = format!("GATEWAY_UNIT_TEST_NOT_TEXT_{}", std::process::id());
+        // SAFETY: a variable of this test's own, which no other thread reads or writes.
+        unsafe {
+            std::env::set_var(
+                &bad,
+                <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"s3c\xffret"),
+            )
+        };
+        let cred = Credential {
+            source: SecretSource::Env(bad.clone()),
+            ..cred
+        };
+        let e = load_one("api", &cred, &serve, false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "credential `api` reads its secret from ${bad}, which is not valid UTF-8 text: a secret is one line of text"
             )
         );
     }
