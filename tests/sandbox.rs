@@ -384,6 +384,43 @@ report("relative", lambda: connect(os.path.basename({path:?})))
     assert!(dgram.recv(&mut [0u8; 16]).is_err(), "{}", out.describe());
 }
 
+/// The kernel judges a unix connect by the path as written: an allowed path in a directory
+/// the sandbox's user may write could be turned into a link to any socket that user may
+/// reach. Such a policy is refused before anything starts.
+#[test]
+fn an_allowed_socket_path_the_sandbox_could_replace_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let scratch = Scratch::new("unix-replaceable");
+    let allowed = HostUnix::bind(&scratch.dir, "svc.sock");
+    std::fs::set_permissions(&scratch.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let path = allowed.path.to_str().unwrap();
+    let run = Run::new(
+        "unix-replaceable",
+        &policy(
+            "unix-replaceable",
+            &format!("[[unix.allow]]\npath = {path:?}\n"),
+        ),
+    );
+    let out = run.finish(run.command(&["sh", "-c", "echo started"]).output().unwrap());
+    let ctx = out.describe();
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    assert!(!out.stdout.contains("started"), "CMD ran\n{ctx}");
+    for part in [
+        format!("[[unix.allow]] path {path}"),
+        format!(
+            "the sandbox's user may write directory {} (mode 777",
+            scratch.dir.display()
+        ),
+        "put a link to another socket in its place".to_owned(),
+    ] {
+        assert!(out.stderr.contains(&part), "no {part:?} on stderr\n{ctx}");
+    }
+    // Only root may write it: the same policy runs.
+    std::fs::set_permissions(&scratch.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = run.finish(run.command(&["sh", "-c", "echo started"]).output().unwrap());
+    assert_eq!(out.stdout, "started\n", "{}", out.describe());
+}
+
 #[test]
 fn raw_packet_and_icmp_sockets_are_refused() {
     let run = Run::new("raw", &policy("raw", ""));

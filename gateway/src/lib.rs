@@ -8,6 +8,7 @@ pub mod run;
 pub mod sandbox;
 pub mod serve;
 pub mod tunnel;
+pub mod unix_reach;
 
 /// mimalloc instead of glibc's malloc, for every binary built on this library: the tunnel
 /// allocates and frees a few dozen small blocks per request (hyper's heads and buffers, the

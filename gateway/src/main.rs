@@ -170,7 +170,11 @@ fn main() -> ExitCode {
                 eprintln!("{p}");
                 return ExitCode::from(2);
             }
-            if e.downcast_ref::<tunnel::CredentialError>().is_some() {
+            // The policy's to fix, as a bad policy is: the usage exit code.
+            if e.downcast_ref::<tunnel::CredentialError>().is_some()
+                || e.downcast_ref::<gateway::unix_reach::Replaceable>()
+                    .is_some()
+            {
                 eprintln!("gateway: {e}");
                 return ExitCode::from(2);
             }

@@ -69,6 +69,8 @@ pub enum ReloadError {
     #[error("{0}")]
     Credential(#[from] CredentialError),
     #[error("{0}")]
+    UnixPath(#[from] crate::unix_reach::Replaceable),
+    #[error("{0}")]
     Kernel(#[from] KernelError),
     /// The tunnel's rules or upstream TLS settings could not be built.
     #[error("{0:#}")]
@@ -192,6 +194,7 @@ impl Reloader {
             return Err(ReloadError::Restart(restart));
         }
         let secrets = Secrets::reload(&next, &self.started.placeholders, &self.started.secrets)?;
+        crate::unix_reach::check(&next, &self.started.secrets.sandbox)?;
 
         // The kernel's spare buffer fills (system calls) while another thread compiles the
         // tunnel's rules and reads the upstream CAs; nothing is in force until both are done.

@@ -74,6 +74,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         another_user: "run CMD as another user (--user)",
     };
     let secrets = Secrets::load(&policy, &load)?;
+    crate::unix_reach::check(&policy, &load.sandbox)?;
     crate::tunnel::check_upstream_ca(&policy)?;
     let removal = env::removal(
         std::env::vars_os().map(|(name, _)| name),

@@ -56,6 +56,8 @@ pub fn serve(config_file: &Path) -> anyhow::Result<i32> {
         .map(|s| Secrets::load(&s.policy, &load_context(s)))
         .collect::<Result<Vec<_>, _>>()?;
     for sandbox in &config.sandboxes {
+        crate::unix_reach::check(&sandbox.policy, &load_context(sandbox).sandbox)
+            .with_context(|| format!("sandbox {}", sandbox.policy.name))?;
         tunnel::check_upstream_ca(&sandbox.policy)
             .with_context(|| format!("sandbox {}", sandbox.policy.name))?;
     }

@@ -1,0 +1,183 @@
+//! Whether the sandbox's user could put another socket where a `[[unix.allow]]` path points.
+//! The kernel judges a connect by the path as the sandbox wrote it, not by the socket it
+//! resolves to: a user who may replace an entry on the way (the socket, a directory, a link)
+//! could point the allowed path at any socket it may reach, such as docker.sock through its
+//! group. Such a path is refused before anything starts, and by a reload.
+
+use std::{
+    collections::VecDeque,
+    ffi::OsString,
+    os::unix::fs::MetadataExt as _,
+    path::{Component, Path, PathBuf},
+};
+
+use crate::{
+    policy::{Policy, UnixRule},
+    tunnel::SandboxReader,
+};
+
+/// As many links as the kernel follows on one path (ELOOP beyond).
+const MAX_LINKS: usize = 40;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "[[unix.allow]] path {path}: {why}, so the sandbox could put a link to another socket in its place, and connect to that through the allowed path: allow a socket whose directories only root may write, or run the sandbox as another user"
+)]
+pub struct Replaceable {
+    pub path: PathBuf,
+    pub why: String,
+}
+
+/// The first allowed socket path `reader` could replace.
+pub fn check(policy: &Policy, reader: &SandboxReader) -> Result<(), Replaceable> {
+    for rule in &policy.unix {
+        if let UnixRule::Path(path) = rule
+            && let Some(why) = replaceable_by(path, reader)
+        {
+            return Err(Replaceable {
+                path: path.clone(),
+                why,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// May `reader` change what `dir` holds: its owner (who may chmod it), or let in by the mode.
+fn may_write(meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
+    let mode = meta.mode();
+    match reader {
+        SandboxReader::User { uid, groups } => {
+            meta.uid() == *uid
+                || (mode & 0o020 != 0 && groups.contains(&meta.gid()))
+                || mode & 0o002 != 0
+        }
+        SandboxReader::Anyone => mode & 0o002 != 0,
+    }
+}
+
+fn owned_by(meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
+    matches!(reader, SandboxReader::User { uid, .. } if meta.uid() == *uid)
+}
+
+/// Why `reader` could replace an entry on the way to `path`, following links as the kernel
+/// does; `None` when it could not.
+fn replaceable_by(path: &Path, reader: &SandboxReader) -> Option<String> {
+    let mut pending: VecDeque<OsString> = names(path);
+    let mut at = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(name) = pending.pop_front() {
+        if name == ".." {
+            at.pop();
+            continue;
+        }
+        let dir = std::fs::metadata(&at).ok()?;
+        let entry = at.join(&name);
+        let found = std::fs::symlink_metadata(&entry).ok();
+        if may_write(&dir, reader) {
+            let sticky = dir.mode() & 0o1000 != 0;
+            // In a sticky directory (/tmp) only an entry's owner may replace it; a missing
+            // one anyone who may write there may create.
+            let theirs = found.as_ref().is_none_or(|m| owned_by(m, reader));
+            if !sticky || owned_by(&dir, reader) || theirs {
+                return Some(format!(
+                    "the sandbox's user may write directory {} (mode {:o}, uid {})",
+                    at.display(),
+                    dir.mode() & 0o7777,
+                    dir.uid()
+                ));
+            }
+        }
+        let meta = found?;
+        if !meta.file_type().is_symlink() {
+            at = entry;
+            continue;
+        }
+        links += 1;
+        if links > MAX_LINKS {
+            return None;
+        }
+        let target = std::fs::read_link(&entry).ok()?;
+        if target.is_absolute() {
+            at = PathBuf::from("/");
+        }
+        for name in names(&target).into_iter().rev() {
+            pending.push_front(name);
+        }
+    }
+    None
+}
+
+fn names(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_owned()),
+            Component::ParentDir => Some(OsString::from("..")),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    struct Dir(PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_socket_path_is_judged_by_who_may_replace_each_entry_on_the_way() {
+        let dir = Dir(std::env::temp_dir().join(format!(
+            "gateway-unix-reach-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        )));
+        std::fs::create_dir(&dir.0).unwrap();
+        chmod(&dir.0, 0o755);
+        let sock = dir.0.join("svc.sock");
+        std::fs::write(&sock, "").unwrap();
+        let sandbox = SandboxReader::User {
+            uid: 4242,
+            groups: vec![4242],
+        };
+        assert_eq!(replaceable_by(&sock, &sandbox), None);
+        assert_eq!(replaceable_by(&sock, &SandboxReader::Anyone), None);
+        // The sandbox's user owns the directory: it may chmod it and swap the socket.
+        std::os::unix::fs::chown(&dir.0, Some(4242), None).unwrap();
+        assert!(replaceable_by(&sock, &sandbox).is_some());
+        assert_eq!(replaceable_by(&sock, &SandboxReader::Anyone), None);
+        std::os::unix::fs::chown(&dir.0, Some(0), Some(4242)).unwrap();
+        chmod(&dir.0, 0o775);
+        assert!(replaceable_by(&sock, &sandbox).is_some());
+        // Sticky: another's socket stays; one of its own, or a missing one, does not.
+        chmod(&dir.0, 0o1777);
+        assert_eq!(replaceable_by(&sock, &sandbox), None);
+        assert!(replaceable_by(&dir.0.join("missing.sock"), &sandbox).is_some());
+        std::os::unix::fs::lchown(&sock, Some(4242), None).unwrap();
+        assert!(replaceable_by(&sock, &sandbox).is_some());
+        std::os::unix::fs::lchown(&sock, Some(0), None).unwrap();
+        chmod(&dir.0, 0o755);
+        // A link on the way, through a directory the sandbox may write.
+        let hop = Dir(dir.0.with_extension("hop"));
+        std::fs::create_dir(&hop.0).unwrap();
+        chmod(&hop.0, 0o777);
+        std::os::unix::fs::symlink(&sock, hop.0.join("link")).unwrap();
+        let named = dir.0.join("named.sock");
+        std::os::unix::fs::symlink(hop.0.join("link"), &named).unwrap();
+        let why = replaceable_by(&named, &sandbox).unwrap();
+        assert!(why.contains(&hop.0.display().to_string()), "{why}");
+        chmod(&hop.0, 0o755);
+        assert_eq!(replaceable_by(&named, &sandbox), None);
+    }
+}
