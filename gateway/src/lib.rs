@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod kernel;
+mod path_walk;
 pub mod policy;
 pub mod reload;
 pub mod run;

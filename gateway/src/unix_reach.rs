@@ -5,19 +5,14 @@
 //! group. Such a path is refused before anything starts, and by a reload.
 
 use std::{
-    collections::VecDeque,
-    ffi::OsString,
     os::unix::fs::MetadataExt as _,
-    path::{Component, Path, PathBuf},
+    path::{Path, PathBuf},
 };
 
 use crate::{
     policy::{Policy, UnixRule},
     tunnel::SandboxReader,
 };
-
-/// As many links as the kernel follows on one path (ELOOP beyond).
-const MAX_LINKS: usize = 40;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
@@ -60,62 +55,25 @@ fn owned_by(meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
     matches!(reader, SandboxReader::User { uid, .. } if meta.uid() == *uid)
 }
 
-/// Why `reader` could replace an entry on the way to `path`, following links as the kernel
-/// does; `None` when it could not.
+/// Why `reader` could replace an entry on the way to `path`; `None` when it could not.
 fn replaceable_by(path: &Path, reader: &SandboxReader) -> Option<String> {
-    let mut pending: VecDeque<OsString> = names(path);
-    let mut at = PathBuf::from("/");
-    let mut links = 0;
-    while let Some(name) = pending.pop_front() {
-        if name == ".." {
-            at.pop();
-            continue;
-        }
-        let dir = std::fs::metadata(&at).ok()?;
-        let entry = at.join(&name);
-        let found = std::fs::symlink_metadata(&entry).ok();
-        if may_write(&dir, reader) {
-            let sticky = dir.mode() & 0o1000 != 0;
-            // In a sticky directory (/tmp) only an entry's owner may replace it; a missing
-            // one anyone who may write there may create.
-            let theirs = found.as_ref().is_none_or(|m| owned_by(m, reader));
-            if !sticky || owned_by(&dir, reader) || theirs {
-                return Some(format!(
-                    "the sandbox's user may write directory {} (mode {:o}, uid {})",
-                    at.display(),
-                    dir.mode() & 0o7777,
-                    dir.uid()
-                ));
-            }
-        }
-        let meta = found?;
-        if !meta.file_type().is_symlink() {
-            at = entry;
-            continue;
-        }
-        links += 1;
-        if links > MAX_LINKS {
+    crate::path_walk::first(path, |l| {
+        if !may_write(l.dir_meta, reader) {
             return None;
         }
-        let target = std::fs::read_link(&entry).ok()?;
-        if target.is_absolute() {
-            at = PathBuf::from("/");
-        }
-        for name in names(&target).into_iter().rev() {
-            pending.push_front(name);
-        }
-    }
-    None
-}
-
-fn names(path: &Path) -> VecDeque<OsString> {
-    path.components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_owned()),
-            Component::ParentDir => Some(OsString::from("..")),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        // In a sticky directory (/tmp) only an entry's owner may replace it; a missing one
+        // anyone who may write there may create.
+        let sticky = l.dir_meta.mode() & 0o1000 != 0;
+        let theirs = l.found.is_none_or(|m| owned_by(m, reader));
+        (!sticky || owned_by(l.dir_meta, reader) || theirs).then(|| {
+            format!(
+                "the sandbox's user may write directory {} (mode {:o}, uid {})",
+                l.dir.display(),
+                l.dir_meta.mode() & 0o7777,
+                l.dir_meta.uid()
+            )
         })
-        .collect()
+    })
 }
 
 #[cfg(test)]

@@ -5,10 +5,9 @@
 //! tunnel would then send upstream).
 
 use std::{
-    collections::VecDeque,
-    ffi::{CString, OsString},
+    ffi::CString,
     os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
-    path::{Component, Path, PathBuf},
+    path::{Path, PathBuf},
 };
 
 use zeroize::Zeroizing;
@@ -173,80 +172,41 @@ pub fn exposure(file: &Path, reader: &SandboxReader) -> Option<Exposure> {
 }
 
 /// A directory someone other than root (the gateway's user) may write, among those the file
-/// is looked up in: each directory on the path as written and, link by link, on every path
-/// a symbolic link on the way leads to (a link in the middle of the path counts as much as
-/// the file's own directory); or, in a sticky directory such as /tmp, an entry on the way
-/// that someone else owns.
+/// is looked up in (a link in the middle of the path counts as much as the file's own
+/// directory); or, in a sticky directory such as /tmp, an entry on the way that someone
+/// else owns.
 fn replaceable(file: &Path) -> Option<Exposure> {
     let gateway = nix::unistd::geteuid().as_raw();
     let trusted = |uid: u32| uid == 0 || uid == gateway;
-    let mut pending: VecDeque<OsString> = names(&std::path::absolute(file).ok()?);
-    let mut at = PathBuf::from("/");
     let mut judged: Vec<PathBuf> = Vec::new();
-    let mut links = 0;
-    while let Some(name) = pending.pop_front() {
-        if name == ".." {
-            at.pop();
-            continue;
-        }
-        let dir = std::fs::metadata(&at).ok()?;
-        let mode = dir.mode() & 0o7777;
+    crate::path_walk::first(file, |l| {
+        let mode = l.dir_meta.mode() & 0o7777;
         let sticky = mode & 0o1000 != 0;
-        if !judged.contains(&at) {
-            if !trusted(dir.uid()) {
+        if !judged.iter().any(|d| d == l.dir) {
+            if !trusted(l.dir_meta.uid()) {
                 return Some(Exposure::DirectoryOwned {
-                    dir: at,
-                    uid: dir.uid(),
+                    dir: l.dir.to_owned(),
+                    uid: l.dir_meta.uid(),
                     mode,
                 });
             }
             // In a sticky directory (/tmp) only an entry's owner may rename or remove it:
             // the entry is judged below.
             if mode & 0o022 != 0 && !sticky {
-                return Some(Exposure::DirectoryWritable { dir: at, mode });
+                return Some(Exposure::DirectoryWritable {
+                    dir: l.dir.to_owned(),
+                    mode,
+                });
             }
-            judged.push(at.clone());
+            judged.push(l.dir.to_owned());
         }
-        let entry = at.join(&name);
         // Missing: not judged here (reading it says why).
-        let meta = std::fs::symlink_metadata(&entry).ok()?;
-        if sticky && mode & 0o022 != 0 && !trusted(meta.uid()) {
-            return Some(Exposure::EntryOwned {
-                entry,
-                uid: meta.uid(),
-            });
-        }
-        if !meta.file_type().is_symlink() {
-            at = entry;
-            continue;
-        }
-        links += 1;
-        if links > MAX_LINKS {
-            return None;
-        }
-        let target = std::fs::read_link(&entry).ok()?;
-        if target.is_absolute() {
-            at = PathBuf::from("/");
-        }
-        for name in names(&target).into_iter().rev() {
-            pending.push_front(name);
-        }
-    }
-    None
-}
-
-/// As many links as the kernel follows on one path before it gives up (ELOOP).
-const MAX_LINKS: usize = 40;
-
-/// The names on `path`, `..` kept, the root and `.` left out.
-fn names(path: &Path) -> VecDeque<OsString> {
-    path.components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_owned()),
-            Component::ParentDir => Some(OsString::from("..")),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        let found = l.found?;
+        (sticky && mode & 0o022 != 0 && !trusted(found.uid())).then(|| Exposure::EntryOwned {
+            entry: l.entry.to_owned(),
+            uid: found.uid(),
         })
-        .collect()
+    })
 }
 
 /// A credential's secret is one line; a file far larger is not one.
