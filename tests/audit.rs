@@ -897,3 +897,27 @@ fn planted_rotated_files_are_not_read_and_fail_verify() {
     assert!(!v.stdout.contains("chain intact"), "{}", v.describe());
     warned(&v);
 }
+
+#[test]
+fn verify_fails_on_records_the_chain_does_not_cover() {
+    let runs = two_runs("audit-unchained");
+    let mut lines = lines_of(&runs.log);
+    // Root's own copy, with an unchained record before the chain (as a log from before the
+    // chain existed would have, or as an insertion at the very start would).
+    lines.insert(
+        0,
+        r#"{"ts":"2000-01-01T00:00:00Z","layer":"kernel","verdict":"deny","sandbox":"old","reason":"not-allowlisted"}"#.to_owned(),
+    );
+    let copy = runs.a.scratch.dir.join("unchained.jsonl");
+    write_lines(&copy, &lines);
+    let out = verify(&copy);
+    assert_eq!(out.code, 1, "{}", out.describe());
+    assert!(
+        out.stderr.contains(&format!("{}:1: ", copy.display()))
+            && out.stderr.contains("carry no seq and prev")
+            && out.stderr.contains("not verified"),
+        "{}",
+        out.describe()
+    );
+    assert!(!out.stdout.contains("chain intact"), "{}", out.describe());
+}

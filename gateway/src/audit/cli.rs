@@ -23,7 +23,8 @@ pub struct AuditCli {
 #[derive(clap::Subcommand)]
 enum AuditCommand {
     /// Check the hash chain: exit 0 when intact, else 1 naming the first record that was
-    /// altered, removed or reordered, or a file of the log that could not be trusted.
+    /// altered, removed or reordered, records the chain does not cover, or a file of the log
+    /// that could not be trusted.
     Verify {
         /// The audit log; its rotated files (FILE.1, FILE.2.gz, ...) are checked too.
         #[arg(long, value_name = "FILE")]
