@@ -921,3 +921,68 @@ fn verify_fails_on_records_the_chain_does_not_cover() {
     );
     assert!(!out.stdout.contains("chain intact"), "{}", out.describe());
 }
+
+// ---------------------------------------------------------------------------------------
+// What reaches the auditor's terminal
+
+#[test]
+fn what_a_sandbox_chose_is_escaped_for_the_terminal() {
+    let upstream = upstream();
+    let refused = HostTcp::bind("127.0.0.1:0");
+    let run = Run::new("audit-escape", &audited_policy("audit-esc", upstream));
+    // A process name with a right-to-left override, a C1 CSI and a backslash sequence that
+    // would pass for an escaped ESC: 13 of comm's 15 bytes.
+    let script = r#"
+import ctypes, socket
+ctypes.CDLL(None).prctl(15, "\u202e\u009b\\u{1b}ev".encode(), 0, 0, 0)
+try:
+    socket.create_connection(("127.0.0.1", PORT), timeout=3)
+except OSError as e:
+    print("connect: errno", e.errno)
+"#
+    .replace("PORT", &refused.port.to_string());
+    let out = Command::new(gateway_bin())
+        .arg("run")
+        .arg("--policy")
+        .arg(&run.policy)
+        .arg("--audit-log")
+        .arg(&run.audit)
+        .args(["--user", "nobody", "--", "python3", "-c", &script])
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("connect: errno 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let comm = "\u{202e}\u{9b}\\u{1b}ev";
+    let table = audit(&["--log", p(&run.audit), "--layer", "kernel"]);
+    assert_eq!(table.code, 0, "{}", table.describe());
+    assert!(
+        table.stdout.contains("\\u{202e}\\u{9b}\\\\u{1b}ev["),
+        "{}",
+        table.describe()
+    );
+    let json = audit(&["--log", p(&run.audit), "--layer", "kernel", "--json"]);
+    assert_eq!(json.code, 0, "{}", json.describe());
+    assert!(
+        json.stdout.contains(r#""comm":"\u202e\u009b\\u{1b}ev""#),
+        "{}",
+        json.describe()
+    );
+    for out in [&table, &json] {
+        assert!(
+            !out.stdout.contains(['\u{202e}', '\u{9b}']),
+            "{}",
+            out.describe()
+        );
+    }
+    let records = json.records();
+    assert!(
+        records.iter().any(|r| r["comm"] == comm),
+        "the same value\n{}",
+        json.describe()
+    );
+}

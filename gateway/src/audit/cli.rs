@@ -52,7 +52,8 @@ struct ReadArgs {
     /// Only records of the sandbox with this name.
     #[arg(long, value_name = "NAME")]
     sandbox: Option<String>,
-    /// Print the matching records as JSON lines, unchanged, instead of a table.
+    /// Print the matching records as JSON lines, as written (C1 controls and format
+    /// characters escaped as \uXXXX), instead of a table.
     #[arg(long)]
     json: bool,
 }

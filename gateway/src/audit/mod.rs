@@ -6,6 +6,7 @@
 
 mod chain;
 pub mod cli;
+mod escape;
 mod files;
 mod line;
 mod query;
