@@ -684,3 +684,305 @@ fn verify_names_the_changed_deleted_and_swapped_records() {
     assert_eq!(verify(&copy).code, 0);
     assert_eq!(verify(log).code, 0);
 }
+
+// ---------------------------------------------------------------------------------------
+// Whose files the log trusts
+
+/// The sandbox's user (`nobody`).
+const NOBODY: u32 = 65534;
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A directory like /tmp (root's, world-writable, sticky) inside `run`'s scratch directory.
+fn sticky_dir(run: &Run) -> PathBuf {
+    let dir = run.scratch.dir.join("tmp");
+    std::fs::create_dir(&dir).unwrap();
+    chmod(&dir, 0o1777);
+    dir
+}
+
+/// `gateway run --audit-log LOG -- true` under `run`'s policy.
+fn run_with_log(run: &Run, log: &Path) -> Output {
+    Command::new(gateway_bin())
+        .arg("run")
+        .arg("--policy")
+        .arg(&run.policy)
+        .arg("--audit-log")
+        .arg(log)
+        .args(["--user", "nobody", "--", "true"])
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// `gateway run` refused to start on `log`, saying so with `what` and what to do.
+fn assert_refused_log(out: &Output, log: &Path, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}", log.display()))
+            && stderr.contains(what)
+            && stderr.contains("a directory only root can write"),
+        "no clear refusal naming {} ({what})\n{stderr}",
+        log.display()
+    );
+}
+
+#[test]
+fn a_symlink_at_the_log_path_is_refused_not_followed() {
+    let run = Run::new("audit-symlink", &policy("audit-link", ""));
+    let tmp = sticky_dir(&run);
+    // Any file root can write: the sandbox's user wants the records appended to it.
+    let victim = run.scratch.write("victim", "precious\n");
+    let link = tmp.join("gateway-audit.jsonl");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+    assert_refused_log(&run_with_log(&run, &link), &link, "symbolic link");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    // A dangling link: root does not create the file it points at.
+    let missing = run.scratch.dir.join("created-by-root");
+    let dangling = tmp.join("dangling.jsonl");
+    std::os::unix::fs::symlink(&missing, &dangling).unwrap();
+    std::os::unix::fs::lchown(&dangling, Some(NOBODY), Some(NOBODY)).unwrap();
+    assert_refused_log(&run_with_log(&run, &dangling), &dangling, "symbolic link");
+    assert!(!missing.exists());
+    // A directory on the way that is the sandbox user's link: it could point anywhere.
+    let etc_like = run.scratch.dir.join("etc");
+    std::fs::create_dir(&etc_like).unwrap();
+    let passwd = etc_like.join("passwd");
+    std::fs::write(&passwd, "root:x:0:0\n").unwrap();
+    let via = tmp.join("via");
+    std::os::unix::fs::symlink(&etc_like, &via).unwrap();
+    std::os::unix::fs::lchown(&via, Some(NOBODY), Some(NOBODY)).unwrap();
+    assert_refused_log(
+        &run_with_log(&run, &via.join("passwd")),
+        &via,
+        "symbolic link",
+    );
+    assert_eq!(std::fs::read_to_string(&passwd).unwrap(), "root:x:0:0\n");
+}
+
+#[test]
+fn a_log_file_the_sandbox_user_could_rewrite_is_refused() {
+    let run = Run::new("audit-owner", &policy("audit-owner", ""));
+    let tmp = sticky_dir(&run);
+    // Made by the sandbox's user before the run, mode 644: it could rewrite the records.
+    let planted = tmp.join("gateway-audit.jsonl");
+    std::fs::write(&planted, "").unwrap();
+    std::os::unix::fs::chown(&planted, Some(NOBODY), Some(NOBODY)).unwrap();
+    chmod(&planted, 0o644);
+    assert_refused_log(
+        &run_with_log(&run, &planted),
+        &planted,
+        "owned by uid 65534",
+    );
+    assert_eq!(std::fs::read_to_string(&planted).unwrap(), "");
+    // Root's, but anyone may write it.
+    let open = tmp.join("open.jsonl");
+    std::fs::write(&open, "").unwrap();
+    chmod(&open, 0o666);
+    assert_refused_log(
+        &run_with_log(&run, &open),
+        &open,
+        "writable by group or others",
+    );
+    assert_eq!(std::fs::read_to_string(&open).unwrap(), "");
+    // Not a file.
+    let dir = tmp.join("a-directory");
+    std::fs::create_dir(&dir).unwrap();
+    assert_refused_log(&run_with_log(&run, &dir), &dir, "not a regular file");
+    // A directory anyone may write without the sticky bit: anyone could swap the file.
+    let shared = run.scratch.dir.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    chmod(&shared, 0o777);
+    let in_shared = shared.join("audit.jsonl");
+    let out = run_with_log(&run, &in_shared);
+    assert_refused_log(
+        &out,
+        &in_shared,
+        "writable by others without the sticky bit",
+    );
+    assert!(!in_shared.exists());
+    // The sandbox user's own directory.
+    let theirs = tmp.join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();
+    let in_theirs = theirs.join("audit.jsonl");
+    assert_refused_log(
+        &run_with_log(&run, &in_theirs),
+        &in_theirs,
+        "owned by uid 65534",
+    );
+    assert!(!in_theirs.exists());
+}
+
+#[test]
+fn a_fresh_log_in_tmp_works_as_the_readme_shows() {
+    let run = Run::new("audit-readme", &policy("audit-readme", ""));
+    // As in the README: a new file straight in /tmp, made by root.
+    let log = PathBuf::from(format!(
+        "/tmp/gateway-audit-test-{}.jsonl",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&log);
+    let first = run_with_log(&run, &log);
+    let again = run_with_log(&run, &log);
+    let meta = std::fs::metadata(&log);
+    let _ = std::fs::remove_file(&log);
+    for out in [first, again] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = meta.unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o640));
+}
+
+#[test]
+fn planted_rotated_files_are_not_read_and_fail_verify() {
+    let upstream = upstream();
+    let refused = HostTcp::bind("127.0.0.1:0");
+    let run = Run::new("audit-planted", &audited_policy("audit-plant", upstream));
+    let tmp = sticky_dir(&run);
+    let log = tmp.join("audit.jsonl");
+    sandbox(&run, &log, &[], refused.port);
+    let genuine = std::fs::read_to_string(&log).unwrap();
+    let ok = verify(&log);
+    assert_eq!(ok.code, 0, "{}", ok.describe());
+    // The sandbox's user writes LOG.1 next to it: a record it never made, unchained.
+    let forged = r#"{"ts":"2030-01-01T00:00:00Z","layer":"proxy","verdict":"allow","sandbox":"audit-plant","reason":"forged-by-nobody","method":"GET","host":"api.test","port":80,"path":"/","status":200,"rule":0,"credential":null,"client":"127.0.0.1:1"}"#;
+    let planted = rotated(&log, 1);
+    std::fs::write(&planted, format!("{forged}\n")).unwrap();
+    std::os::unix::fs::chown(&planted, Some(NOBODY), Some(NOBODY)).unwrap();
+    // Root's file, but group-writable; and a link the sandbox's user made to a root file.
+    let writable = rotated(&log, 2);
+    std::fs::write(&writable, format!("{forged}\n")).unwrap();
+    chmod(&writable, 0o664);
+    let target = run.scratch.write("elsewhere.jsonl", &format!("{forged}\n"));
+    let link = rotated(&log, 3);
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+    let warned = |out: &Audit| {
+        for (f, why) in [
+            (&planted, "owned by uid 65534"),
+            (&writable, "writable by group or others"),
+            (&link, "symbolic link"),
+        ] {
+            assert!(
+                out.stderr.contains(&format!("{}: not read: ", f.display()))
+                    && out.stderr.contains(why),
+                "no warning for {}\n{}",
+                f.display(),
+                out.describe()
+            );
+        }
+    };
+    let json = audit(&["--log", p(&log), "--json"]);
+    assert_eq!(json.code, 0, "{}", json.describe());
+    assert_eq!(json.stdout, genuine, "only the gateway's own records");
+    warned(&json);
+    let table = audit(&["--log", p(&log)]);
+    assert_eq!(table.code, 0, "{}", table.describe());
+    assert!(!table.stdout.contains("forged"), "{}", table.describe());
+    warned(&table);
+    let v = verify(&log);
+    assert_eq!(v.code, 1, "{}", v.describe());
+    assert!(!v.stdout.contains("chain intact"), "{}", v.describe());
+    warned(&v);
+}
+
+#[test]
+fn verify_fails_on_records_the_chain_does_not_cover() {
+    let runs = two_runs("audit-unchained");
+    let mut lines = lines_of(&runs.log);
+    // Root's own copy, with an unchained record before the chain (as a log from before the
+    // chain existed would have, or as an insertion at the very start would).
+    lines.insert(
+        0,
+        r#"{"ts":"2000-01-01T00:00:00Z","layer":"kernel","verdict":"deny","sandbox":"old","reason":"not-allowlisted"}"#.to_owned(),
+    );
+    let copy = runs.a.scratch.dir.join("unchained.jsonl");
+    write_lines(&copy, &lines);
+    let out = verify(&copy);
+    assert_eq!(out.code, 1, "{}", out.describe());
+    assert!(
+        out.stderr.contains(&format!("{}:1: ", copy.display()))
+            && out.stderr.contains("carry no seq and prev")
+            && out.stderr.contains("not verified"),
+        "{}",
+        out.describe()
+    );
+    assert!(!out.stdout.contains("chain intact"), "{}", out.describe());
+}
+
+// ---------------------------------------------------------------------------------------
+// What reaches the auditor's terminal
+
+#[test]
+fn what_a_sandbox_chose_is_escaped_for_the_terminal() {
+    let upstream = upstream();
+    let refused = HostTcp::bind("127.0.0.1:0");
+    let run = Run::new("audit-escape", &audited_policy("audit-esc", upstream));
+    // A process name with a right-to-left override, a C1 CSI and a backslash sequence that
+    // would pass for an escaped ESC: 13 of comm's 15 bytes.
+    let script = r#"
+import ctypes, socket
+ctypes.CDLL(None).prctl(15, "\u202e\u009b\\u{1b}ev".encode(), 0, 0, 0)
+try:
+    socket.create_connection(("127.0.0.1", PORT), timeout=3)
+except OSError as e:
+    print("connect: errno", e.errno)
+"#
+    .replace("PORT", &refused.port.to_string());
+    let out = Command::new(gateway_bin())
+        .arg("run")
+        .arg("--policy")
+        .arg(&run.policy)
+        .arg("--audit-log")
+        .arg(&run.audit)
+        .args(["--user", "nobody", "--", "python3", "-c", &script])
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("connect: errno 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let comm = "\u{202e}\u{9b}\\u{1b}ev";
+    let table = audit(&["--log", p(&run.audit), "--layer", "kernel"]);
+    assert_eq!(table.code, 0, "{}", table.describe());
+    assert!(
+        table.stdout.contains("\\u{202e}\\u{9b}\\\\u{1b}ev["),
+        "{}",
+        table.describe()
+    );
+    let json = audit(&["--log", p(&run.audit), "--layer", "kernel", "--json"]);
+    assert_eq!(json.code, 0, "{}", json.describe());
+    assert!(
+        json.stdout.contains(r#""comm":"\u202e\u009b\\u{1b}ev""#),
+        "{}",
+        json.describe()
+    );
+    for out in [&table, &json] {
+        assert!(
+            !out.stdout.contains(['\u{202e}', '\u{9b}']),
+            "{}",
+            out.describe()
+        );
+    }
+    let records = json.records();
+    assert!(
+        records.iter().any(|r| r["comm"] == comm),
+        "the same value\n{}",
+        json.describe()
+    );
+}

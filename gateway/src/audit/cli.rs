@@ -23,7 +23,8 @@ pub struct AuditCli {
 #[derive(clap::Subcommand)]
 enum AuditCommand {
     /// Check the hash chain: exit 0 when intact, else 1 naming the first record that was
-    /// altered, removed or reordered.
+    /// altered, removed or reordered, records the chain does not cover, or a file of the log
+    /// that could not be trusted.
     Verify {
         /// The audit log; its rotated files (FILE.1, FILE.2.gz, ...) are checked too.
         #[arg(long, value_name = "FILE")]
@@ -51,7 +52,8 @@ struct ReadArgs {
     /// Only records of the sandbox with this name.
     #[arg(long, value_name = "NAME")]
     sandbox: Option<String>,
-    /// Print the matching records as JSON lines, unchanged, instead of a table.
+    /// Print the matching records as JSON lines, as written (C1 controls and format
+    /// characters escaped as \uXXXX), instead of a table.
     #[arg(long)]
     json: bool,
 }
@@ -149,10 +151,22 @@ pub fn run(cli: AuditCli) -> anyhow::Result<i32> {
     }
 }
 
-fn log_files(log: &Path) -> anyhow::Result<(Vec<PathBuf>, Vec<String>)> {
+/// The files of `log` to read, oldest first, and their names; those not to be trusted are
+/// left out with a warning on stderr (see [`files::trusted`]). Returns how many were.
+fn log_files(log: &Path) -> anyhow::Result<(Vec<PathBuf>, Vec<String>, usize)> {
     let files = files::chronological(log).context("reading the audit log")?;
+    let files::Trusted {
+        read: files,
+        refused,
+    } = files::trusted(files).context("reading the audit log")?;
+    for (path, problem) in &refused {
+        eprintln!(
+            "warning: {}: not read: {problem}, so its records could be forged",
+            path.display()
+        );
+    }
     let names = files.iter().map(|p| p.display().to_string()).collect();
-    Ok((files, names))
+    Ok((files, names, refused.len()))
 }
 
 /// Hands `each` every record of `log` and its rotated files, oldest first, of the sandbox
@@ -163,7 +177,7 @@ pub fn scan(
     sandbox: Option<&str>,
     mut each: impl FnMut(&query::View) -> anyhow::Result<()>,
 ) -> anyhow::Result<usize> {
-    let (files, names) = log_files(log)?;
+    let (files, names, _) = log_files(log)?;
     let filter = query::Filter {
         sandbox: sandbox.map(str::to_owned),
         ..query::Filter::default()
@@ -179,7 +193,7 @@ pub fn scan(
 
 fn read(args: ReadArgs) -> anyhow::Result<i32> {
     let log = args.log.context("--log FILE is required")?;
-    let (files, names) = log_files(&log)?;
+    let (files, names, _) = log_files(&log)?;
     let filter = query::Filter {
         since: args
             .since
@@ -226,7 +240,7 @@ fn read(args: ReadArgs) -> anyhow::Result<i32> {
 }
 
 fn verify_log(log: &Path) -> anyhow::Result<i32> {
-    let (files, names) = log_files(log)?;
+    let (files, names, refused) = log_files(log)?;
     let mut failed = None;
     let lines = files::Lines::new(files).map_while(|r| r.map_err(|e| failed = Some(e)).ok());
     let outcome = verify::verify(lines, &names);
@@ -234,12 +248,29 @@ fn verify_log(log: &Path) -> anyhow::Result<i32> {
         return Err(anyhow::Error::new(e).context("reading the audit log"));
     }
     match outcome {
-        Ok(intact) => {
+        Ok(intact) if refused == 0 => {
             for note in &intact.notes {
                 eprintln!("note: {note}");
             }
             println!("{}", intact.summary());
             Ok(0)
+        }
+        Ok(intact) => {
+            for note in &intact.notes {
+                eprintln!("note: {note}");
+            }
+            eprintln!(
+                "{}: not verified: {refused} of its files could not be trusted and were not read (see the warnings above); {}",
+                log.display(),
+                match intact.span {
+                    Some((first, last, _)) => format!(
+                        "the others hold {} records of an intact chain from seq {first} to {last}",
+                        intact.records
+                    ),
+                    None => "no other file holds a record".into(),
+                }
+            );
+            Ok(1)
         }
         Err(verify::Broken(message)) => {
             eprintln!("{message}");

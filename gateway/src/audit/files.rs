@@ -11,7 +11,10 @@ use std::{
 
 use flate2::read::MultiGzDecoder;
 
-use super::chain::Tail;
+use super::{
+    chain::Tail,
+    trust::{self, OpenError, Problem, Reader},
+};
 
 /// Rotated files kept: `FILE.1` … `FILE.KEEP`; the oldest beyond is deleted.
 pub const KEEP: u32 = 10;
@@ -86,7 +89,8 @@ pub fn chronological(path: &Path) -> io::Result<Vec<PathBuf>> {
     // Oldest (highest number) first; a plain file before its compressed twin.
     siblings.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut files: Vec<PathBuf> = siblings.into_iter().map(|(_, _, p)| p).collect();
-    if path.exists() {
+    // A link there too, dangling or not: the reader warns of it rather than pass it over.
+    if path.symlink_metadata().is_ok() {
         files.push(path.to_owned());
     }
     if files.is_empty() {
@@ -101,12 +105,38 @@ pub fn chronological(path: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The log's files, split by whether `gateway audit` may read them.
+#[derive(Debug, Default)]
+pub struct Trusted {
+    /// Oldest first, as given.
+    pub read: Vec<PathBuf>,
+    /// A symbolic link, not a regular file, owned by neither root nor whoever reads, or
+    /// writable by group or others: anyone could have written its records.
+    pub refused: Vec<(PathBuf, Problem)>,
+}
+
+/// Splits `files` (from [`chronological`]) into those to read and those to refuse.
+pub fn trusted(files: Vec<PathBuf>) -> io::Result<Trusted> {
+    let mut split = Trusted::default();
+    for path in files {
+        match trust::open_read(&path, Reader::Auditor) {
+            Ok(_) => split.read.push(path),
+            Err(OpenError::Untrusted(problem)) => split.refused.push((path, problem)),
+            Err(OpenError::Io(e)) => return Err(with_path(&path, e)),
+        }
+    }
+    Ok(split)
+}
+
 fn with_path(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
-fn open_reader(path: &Path) -> io::Result<Box<dyn BufRead>> {
-    let file = File::open(path).map_err(|e| with_path(path, e))?;
+fn open_reader(path: &Path, reader: Reader) -> io::Result<Box<dyn BufRead>> {
+    let file = trust::open_read(path, reader).map_err(|e| match e {
+        OpenError::Io(e) => with_path(path, e),
+        untrusted => untrusted.at(path),
+    })?;
     Ok(if path.extension().is_some_and(|e| e == "gz") {
         Box::new(BufReader::new(MultiGzDecoder::new(file)))
     } else {
@@ -150,7 +180,7 @@ impl Iterator for Lines {
         loop {
             if self.current.is_none() {
                 let path = self.files.get(self.next_file)?;
-                let reader = match open_reader(path) {
+                let reader = match open_reader(path, Reader::Auditor) {
                     Ok(r) => r,
                     Err(e) => {
                         self.next_file = self.files.len();
@@ -214,10 +244,11 @@ pub fn tail_of_file(file: &File, size: u64) -> io::Result<Tail> {
     }
 }
 
-/// The end of a rotated file (plain or gzip), read whole.
+/// The end of a rotated file (plain or gzip), read whole; only the writer's own file that
+/// nobody else may write (the chain goes on from it).
 pub fn tail_of_path(path: &Path) -> io::Result<Tail> {
     let mut data = Vec::new();
-    open_reader(path)?
+    open_reader(path, Reader::Writer)?
         .read_to_end(&mut data)
         .map_err(|e| with_path(path, e))?;
     Ok(Tail::of(&data, true))
@@ -335,6 +366,40 @@ mod tests {
         assert_eq!(tail.before.as_deref(), Some(long.as_bytes()));
         assert_eq!(tail.last.as_deref(), Some(&b"last"[..]));
         assert!(!tail.terminated);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_others_could_have_written_are_not_read() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = scratch("trusted");
+        let log = dir.join("audit.jsonl");
+        std::fs::write(&log, "").unwrap();
+        let writable = rotated(&log, 1, false);
+        std::fs::write(&writable, "").unwrap();
+        std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, "").unwrap();
+        let link = rotated(&log, 2, true);
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let fifo = rotated(&log, 3, false);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let split = trusted(chronological(&log).unwrap()).unwrap();
+        assert_eq!(split.read, std::slice::from_ref(&log));
+        assert_eq!(
+            split.refused,
+            [
+                (fifo, Problem::NotRegular),
+                (link, Problem::Symlink),
+                (writable, Problem::Writable { mode: 0o664 }),
+            ]
+        );
+        // Nor when one is swapped in after that split: reading it fails.
+        std::fs::remove_file(&log).unwrap();
+        std::os::unix::fs::symlink(&target, &log).unwrap();
+        let read: Vec<io::Result<LogLine>> = Lines::new(vec![log.clone()]).collect();
+        let e = read[0].as_ref().unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

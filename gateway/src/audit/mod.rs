@@ -6,18 +6,20 @@
 
 mod chain;
 pub mod cli;
+mod escape;
 mod files;
 mod line;
 mod query;
 mod record;
+mod trust;
 mod verify;
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::Write as _,
     os::{
         fd::AsRawFd as _,
-        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+        unix::fs::{DirBuilderExt as _, MetadataExt as _},
     },
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, mpsc},
@@ -27,6 +29,7 @@ use std::{
 use chain::{Chain, Resume};
 pub use query::View as RecordView;
 pub use record::{KernelFields, Layer, ProxyFields, Record, ReloadFields, Verdict};
+pub use trust::Untrusted;
 
 /// The longest a queued record waits before the writer picks it up under load. Each batch
 /// costs a wakeup and a write whatever its size (at 1 ms, 0.8 µs of the writer's CPU per
@@ -58,6 +61,10 @@ pub enum AuditError {
         #[source]
         source: std::io::Error,
     },
+    /// A file of the log, or a directory on its path, is not one the gateway can trust: a
+    /// symbolic link, not a regular file, someone else's, or writable by others.
+    #[error(transparent)]
+    Untrusted(#[from] Untrusted),
     /// A record could not be written. It stays failed: from then on the tunnel lets nothing
     /// through (it could not record it) and every append reports this.
     #[error("cannot write audit log {path}: {source}")]
@@ -153,13 +160,24 @@ impl AuditLog {
     /// Opens `path` for appending. With `max_bytes`, a record that would take the file past
     /// that size goes to a new file instead, after `FILE` becomes `FILE.1` (see [`files`]).
     pub fn open_with(path: &Path, max_bytes: Option<u64>) -> Result<Self, AuditError> {
-        let open_err = |source| AuditError::Open {
-            path: path.to_owned(),
-            source,
+        let open_err = |source: std::io::Error| match source
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<Untrusted>())
+        {
+            Some(untrusted) => AuditError::Untrusted(untrusted.clone()),
+            None => AuditError::Open {
+                path: path.to_owned(),
+                source,
+            },
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(open_err)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .map_err(open_err)?;
         }
+        trust::check_directories(path).map_err(|e| open_err(e.at(path)))?;
         let writer = Writer::open(path, max_bytes).map_err(open_err)?;
         let (tx, rx) = mpsc::channel();
         let failed = Arc::new(OnceLock::new());
@@ -301,14 +319,10 @@ struct Writer {
     held: Option<Instant>,
 }
 
-/// Read as well as append: the chain is picked up from the file's last line.
+/// Read as well as append: the chain is picked up from the file's last line. Only the
+/// gateway's own regular file, which nobody else may write, is taken (see [`trust`]).
 fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .open(path)
+    trust::open_append(path).map_err(|e| e.at(path))
 }
 
 fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
@@ -396,7 +410,8 @@ impl Writer {
         }
         for gz in [false, true] {
             let rotated = files::rotated(&self.path, 1, gz);
-            if rotated.exists() {
+            // Whatever is there (a link too) is judged, not passed over.
+            if rotated.symlink_metadata().is_ok() {
                 return Ok(files::tail_of_path(&rotated)?.resume(false, &now));
             }
         }
@@ -758,6 +773,116 @@ mod tests {
         appender.join().unwrap();
         assert!(!log.backed_up());
         assert_eq!(verified(&path).records, total as u64);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn refused(path: &Path, max_bytes: Option<u64>) -> String {
+        match AuditLog::open_with(path, max_bytes) {
+            Ok(_) => panic!("{} was opened", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_symlink_at_the_log_path_is_not_followed() {
+        let dir = scratch("symlink");
+        let target = dir.join("target");
+        std::fs::write(&target, "precious\n").unwrap();
+        let link = dir.join("audit.jsonl");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = refused(&link, None);
+        assert!(
+            e.contains(&link.display().to_string()) && e.contains("symbolic link"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+        let dangling = dir.join("dangling.jsonl");
+        std::os::unix::fs::symlink(dir.join("made"), &dangling).unwrap();
+        assert!(refused(&dangling, None).contains("symbolic link"));
+        assert!(!dir.join("made").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_log_others_may_write_is_refused() {
+        let dir = scratch("writable");
+        let path = dir.join("audit.jsonl");
+        for mode in [0o666, 0o620, 0o602] {
+            std::fs::write(&path, "").unwrap();
+            chmod(&path, mode);
+            let e = refused(&path, None);
+            assert!(e.contains("writable by group or others"), "{mode:o}: {e}");
+        }
+        chmod(&path, 0o600);
+        write(&AuditLog::open(&path).unwrap(), 0..1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_anyone_may_write_needs_the_sticky_bit() {
+        let dir = scratch("dir");
+        let shared = dir.join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        chmod(&shared, 0o777);
+        let path = shared.join("audit.jsonl");
+        let e = refused(&path, None);
+        assert!(
+            e.contains(&shared.display().to_string())
+                && e.contains("writable by others without the sticky bit"),
+            "{e}"
+        );
+        assert!(!path.exists());
+        // Like /tmp: only an entry's owner may replace it.
+        chmod(&shared, 0o1777);
+        write(&AuditLog::open(&path).unwrap(), 0..1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_planted_rotated_file_is_not_continued() {
+        let dir = scratch("planted");
+        let path = dir.join("audit.jsonl");
+        // A new FILE picks the chain up from FILE.1: not from one others could write.
+        let rotated = files::rotated(&path, 1, false);
+        std::fs::write(&rotated, "").unwrap();
+        chmod(&rotated, 0o666);
+        let e = refused(&path, Some(1 << 20));
+        assert!(
+            e.contains(&rotated.display().to_string()) && e.contains("writable by group or others"),
+            "{e}"
+        );
+        std::fs::remove_file(&rotated).unwrap();
+        std::os::unix::fs::symlink(dir.join("elsewhere"), &rotated).unwrap();
+        std::fs::write(dir.join("elsewhere"), "").unwrap();
+        assert!(refused(&path, Some(1 << 20)).contains("symbolic link"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_swapped_in_between_writes_is_refused() {
+        let dir = scratch("swapped");
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        write(&log, 0..2);
+        // The writer reopens the file at the path when it finds it replaced (by another
+        // gateway's rotation), as it takes the lock again after idling.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !lock_is_free(&path) {
+            assert!(Instant::now() < deadline, "the idle writer kept the lock");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::fs::rename(&path, dir.join("moved")).unwrap();
+        std::fs::write(&path, "").unwrap();
+        chmod(&path, 0o666);
+        log.append(&record(2)).unwrap();
+        let e = log.sync().unwrap_err().to_string();
+        assert!(e.contains("writable by group or others"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

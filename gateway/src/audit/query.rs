@@ -1,5 +1,6 @@
 //! `gateway audit`: reads the log and its rotated files oldest first, keeps the records that
-//! match, and prints them as a table for people or unchanged JSON lines for programs.
+//! match, and prints them as a table for people or JSON lines for programs (as written, but
+//! for the escapes of [`escape`]).
 
 use std::io::{self, Write};
 
@@ -9,6 +10,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use super::{
     chain::{self, Hash, Link},
+    escape::{self, printable},
     files::LogLine,
 };
 
@@ -83,7 +85,7 @@ pub fn print(
     let matched = for_each(lines, names, filter, warn, |line, view| {
         match format {
             Format::Json => {
-                out.write_all(&line.bytes)?;
+                escape::write_json_line(&line.bytes, out)?;
                 out.write_all(b"\n")?;
             }
             Format::Table => rows.push(row(view)),
@@ -206,22 +208,6 @@ fn row(v: &View) -> [String; 7] {
         reason,
     ]
     .map(|s| printable(&s))
-}
-
-/// What a sandboxed process chose (its comm, a path) is shown with control characters
-/// escaped, so it cannot move the cursor or recolour the auditor's terminal.
-fn printable(s: &str) -> String {
-    let s = if s.is_empty() { "-" } else { s };
-    s.chars()
-        .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            escaped
-        })
-        .collect()
 }
 
 fn table(rows: &[[String; 7]], out: &mut dyn Write) -> io::Result<()> {
@@ -443,5 +429,56 @@ mod tests {
         let (out, _) = run(&format!("{evil}\n"), &Filter::default(), Format::Table).unwrap();
         assert!(!out.contains('\u{1b}'));
         assert!(out.contains("py\\u{1b}[31mthon[42]"), "{out}");
+    }
+
+    #[test]
+    fn backslashes_bidi_and_format_characters_are_escaped_in_the_table() {
+        for (raw, shown) in [
+            ("a\u{202e}b", "a\\u{202e}b"),
+            (
+                "\u{202a}\u{202b}\u{202c}\u{202d}",
+                "\\u{202a}\\u{202b}\\u{202c}\\u{202d}",
+            ),
+            (
+                "\u{2066}x\u{2067}\u{2068}\u{2069}",
+                "\\u{2066}x\\u{2067}\\u{2068}\\u{2069}",
+            ),
+            (
+                "zero\u{200b}\u{200c}\u{200d}width",
+                "zero\\u{200b}\\u{200c}\\u{200d}width",
+            ),
+            ("\u{200e}\u{200f}\u{61c}", "\\u{200e}\\u{200f}\\u{61c}"),
+            ("\u{feff}bom\u{ad}", "\\u{feff}bom\\u{ad}"),
+            ("\u{2028}\u{2029}", "\\u{2028}\\u{2029}"),
+            ("tag\u{e0041}", "tag\\u{e0041}"),
+            ("back\\u{1b}slash", "back\\\\u{1b}slash"),
+            ("\u{1b}[31m\u{7f}", "\\u{1b}[31m\\u{7f}"),
+            ("\u{9b}31m", "\\u{9b}31m"),
+            ("plain é 中 ü", "plain é 中 ü"),
+        ] {
+            assert_eq!(printable(raw), shown, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn json_output_escapes_c1_and_format_characters_keeping_the_value() {
+        let comm = "\u{9b}31m\u{85}\u{202e}\u{200b}\u{feff}\u{2066}\u{2028}é中\u{e0001}";
+        let evil = KERNEL.replace("python3", comm);
+        let (out, _) = run(&format!("{evil}\n"), &Filter::default(), Format::Json).unwrap();
+        assert_eq!(
+            out,
+            format!(
+                "{}\n",
+                KERNEL.replace(
+                    "python3",
+                    r"\u009b31m\u0085\u202e\u200b\ufeff\u2066\u2028é中\udb40\udc01"
+                )
+            )
+        );
+        let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(value["comm"], comm, "the same value");
+        // Lines with nothing to escape are printed as they are.
+        let (out, _) = run(&log(), &Filter::default(), Format::Json).unwrap();
+        assert_eq!(out, log());
     }
 }

@@ -120,6 +120,7 @@ pub fn verify(
 
     let mut notes = Vec::new();
     let mut unchained = 0u64;
+    let mut first_unchained = 0;
     let mut records = 0u64;
     let mut first = None;
     // The last record accepted: index, seq, hash.
@@ -156,7 +157,12 @@ pub fn verify(
                     loc(i)
                 )));
             }
-            Kind::Unchained if last.is_none() => unchained += 1,
+            Kind::Unchained if last.is_none() => {
+                if unchained == 0 {
+                    first_unchained = i;
+                }
+                unchained += 1;
+            }
             Kind::Unchained => {
                 return Err(Broken(format!(
                     "{}: record without seq and prev inside the chain: inserted or altered",
@@ -253,10 +259,12 @@ pub fn verify(
                 "{unchained} records and none carries seq and prev: nothing can be verified (written before the log had a chain?)"
             )));
         }
-        notes.push(format!(
-            "{unchained} records before seq {} carry no seq and prev (written before the log had a chain): not verified",
+        // Nothing vouches for them: a reader would show them as records all the same.
+        return Err(Broken(format!(
+            "{}: {unchained} records before seq {} carry no seq and prev (written before the log had a chain, or put there since): not verified",
+            loc(first_unchained),
             first.unwrap_or(0)
-        ));
+        )));
     }
     Ok(Intact {
         records,
@@ -492,12 +500,13 @@ mod tests {
     }
 
     #[test]
-    fn unchained_records_before_the_chain_are_noted() {
+    fn unchained_records_before_the_chain_are_not_verified() {
         let mut log = vec![br#"{"ts":"old"}"#.to_vec()];
         log.extend(sealed(2));
-        let intact = check(&log).unwrap();
-        assert_eq!(intact.records, 2);
-        assert!(intact.notes[0].starts_with("1 records before seq 1 carry no seq"));
+        assert_eq!(
+            broken(&log),
+            "log:1: 1 records before seq 1 carry no seq and prev (written before the log had a chain, or put there since): not verified"
+        );
         assert!(check(&log[..1]).is_err());
     }
 

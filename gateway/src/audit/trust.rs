@@ -1,0 +1,242 @@
+//! Whose files the audit log trusts. The gateway writes as root in directories a sandbox's
+//! user may also write (/tmp): a link planted at the log's path would make root append to any
+//! file, and a log file (or rotated file) the sandbox's user made would let it rewrite the
+//! records that accuse it, chain and all. So the writer opens every file without following a
+//! symbolic link and takes it only if it is a regular file of its own that nobody else may
+//! write, in a directory nobody else can swap it out of; readers skip, with a warning, any
+//! file that neither root nor they own or that others could have written.
+
+use std::{
+    fmt,
+    fs::{File, OpenOptions},
+    io,
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+};
+
+/// Why a file of the log is not trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// A symbolic link: whoever made it chooses which file is written or read.
+    Symlink,
+    /// A directory, FIFO, socket or device.
+    NotRegular,
+    /// Owned by someone else, who may rewrite it whatever its mode.
+    Owner { uid: u32 },
+    /// Writable by its group or by everyone.
+    Writable { mode: u32 },
+    /// A directory on its path owned by someone else, who may replace what is in it.
+    DirectoryOwner { dir: PathBuf, uid: u32 },
+    /// A directory on its path anyone may write, without the sticky bit that would keep
+    /// them from replacing what others put there.
+    DirectoryWritable { dir: PathBuf, mode: u32 },
+    /// A symbolic link on its path made by someone else, who may point it anywhere.
+    LinkOwner { link: PathBuf, uid: u32 },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Symlink => write!(f, "it is a symbolic link"),
+            Self::NotRegular => write!(f, "it is not a regular file"),
+            Self::Owner { uid } => write!(f, "it is owned by uid {uid}, who may rewrite it"),
+            Self::Writable { mode } => {
+                write!(f, "it is writable by group or others (mode {mode:04o})")
+            }
+            Self::DirectoryOwner { dir, uid } => write!(
+                f,
+                "its directory {} is owned by uid {uid}, who may replace the file",
+                dir.display()
+            ),
+            Self::DirectoryWritable { dir, mode } => write!(
+                f,
+                "its directory {} is writable by others without the sticky bit (mode {mode:04o}), so anyone may replace the file",
+                dir.display()
+            ),
+            Self::LinkOwner { link, uid } => write!(
+                f,
+                "{} on its path is a symbolic link owned by uid {uid}, who may point it anywhere",
+                link.display()
+            ),
+        }
+    }
+}
+
+impl Problem {
+    /// What the operator can do about it.
+    pub fn remedy(&self) -> &'static str {
+        match self {
+            Self::Writable { .. } => {
+                "if its records are the gateway's, chmod go-w it; else move it away, or choose a path in a directory only root can write"
+            }
+            Self::Symlink | Self::NotRegular | Self::Owner { .. } => {
+                "move it away (it is not the gateway's), or choose a path in a directory only root can write"
+            }
+            Self::DirectoryOwner { .. }
+            | Self::DirectoryWritable { .. }
+            | Self::LinkOwner { .. } => {
+                "choose a path in a directory only root can write (such as /var/log/gateway)"
+            }
+        }
+    }
+}
+
+/// A file of the log the gateway will not use, and why.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("refusing the audit log file {}: {problem}; {}", .path.display(), .problem.remedy())]
+pub struct Untrusted {
+    pub path: PathBuf,
+    pub problem: Problem,
+}
+
+/// A file's open failed: it is not trusted, or the system said no.
+#[derive(Debug)]
+pub enum OpenError {
+    Untrusted(Problem),
+    Io(io::Error),
+}
+
+impl OpenError {
+    /// As an I/O error; an untrusted file's carries [`Untrusted`], naming `path`.
+    pub fn at(self, path: &Path) -> io::Error {
+        match self {
+            Self::Untrusted(problem) => io::Error::other(Untrusted {
+                path: path.to_owned(),
+                problem,
+            }),
+            Self::Io(e) => e,
+        }
+    }
+}
+
+impl From<io::Error> for OpenError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// Judges an open file: regular, owned by one of `owners`, written by nobody else.
+fn judge(file: &File, owners: &[u32]) -> Result<(), OpenError> {
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(OpenError::Untrusted(Problem::NotRegular));
+    }
+    if !owners.contains(&meta.uid()) {
+        return Err(OpenError::Untrusted(Problem::Owner { uid: meta.uid() }));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(OpenError::Untrusted(Problem::Writable { mode }));
+    }
+    Ok(())
+}
+
+/// Opening a link with O_NOFOLLOW fails with ELOOP.
+fn link_refused(e: io::Error) -> OpenError {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        OpenError::Untrusted(Problem::Symlink)
+    } else {
+        OpenError::Io(e)
+    }
+}
+
+/// Opens (creating it, mode 0640) the log file at `path` for reading and appending, as the
+/// writer does: no symbolic link is followed, and the file must be the gateway's own
+/// regular file that nobody else may write.
+pub fn open_append(path: &Path) -> Result<File, OpenError> {
+    // Something that is there and not a file (a FIFO, a device) is not even opened.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_symlink() {
+            return Err(OpenError::Untrusted(Problem::Symlink));
+        }
+        if !meta.file_type().is_file() {
+            return Err(OpenError::Untrusted(Problem::NotRegular));
+        }
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(link_refused)?;
+    judge(&file, &[euid()])?;
+    Ok(file)
+}
+
+/// Whom a reader trusts: the writer only its own files, `gateway audit` root's too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    Writer,
+    Auditor,
+}
+
+/// Opens a file of the log for reading: no symbolic link is followed, and the file must be a
+/// regular file that nobody but its trusted owner may write.
+pub fn open_read(path: &Path, reader: Reader) -> Result<File, OpenError> {
+    let file = OpenOptions::new()
+        .read(true)
+        // O_NONBLOCK: opening a FIFO for reading would wait for a writer.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(link_refused)?;
+    let me = euid();
+    let owners: &[u32] = match reader {
+        Reader::Writer => &[me],
+        Reader::Auditor => &[me, 0],
+    };
+    judge(&file, owners)?;
+    Ok(file)
+}
+
+/// Checks the directories the log at `path` lives in, as written and as resolved: each owned
+/// by root or the gateway's user, none writable by others without the sticky bit (in a
+/// sticky directory such as /tmp only an entry's owner may replace it, and the entry is
+/// judged next), and no symbolic link on the way made by anyone else.
+pub fn check_directories(path: &Path) -> Result<(), OpenError> {
+    let me = euid();
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    let written = std::path::absolute(path)?;
+    let Some(parent) = written.parent() else {
+        return Ok(());
+    };
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for dir in parent.ancestors() {
+        let meta = std::fs::symlink_metadata(dir)?;
+        if meta.file_type().is_symlink() && !trusted(meta.uid()) {
+            return Err(OpenError::Untrusted(Problem::LinkOwner {
+                link: dir.to_owned(),
+                uid: meta.uid(),
+            }));
+        }
+        dirs.push(dir.to_owned());
+    }
+    let real = std::fs::canonicalize(parent)?;
+    for dir in real.ancestors() {
+        if !dirs.iter().any(|d| d == dir) {
+            dirs.push(dir.to_owned());
+        }
+    }
+    for dir in dirs {
+        let meta = std::fs::metadata(&dir)?;
+        let mode = meta.mode() & 0o7777;
+        if !trusted(meta.uid()) {
+            return Err(OpenError::Untrusted(Problem::DirectoryOwner {
+                dir,
+                uid: meta.uid(),
+            }));
+        }
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            return Err(OpenError::Untrusted(Problem::DirectoryWritable {
+                dir,
+                mode,
+            }));
+        }
+    }
+    Ok(())
+}
