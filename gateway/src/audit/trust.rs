@@ -194,49 +194,94 @@ pub fn open_read(path: &Path, reader: Reader) -> Result<File, OpenError> {
     Ok(file)
 }
 
-/// Checks the directories the log at `path` lives in, as written and as resolved: each owned
-/// by root or the gateway's user, none writable by others without the sticky bit (in a
-/// sticky directory such as /tmp only an entry's owner may replace it, and the entry is
+/// Checks the directories the log at `path` lives in, each as the kernel reaches it (links
+/// followed where they stand, one in the middle of the path as much as the last): each
+/// owned by root or the gateway's user, none writable by others without the sticky bit (in
+/// a sticky directory such as /tmp only an entry's owner may replace it, and the entry is
 /// judged next), and no symbolic link on the way made by anyone else.
 pub fn check_directories(path: &Path) -> Result<(), OpenError> {
     let me = euid();
     let trusted = |uid: u32| uid == 0 || uid == me;
+    let judge_dir = |dir: &Path, meta: &std::fs::Metadata| {
+        let mode = meta.mode() & 0o7777;
+        if !trusted(meta.uid()) {
+            return Some(Problem::DirectoryOwner {
+                dir: dir.to_owned(),
+                uid: meta.uid(),
+            });
+        }
+        (mode & 0o002 != 0 && mode & 0o1000 == 0).then(|| Problem::DirectoryWritable {
+            dir: dir.to_owned(),
+            mode,
+        })
+    };
     let written = std::path::absolute(path)?;
     let Some(parent) = written.parent() else {
         return Ok(());
     };
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for dir in parent.ancestors() {
-        let meta = std::fs::symlink_metadata(dir)?;
-        if meta.file_type().is_symlink() && !trusted(meta.uid()) {
-            return Err(OpenError::Untrusted(Problem::LinkOwner {
-                link: dir.to_owned(),
-                uid: meta.uid(),
-            }));
-        }
-        dirs.push(dir.to_owned());
+    let on_the_way = crate::path_walk::first(parent, |l| {
+        judge_dir(l.dir, l.dir_meta).or_else(|| {
+            let found = l.found?;
+            (found.file_type().is_symlink() && !trusted(found.uid())).then(|| Problem::LinkOwner {
+                link: l.entry.to_owned(),
+                uid: found.uid(),
+            })
+        })
+    });
+    if let Some(problem) = on_the_way {
+        return Err(OpenError::Untrusted(problem));
     }
+    // The directory the walk ended in holds the log itself.
     let real = std::fs::canonicalize(parent)?;
-    for dir in real.ancestors() {
-        if !dirs.iter().any(|d| d == dir) {
-            dirs.push(dir.to_owned());
+    match judge_dir(&real, &std::fs::metadata(&real)?) {
+        Some(problem) => Err(OpenError::Untrusted(problem)),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    struct Dir(PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
-    for dir in dirs {
-        let meta = std::fs::metadata(&dir)?;
-        let mode = meta.mode() & 0o7777;
-        if !trusted(meta.uid()) {
-            return Err(OpenError::Untrusted(Problem::DirectoryOwner {
-                dir,
-                uid: meta.uid(),
-            }));
-        }
-        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
-            return Err(OpenError::Untrusted(Problem::DirectoryWritable {
-                dir,
-                mode,
-            }));
-        }
+
+    fn scratch(tag: &str) -> Dir {
+        let d = Dir(std::env::temp_dir().join(format!(
+            "gateway-trust-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        )));
+        std::fs::create_dir(&d.0).unwrap();
+        std::fs::set_permissions(&d.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d
     }
-    Ok(())
+
+    /// A root-owned link at the log's directory that leads through a link in a directory
+    /// anyone may write: that middle link could be pointed elsewhere.
+    #[test]
+    fn a_link_in_the_middle_of_the_way_is_judged_where_it_stands() {
+        let logs = scratch("logs");
+        let open = scratch("open");
+        std::fs::set_permissions(&open.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::symlink(&logs.0, open.0.join("hop")).unwrap();
+        let top = scratch("top");
+        std::os::unix::fs::symlink(open.0.join("hop"), top.0.join("logs")).unwrap();
+        let log = top.0.join("logs").join("audit.jsonl");
+        match check_directories(&log) {
+            Err(OpenError::Untrusted(Problem::DirectoryWritable { dir, .. })) => {
+                assert_eq!(dir, open.0);
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::set_permissions(&open.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_directories(&log).is_ok());
+    }
 }
