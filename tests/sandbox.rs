@@ -4,7 +4,10 @@
 mod support;
 
 use std::{
-    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    os::{
+        fd::{AsRawFd as _, OwnedFd},
+        unix::process::{CommandExt as _, ExitStatusExt as _},
+    },
     process::Stdio,
 };
 
@@ -312,6 +315,140 @@ print(json.dumps({"after": libc.syscall(0x40000000 | 41, 17, 3, 0)}), flush=True
         out.describe()
     );
     assert_eq!(out.status.code(), Some(128 + libc::SIGKILL));
+}
+
+/// A pseudo-terminal for a test to stand in for the operator's: `(master, slave)`, both
+/// close-on-exec.
+fn pty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd as _;
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two fds; the name, termios and winsize pointers may be null.
+    let ret = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(ret, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [master, slave] {
+        // SAFETY: fcntl on the fds openpty just made.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: openpty made these fds; nothing else owns them.
+    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+/// Starts `cmd` in a session of its own whose controlling terminal is `slave`, as an
+/// interactive shell's job has its terminal: its children, the sandbox among them, open it
+/// as /dev/tty.
+fn on_terminal(cmd: &mut std::process::Command, slave: &OwnedFd) {
+    let slave = slave.as_raw_fd();
+    // SAFETY: setsid and ioctl between fork and exec, on an fd the parent keeps open.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::ioctl(slave, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// What a terminal's input queue holds: the lines a shell reading it would run next.
+fn typed(slave: &OwnedFd) -> String {
+    let fd = slave.as_raw_fd();
+    // SAFETY: fcntl and read on an fd we own, into a buffer of the length given.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
+        let mut text = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+            if n <= 0 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n as usize]);
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    }
+}
+
+/// Python: types `echo injected` into the controlling terminal with TIOCSTI, then tries
+/// TIOCSTI with upper bits set in its request (the kernel reads only the lower 32) and
+/// TIOCLINUX (whose selection paste types into a virtual console).
+const TERMINAL_INPUT: &str = r#"
+import fcntl
+libc = ctypes.CDLL(None, use_errno=True)
+tty = os.open("/dev/tty", os.O_RDWR)
+def ioctl(request, arg):
+    if libc.syscall(16, tty, ctypes.c_ulong(request), ctypes.byref(arg)) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+def tiocsti():
+    for c in b"echo injected\n":
+        fcntl.ioctl(tty, 0x5412, bytes([c]))
+report("tiocsti", tiocsti)
+report("tiocsti-high-bits", lambda: ioctl(0x1_0000_5412, ctypes.c_char(b"\n")))
+report("tioclinux", lambda: ioctl(0x541C, ctypes.c_char(b"\x06")))
+"#;
+
+/// TIOCSTI puts bytes in a terminal's input queue as if typed: from an operator's
+/// interactive root shell, a sandboxed command could type a line that shell runs as root once
+/// the command exits. Outside the sandbox, the same user on the same kind of terminal (a pty
+/// that is its controlling terminal) gets its line typed (dev.tty.legacy_tiocsti=1 here);
+/// inside, TIOCSTI and TIOCLINUX are refused and recorded, upper request bits or not, and
+/// nothing reaches the terminal's input.
+#[test]
+fn the_terminal_cannot_be_typed_into() {
+    let (_master, slave) = pty();
+    let mut outside_cmd = outside_command(TERMINAL_INPUT);
+    on_terminal(&mut outside_cmd, &slave);
+    let control = outside(outside_cmd.output().unwrap());
+    control.assert_open("tiocsti");
+    assert_ne!(
+        control.door("tioclinux")["errno"],
+        EPERM,
+        "{}",
+        control.describe()
+    );
+    assert!(
+        typed(&slave).contains("echo injected\n"),
+        "TIOCSTI typed nothing outside the sandbox: the test would prove nothing\n{}",
+        control.describe()
+    );
+
+    let (_master, slave) = pty();
+    let run = Run::new("tiocsti", &policy("tiocsti", ""));
+    let mut cmd = run.command(&["python3", "-c", &format!("{PRELUDE}\n{TERMINAL_INPUT}")]);
+    on_terminal(&mut cmd, &slave);
+    let out = run.finish(cmd.output().unwrap());
+    for door in ["tiocsti", "tiocsti-high-bits", "tioclinux"] {
+        assert_eq!(out.door(door)["errno"], EPERM, "{door}\n{}", out.describe());
+    }
+    let queued = typed(&slave);
+    assert!(
+        queued.is_empty(),
+        "typed into the terminal: {queued:?}\n{}",
+        out.describe()
+    );
+    let pid = out.pid();
+    for (request, count) in [("TIOCSTI", 2), ("TIOCLINUX", 1)] {
+        let records = out
+            .audit
+            .iter()
+            .filter(|r| {
+                r["hook"] == "ioctl"
+                    && r["reason"] == "terminal-injection"
+                    && r["proto"] == request
+                    && r["pid"].as_u64() == Some(pid)
+                    && r["uid"].as_u64() == Some(65534)
+            })
+            .count();
+        assert_eq!(records, count, "{request} records\n{}", out.describe());
+    }
 }
 
 #[test]

@@ -8,7 +8,8 @@
 //!   hands each refusal to the gateway through a user-notification fd so it can be audited;
 //!   if the gateway is gone the kernel fails the call with ENOSYS, still refused. Calls
 //!   through another ABI than the native one (i386 `int 0x80`, x32), which the rules do not
-//!   cover, are handed over too: the gateway records them and kills the caller.
+//!   cover, are handed over too: the gateway records them and kills the caller. Typing into
+//!   a terminal (ioctl TIOCSTI and TIOCLINUX) is refused the same way.
 //!
 //! Everything that allocates happens in [`Confinement::prepare`], before the fork; the child
 //! only makes system calls.
@@ -39,6 +40,9 @@ pub(super) const NAMESPACES: [(u64, &str); 8] = [
     (0x0200_0000, "cgroup"),
     (0x80, "time"),
 ];
+
+/// The ioctl requests that type into a terminal, each with the name an audit record gives it.
+pub(super) const TERMINAL_INPUT: [(u64, &str); 2] = [(0x5412, "TIOCSTI"), (0x541C, "TIOCLINUX")];
 
 pub struct Confinement {
     landlock: OwnedFd,
@@ -190,6 +194,19 @@ fn seccomp_filter() -> Result<Vec<u8>, Box<dyn std::error::Error>> {
         ScmpAction::Errno(libc::ENOSYS),
         ScmpSyscall::from_name("clone3")?,
     )?;
+    // Typing into a terminal: TIOCSTI puts bytes in its input queue, TIOCLINUX's selection
+    // paste does the same on a virtual console. A sandbox sharing the operator's terminal
+    // could type a command for the operator's shell to run after it. The kernel reads the
+    // request as an unsigned int, so only its lower 32 bits are compared: upper bits set
+    // would not make it another request.
+    let ioctl = ScmpSyscall::from_name("ioctl")?;
+    for (request, _) in TERMINAL_INPUT {
+        ctx.add_rule_conditional(
+            ScmpAction::Notify,
+            ioctl,
+            &[scmp_cmp!($arg1 & 0xffff_ffff == request)],
+        )?;
+    }
     // The compiled filter is small, well under a pipe's buffer.
     let (mut read, write) = std::io::pipe()?;
     ctx.export_bpf(&write)?;

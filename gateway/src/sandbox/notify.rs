@@ -140,12 +140,22 @@ fn native(name: &str, args: [u64; 6]) -> (&'static str, &'static str, String) {
         "io_uring_setup" => ("io_uring_setup", "io-uring", "io_uring".to_owned()),
         "unshare" => ("unshare", "namespace", namespaces(args[0])),
         "clone" => ("clone", "namespace", namespaces(args[0])),
+        "ioctl" => ("ioctl", "terminal-injection", request_name(args[1])),
         _ => (
             "sock_create",
             "socket-family",
             format!("{}/{}/{}", family_name(args[0]), args[1] & 0xf, args[2]),
         ),
     }
+}
+
+/// The name of a refused ioctl request, read as the kernel reads it (lower 32 bits).
+fn request_name(request: u64) -> String {
+    let request = request & 0xffff_ffff;
+    super::confine::TERMINAL_INPUT
+        .iter()
+        .find(|(r, _)| *r == request)
+        .map_or_else(|| format!("{request:#x}"), |(_, name)| (*name).to_owned())
 }
 
 /// The namespace flags in a clone or unshare `flags` argument, as `user+net`.
