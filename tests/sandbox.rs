@@ -451,6 +451,55 @@ fn the_terminal_cannot_be_typed_into() {
     }
 }
 
+/// The kernel's key requests run /sbin/request-key as root outside the sandbox, and its
+/// `dns_resolver` helper looks up whatever name the caller chose: a DNS channel out. Keys
+/// are none of the sandbox's business: request_key, add_key and keyctl are refused and
+/// recorded. Outside, as the same user, the same calls work (request_key of a key that does
+/// not exist fails with ENOKEY: no callout is asked for, so nothing runs and nothing is
+/// looked up, here or there).
+#[test]
+fn the_kernel_keyring_is_out_of_reach() {
+    const KEYS: &str = r#"
+libc = ctypes.CDLL(None, use_errno=True)
+def call(nr, *args):
+    if libc.syscall(nr, *args) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+KEY_SPEC_PROCESS_KEYRING = -2
+report("request_key", lambda: call(249, b"user", b"gateway-test-absent", None, 0))
+report("add_key", lambda: call(248, b"user", b"gateway-test", b"x", 1, KEY_SPEC_PROCESS_KEYRING))
+report("keyctl", lambda: call(250, 0, KEY_SPEC_PROCESS_KEYRING, 1))
+"#;
+    let control = python_outside(KEYS);
+    assert_eq!(
+        control.door("request_key")["errno"],
+        libc::ENOKEY,
+        "{}",
+        control.describe()
+    );
+    control.assert_open("add_key");
+    control.assert_open("keyctl");
+
+    let run = Run::new("keys", &policy("keys", ""));
+    let out = run.python(KEYS);
+    let pid = out.pid();
+    for (door, proto) in [
+        ("request_key", "user"),
+        ("add_key", "user"),
+        ("keyctl", "keyctl/0"),
+    ] {
+        assert_eq!(out.door(door)["errno"], EPERM, "{door}\n{}", out.describe());
+        assert!(
+            out.audit.iter().any(|r| r["hook"] == door
+                && r["reason"] == "kernel-keyring"
+                && r["proto"] == proto
+                && r["pid"].as_u64() == Some(pid)),
+            "no {door} record\n{}",
+            out.describe()
+        );
+    }
+}
+
 #[test]
 fn host_unix_sockets_are_refused() {
     let scratch = Scratch::new("unix");
