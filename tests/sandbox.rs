@@ -1362,6 +1362,85 @@ fn inherited_descriptors_are_closed() {
     assert_eq!(udp.received(), 0);
 }
 
+/// The cgroup programs judge a socket by the cgroup that made it, and only descriptors 0-2
+/// reach CMD: a UDP or TCP socket made outside and given as CMD's stdin or stdout would carry
+/// whatever CMD writes to wherever it points, unseen. `gateway run` refuses to start with
+/// one (exit 2, naming the descriptor, what it is and what to give instead) before it makes
+/// anything; CMD never runs and the host's listeners get nothing.
+#[test]
+fn a_network_socket_as_stdio_is_refused_before_anything_starts() {
+    let run = Run::new("stdio-socket", &policy("stdio-socket", ""));
+    let udp = HostUdp::bind("127.0.0.1:0");
+    let stdin = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    stdin.connect(("127.0.0.1", udp.port)).unwrap();
+    let out = run.finish(
+        run.command(&["sh", "-c", "echo started; echo leaked >&0"])
+            .stdin(OwnedFd::from(stdin))
+            .output()
+            .unwrap(),
+    );
+    let ctx = out.describe();
+    assert_eq!(udp.received(), 0, "CMD wrote through the socket\n{ctx}");
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    assert!(!out.stdout.contains("started"), "CMD ran\n{ctx}");
+    for part in [
+        "stdin (fd 0)",
+        "UDP socket (AF_INET)",
+        "a pipe, a file or a terminal",
+    ] {
+        assert!(out.stderr.contains(part), "no {part:?} on stderr\n{ctx}");
+    }
+    assert!(out.audit.is_empty(), "{ctx}");
+
+    let tcp = HostTcp::bind("[::1]:0");
+    let stdout = std::net::TcpStream::connect(("::1", tcp.port)).unwrap();
+    let out = run.finish(
+        run.command(&["sh", "-c", "echo leaked"])
+            .stdout(OwnedFd::from(stdout))
+            .output()
+            .unwrap(),
+    );
+    let ctx = out.describe();
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    for part in ["stdout (fd 1)", "TCP socket (AF_INET6)"] {
+        assert!(out.stderr.contains(part), "no {part:?} on stderr\n{ctx}");
+    }
+    let (mut conn, _) = loop {
+        match tcp.listener.accept() {
+            Ok(c) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    conn.set_nonblocking(false).unwrap();
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut got).unwrap();
+    assert!(
+        !got.contains("leaked"),
+        "CMD wrote through the socket\n{ctx}"
+    );
+}
+
+/// A unix socket as stdio is how systemd gives services their journal: it still works.
+#[test]
+fn a_unix_socket_as_stdio_still_works() {
+    let run = Run::new("stdio-unix", &policy("stdio-unix", ""));
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    std::io::Write::write_all(&mut &ours, b"from the host\n").unwrap();
+    ours.shutdown(std::net::Shutdown::Write).unwrap();
+    let out = run.finish(
+        run.command(&["sh", "-c", "read line; echo \"got: $line\""])
+            .stdin(OwnedFd::from(theirs))
+            .output()
+            .unwrap(),
+    );
+    let ctx = out.describe();
+    assert!(out.status.success(), "{ctx}");
+    assert!(out.stdout.contains("got: from the host"), "{ctx}");
+}
+
 #[test]
 fn two_sandboxes_do_not_share_allowances() {
     let a = HostTcp::bind("127.0.0.1:0");

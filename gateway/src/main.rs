@@ -170,6 +170,10 @@ fn main() -> ExitCode {
                 eprintln!("{p}");
                 return ExitCode::from(2);
             }
+            if e.downcast_ref::<sandbox::stdio::StdioSocket>().is_some() {
+                eprintln!("gateway: {e}");
+                return ExitCode::from(2);
+            }
             if e.downcast_ref::<tunnel::CredentialError>().is_some() {
                 eprintln!("gateway: {e}");
                 return ExitCode::from(2);
