@@ -1,6 +1,6 @@
 //! Doors the connect/sendmsg hooks do not see: inbound connections and datagrams, wildcard
-//! addresses, ptrace, raw sockets, source routing, sockets bound to another device and
-//! multicast joins. Each test fails on a build without its fix.
+//! addresses, ptrace, raw sockets, source routing, sockets bound to another device,
+//! multicast joins and ICMP error queues. Each test fails on a build without its fix.
 
 mod support;
 
@@ -733,4 +733,50 @@ report("listed-reply", listed_reply)
         "{}",
         out.describe()
     );
+}
+
+/// An ICMP error is no packet of the socket's: no `cgroup_skb` ingress program sees it. With
+/// IP_RECVERR (or IPV6_RECVERR, or their RFC 4884 variants) a UDP socket reads those errors,
+/// the offending datagram's headers and any payload a forged error carries, from its error
+/// queue (MSG_ERRQUEUE): data from any host, listed or not. The options are refused and
+/// recorded inside; outside, the same user sets each of them.
+#[test]
+fn icmp_error_queues_cannot_be_read() {
+    const RECVERR: &str = r#"
+def option(family, level, name):
+    def set():
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1" if family == socket.AF_INET else "::1", 0))
+        s.setsockopt(level, name, 1)
+    return set
+report("ip-recverr", option(socket.AF_INET, 0, 11))
+report("ip-recverr-rfc4884", option(socket.AF_INET, 0, 26))
+report("ipv6-recverr", option(socket.AF_INET6, 41, 25))
+report("ipv6-recverr-rfc4884", option(socket.AF_INET6, 41, 31))
+"#;
+    let doors = [
+        ("ip-recverr", "ip/11"),
+        ("ip-recverr-rfc4884", "ip/26"),
+        ("ipv6-recverr", "ipv6/25"),
+        ("ipv6-recverr-rfc4884", "ipv6/31"),
+    ];
+    let control = python_outside(RECVERR);
+    for (door, _) in doors {
+        control.assert_open(door);
+    }
+    let run = Run::new("recverr", &policy("recverr", ""));
+    let out = run.python(RECVERR);
+    let pid = out.pid();
+    for (door, proto) in doors {
+        out.assert_refused(door);
+        assert!(
+            out.audit.iter().any(|r| r["hook"] == "setsockopt"
+                && r["reason"] == "icmp-error-queue"
+                && r["proto"] == proto
+                && r["pid"].as_u64() == Some(pid)
+                && r["uid"] == 65534),
+            "no record for {proto}\n{}",
+            out.describe()
+        );
+    }
 }

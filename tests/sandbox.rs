@@ -4,7 +4,10 @@
 mod support;
 
 use std::{
-    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    os::{
+        fd::{AsRawFd as _, OwnedFd},
+        unix::process::{CommandExt as _, ExitStatusExt as _},
+    },
     process::Stdio,
 };
 
@@ -312,6 +315,189 @@ print(json.dumps({"after": libc.syscall(0x40000000 | 41, 17, 3, 0)}), flush=True
         out.describe()
     );
     assert_eq!(out.status.code(), Some(128 + libc::SIGKILL));
+}
+
+/// A pseudo-terminal for a test to stand in for the operator's: `(master, slave)`, both
+/// close-on-exec.
+fn pty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd as _;
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two fds; the name, termios and winsize pointers may be null.
+    let ret = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(ret, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [master, slave] {
+        // SAFETY: fcntl on the fds openpty just made.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    // SAFETY: openpty made these fds; nothing else owns them.
+    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+/// Starts `cmd` in a session of its own whose controlling terminal is `slave`, as an
+/// interactive shell's job has its terminal: its children, the sandbox among them, open it
+/// as /dev/tty.
+fn on_terminal(cmd: &mut std::process::Command, slave: &OwnedFd) {
+    let slave = slave.as_raw_fd();
+    // SAFETY: setsid and ioctl between fork and exec, on an fd the parent keeps open.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::ioctl(slave, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// What a terminal's input queue holds: the lines a shell reading it would run next.
+fn typed(slave: &OwnedFd) -> String {
+    let fd = slave.as_raw_fd();
+    // SAFETY: fcntl and read on an fd we own, into a buffer of the length given.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
+        let mut text = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+            if n <= 0 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n as usize]);
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    }
+}
+
+/// Python: types `echo injected` into the controlling terminal with TIOCSTI, then tries
+/// TIOCSTI with upper bits set in its request (the kernel reads only the lower 32) and
+/// TIOCLINUX (whose selection paste types into a virtual console).
+const TERMINAL_INPUT: &str = r#"
+import fcntl
+libc = ctypes.CDLL(None, use_errno=True)
+tty = os.open("/dev/tty", os.O_RDWR)
+def ioctl(request, arg):
+    if libc.syscall(16, tty, ctypes.c_ulong(request), ctypes.byref(arg)) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+def tiocsti():
+    for c in b"echo injected\n":
+        fcntl.ioctl(tty, 0x5412, bytes([c]))
+report("tiocsti", tiocsti)
+report("tiocsti-high-bits", lambda: ioctl(0x1_0000_5412, ctypes.c_char(b"\n")))
+report("tioclinux", lambda: ioctl(0x541C, ctypes.c_char(b"\x06")))
+"#;
+
+/// TIOCSTI puts bytes in a terminal's input queue as if typed: from an operator's
+/// interactive root shell, a sandboxed command could type a line that shell runs as root once
+/// the command exits. Outside the sandbox, the same user on the same kind of terminal (a pty
+/// that is its controlling terminal) gets its line typed (dev.tty.legacy_tiocsti=1 here);
+/// inside, TIOCSTI and TIOCLINUX are refused and recorded, upper request bits or not, and
+/// nothing reaches the terminal's input.
+#[test]
+fn the_terminal_cannot_be_typed_into() {
+    let (_master, slave) = pty();
+    let mut outside_cmd = outside_command(TERMINAL_INPUT);
+    on_terminal(&mut outside_cmd, &slave);
+    let control = outside(outside_cmd.output().unwrap());
+    control.assert_open("tiocsti");
+    assert_ne!(
+        control.door("tioclinux")["errno"],
+        EPERM,
+        "{}",
+        control.describe()
+    );
+    assert!(
+        typed(&slave).contains("echo injected\n"),
+        "TIOCSTI typed nothing outside the sandbox: the test would prove nothing\n{}",
+        control.describe()
+    );
+
+    let (_master, slave) = pty();
+    let run = Run::new("tiocsti", &policy("tiocsti", ""));
+    let mut cmd = run.command(&["python3", "-c", &format!("{PRELUDE}\n{TERMINAL_INPUT}")]);
+    on_terminal(&mut cmd, &slave);
+    let out = run.finish(cmd.output().unwrap());
+    for door in ["tiocsti", "tiocsti-high-bits", "tioclinux"] {
+        assert_eq!(out.door(door)["errno"], EPERM, "{door}\n{}", out.describe());
+    }
+    let queued = typed(&slave);
+    assert!(
+        queued.is_empty(),
+        "typed into the terminal: {queued:?}\n{}",
+        out.describe()
+    );
+    let pid = out.pid();
+    for (request, count) in [("TIOCSTI", 2), ("TIOCLINUX", 1)] {
+        let records = out
+            .audit
+            .iter()
+            .filter(|r| {
+                r["hook"] == "ioctl"
+                    && r["reason"] == "terminal-injection"
+                    && r["proto"] == request
+                    && r["pid"].as_u64() == Some(pid)
+                    && r["uid"].as_u64() == Some(65534)
+            })
+            .count();
+        assert_eq!(records, count, "{request} records\n{}", out.describe());
+    }
+}
+
+/// The kernel's key requests run /sbin/request-key as root outside the sandbox, and its
+/// `dns_resolver` helper looks up whatever name the caller chose: a DNS channel out. Keys
+/// are none of the sandbox's business: request_key, add_key and keyctl are refused and
+/// recorded. Outside, as the same user, the same calls work (request_key of a key that does
+/// not exist fails with ENOKEY: no callout is asked for, so nothing runs and nothing is
+/// looked up, here or there).
+#[test]
+fn the_kernel_keyring_is_out_of_reach() {
+    const KEYS: &str = r#"
+libc = ctypes.CDLL(None, use_errno=True)
+def call(nr, *args):
+    if libc.syscall(nr, *args) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+KEY_SPEC_PROCESS_KEYRING = -2
+report("request_key", lambda: call(249, b"user", b"gateway-test-absent", None, 0))
+report("add_key", lambda: call(248, b"user", b"gateway-test", b"x", 1, KEY_SPEC_PROCESS_KEYRING))
+report("keyctl", lambda: call(250, 0, KEY_SPEC_PROCESS_KEYRING, 1))
+"#;
+    let control = python_outside(KEYS);
+    assert_eq!(
+        control.door("request_key")["errno"],
+        libc::ENOKEY,
+        "{}",
+        control.describe()
+    );
+    control.assert_open("add_key");
+    control.assert_open("keyctl");
+
+    let run = Run::new("keys", &policy("keys", ""));
+    let out = run.python(KEYS);
+    let pid = out.pid();
+    for (door, proto) in [
+        ("request_key", "user"),
+        ("add_key", "user"),
+        ("keyctl", "keyctl/0"),
+    ] {
+        assert_eq!(out.door(door)["errno"], EPERM, "{door}\n{}", out.describe());
+        assert!(
+            out.audit.iter().any(|r| r["hook"] == door
+                && r["reason"] == "kernel-keyring"
+                && r["proto"] == proto
+                && r["pid"].as_u64() == Some(pid)),
+            "no {door} record\n{}",
+            out.describe()
+        );
+    }
 }
 
 #[test]
@@ -1211,6 +1397,85 @@ fn inherited_descriptors_are_closed() {
     assert_eq!(&fds[..3], &[0, 1, 2]);
     assert_eq!(out.door("inherited")["ok"], false);
     assert_eq!(udp.received(), 0);
+}
+
+/// The cgroup programs judge a socket by the cgroup that made it, and only descriptors 0-2
+/// reach CMD: a UDP or TCP socket made outside and given as CMD's stdin or stdout would carry
+/// whatever CMD writes to wherever it points, unseen. `gateway run` refuses to start with
+/// one (exit 2, naming the descriptor, what it is and what to give instead) before it makes
+/// anything; CMD never runs and the host's listeners get nothing.
+#[test]
+fn a_network_socket_as_stdio_is_refused_before_anything_starts() {
+    let run = Run::new("stdio-socket", &policy("stdio-socket", ""));
+    let udp = HostUdp::bind("127.0.0.1:0");
+    let stdin = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    stdin.connect(("127.0.0.1", udp.port)).unwrap();
+    let out = run.finish(
+        run.command(&["sh", "-c", "echo started; echo leaked >&0"])
+            .stdin(OwnedFd::from(stdin))
+            .output()
+            .unwrap(),
+    );
+    let ctx = out.describe();
+    assert_eq!(udp.received(), 0, "CMD wrote through the socket\n{ctx}");
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    assert!(!out.stdout.contains("started"), "CMD ran\n{ctx}");
+    for part in [
+        "stdin (fd 0)",
+        "UDP socket (AF_INET)",
+        "a pipe, a file or a terminal",
+    ] {
+        assert!(out.stderr.contains(part), "no {part:?} on stderr\n{ctx}");
+    }
+    assert!(out.audit.is_empty(), "{ctx}");
+
+    let tcp = HostTcp::bind("[::1]:0");
+    let stdout = std::net::TcpStream::connect(("::1", tcp.port)).unwrap();
+    let out = run.finish(
+        run.command(&["sh", "-c", "echo leaked"])
+            .stdout(OwnedFd::from(stdout))
+            .output()
+            .unwrap(),
+    );
+    let ctx = out.describe();
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    for part in ["stdout (fd 1)", "TCP socket (AF_INET6)"] {
+        assert!(out.stderr.contains(part), "no {part:?} on stderr\n{ctx}");
+    }
+    let (mut conn, _) = loop {
+        match tcp.listener.accept() {
+            Ok(c) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    conn.set_nonblocking(false).unwrap();
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut got).unwrap();
+    assert!(
+        !got.contains("leaked"),
+        "CMD wrote through the socket\n{ctx}"
+    );
+}
+
+/// A unix socket as stdio is how systemd gives services their journal: it still works.
+#[test]
+fn a_unix_socket_as_stdio_still_works() {
+    let run = Run::new("stdio-unix", &policy("stdio-unix", ""));
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    std::io::Write::write_all(&mut &ours, b"from the host\n").unwrap();
+    ours.shutdown(std::net::Shutdown::Write).unwrap();
+    let out = run.finish(
+        run.command(&["sh", "-c", "read line; echo \"got: $line\""])
+            .stdin(OwnedFd::from(theirs))
+            .output()
+            .unwrap(),
+    );
+    let ctx = out.describe();
+    assert!(out.status.success(), "{ctx}");
+    assert!(out.stdout.contains("got: from the host"), "{ctx}");
 }
 
 #[test]

@@ -99,6 +99,10 @@ pub enum Reason {
     /// not take: nothing listens there, or something else does (a host process that bound
     /// the port after the gateway died, the sandbox's own listener in a namespace of its own).
     NotTheTunnel = 14,
+    /// Turning on a socket's ICMP error queue (IP_RECVERR, IPV6_RECVERR and their RFC 4884
+    /// forms): ICMP errors from any host, and what they quote, would reach the sandbox
+    /// without passing the ingress program.
+    IcmpErrorQueue = 15,
 }
 
 impl Reason {
@@ -118,6 +122,7 @@ impl Reason {
             12 => Self::LoopbackOffLoopback,
             13 => Self::NotTheSandboxUser,
             14 => Self::NotTheTunnel,
+            15 => Self::IcmpErrorQueue,
             _ => return None,
         })
     }
@@ -138,6 +143,7 @@ impl Reason {
             Self::LoopbackOffLoopback => "loopback-off-loopback",
             Self::NotTheSandboxUser => "not-the-sandbox-user",
             Self::NotTheTunnel => "not-the-tunnel",
+            Self::IcmpErrorQueue => "icmp-error-queue",
         }
     }
 }

@@ -170,10 +170,12 @@ fn main() -> ExitCode {
                 eprintln!("{p}");
                 return ExitCode::from(2);
             }
-            // The policy's to fix, as a bad policy is: the usage exit code.
+            // The operator's or the policy author's to fix, as a bad policy is: the usage
+            // exit code.
             if e.downcast_ref::<tunnel::CredentialError>().is_some()
                 || e.downcast_ref::<gateway::unix_reach::Replaceable>()
                     .is_some()
+                || e.downcast_ref::<sandbox::stdio::StdioSocket>().is_some()
             {
                 eprintln!("gateway: {e}");
                 return ExitCode::from(2);

@@ -29,6 +29,7 @@ use crate::{
         launch::Launch,
         notify,
         state::{self, RunState},
+        stdio,
         user::{self, SandboxUser},
     },
     tunnel::{self, LoadContext, LocalCa, SandboxReader, Secrets, Tunnel},
@@ -55,6 +56,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(NOT_ROOT);
     }
+    // Before anything is made: a network socket as CMD's stdio is a way out no hook sees.
+    stdio::check()?;
     // The gateway holds the credentials and the sandbox's kernel objects: no core dumps, and
     // no ptrace by same-uid processes.
     nix::sys::prctl::set_dumpable(false).context("making the gateway non-dumpable")?;

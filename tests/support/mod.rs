@@ -181,6 +181,35 @@ impl Run {
     }
 }
 
+/// [`Run::python`]'s script run as nobody outside any sandbox: what each door does without
+/// the gateway, so a test can show that the sandbox is what closes it. `HTTP_PROXY` (read by
+/// the prelude) names a port nothing listens on.
+pub fn outside_command(body: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(["/usr/bin/python3", "-c", &format!("{PRELUDE}\n{body}")])
+        .env("HTTP_PROXY", "http://127.0.0.1:9")
+        .current_dir("/")
+        .stdin(Stdio::null());
+    c
+}
+
+/// The output of an [`outside_command`], with no audit log.
+pub fn outside(out: Output) -> Finished {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    Finished {
+        status: out.status,
+        lines: json_lines(&stdout),
+        stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        audit: Vec::new(),
+    }
+}
+
+pub fn python_outside(body: &str) -> Finished {
+    outside(outside_command(body).output().unwrap())
+}
+
 pub fn json_lines(text: &str) -> Vec<Value> {
     text.lines()
         .filter_map(|l| serde_json::from_str(l).ok())

@@ -8,7 +8,10 @@
 //!   hands each refusal to the gateway through a user-notification fd so it can be audited;
 //!   if the gateway is gone the kernel fails the call with ENOSYS, still refused. Calls
 //!   through another ABI than the native one (i386 `int 0x80`, x32), which the rules do not
-//!   cover, are handed over too: the gateway records them and kills the caller.
+//!   cover, are handed over too: the gateway records them and kills the caller. Typing into
+//!   a terminal (ioctl TIOCSTI and TIOCLINUX) and the kernel keyring (request_key, add_key,
+//!   keyctl: a key request can make the kernel run a helper, a DNS lookup among them,
+//!   outside the sandbox) are refused the same way.
 //!
 //! Everything that allocates happens in [`Confinement::prepare`], before the fork; the child
 //! only makes system calls.
@@ -39,6 +42,12 @@ pub(super) const NAMESPACES: [(u64, &str); 8] = [
     (0x0200_0000, "cgroup"),
     (0x80, "time"),
 ];
+
+/// The ioctl requests that type into a terminal, each with the name an audit record gives it.
+pub(super) const TERMINAL_INPUT: [(u64, &str); 2] = [(0x5412, "TIOCSTI"), (0x541C, "TIOCLINUX")];
+
+/// The kernel keyring's system calls, each refused.
+const KEY_CALLS: [&str; 3] = ["request_key", "add_key", "keyctl"];
 
 pub struct Confinement {
     landlock: OwnedFd,
@@ -190,6 +199,25 @@ fn seccomp_filter() -> Result<Vec<u8>, Box<dyn std::error::Error>> {
         ScmpAction::Errno(libc::ENOSYS),
         ScmpSyscall::from_name("clone3")?,
     )?;
+    // Typing into a terminal: TIOCSTI puts bytes in its input queue, TIOCLINUX's selection
+    // paste does the same on a virtual console. A sandbox sharing the operator's terminal
+    // could type a command for the operator's shell to run after it. The kernel reads the
+    // request as an unsigned int, so only its lower 32 bits are compared: upper bits set
+    // would not make it another request.
+    let ioctl = ScmpSyscall::from_name("ioctl")?;
+    for (request, _) in TERMINAL_INPUT {
+        ctx.add_rule_conditional(
+            ScmpAction::Notify,
+            ioctl,
+            &[scmp_cmp!($arg1 & 0xffff_ffff == request)],
+        )?;
+    }
+    // Keys: a request_key for a type the kernel cannot find makes it run /sbin/request-key
+    // as root outside the sandbox, and the dns_resolver type looks up whatever name the
+    // caller chose, a DNS channel out. No sandboxed tool needs the kernel's keyrings.
+    for name in KEY_CALLS {
+        ctx.add_rule(ScmpAction::Notify, ScmpSyscall::from_name(name)?)?;
+    }
     // The compiled filter is small, well under a pipe's buffer.
     let (mut read, write) = std::io::pipe()?;
     ctx.export_bpf(&write)?;

@@ -7,6 +7,7 @@ pub mod host;
 pub mod launch;
 pub mod notify;
 pub mod state;
+pub mod stdio;
 pub mod user;
 
 #[derive(Debug, thiserror::Error)]

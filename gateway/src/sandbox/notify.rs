@@ -117,7 +117,7 @@ fn describe(req: &ScmpNotifReq, sandbox: &str, foreign: Option<String>) -> Recor
     let args = req.data.args;
     let (hook, reason, proto) = match (foreign, name.as_str()) {
         (Some(abi), _) => ("seccomp", "foreign-syscall-abi", abi),
-        (None, name) => native(name, args),
+        (None, name) => native(name, args, req.pid),
     };
     let mut rec = Record::new(Layer::Kernel, Verdict::Deny, sandbox, reason);
     rec.kernel = Some(KernelFields {
@@ -135,17 +135,74 @@ fn describe(req: &ScmpNotifReq, sandbox: &str, foreign: Option<String>) -> Recor
 }
 
 /// Hook, reason and proto of a native call the filter's rules refused.
-fn native(name: &str, args: [u64; 6]) -> (&'static str, &'static str, String) {
+fn native(name: &str, args: [u64; 6], pid: u32) -> (&'static str, &'static str, String) {
     match name {
+        "request_key" => ("request_key", "kernel-keyring", key_type(pid, args[0])),
+        "add_key" => ("add_key", "kernel-keyring", key_type(pid, args[0])),
+        "keyctl" => (
+            "keyctl",
+            "kernel-keyring",
+            format!("keyctl/{}", args[0] as u32),
+        ),
         "io_uring_setup" => ("io_uring_setup", "io-uring", "io_uring".to_owned()),
         "unshare" => ("unshare", "namespace", namespaces(args[0])),
         "clone" => ("clone", "namespace", namespaces(args[0])),
+        "ioctl" => ("ioctl", "terminal-injection", request_name(args[1])),
         _ => (
             "sock_create",
             "socket-family",
             format!("{}/{}/{}", family_name(args[0]), args[1] & 0xf, args[2]),
         ),
     }
+}
+
+/// The name of a refused ioctl request, read as the kernel reads it (lower 32 bits).
+fn request_name(request: u64) -> String {
+    let request = request & 0xffff_ffff;
+    super::confine::TERMINAL_INPUT
+        .iter()
+        .find(|(r, _)| *r == request)
+        .map_or_else(|| format!("{request:#x}"), |(_, name)| (*name).to_owned())
+}
+
+/// The key type a request_key or add_key names (`dns_resolver` is the one that looks names
+/// up), read from the caller's memory while the call waits for its refusal. Only recorded,
+/// never used to decide: the caller could change it meanwhile, and is refused whatever it
+/// names. `?` when it cannot be read or holds more than a type name's characters.
+fn key_type(pid: u32, addr: u64) -> String {
+    const MAX: u64 = 64;
+    const PAGE: u64 = 4096;
+    // One read that ends on the string's page or before: a read that reached an unmapped
+    // page would fail whole.
+    let len = MAX.min(PAGE - addr % PAGE) as usize;
+    let mut buf = [0u8; MAX as usize];
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: reads at most `len` bytes into our own buffer; the remote address is only
+    // dereferenced by the kernel, in the caller's address space.
+    let read = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    let Ok(read) = usize::try_from(read) else {
+        return "?".into();
+    };
+    let bytes = &buf[..read];
+    let Some(end) = bytes.iter().position(|&b| b == 0) else {
+        return "?".into();
+    };
+    let name = &bytes[..end];
+    if name.is_empty()
+        || !name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+    {
+        return "?".into();
+    }
+    String::from_utf8_lossy(name).into_owned()
 }
 
 /// The namespace flags in a clone or unshare `flags` argument, as `user+net`.
@@ -175,5 +232,30 @@ fn family_name(family: u64) -> String {
         43 => "smc".into(),
         31 => "bluetooth".into(),
         f => format!("af{f}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_named_by_its_lower_32_bits() {
+        assert_eq!(request_name(0x5412), "TIOCSTI");
+        assert_eq!(request_name(0x1_0000_5412), "TIOCSTI");
+        assert_eq!(request_name(0x541C), "TIOCLINUX");
+    }
+
+    #[test]
+    fn a_key_type_is_read_from_the_callers_memory() {
+        let pid = std::process::id();
+        let read = |s: &std::ffi::CStr| key_type(pid, s.as_ptr() as u64);
+        assert_eq!(read(c"dns_resolver"), "dns_resolver");
+        assert_eq!(read(c"user"), "user");
+        assert_eq!(read(c""), "?");
+        assert_eq!(read(c"not a\ntype"), "?");
+        let long = std::ffi::CString::new("x".repeat(100)).unwrap();
+        assert_eq!(read(&long), "?");
+        assert_eq!(key_type(pid, 8), "?");
     }
 }
