@@ -1,9 +1,10 @@
 //! CMD's stdin, stdout and stderr: the only descriptors it inherits from outside. The cgroup
 //! programs judge a socket by the cgroup that created it, so a network socket made outside
 //! and handed in as one of them would carry whatever CMD sends, wherever it points, with no
-//! hook asked and nothing recorded. `run` refuses to start with one. Unix sockets pass: they
-//! are how systemd gives a service its journal, and their peer was chosen by whoever started
-//! the gateway, not by CMD.
+//! hook asked and nothing recorded. `run` refuses to start with one. Connected unix stream
+//! sockets pass: they are how systemd gives a service its journal, and their one peer was
+//! chosen by whoever started the gateway, not by CMD; a unix datagram socket (which sends
+//! to any path) or a listening one does not.
 
 use std::{io, os::fd::RawFd};
 
@@ -27,8 +28,8 @@ pub struct StdioSocket {
     pub family: String,
 }
 
-/// Refuses a network socket as stdin, stdout or stderr; a closed descriptor, a file, a pipe,
-/// a terminal or a unix socket is fine.
+/// Refuses a network socket, a unix datagram socket or a listening one as stdin, stdout or
+/// stderr; a closed descriptor, a file, a pipe, a terminal or a connected unix stream is fine.
 pub fn check() -> Result<(), StdioSocket> {
     for (fd, name) in STDIO {
         // Not a socket (or closed): nothing to judge. SO_DOMAIN fails with ENOTSOCK.
@@ -36,6 +37,19 @@ pub fn check() -> Result<(), StdioSocket> {
             continue;
         };
         if family == libc::AF_UNIX {
+            // A connected stream (the journal's) reaches its one peer. A datagram socket
+            // takes any path `sendto` names, connected or not, and a listening one takes
+            // connections from anyone: neither is judged by the sandbox's programs.
+            let sock_type = int_option(fd, libc::SO_TYPE).unwrap_or(-1);
+            let listening = int_option(fd, libc::SO_ACCEPTCONN).unwrap_or(0) != 0;
+            if sock_type == libc::SOCK_DGRAM || listening {
+                return Err(StdioSocket {
+                    name,
+                    fd,
+                    kind: if listening { "listening" } else { "datagram" }.into(),
+                    family: "AF_UNIX".into(),
+                });
+            }
             continue;
         }
         let protocol = int_option(fd, libc::SO_PROTOCOL).unwrap_or(-1);
