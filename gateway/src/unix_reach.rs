@@ -38,16 +38,19 @@ pub fn check(policy: &Policy, reader: &SandboxReader) -> Result<(), Replaceable>
     Ok(())
 }
 
-/// May `reader` change what `dir` holds: its owner (who may chmod it), or let in by the mode.
-fn may_write(meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
+/// May `reader` change what `dir` holds: its owner (who may chmod it), let in by the mode,
+/// or maybe by an access ACL (whose mask the group bits are, and which may name the user).
+fn may_write(dir: &Path, meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
     let mode = meta.mode();
+    let group_may = mode & 0o020 != 0;
+    if mode & 0o002 != 0 || (group_may && crate::tunnel::has_acl(dir)) {
+        return true;
+    }
     match reader {
         SandboxReader::User { uid, groups } => {
-            meta.uid() == *uid
-                || (mode & 0o020 != 0 && groups.contains(&meta.gid()))
-                || mode & 0o002 != 0
+            meta.uid() == *uid || (group_may && groups.contains(&meta.gid()))
         }
-        SandboxReader::Anyone => mode & 0o002 != 0,
+        SandboxReader::Anyone => false,
     }
 }
 
@@ -58,7 +61,7 @@ fn owned_by(meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
 /// Why `reader` could replace an entry on the way to `path`; `None` when it could not.
 fn replaceable_by(path: &Path, reader: &SandboxReader) -> Option<String> {
     crate::path_walk::first(path, |l| {
-        if !may_write(l.dir_meta, reader) {
+        if !may_write(l.dir, l.dir_meta, reader) {
             return None;
         }
         // In a sticky directory (/tmp) only an entry's owner may replace it; a missing one
@@ -137,5 +140,33 @@ mod tests {
         assert!(why.contains(&hop.0.display().to_string()), "{why}");
         chmod(&hop.0, 0o755);
         assert_eq!(replaceable_by(&named, &sandbox), None);
+        // An access ACL naming the user: the group bits are its mask.
+        chmod(&dir.0, 0o775);
+        std::os::unix::fs::chown(&dir.0, Some(0), Some(0)).unwrap();
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (0x01u16, 7u16, u32::MAX),
+            (0x02, 7, 4242),
+            (0x04, 5, u32::MAX),
+            (0x10, 7, u32::MAX),
+            (0x20, 5, u32::MAX),
+        ] {
+            acl.extend(tag.to_le_bytes());
+            acl.extend(perm.to_le_bytes());
+            acl.extend(id.to_le_bytes());
+        }
+        let c_dir = std::ffi::CString::new(dir.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: valid C strings and a buffer of the given length.
+        let set = unsafe {
+            libc::setxattr(
+                c_dir.as_ptr(),
+                c"system.posix_acl_access".as_ptr(),
+                acl.as_ptr().cast(),
+                acl.len(),
+                0,
+            )
+        };
+        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+        assert!(replaceable_by(&sock, &sandbox).is_some());
     }
 }

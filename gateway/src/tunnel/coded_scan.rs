@@ -11,13 +11,14 @@
 //! buffers are not; the scanner's own copies are.
 
 use std::{
+    collections::VecDeque,
     io::Write as _,
     pin::Pin,
     sync::{Mutex, PoisonError},
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use flate2::write::{DeflateDecoder, MultiGzDecoder, ZlibDecoder};
 use http_body::{Body, Frame, SizeHint};
 use hyper::HeaderMap;
@@ -25,7 +26,9 @@ use hyper::HeaderMap;
 use super::{
     body_scan::{BoxError, with_held},
     late_cut,
-    response_scan::{ENCODED_RESPONSE, Echoes, SECRET_IN_RESPONSE, SecretInResponse},
+    response_scan::{
+        ENCODED_RESPONSE, Echoes, Release, SECRET_IN_RESPONSE, SecretInResponse, Stream,
+    },
 };
 
 /// A content coding the scan reads through.
@@ -61,67 +64,15 @@ impl Coding {
     }
 }
 
+/// Held chunks beyond this many bytes go whatever they hold: what could begin the secret is
+/// shorter than it, so only chunks that decode to (almost) nothing could make more.
+const MAX_HELD: usize = 1 << 20;
+
 /// Decoded bytes may be at most this many times the encoded ones, beyond [`SLACK`]: a small
 /// answer that inflates to gigabytes would keep a worker decoding for nothing a client uses.
 /// Text and JSON compress 5-20 times, logs rarely past 100.
 const MAX_RATIO: u64 = 256;
 const SLACK: u64 = 16 << 20;
-
-/// A stream read for the secret piece by piece: each piece is checked, with the end of the
-/// one before, for a secret that spans them.
-struct Stream {
-    echoes: Echoes,
-    /// The last bytes read, as many as a secret less one: enough to see one that spans two
-    /// pieces.
-    tail: Vec<u8>,
-    keep: usize,
-}
-
-impl Stream {
-    fn new(echoes: Echoes) -> Self {
-        let keep = echoes.longest().saturating_sub(1);
-        Self {
-            echoes,
-            tail: Vec::with_capacity(2 * keep),
-            keep,
-        }
-    }
-
-    /// Whether `piece` completes a secret, here or with what came before.
-    fn completes(&mut self, piece: &[u8]) -> bool {
-        let head = &piece[..piece.len().min(self.keep)];
-        let tail_len = self.tail.len();
-        self.tail.extend_from_slice(head);
-        let spans = self.echoes.found_in(&self.tail);
-        self.tail.truncate(tail_len);
-        if spans || self.echoes.found_in(piece) {
-            return true;
-        }
-        if piece.len() >= self.keep {
-            zeroize::Zeroize::zeroize(&mut self.tail[..]);
-            self.tail.clear();
-            self.tail
-                .extend_from_slice(&piece[piece.len() - self.keep..]);
-        } else {
-            self.tail.extend_from_slice(piece);
-            let excess = self.tail.len().saturating_sub(self.keep);
-            zeroize::Zeroize::zeroize(&mut self.tail[..excess]);
-            self.tail.drain(..excess);
-        }
-        false
-    }
-
-    /// Whether what was read last could begin the secret.
-    fn pending(&self) -> bool {
-        self.echoes.pending(&self.tail) > 0
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.tail[..]);
-    }
-}
 
 /// Where a decoder writes: the decoded stream, read as it comes, never kept.
 struct Sink {
@@ -191,21 +142,28 @@ fn zlib_header(b0: u8, b1: u8) -> bool {
     b0 & 0x0f == 8 && b0 >> 4 <= 7 && (u16::from(b0) << 8 | u16::from(b1)) % 31 == 0
 }
 
-/// Relays `inner`, an encoded body, cut before anything any reading of it finds the secret in.
+/// Relays `inner`, an encoded body, cut before anything any reading of it finds the secret
+/// in. Each chunk waits for the next one, or [`super::response_scan::RELEASE_AFTER`], whatever
+/// it holds, so a secret split across two chunks is seen whole before any of it goes (and
+/// when a chunk goes tells nothing of what it holds).
 pub struct Scanned<B> {
     inner: B,
+    coding: Coding,
     echoes: Echoes,
     /// The bytes as relayed.
     raw: Stream,
-    /// `None` until the first bytes show which deflate it is.
+    /// `None` until the body's first two bytes show how to read it.
     readings: Option<Vec<Reading>>,
-    /// The first byte of a deflate body, until the second comes.
+    /// The body's first byte, until the second comes.
     first: Option<u8>,
     encoded: u64,
-    /// Chunks read every way but not relayed yet, because a reading ends with what could
-    /// begin the secret.
-    held: Vec<Bytes>,
-    held_len: usize,
+    /// Chunks read every way but not relayed yet, each with how far every reading had got
+    /// at its end. One goes once every reading has read a secret's length less one past it
+    /// (a secret it holds part of is then whole and was looked for), or all go at
+    /// [`super::response_scan::RELEASE_AFTER`] after the oldest came, whatever they hold.
+    held: VecDeque<(Bytes, Vec<u64>)>,
+    held_bytes: usize,
+    release: Release,
     trailers: Option<HeaderMap>,
     /// Records the cut (in a mutex only so the body is `Sync`; see response_scan).
     cut: Mutex<Option<late_cut::Record>>,
@@ -214,22 +172,17 @@ pub struct Scanned<B> {
 
 impl<B> Scanned<B> {
     pub fn new(inner: B, coding: Coding, echoes: Echoes, cut: late_cut::Record) -> Self {
-        let readings = match coding {
-            Coding::Gzip => Some(vec![Reading {
-                decoder: Decoder::Gzip(MultiGzDecoder::new(Self::sink(&echoes))),
-                required: true,
-            }]),
-            Coding::Deflate => None,
-        };
         Self {
             inner,
+            coding,
             raw: Stream::new(echoes.clone()),
             echoes,
-            readings,
+            readings: None,
             first: None,
             encoded: 0,
-            held: Vec::new(),
-            held_len: 0,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            release: Release::default(),
             trailers: None,
             cut: Mutex::new(Some(cut)),
             done: false,
@@ -245,16 +198,27 @@ impl<B> Scanned<B> {
         }
     }
 
-    /// The deflate readings, once the body's first two bytes are known.
-    fn deflate_readings(&self, b0: u8, b1: u8) -> Vec<Reading> {
+    /// The readings, once the body's first two bytes are known: gzip must begin with its
+    /// magic (flate2 would judge it only after ten bytes, which a client decoding zlib as
+    /// gzip, as curl does, would already have), deflate is zlib or raw as clients judge.
+    fn readings(&self, b0: u8, b1: u8) -> Result<Vec<Reading>, &'static str> {
+        if self.coding == Coding::Gzip {
+            if (b0, b1) != (0x1f, 0x8b) {
+                return Err(ENCODED_RESPONSE);
+            }
+            return Ok(vec![Reading {
+                decoder: Decoder::Gzip(MultiGzDecoder::new(Self::sink(&self.echoes))),
+                required: true,
+            }]);
+        }
         let raw = Decoder::Raw(DeflateDecoder::new(Self::sink(&self.echoes)));
         if !zlib_header(b0, b1) {
-            return vec![Reading {
+            return Ok(vec![Reading {
                 decoder: raw,
                 required: true,
-            }];
+            }]);
         }
-        vec![
+        Ok(vec![
             Reading {
                 decoder: Decoder::Zlib(ZlibDecoder::new(Self::sink(&self.echoes))),
                 required: true,
@@ -263,28 +227,27 @@ impl<B> Scanned<B> {
                 decoder: raw,
                 required: false,
             },
-        ]
+        ])
     }
 
-    /// Reads `data` every way: `Err` with the reason to cut, else whether to hold it.
-    fn read(&mut self, data: &[u8]) -> Result<bool, &'static str> {
+    /// Reads `data` every way: `Err` with the reason to cut.
+    fn read(&mut self, data: &[u8]) -> Result<(), &'static str> {
         if self.raw.completes(data) {
             return Err(SECRET_IN_RESPONSE);
         }
         self.encoded += data.len() as u64;
         let budget = self.encoded.saturating_mul(MAX_RATIO).saturating_add(SLACK);
         if self.readings.is_none() {
-            // Deflate: zlib or raw is judged on the first two bytes, whichever chunks they
-            // come in.
+            // How to read it is judged on the first two bytes, whichever chunks they come in.
             match (self.first, data) {
-                (first, []) => return Ok(first.is_some()),
+                (_, []) => return Ok(()),
                 (None, [b0]) => {
                     self.first = Some(*b0);
-                    return Ok(true);
+                    return Ok(());
                 }
-                (None, [b0, b1, ..]) => self.readings = Some(self.deflate_readings(*b0, *b1)),
+                (None, [b0, b1, ..]) => self.readings = Some(self.readings(*b0, *b1)?),
                 (Some(b0), [b1, ..]) => {
-                    self.readings = Some(self.deflate_readings(b0, *b1));
+                    self.readings = Some(self.readings(b0, *b1)?);
                     self.decode(&[b0], budget)?;
                 }
             }
@@ -292,7 +255,7 @@ impl<B> Scanned<B> {
         self.decode(data, budget)
     }
 
-    fn decode(&mut self, data: &[u8], budget: u64) -> Result<bool, &'static str> {
+    fn decode(&mut self, data: &[u8], budget: u64) -> Result<(), &'static str> {
         let readings = self.readings.get_or_insert_with(Vec::new);
         let mut failed = None;
         readings.retain_mut(|r| match r.decoder.feed(data, budget) {
@@ -307,19 +270,48 @@ impl<B> Scanned<B> {
             }
             Err(_) => false,
         });
-        if let Some(reason) = failed {
-            return Err(reason);
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// How far each reading has got: the bytes as they are, then each decoded reading.
+    fn positions(&mut self) -> Vec<u64> {
+        let mut at = vec![self.encoded];
+        for r in self.readings.iter_mut().flatten() {
+            at.push(r.decoder.sink().decoded);
         }
-        Ok(self.raw.pending()
-            || readings
-                .iter_mut()
-                .any(|r| r.decoder.sink().stream.pending()))
+        at
+    }
+
+    /// The chunks at the front that every reading has read far enough past, as one.
+    fn releasable(&mut self) -> Option<Bytes> {
+        let now = self.positions();
+        let keep = self.raw.keep() as u64;
+        let mut n = 0;
+        for (_, at) in &self.held {
+            // A reading dropped since (a possible one that failed) no longer counts.
+            let past = at.iter().zip(&now).all(|(then, now)| now - then >= keep);
+            if !past && self.held_bytes <= MAX_HELD {
+                break;
+            }
+            n += 1;
+        }
+        self.take(n)
+    }
+
+    /// The first `n` held chunks, joined.
+    fn take(&mut self, n: usize) -> Option<Bytes> {
+        let chunks: Vec<Bytes> = self.held.drain(..n).map(|(c, _)| c).collect();
+        self.held_bytes -= chunks.iter().map(Bytes::len).sum::<usize>();
+        match chunks.len() {
+            0 => None,
+            1 => chunks.into_iter().next(),
+            _ => Some(Bytes::from(chunks.concat())),
+        }
     }
 
     fn cut(&mut self, reason: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.done = true;
         self.held.clear();
-        self.held_len = 0;
         self.trailers = None;
         let cut = self.cut.get_mut().unwrap_or_else(PoisonError::into_inner);
         if let Some(record) = cut.take() {
@@ -328,20 +320,9 @@ impl<B> Scanned<B> {
         Poll::Ready(Some(Err(SecretInResponse.into())))
     }
 
-    /// What is held, as one chunk.
-    fn release(&mut self) -> Option<Bytes> {
-        self.held_len = 0;
-        match self.held.len() {
-            0 => None,
-            1 => self.held.pop(),
-            _ => {
-                let mut joined = BytesMut::with_capacity(self.held.iter().map(Bytes::len).sum());
-                for chunk in self.held.drain(..) {
-                    joined.extend_from_slice(&chunk);
-                }
-                Some(joined.freeze())
-            }
-        }
+    fn release_held(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        self.take(self.held.len())
+            .map(|chunk| Ok(Frame::data(chunk)))
     }
 }
 
@@ -359,23 +340,28 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if this.done {
-            if let Some(rest) = this.release() {
-                return Poll::Ready(Some(Ok(Frame::data(rest))));
+            if let Some(rest) = this.release_held() {
+                return Poll::Ready(Some(rest));
             }
             return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
         }
         loop {
-            let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-                Some(Ok(frame)) => frame,
-                Some(Err(e)) => {
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(Some(Err(e))) => {
                     this.done = true;
                     this.held.clear();
                     return Poll::Ready(Some(Err(e.into())));
                 }
-                None => {
-                    // A stream that ends on what could begin the secret ends without it.
+                Poll::Ready(None) => {
                     this.done = true;
-                    return Poll::Ready(this.release().map(|rest| Ok(Frame::data(rest))));
+                    return Poll::Ready(this.release_held());
+                }
+                Poll::Pending => {
+                    if !this.held.is_empty() && this.release.fired(cx) {
+                        return Poll::Ready(this.release_held());
+                    }
+                    return Poll::Pending;
                 }
             };
             let data = match frame.into_data() {
@@ -388,21 +374,28 @@ where
                         return this.cut(SECRET_IN_RESPONSE);
                     }
                     this.done = true;
+                    if this.held.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
                     this.trailers = Some(trailers);
-                    let rest = this.release();
-                    return Poll::Ready(Some(Ok(match rest {
-                        Some(rest) => Frame::data(rest),
-                        None => Frame::trailers(this.trailers.take().unwrap_or_default()),
-                    })));
+                    return Poll::Ready(this.release_held());
                 }
             };
-            let hold = match this.read(&data) {
-                Ok(hold) => hold,
-                Err(reason) => return this.cut(reason),
-            };
-            this.held_len += data.len();
-            this.held.push(data);
-            if !hold && let Some(chunk) = this.release() {
+            if let Err(reason) = this.read(&data) {
+                return this.cut(reason);
+            }
+            if this.held.is_empty() {
+                this.release.arm();
+            }
+            this.held_bytes += data.len();
+            let at = this.positions();
+            this.held.push_back((data, at));
+            if let Some(chunk) = this.releasable() {
+                if !this.held.is_empty() {
+                    // The oldest still held came after the timer was armed: re-armed from now,
+                    // later than it came, never earlier.
+                    this.release.arm();
+                }
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             }
         }
@@ -416,7 +409,7 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        with_held(self.inner.size_hint(), self.held_len)
+        with_held(self.inner.size_hint(), self.held_bytes)
     }
 }
 
@@ -652,6 +645,9 @@ mod tests {
                 b"plain text".to_vec(),
                 0,
             ),
+            // Zlib labelled gzip: curl's decoder would read it, flate2's would see it only
+            // after ten bytes.
+            ("zlib labelled gzip", Coding::Gzip, zlib(b"s3cret-val"), 0),
             (
                 "bytes after the gzip member",
                 Coding::Gzip,
@@ -659,11 +655,67 @@ mod tests {
                 gzip(b"clean").len(),
             ),
         ] {
-            let relayed = relay(vec![Bytes::from(body)], coding).await;
+            let relayed = relay(pieces(&body, 1), coding).await;
             assert!(relayed.failed, "{what}");
             assert_eq!(relayed.recorded, [ENCODED_RESPONSE], "{what}");
             assert!(relayed.bytes().len() <= relayed_at_most, "{what}");
         }
+    }
+
+    #[tokio::test]
+    async fn when_chunks_go_does_not_depend_on_what_they_hold() {
+        // An upstream streaming guesses, flushed one by one: one that begins the secret must
+        // go exactly as another does.
+        let frames = |guess: &str| {
+            let mut e = GzEncoder::new(Vec::new(), Compression::default());
+            let mut chunks = Vec::new();
+            for text in ["|a", guess, "|b", "|c"] {
+                e.write_all(text.as_bytes()).unwrap();
+                e.flush().unwrap();
+                chunks.push(Bytes::from(std::mem::take(e.get_mut())));
+            }
+            chunks
+        };
+        let lengths = |r: &Relayed| r.frames.iter().map(Bytes::len).collect::<Vec<_>>();
+        let guess = relay(frames("|s3c"), Coding::Gzip).await;
+        let other = relay(frames("|xyz"), Coding::Gzip).await;
+        assert!(!guess.failed && !other.failed);
+        assert_eq!(lengths(&guess), lengths(&other));
+    }
+
+    /// A body that yields its chunks, then nothing more for ever.
+    struct ThenWait(VecDeque<Bytes>);
+
+    impl Body for ThenWait {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.0.pop_front() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_chunk_goes_after_a_short_wait() {
+        let mut e = GzEncoder::new(Vec::new(), Compression::default());
+        e.write_all(b"data: s3c").unwrap();
+        e.flush().unwrap();
+        let chunk = Bytes::from(std::mem::take(e.get_mut()));
+        let mut scanned = Scanned::new(
+            ThenWait(VecDeque::from([chunk.clone()])),
+            Coding::Gzip,
+            echoes(),
+            Box::new(|_| {}),
+        );
+        let start = tokio::time::Instant::now();
+        let frame = scanned.frame().await.unwrap().unwrap();
+        assert_eq!(frame.data_ref().unwrap(), &chunk);
+        assert_eq!(start.elapsed(), super::super::response_scan::RELEASE_AFTER);
     }
 
     #[tokio::test]

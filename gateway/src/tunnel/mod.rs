@@ -44,6 +44,7 @@ use tokio::{
 pub use ca::{LocalCa, state_dir};
 pub use credentials::{CredentialError, LoadContext, Placeholders, Secrets};
 pub use secret_file::SandboxReader;
+pub(crate) use secret_file::has_acl;
 pub use snapshot::{PolicyHandle, Snapshot};
 pub use workers::{Doorman, MAX_THREADS, spawn_workers, worker_threads};
 

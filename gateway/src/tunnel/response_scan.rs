@@ -4,9 +4,11 @@
 //! as it streams, cut before the chunk that would carry the secret, and the cut recorded.
 
 use std::{
+    future::Future as _,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
@@ -104,22 +106,6 @@ impl Echoes {
         // Most headers and many chunks are shorter than a secret: no search at all.
         bytes.len() >= self.1 && self.0.iter().any(|e| contains(bytes, e))
     }
-
-    /// How many bytes at the end of `bytes` begin one of the texts: held back until the next
-    /// chunk shows whether the rest follows. Usually none, so a stream (server-sent events)
-    /// is relayed as it comes.
-    pub(super) fn pending(&self, bytes: &[u8]) -> usize {
-        self.0
-            .iter()
-            .map(|e| {
-                (1..e.len().min(bytes.len() + 1))
-                    .rev()
-                    .find(|&k| bytes[bytes.len() - k..] == e[..k])
-                    .unwrap_or(0)
-            })
-            .max()
-            .unwrap_or(0)
-    }
 }
 
 fn contains(haystack: &[u8], text: &[u8]) -> bool {
@@ -132,12 +118,107 @@ fn contains(haystack: &[u8], text: &[u8]) -> bool {
     memchr::memchr_iter(text[0], &haystack[..=last]).any(|at| haystack[at..].starts_with(text))
 }
 
-/// Relays `inner`, cutting it before the secret.
+/// Held bytes go out when the next chunk comes or this long after, whatever they are. If
+/// only bytes that could begin the secret waited, when they went would tell a client which
+/// of the guesses an upstream it controls streams begin the secret, letter by letter (a
+/// review recovered one whole so). A secret split across two chunks this far apart in time
+/// loses its start before the rest is seen and the answer cut.
+pub(super) const RELEASE_AFTER: Duration = Duration::from_millis(20);
+
+/// The timer that lets held bytes go: armed whenever a chunk comes, by then the same way
+/// whatever the bytes are.
+#[derive(Default)]
+pub(super) struct Release {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl Release {
+    pub(super) fn arm(&mut self) {
+        let at = tokio::time::Instant::now() + RELEASE_AFTER;
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+        self.armed = true;
+    }
+
+    /// Whether the time is up (once per arming); registers for the wakeup if not.
+    pub(super) fn fired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(sleep) = self.sleep.as_mut().filter(|_| self.armed) else {
+            return false;
+        };
+        let fired = sleep.as_mut().poll(cx).is_ready();
+        self.armed &= !fired;
+        fired
+    }
+}
+
+/// A stream read for the secret piece by piece: each piece is checked, with the end of the
+/// one before, for a secret that spans them.
+pub(super) struct Stream {
+    echoes: Echoes,
+    /// The last bytes read, as many as a secret less one: enough to see one that spans two
+    /// pieces.
+    tail: Vec<u8>,
+    keep: usize,
+}
+
+impl Stream {
+    pub(super) fn new(echoes: Echoes) -> Self {
+        let keep = echoes.longest().saturating_sub(1);
+        Self {
+            echoes,
+            tail: Vec::with_capacity(2 * keep),
+            keep,
+        }
+    }
+
+    /// As many bytes as a secret less one: what is held back of a stream.
+    pub(super) fn keep(&self) -> usize {
+        self.keep
+    }
+
+    /// Whether `piece` completes a secret, here or with what came before.
+    pub(super) fn completes(&mut self, piece: &[u8]) -> bool {
+        let head = &piece[..piece.len().min(self.keep)];
+        let tail_len = self.tail.len();
+        self.tail.extend_from_slice(head);
+        let spans = self.echoes.found_in(&self.tail);
+        self.tail.truncate(tail_len);
+        if spans || self.echoes.found_in(piece) {
+            return true;
+        }
+        if piece.len() >= self.keep {
+            zeroize::Zeroize::zeroize(&mut self.tail[..]);
+            self.tail.clear();
+            self.tail
+                .extend_from_slice(&piece[piece.len() - self.keep..]);
+        } else {
+            self.tail.extend_from_slice(piece);
+            let excess = self.tail.len().saturating_sub(self.keep);
+            zeroize::Zeroize::zeroize(&mut self.tail[..excess]);
+            self.tail.drain(..excess);
+        }
+        false
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.tail[..]);
+    }
+}
+
+/// Relays `inner`, cutting it before the secret. The last bytes of what has come, as many
+/// as a secret less one, wait for the next chunk or [`RELEASE_AFTER`], so a secret split
+/// across two chunks is seen whole before any of it goes.
 pub struct Scanned<B> {
     inner: B,
-    echoes: Echoes,
-    /// The start of a text that may be the secret, not relayed yet.
+    stream: Stream,
+    /// Not relayed yet: at most [`Stream::keep`] bytes between polls.
     held: BytesMut,
+    release: Release,
     /// Trailers that came while bytes were held: relayed after them.
     trailers: Option<HeaderMap>,
     /// Records the cut; taken when it happens. (In a mutex only so the body is `Sync`, as
@@ -150,8 +231,9 @@ impl<B> Scanned<B> {
     pub fn new(inner: B, echoes: Echoes, cut: late_cut::Record) -> Self {
         Self {
             inner,
-            echoes,
+            stream: Stream::new(echoes),
             held: BytesMut::new(),
+            release: Release::default(),
             trailers: None,
             cut: Mutex::new(Some(cut)),
             done: false,
@@ -162,11 +244,16 @@ impl<B> Scanned<B> {
         self.done = true;
         zeroize::Zeroize::zeroize(&mut self.held[..]);
         self.held.clear();
+        self.trailers = None;
         let cut = self.cut.get_mut().unwrap_or_else(PoisonError::into_inner);
         if let Some(record) = cut.take() {
             record(SECRET_IN_RESPONSE);
         }
         Poll::Ready(Some(Err(SecretInResponse.into())))
+    }
+
+    fn release_held(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        (!self.held.is_empty()).then(|| Ok(Frame::data(self.held.split().freeze())))
     }
 }
 
@@ -192,19 +279,29 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if this.done {
+            if let Some(rest) = this.release_held() {
+                return Poll::Ready(Some(rest));
+            }
             return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
         }
         loop {
-            let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-                Some(Ok(frame)) => frame,
-                Some(Err(e)) => {
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(Some(Err(e))) => {
                     this.done = true;
+                    zeroize::Zeroize::zeroize(&mut this.held[..]);
+                    this.held.clear();
                     return Poll::Ready(Some(Err(e.into())));
                 }
-                None => {
+                Poll::Ready(None) => {
                     this.done = true;
-                    let rest = this.held.split().freeze();
-                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                    return Poll::Ready(this.release_held());
+                }
+                Poll::Pending => {
+                    if !this.held.is_empty() && this.release.fired(cx) {
+                        return Poll::Ready(this.release_held());
+                    }
+                    return Poll::Pending;
                 }
             };
             let data = match frame.into_data() {
@@ -213,7 +310,7 @@ where
                     let Ok(trailers) = frame.into_trailers() else {
                         continue;
                     };
-                    if this.echoes.in_headers(&trailers) {
+                    if this.stream.echoes.in_headers(&trailers) {
                         return this.cut();
                     }
                     this.done = true;
@@ -221,15 +318,17 @@ where
                         return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                     }
                     this.trailers = Some(trailers);
-                    return Poll::Ready(Some(Ok(Frame::data(this.held.split().freeze()))));
+                    return Poll::Ready(this.release_held());
                 }
             };
+            if this.stream.completes(&data) {
+                return this.cut();
+            }
+            let keep = this.stream.keep();
+            this.release.arm();
             if this.held.is_empty() {
                 // The usual case: nothing held, the chunk is relayed without a copy.
-                if this.echoes.found_in(&data) {
-                    return this.cut();
-                }
-                let send = data.len() - this.echoes.pending(&data);
+                let send = data.len().saturating_sub(keep);
                 this.held.extend_from_slice(&data[send..]);
                 if send > 0 {
                     return Poll::Ready(Some(Ok(Frame::data(data.slice(..send)))));
@@ -237,10 +336,7 @@ where
                 continue;
             }
             this.held.extend_from_slice(&data);
-            if this.echoes.found_in(&this.held) {
-                return this.cut();
-            }
-            let send = this.held.len() - this.echoes.pending(&this.held);
+            let send = this.held.len().saturating_sub(keep);
             if send > 0 {
                 return Poll::Ready(Some(Ok(Frame::data(this.held.split_to(send).freeze()))));
             }
@@ -249,7 +345,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         if self.done {
-            return self.trailers.is_none();
+            return self.held.is_empty() && self.trailers.is_none();
         }
         self.held.is_empty() && self.inner.is_end_stream()
     }
@@ -290,13 +386,53 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_without_the_secret_is_relayed_chunk_by_chunk() {
+    async fn what_is_held_does_not_depend_on_what_it_is() {
         let (frames, failed, recorded) = relay(&["data: first\n\n", "data: second\n\n"]).await;
-        assert_eq!(frames, ["data: first\n\n", "data: second\n\n"]);
+        assert_eq!(frames.concat(), "data: first\n\ndata: second\n\n");
         assert!(!failed && recorded.is_empty());
-        // Only what could begin the secret waits for the next chunk.
-        let (frames, _, _) = relay(&["a s3c", "ond thing"]).await;
-        assert_eq!(frames, ["a ", "s3cond thing"]);
+        // A start of the secret waits exactly as other text does: when bytes go tells a
+        // client nothing of which guesses begin the secret.
+        let lengths = |f: &[String]| f.iter().map(String::len).collect::<Vec<_>>();
+        let (guess, _, _) = relay(&["a s3c", "ond thing"]).await;
+        let (other, _, _) = relay(&["a xyz", "ond thing"]).await;
+        assert_eq!(lengths(&guess), lengths(&other));
+        assert_eq!(guess.concat(), "a s3cond thing");
+    }
+
+    /// A body that yields one chunk, then nothing more for ever.
+    struct ThenWait(Option<Bytes>);
+
+    impl Body for ThenWait {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.0.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_bytes_go_after_a_short_wait_whatever_they_are() {
+        for text in ["event: s3c", "event: xyz"] {
+            let mut scanned = Scanned::new(
+                ThenWait(Some(Bytes::from_static(text.as_bytes()))),
+                echoes(),
+                Box::new(|_| {}),
+            );
+            let start = tokio::time::Instant::now();
+            let mut got = Vec::new();
+            while got.len() < text.len() {
+                let frame = scanned.frame().await.unwrap().unwrap();
+                got.extend_from_slice(frame.data_ref().unwrap());
+            }
+            assert_eq!(got, text.as_bytes());
+            assert_eq!(start.elapsed(), RELEASE_AFTER, "{text}");
+        }
     }
 
     #[tokio::test]

@@ -79,6 +79,10 @@ pub enum Exposure {
     Writable {
         mode: u32,
     },
+    /// Another user than root owns it, and may write it whatever its mode.
+    OwnedByOther {
+        uid: u32,
+    },
 }
 
 impl Exposure {
@@ -112,6 +116,9 @@ impl Exposure {
             Self::Writable { mode } => format!(
                 "may be written by others than root (mode {mode:o}), so someone else could set the credential the tunnel sends"
             ),
+            Self::OwnedByOther { uid } => format!(
+                "is owned by uid {uid}, who may write it whatever its mode, so someone else than root could set the credential the tunnel sends"
+            ),
         }
     }
 
@@ -123,7 +130,7 @@ impl Exposure {
             Self::OwnedBySandboxUser { .. } | Self::GroupReadable { .. } => {
                 format!("{own}, or {another_user}")
             }
-            Self::WorldReadable { .. } | Self::Writable { .. } => own,
+            Self::WorldReadable { .. } | Self::Writable { .. } | Self::OwnedByOther { .. } => own,
             Self::EntryOwned { entry, .. } => format!(
                 "keep the file, and every link to it, in a directory only root may write (such as /etc/gateway/secrets), not through {}",
                 entry.display()
@@ -167,6 +174,11 @@ pub fn exposure(file: &Path, reader: &SandboxReader) -> Option<Exposure> {
     }
     if mode & 0o022 != 0 {
         return Some(Exposure::Writable { mode });
+    }
+    let gateway = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != gateway {
+        // Its owner may write it whatever the mode says (chmod first).
+        return Some(Exposure::OwnedByOther { uid: meta.uid() });
     }
     replaceable(file)
 }
@@ -245,7 +257,7 @@ pub fn read(path: &Path) -> std::io::Result<Zeroizing<String>> {
     Ok(text)
 }
 
-fn has_acl(file: &Path) -> bool {
+pub(crate) fn has_acl(file: &Path) -> bool {
     let Ok(path) = CString::new(file.as_os_str().as_bytes()) else {
         return false;
     };
@@ -427,6 +439,15 @@ mod tests {
                 uid: stranger
             })
         );
+        // Another user's, 0600: its owner may write it all the same.
+        std::os::unix::fs::chown(&target, Some(me.wrapping_add(777)), None).unwrap();
+        assert_eq!(
+            exposure(&target, &other),
+            Some(Exposure::OwnedByOther {
+                uid: me.wrapping_add(777)
+            })
+        );
+        std::os::unix::fs::chown(&target, Some(me), None).unwrap();
         // Writable by others: the credential could be set from outside.
         chmod(&target, 0o602);
         assert_eq!(

@@ -3,8 +3,9 @@
 //! handshake) would hand it to the sandbox, as an answer could ([`super::response_scan`]).
 //! What the upstream sends after the upgrade is read as frames ([`Frames`]), each message's
 //! payload joined across frames and reads, and the connection is cut before anything of the
-//! secret reaches the client. What may begin it waits until the next bytes show whether the
-//! rest follows; a message's end releases it (a message is read whole by the client).
+//! secret reaches the client. A message's last bytes, as many as a secret less one, wait
+//! until the next bytes show whether the rest follows; a message's end releases them (a
+//! message is read whole by the client).
 
 use super::{
     response_scan::Echoes,
@@ -137,11 +138,16 @@ impl EchoScan {
         Ok(())
     }
 
-    /// The stream offset from which bytes wait for the next read: the first payload byte
-    /// that may begin the secret, or the start of a frame not whole enough to judge.
-    /// Drops from `window` what no longer needs to be looked at.
+    /// The stream offset from which bytes wait for the next read: the message's last
+    /// payload bytes, as many as a secret less one whatever they are (if only those that
+    /// could begin the secret waited, when they went would tell the client which guesses
+    /// begin it), or the start of a frame not whole enough to judge. Drops from `window`
+    /// what no longer needs to be looked at.
     fn hold_from(&mut self) -> u64 {
-        let pending = self.echoes.pending(&self.window);
+        let pending = self
+            .window
+            .len()
+            .min(self.echoes.longest().saturating_sub(1));
         let first = self.window.len() - pending;
         let mut from = self.pos;
         if pending == 0 {
@@ -258,15 +264,18 @@ mod tests {
     }
 
     #[test]
-    fn what_may_begin_the_secret_waits_for_the_next_read_and_no_longer() {
+    fn a_message_s_last_bytes_wait_for_the_next_read_whatever_they_are() {
         let mut s = scan();
         let first = frame(0x1, b"a s3c", false);
-        // The frame's header and what cannot begin the secret go at once.
-        assert_eq!(s.feed(&first).unwrap(), &first[..first.len() - 3]);
+        // The frame's header goes at once; its payload, shorter than a secret, waits.
+        assert_eq!(s.feed(&first).unwrap(), &first[..first.len() - 5]);
         let rest = frame(0x0, b"ond thing", true);
-        let mut want = b"s3c".to_vec();
+        let mut want = b"a s3c".to_vec();
         want.extend_from_slice(&rest);
         assert_eq!(s.feed(&rest).unwrap(), want);
+        // Other text waits the same: when bytes go tells nothing of what they are.
+        let other = frame(0x1, b"a xyz", false);
+        assert_eq!(scan().feed(&other).unwrap(), &other[..other.len() - 5]);
         // A message ending with it is relayed whole: the next cannot continue it.
         let whole = text("ends with s3cret-val");
         assert_eq!(s.feed(&whole).unwrap(), whole);
@@ -318,10 +327,15 @@ mod tests {
             assert!(cut.is_some(), "step {step}");
             assert!(!contains(&relayed, &a[..1]), "step {step}: {relayed:?}");
         }
-        // Frames read apart: the first fragment's start goes, what may begin the secret not.
+        // Frames read apart: the first fragment's header goes, its payload (shorter than a
+        // secret) waits.
         let mut s = scan();
-        let first = frame(0x1, format!("your auth: {a}").as_bytes(), false);
-        assert_eq!(s.feed(&first).unwrap(), &first[..first.len() - a.len()]);
+        let payload = format!("your auth: {a}");
+        let first = frame(0x1, payload.as_bytes(), false);
+        assert_eq!(
+            s.feed(&first).unwrap(),
+            &first[..first.len() - payload.len()]
+        );
         let second = frame(0x0, b.as_bytes(), true);
         assert_eq!(s.feed(&second).map(<[u8]>::to_vec), Err(Cut::Secret));
     }
@@ -345,9 +359,9 @@ mod tests {
     fn pings_after_what_may_begin_the_secret_are_held_up_to_a_bound() {
         let mut s = scan();
         let first = frame(0x1, b"your auth: s3c", false);
-        assert_eq!(s.feed(&first).unwrap(), &first[..first.len() - 3]);
+        assert_eq!(s.feed(&first).unwrap(), &first[..first.len() - 14]);
         let ping = frame(0x9, &[b'x'; 125], true);
-        let mut held = 3;
+        let mut held = 14;
         while held + ping.len() <= MAX_HELD {
             assert_eq!(s.feed(&ping).unwrap(), b"");
             held += ping.len();
