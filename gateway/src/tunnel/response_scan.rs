@@ -125,26 +125,32 @@ fn contains(haystack: &[u8], text: &[u8]) -> bool {
 /// loses its start before the rest is seen and the answer cut.
 pub(super) const RELEASE_AFTER: Duration = Duration::from_millis(20);
 
-/// The timer that lets held bytes go: armed whenever a chunk comes, by then the same way
-/// whatever the bytes are.
+/// The timer that lets held bytes go: started over whenever a chunk comes, by then the same
+/// way whatever the bytes are. The clock is read only once the body has to wait (most
+/// answers end before).
 #[derive(Default)]
 pub(super) struct Release {
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A chunk came: the wait starts at the next poll that finds nothing.
+    fresh: bool,
     armed: bool,
 }
 
 impl Release {
     pub(super) fn arm(&mut self) {
-        let at = tokio::time::Instant::now() + RELEASE_AFTER;
-        match &mut self.sleep {
-            Some(sleep) => sleep.as_mut().reset(at),
-            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
-        }
-        self.armed = true;
+        self.fresh = true;
     }
 
     /// Whether the time is up (once per arming); registers for the wakeup if not.
     pub(super) fn fired(&mut self, cx: &mut Context<'_>) -> bool {
+        if std::mem::take(&mut self.fresh) {
+            let at = tokio::time::Instant::now() + RELEASE_AFTER;
+            match &mut self.sleep {
+                Some(sleep) => sleep.as_mut().reset(at),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+            self.armed = true;
+        }
         let Some(sleep) = self.sleep.as_mut().filter(|_| self.armed) else {
             return false;
         };
