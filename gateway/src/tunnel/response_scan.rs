@@ -222,8 +222,10 @@ impl Drop for Stream {
 pub struct Scanned<B> {
     inner: B,
     stream: Stream,
-    /// Not relayed yet: at most [`Stream::keep`] bytes between polls.
+    /// Not relayed yet: at most [`Stream::keep`] bytes between polls, either the end of
+    /// the last chunk as it came (no copy: most answers are one chunk) or copied together.
     held: BytesMut,
+    held_slice: Option<Bytes>,
     release: Release,
     /// Trailers that came while bytes were held: relayed after them.
     trailers: Option<HeaderMap>,
@@ -239,6 +241,7 @@ impl<B> Scanned<B> {
             inner,
             stream: Stream::new(echoes),
             held: BytesMut::new(),
+            held_slice: None,
             release: Release::default(),
             trailers: None,
             cut: Mutex::new(Some(cut)),
@@ -250,6 +253,7 @@ impl<B> Scanned<B> {
         self.done = true;
         zeroize::Zeroize::zeroize(&mut self.held[..]);
         self.held.clear();
+        self.held_slice = None;
         self.trailers = None;
         let cut = self.cut.get_mut().unwrap_or_else(PoisonError::into_inner);
         if let Some(record) = cut.take() {
@@ -259,7 +263,14 @@ impl<B> Scanned<B> {
     }
 
     fn release_held(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        if let Some(slice) = self.held_slice.take() {
+            return Some(Ok(Frame::data(slice)));
+        }
         (!self.held.is_empty()).then(|| Ok(Frame::data(self.held.split().freeze())))
+    }
+
+    fn holds(&self) -> bool {
+        self.held_slice.is_some() || !self.held.is_empty()
     }
 }
 
@@ -297,6 +308,7 @@ where
                     this.done = true;
                     zeroize::Zeroize::zeroize(&mut this.held[..]);
                     this.held.clear();
+                    this.held_slice = None;
                     return Poll::Ready(Some(Err(e.into())));
                 }
                 Poll::Ready(None) => {
@@ -304,7 +316,7 @@ where
                     return Poll::Ready(this.release_held());
                 }
                 Poll::Pending => {
-                    if !this.held.is_empty() && this.release.fired(cx) {
+                    if this.holds() && this.release.fired(cx) {
                         return Poll::Ready(this.release_held());
                     }
                     return Poll::Pending;
@@ -320,7 +332,7 @@ where
                         return this.cut();
                     }
                     this.done = true;
-                    if this.held.is_empty() {
+                    if !this.holds() {
                         return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                     }
                     this.trailers = Some(trailers);
@@ -332,14 +344,17 @@ where
             }
             let keep = this.stream.keep();
             this.release.arm();
-            if this.held.is_empty() {
+            if !this.holds() {
                 // The usual case: nothing held, the chunk is relayed without a copy.
                 let send = data.len().saturating_sub(keep);
-                this.held.extend_from_slice(&data[send..]);
+                this.held_slice = Some(data.slice(send..)).filter(|t| !t.is_empty());
                 if send > 0 {
                     return Poll::Ready(Some(Ok(Frame::data(data.slice(..send)))));
                 }
                 continue;
+            }
+            if let Some(slice) = this.held_slice.take() {
+                this.held.extend_from_slice(&slice);
             }
             this.held.extend_from_slice(&data);
             let send = this.held.len().saturating_sub(keep);
@@ -351,13 +366,14 @@ where
 
     fn is_end_stream(&self) -> bool {
         if self.done {
-            return self.held.is_empty() && self.trailers.is_none();
+            return !self.holds() && self.trailers.is_none();
         }
-        self.held.is_empty() && self.inner.is_end_stream()
+        !self.holds() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        with_held(self.inner.size_hint(), self.held.len())
+        let held = self.held.len() + self.held_slice.as_ref().map_or(0, Bytes::len);
+        with_held(self.inner.size_hint(), held)
     }
 }
 
