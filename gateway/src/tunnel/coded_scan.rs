@@ -27,7 +27,7 @@ use super::{
     body_scan::{BoxError, with_held},
     late_cut,
     response_scan::{
-        ENCODED_RESPONSE, Echoes, Release, SECRET_IN_RESPONSE, SecretInResponse, Stream,
+        ENCODED_RESPONSE, Echoes, RELEASE_AFTER, SECRET_IN_RESPONSE, SecretInResponse, Stream,
     },
 };
 
@@ -64,8 +64,8 @@ impl Coding {
     }
 }
 
-/// Held chunks beyond this many bytes go whatever they hold: what could begin the secret is
-/// shorter than it, so only chunks that decode to (almost) nothing could make more.
+/// Held chunks beyond this many bytes cut the answer: what could begin the secret is shorter
+/// than it, so only chunks that decode to (almost) nothing could make more.
 const MAX_HELD: usize = 1 << 20;
 
 /// Decoded bytes may be at most this many times the encoded ones, beyond [`SLACK`]: a small
@@ -142,6 +142,13 @@ fn zlib_header(b0: u8, b1: u8) -> bool {
     b0 & 0x0f == 8 && b0 >> 4 <= 7 && (u16::from(b0) << 8 | u16::from(b1)) % 31 == 0
 }
 
+/// A chunk not relayed yet: when it came, and how far every reading had got at its end.
+struct Held {
+    chunk: Bytes,
+    came: tokio::time::Instant,
+    at: Vec<u64>,
+}
+
 /// Relays `inner`, an encoded body, cut before anything any reading of it finds the secret
 /// in. Each chunk waits for the next one, or [`super::response_scan::RELEASE_AFTER`], whatever
 /// it holds, so a secret split across two chunks is seen whole before any of it goes (and
@@ -157,13 +164,14 @@ pub struct Scanned<B> {
     /// The body's first byte, until the second comes.
     first: Option<u8>,
     encoded: u64,
-    /// Chunks read every way but not relayed yet, each with how far every reading had got
-    /// at its end. One goes once every reading has read a secret's length less one past it
-    /// (a secret it holds part of is then whole and was looked for), or all go at
-    /// [`super::response_scan::RELEASE_AFTER`] after the oldest came, whatever they hold.
-    held: VecDeque<(Bytes, Vec<u64>)>,
+    /// Chunks read every way but not relayed yet, each with when it came and how far every
+    /// reading had got at its end. One goes once every reading has read a secret's length
+    /// less one past it (a secret it holds part of is then whole and was looked for), or
+    /// [`super::response_scan::RELEASE_AFTER`] after it came, whatever it holds.
+    held: VecDeque<Held>,
     held_bytes: usize,
-    release: Release,
+    /// Wakes the body when the oldest held chunk has waited long enough.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     trailers: Option<HeaderMap>,
     /// Records the cut (in a mutex only so the body is `Sync`; see response_scan).
     cut: Mutex<Option<late_cut::Record>>,
@@ -182,7 +190,7 @@ impl<B> Scanned<B> {
             encoded: 0,
             held: VecDeque::new(),
             held_bytes: 0,
-            release: Release::default(),
+            sleep: None,
             trailers: None,
             cut: Mutex::new(Some(cut)),
             done: false,
@@ -282,31 +290,51 @@ impl<B> Scanned<B> {
         at
     }
 
-    /// The chunks at the front that every reading has read far enough past, as one.
-    fn releasable(&mut self) -> Option<Bytes> {
-        let now = self.positions();
+    /// The chunks at the front that every reading has read far enough past, or that have
+    /// waited [`RELEASE_AFTER`] (each its own time, so one that just came never goes with an
+    /// older one's), as one.
+    fn releasable(&mut self, now: Option<tokio::time::Instant>) -> Option<Bytes> {
+        let reached = self.positions();
         let keep = self.raw.keep() as u64;
-        let mut n = 0;
-        for (_, at) in &self.held {
-            // A reading dropped since (a possible one that failed) no longer counts.
-            let past = at.iter().zip(&now).all(|(then, now)| now - then >= keep);
-            if !past && self.held_bytes <= MAX_HELD {
-                break;
-            }
-            n += 1;
-        }
+        let n = self
+            .held
+            .iter()
+            .take_while(|h| {
+                // A reading dropped since (a possible one that failed, always the last) no
+                // longer counts.
+                h.at.iter()
+                    .zip(&reached)
+                    .all(|(then, now)| now - then >= keep)
+                    || now.is_some_and(|now| now >= h.came + RELEASE_AFTER)
+            })
+            .count();
         self.take(n)
     }
 
     /// The first `n` held chunks, joined.
     fn take(&mut self, n: usize) -> Option<Bytes> {
-        let chunks: Vec<Bytes> = self.held.drain(..n).map(|(c, _)| c).collect();
+        let chunks: Vec<Bytes> = self.held.drain(..n).map(|h| h.chunk).collect();
         self.held_bytes -= chunks.iter().map(Bytes::len).sum::<usize>();
         match chunks.len() {
             0 => None,
             1 => chunks.into_iter().next(),
             _ => Some(Bytes::from(chunks.concat())),
         }
+    }
+
+    /// Once the oldest held chunk has waited long enough: it and any others that have.
+    fn waited(&mut self, cx: &mut Context<'_>) -> Option<Bytes> {
+        let due = self.held.front()?.came + RELEASE_AFTER;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if sleep.deadline() != due {
+            sleep.as_mut().reset(due);
+        }
+        if sleep.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        self.releasable(Some(tokio::time::Instant::now()))
     }
 
     fn cut(&mut self, reason: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -358,8 +386,8 @@ where
                     return Poll::Ready(this.release_held());
                 }
                 Poll::Pending => {
-                    if !this.held.is_empty() && this.release.fired(cx) {
-                        return Poll::Ready(this.release_held());
+                    if let Some(chunk) = this.waited(cx) {
+                        return Poll::Ready(Some(Ok(Frame::data(chunk))));
                     }
                     return Poll::Pending;
                 }
@@ -384,18 +412,19 @@ where
             if let Err(reason) = this.read(&data) {
                 return this.cut(reason);
             }
-            if this.held.is_empty() {
-                this.release.arm();
-            }
             this.held_bytes += data.len();
+            if this.held_bytes > MAX_HELD {
+                // Chunks that decode to next to nothing, held past any secret's length: no
+                // answer a client needs looks so.
+                return this.cut(ENCODED_RESPONSE);
+            }
             let at = this.positions();
-            this.held.push_back((data, at));
-            if let Some(chunk) = this.releasable() {
-                if !this.held.is_empty() {
-                    // The oldest still held came after the timer was armed: re-armed from now,
-                    // later than it came, never earlier.
-                    this.release.arm();
-                }
+            this.held.push_back(Held {
+                chunk: data,
+                came: tokio::time::Instant::now(),
+                at,
+            });
+            if let Some(chunk) = this.releasable(None) {
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             }
         }
@@ -716,6 +745,72 @@ mod tests {
         let frame = scanned.frame().await.unwrap().unwrap();
         assert_eq!(frame.data_ref().unwrap(), &chunk);
         assert_eq!(start.elapsed(), super::super::response_scan::RELEASE_AFTER);
+    }
+
+    /// A body that yields each chunk after its delay.
+    struct Timed {
+        chunks: VecDeque<(std::time::Duration, Bytes)>,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl Body for Timed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            let Some((delay, _)) = self.chunks.front().cloned() else {
+                return Poll::Ready(None);
+            };
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.sleep = None;
+            let (_, chunk) = self.chunks.pop_front().unwrap();
+            Poll::Ready(Some(Ok(Frame::data(chunk))))
+        }
+    }
+
+    /// Review: a chunk that came just before an older one's wait ran out went with it, and a
+    /// secret split across it and the next (a few ms later) left all but its end.
+    #[tokio::test(start_paused = true)]
+    async fn each_chunk_waits_its_own_time() {
+        let mut e = GzEncoder::new(Vec::new(), Compression::default());
+        let mut chunks = VecDeque::new();
+        let ms = std::time::Duration::from_millis;
+        for (delay, text) in [(0, "hello "), (19, "s3cret-va"), (3, "lue and more")] {
+            e.write_all(text.as_bytes()).unwrap();
+            e.flush().unwrap();
+            chunks.push_back((ms(delay), Bytes::from(std::mem::take(e.get_mut()))));
+        }
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let record = {
+            let recorded = recorded.clone();
+            Box::new(move |reason| recorded.lock().unwrap().push(reason))
+        };
+        let body = Timed {
+            chunks,
+            sleep: None,
+        };
+        let mut scanned = Scanned::new(body, Coding::Gzip, echoes(), record);
+        let mut sent = Vec::new();
+        while let Some(frame) = scanned.frame().await {
+            match frame {
+                Ok(f) => sent.extend_from_slice(f.data_ref().unwrap()),
+                Err(_) => break,
+            }
+        }
+        assert_eq!(*recorded.lock().unwrap(), [SECRET_IN_RESPONSE]);
+        let decoded = decoded_prefix(&sent, Coding::Gzip);
+        assert!(
+            memchr::memmem::find(&decoded, b"s3").is_none(),
+            "{}",
+            String::from_utf8_lossy(&decoded)
+        );
     }
 
     #[tokio::test]
