@@ -1462,7 +1462,7 @@ fn a_network_socket_as_stdio_is_refused_before_anything_starts() {
 
 /// A unix socket as stdio is how systemd gives services their journal: it still works.
 #[test]
-fn a_unix_stream_as_stdio_works_and_a_unix_datagram_socket_does_not() {
+fn a_connected_unix_stream_as_stdio_works_and_other_unix_sockets_do_not() {
     let run = Run::new("stdio-unix", &policy("stdio-unix", ""));
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     std::io::Write::write_all(&mut &ours, b"from the host\n").unwrap();
@@ -1476,22 +1476,35 @@ fn a_unix_stream_as_stdio_works_and_a_unix_datagram_socket_does_not() {
     let ctx = out.describe();
     assert!(out.status.success(), "{ctx}");
     assert!(out.stdout.contains("got: from the host"), "{ctx}");
-    // A unix datagram socket sends to any path `sendto` names, connected or not: refused.
-    let (_ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
-    let out = run.finish(
-        run.command(&["sh", "-c", "echo started"])
-            .stdin(OwnedFd::from(theirs))
-            .output()
-            .unwrap(),
-    );
-    let ctx = out.describe();
-    assert_eq!(out.status.code(), Some(2), "{ctx}");
-    assert!(!out.stdout.contains("started"), "CMD ran\n{ctx}");
-    assert!(
-        out.stderr
-            .contains("stdin (fd 0) is a datagram socket (AF_UNIX)"),
-        "{ctx}"
-    );
+    // A unix datagram socket sends to any path `sendto` names, connected or not, and an
+    // unconnected stream could be connected anywhere from inside: refused.
+    let (_ours, datagram) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    let unconnected = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    for (fd, kind) in [
+        (OwnedFd::from(datagram), "datagram"),
+        (unconnected, "unconnected"),
+    ] {
+        let out = run.finish(
+            run.command(&["sh", "-c", "echo started"])
+                .stdin(fd)
+                .output()
+                .unwrap(),
+        );
+        let ctx = out.describe();
+        assert_eq!(out.status.code(), Some(2), "{kind}\n{ctx}");
+        assert!(!out.stdout.contains("started"), "CMD ran\n{ctx}");
+        assert!(
+            out.stderr
+                .contains(&format!("stdin (fd 0) is a {kind} socket (AF_UNIX)")),
+            "{ctx}"
+        );
+    }
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! hook asked and nothing recorded. `run` refuses to start with one. Connected unix stream
 //! sockets pass: they are how systemd gives a service its journal, and their one peer was
 //! chosen by whoever started the gateway, not by CMD; a unix datagram socket (which sends
-//! to any path) or a listening one does not.
+//! to any path), a listening one, or one not connected yet (CMD could connect it anywhere)
+//! does not.
 
 use std::{io, os::fd::RawFd};
 
@@ -40,17 +41,24 @@ pub fn check() -> Result<(), StdioSocket> {
             // A connected stream (the journal's) reaches its one peer. A datagram socket
             // takes any path `sendto` names, connected or not, and a listening one takes
             // connections from anyone: neither is judged by the sandbox's programs.
+            // One not connected yet CMD could connect to any path itself.
             let sock_type = int_option(fd, libc::SO_TYPE).unwrap_or(-1);
             let listening = int_option(fd, libc::SO_ACCEPTCONN).unwrap_or(0) != 0;
-            if sock_type == libc::SOCK_DGRAM || listening {
-                return Err(StdioSocket {
-                    name,
-                    fd,
-                    kind: if listening { "listening" } else { "datagram" }.into(),
-                    family: "AF_UNIX".into(),
-                });
-            }
-            continue;
+            let kind = if sock_type == libc::SOCK_DGRAM {
+                "datagram"
+            } else if listening {
+                "listening"
+            } else if !connected(fd) {
+                "unconnected"
+            } else {
+                continue;
+            };
+            return Err(StdioSocket {
+                name,
+                fd,
+                kind: kind.into(),
+                family: "AF_UNIX".into(),
+            });
         }
         let protocol = int_option(fd, libc::SO_PROTOCOL).unwrap_or(-1);
         let sock_type = int_option(fd, libc::SO_TYPE).unwrap_or(-1);
@@ -62,6 +70,14 @@ pub fn check() -> Result<(), StdioSocket> {
         });
     }
     Ok(())
+}
+
+/// Whether the socket has a peer (getpeername fails with ENOTCONN when not).
+fn connected(fd: RawFd) -> bool {
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getpeername writes at most `len` bytes into `addr`; a bad fd is an error.
+    unsafe { libc::getpeername(fd, (&raw mut addr).cast(), &raw mut len) == 0 }
 }
 
 /// An integer SOL_SOCKET option (nix 0.29 has no SO_DOMAIN or SO_PROTOCOL getter).
