@@ -74,6 +74,7 @@ pub fn check() -> Result<(), StdioSocket> {
 
 /// Whether the socket has a peer (getpeername fails with ENOTCONN when not).
 fn connected(fd: RawFd) -> bool {
+    // SAFETY: sockaddr_storage is plain data, valid all zeroes.
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: getpeername writes at most `len` bytes into `addr`; a bad fd is an error.
