@@ -820,20 +820,27 @@ fn a_log_file_the_sandbox_user_could_rewrite_is_refused() {
     assert!(!in_theirs.exists());
 }
 
+/// A log straight in /tmp: others may create entries there (sticky or not), and a file or
+/// directory planted under a name the log rotates to would stop the records. Refused before
+/// anything is made; a directory only root may write works.
 #[test]
-fn a_fresh_log_in_tmp_works_as_the_readme_shows() {
-    let run = Run::new("audit-readme", &policy("audit-readme", ""));
-    // As in the README: a new file straight in /tmp, made by root.
+fn a_log_in_a_directory_others_may_write_is_refused_even_with_the_sticky_bit() {
+    let run = Run::new("audit-shared", &policy("audit-shared", ""));
     let log = PathBuf::from(format!(
         "/tmp/gateway-audit-test-{}.jsonl",
         std::process::id()
     ));
     let _ = std::fs::remove_file(&log);
-    let first = run_with_log(&run, &log);
-    let again = run_with_log(&run, &log);
-    let meta = std::fs::metadata(&log);
+    let out = run_with_log(&run, &log);
+    let made = log.exists();
     let _ = std::fs::remove_file(&log);
-    for out in [first, again] {
+    assert_refused_log(&out, &log, "its directory /tmp may be written by others");
+    assert!(!made, "the refused log was created");
+    let own = run.scratch.dir.join("logs");
+    std::fs::create_dir(&own).unwrap();
+    chmod(&own, 0o755);
+    let log = own.join("audit.jsonl");
+    for out in [run_with_log(&run, &log), run_with_log(&run, &log)] {
         assert!(
             out.status.success(),
             "{}",
@@ -841,7 +848,7 @@ fn a_fresh_log_in_tmp_works_as_the_readme_shows() {
         );
     }
     use std::os::unix::fs::MetadataExt as _;
-    let meta = meta.unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o640));
 }
 
@@ -850,8 +857,12 @@ fn planted_rotated_files_are_not_read_and_fail_verify() {
     let upstream = upstream();
     let refused = HostTcp::bind("127.0.0.1:0");
     let run = Run::new("audit-planted", &audited_policy("audit-plant", upstream));
-    let tmp = sticky_dir(&run);
-    let log = tmp.join("audit.jsonl");
+    // Only root may write the log's directory; what the files below stand for was left there
+    // some other way (an older gateway's, a group member's, a restored backup's).
+    let dir = run.scratch.dir.join("logs");
+    std::fs::create_dir(&dir).unwrap();
+    chmod(&dir, 0o755);
+    let log = dir.join("audit.jsonl");
     sandbox(&run, &log, &[], refused.port);
     let genuine = std::fs::read_to_string(&log).unwrap();
     let ok = verify(&log);
@@ -869,11 +880,15 @@ fn planted_rotated_files_are_not_read_and_fail_verify() {
     let link = rotated(&log, 3);
     std::os::unix::fs::symlink(&target, &link).unwrap();
     std::os::unix::fs::lchown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+    // A socket, which fails to open (ENXIO) rather than be read: skipped like the others.
+    let socket = rotated(&log, 99);
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     let warned = |out: &Audit| {
         for (f, why) in [
             (&planted, "owned by uid 65534"),
             (&writable, "writable by group or others"),
             (&link, "symbolic link"),
+            (&socket, "not a regular file"),
         ] {
             assert!(
                 out.stderr.contains(&format!("{}: not read: ", f.display()))

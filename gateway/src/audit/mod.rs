@@ -177,7 +177,10 @@ impl AuditLog {
                 .create(dir)
                 .map_err(open_err)?;
         }
-        trust::check_directories(path).map_err(|e| open_err(e.at(path)))?;
+        trust::check_directories(path)
+            .and_then(|()| trust::check_existing(path))
+            .and_then(|()| trust::check_own_directory(path))
+            .map_err(|e| open_err(e.at(path)))?;
         let writer = Writer::open(path, max_bytes).map_err(open_err)?;
         let (tx, rx) = mpsc::channel();
         let failed = Arc::new(OnceLock::new());

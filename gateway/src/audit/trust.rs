@@ -32,6 +32,9 @@ pub enum Problem {
     DirectoryWritable { dir: PathBuf, mode: u32 },
     /// A symbolic link on its path made by someone else, who may point it anywhere.
     LinkOwner { link: PathBuf, uid: u32 },
+    /// Its own directory others may write, sticky or not: they could plant a file or
+    /// directory under a name rotation needs, and stop the records.
+    DirectoryShared { dir: PathBuf, mode: u32 },
 }
 
 impl fmt::Display for Problem {
@@ -51,6 +54,11 @@ impl fmt::Display for Problem {
             Self::DirectoryWritable { dir, mode } => write!(
                 f,
                 "its directory {} is writable by others without the sticky bit (mode {mode:04o}), so anyone may replace the file",
+                dir.display()
+            ),
+            Self::DirectoryShared { dir, mode } => write!(
+                f,
+                "its directory {} may be written by others (mode {mode:04o}), who could plant a file or directory under a name the log rotates to and stop the records",
                 dir.display()
             ),
             Self::LinkOwner { link, uid } => write!(
@@ -74,6 +82,7 @@ impl Problem {
             }
             Self::DirectoryOwner { .. }
             | Self::DirectoryWritable { .. }
+            | Self::DirectoryShared { .. }
             | Self::LinkOwner { .. } => {
                 "choose a path in a directory only root can write (such as /var/log/gateway)"
             }
@@ -144,6 +153,44 @@ fn link_refused(e: io::Error) -> OpenError {
     }
 }
 
+/// What is already at the log's path, judged without opening it: a link, not a file, someone
+/// else's, or writable by others. Nothing there is fine.
+pub fn check_existing(path: &Path) -> Result<(), OpenError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if meta.file_type().is_symlink() {
+        return Err(OpenError::Untrusted(Problem::Symlink));
+    }
+    if !meta.file_type().is_file() {
+        return Err(OpenError::Untrusted(Problem::NotRegular));
+    }
+    if meta.uid() != euid() {
+        return Err(OpenError::Untrusted(Problem::Owner { uid: meta.uid() }));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(OpenError::Untrusted(Problem::Writable { mode }));
+    }
+    Ok(())
+}
+
+/// The log's own directory, where rotation makes `FILE.1` … and `FILE` again: nobody else
+/// may write it, even with the sticky bit (/tmp), or a file or directory planted under one
+/// of those names stops the records.
+pub fn check_own_directory(path: &Path) -> Result<(), OpenError> {
+    let written = std::path::absolute(path)?;
+    let Some(parent) = written.parent() else {
+        return Ok(());
+    };
+    let dir = std::fs::canonicalize(parent)?;
+    let mode = std::fs::metadata(&dir)?.mode() & 0o7777;
+    if mode & 0o002 != 0 {
+        return Err(OpenError::Untrusted(Problem::DirectoryShared { dir, mode }));
+    }
+    Ok(())
+}
+
 /// Opens (creating it, mode 0640) the log file at `path` for reading and appending, as the
 /// writer does: no symbolic link is followed, and the file must be the gateway's own
 /// regular file that nobody else may write.
@@ -179,6 +226,14 @@ pub enum Reader {
 /// Opens a file of the log for reading: no symbolic link is followed, and the file must be a
 /// regular file that nobody but its trusted owner may write.
 pub fn open_read(path: &Path, reader: Reader) -> Result<File, OpenError> {
+    // A socket or device is not even opened (a socket fails to open with ENXIO, which
+    // would stop the reading of every file instead of skipping this one).
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && !meta.file_type().is_file()
+        && !meta.file_type().is_symlink()
+    {
+        return Err(OpenError::Untrusted(Problem::NotRegular));
+    }
     let file = OpenOptions::new()
         .read(true)
         // O_NONBLOCK: opening a FIFO for reading would wait for a writer.
