@@ -827,7 +827,7 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_anyone_may_write_needs_the_sticky_bit() {
+    fn a_directory_anyone_may_write_is_refused_sticky_or_not() {
         let dir = scratch("dir");
         let shared = dir.join("shared");
         std::fs::create_dir(&shared).unwrap();
@@ -840,9 +840,19 @@ mod tests {
             "{e}"
         );
         assert!(!path.exists());
-        // Like /tmp: only an entry's owner may replace it.
+        // Like /tmp: others may still plant entries under the names rotation needs.
         chmod(&shared, 0o1777);
+        let e = refused(&path, None);
+        assert!(e.contains("may be written by others (mode 1777)"), "{e}");
+        assert!(!path.exists());
+        // Only root's: fine.
+        chmod(&shared, 0o755);
         write(&AuditLog::open(&path).unwrap(), 0..1);
+        // A second name for the log (a hard link): refused.
+        let other = dir.join("other-name");
+        std::fs::hard_link(&path, &other).unwrap();
+        let e = refused(&path, None);
+        assert!(e.contains("has 2 names"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
