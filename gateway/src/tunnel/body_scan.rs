@@ -171,6 +171,25 @@ impl Body for Chunks {
     }
 }
 
+/// A body that yields the given chunks, then nothing more for ever (a stream that pauses).
+#[cfg(test)]
+pub(super) struct ThenWait(pub(super) std::collections::VecDeque<Bytes>);
+
+#[cfg(test)]
+impl Body for ThenWait {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.0.pop_front() {
+            Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            None => Poll::Pending,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt as _;

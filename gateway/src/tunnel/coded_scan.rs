@@ -449,7 +449,10 @@ mod tests {
     use flate2::{Compression, GzBuilder, write::GzEncoder};
     use http_body_util::BodyExt as _;
 
-    use super::{super::body_scan::Chunks, *};
+    use super::{
+        super::body_scan::{Chunks, ThenWait},
+        *,
+    };
 
     const SECRET: &[u8] = b"s3cret-value";
 
@@ -710,23 +713,6 @@ mod tests {
         let other = relay(frames("|xyz"), Coding::Gzip).await;
         assert!(!guess.failed && !other.failed);
         assert_eq!(lengths(&guess), lengths(&other));
-    }
-
-    /// A body that yields its chunks, then nothing more for ever.
-    struct ThenWait(VecDeque<Bytes>);
-
-    impl Body for ThenWait {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            match self.0.pop_front() {
-                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                None => Poll::Pending,
-            }
-        }
     }
 
     #[tokio::test(start_paused = true)]

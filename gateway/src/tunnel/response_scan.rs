@@ -381,7 +381,12 @@ where
 mod tests {
     use http_body_util::BodyExt as _;
 
-    use super::{super::body_scan::Chunks, *};
+    use std::collections::VecDeque;
+
+    use super::{
+        super::body_scan::{Chunks, ThenWait},
+        *,
+    };
 
     fn echoes() -> Echoes {
         Echoes::new(&Arc::from([Bytes::from_static(b"s3cret-value")])).unwrap()
@@ -421,28 +426,11 @@ mod tests {
         assert_eq!(guess.concat(), "a s3cond thing");
     }
 
-    /// A body that yields one chunk, then nothing more for ever.
-    struct ThenWait(Option<Bytes>);
-
-    impl Body for ThenWait {
-        type Data = Bytes;
-        type Error = std::convert::Infallible;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-            match self.0.take() {
-                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
-                None => Poll::Pending,
-            }
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn held_bytes_go_after_a_short_wait_whatever_they_are() {
         for text in ["event: s3c", "event: xyz"] {
             let mut scanned = Scanned::new(
-                ThenWait(Some(Bytes::from_static(text.as_bytes()))),
+                ThenWait(VecDeque::from([Bytes::from_static(text.as_bytes())])),
                 echoes(),
                 Box::new(|_| {}),
             );
