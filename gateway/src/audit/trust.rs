@@ -32,9 +32,6 @@ pub enum Problem {
     DirectoryWritable { dir: PathBuf, mode: u32 },
     /// A symbolic link on its path made by someone else, who may point it anywhere.
     LinkOwner { link: PathBuf, uid: u32 },
-    /// More names than one: a hard link someone made to another file (where
-    /// fs.protected_hardlinks is off, to any file of root's).
-    HardLinked { links: u64 },
     /// Its own directory others may write, sticky or not: they could plant a file or
     /// directory under a name rotation needs, and stop the records.
     DirectoryShared { dir: PathBuf, mode: u32 },
@@ -59,10 +56,6 @@ impl fmt::Display for Problem {
                 "its directory {} is writable by others without the sticky bit (mode {mode:04o}), so anyone may replace the file",
                 dir.display()
             ),
-            Self::HardLinked { links } => write!(
-                f,
-                "it has {links} names (a hard link to another file would be written to)"
-            ),
             Self::DirectoryShared { dir, mode } => write!(
                 f,
                 "its directory {} may be written by others (mode {mode:04o}), who could plant a file or directory under a name the log rotates to and stop the records",
@@ -84,7 +77,7 @@ impl Problem {
             Self::Writable { .. } => {
                 "if its records are the gateway's, chmod go-w it; else move it away, or choose a path in a directory only root can write"
             }
-            Self::Symlink | Self::NotRegular | Self::Owner { .. } | Self::HardLinked { .. } => {
+            Self::Symlink | Self::NotRegular | Self::Owner { .. } => {
                 "move it away (it is not the gateway's), or choose a path in a directory only root can write"
             }
             Self::DirectoryOwner { .. }
@@ -147,11 +140,6 @@ fn judge(file: &File, owners: &[u32]) -> Result<(), OpenError> {
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(OpenError::Untrusted(Problem::Writable { mode }));
-    }
-    if meta.nlink() > 1 {
-        return Err(OpenError::Untrusted(Problem::HardLinked {
-            links: meta.nlink(),
-        }));
     }
     Ok(())
 }
