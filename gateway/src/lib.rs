@@ -8,6 +8,8 @@ pub mod reload;
 pub mod run;
 pub mod sandbox;
 pub mod serve;
+#[cfg(test)]
+mod test_fs;
 pub mod tunnel;
 pub mod unix_reach;
 

@@ -81,31 +81,12 @@ fn replaceable_by(path: &Path, reader: &SandboxReader) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt as _;
-
     use super::*;
-
-    struct Dir(PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn chmod(p: &Path, mode: u32) {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
+    use crate::test_fs::{Dir, chmod, set_acl};
 
     #[test]
     fn a_socket_path_is_judged_by_who_may_replace_each_entry_on_the_way() {
-        let dir = Dir(std::env::temp_dir().join(format!(
-            "gateway-unix-reach-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        )));
-        std::fs::create_dir(&dir.0).unwrap();
-        chmod(&dir.0, 0o755);
+        let dir = Dir::new("unix-reach");
         let sock = dir.0.join("svc.sock");
         std::fs::write(&sock, "").unwrap();
         let sandbox = SandboxReader::User {
@@ -143,30 +124,16 @@ mod tests {
         // An access ACL naming the user: the group bits are its mask.
         chmod(&dir.0, 0o775);
         std::os::unix::fs::chown(&dir.0, Some(0), Some(0)).unwrap();
-        let mut acl = 2u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in [
-            (0x01u16, 7u16, u32::MAX),
-            (0x02, 7, 4242),
-            (0x04, 5, u32::MAX),
-            (0x10, 7, u32::MAX),
-            (0x20, 5, u32::MAX),
-        ] {
-            acl.extend(tag.to_le_bytes());
-            acl.extend(perm.to_le_bytes());
-            acl.extend(id.to_le_bytes());
-        }
-        let c_dir = std::ffi::CString::new(dir.0.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: valid C strings and a buffer of the given length.
-        let set = unsafe {
-            libc::setxattr(
-                c_dir.as_ptr(),
-                c"system.posix_acl_access".as_ptr(),
-                acl.as_ptr().cast(),
-                acl.len(),
-                0,
-            )
-        };
-        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+        set_acl(
+            &dir.0,
+            &[
+                (0x01, 7, u32::MAX),
+                (0x02, 7, 4242),
+                (0x04, 5, u32::MAX),
+                (0x10, 7, u32::MAX),
+                (0x20, 5, u32::MAX),
+            ],
+        );
         assert!(replaceable_by(&sock, &sandbox).is_some());
     }
 }

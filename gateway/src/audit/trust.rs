@@ -296,27 +296,11 @@ pub fn check_directories(path: &Path) -> Result<(), OpenError> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt as _;
-
     use super::*;
-
-    struct Dir(PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_fs::{Dir, chmod};
 
     fn scratch(tag: &str) -> Dir {
-        let d = Dir(std::env::temp_dir().join(format!(
-            "gateway-trust-{tag}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        )));
-        std::fs::create_dir(&d.0).unwrap();
-        std::fs::set_permissions(&d.0, std::fs::Permissions::from_mode(0o755)).unwrap();
-        d
+        Dir::new(&format!("trust-{tag}"))
     }
 
     /// A root-owned link at the log's directory that leads through a link in a directory
@@ -325,7 +309,7 @@ mod tests {
     fn a_link_in_the_middle_of_the_way_is_judged_where_it_stands() {
         let logs = scratch("logs");
         let open = scratch("open");
-        std::fs::set_permissions(&open.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+        chmod(&open.0, 0o777);
         std::os::unix::fs::symlink(&logs.0, open.0.join("hop")).unwrap();
         let top = scratch("top");
         std::os::unix::fs::symlink(open.0.join("hop"), top.0.join("logs")).unwrap();
@@ -336,7 +320,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        std::fs::set_permissions(&open.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+        chmod(&open.0, 0o755);
         assert!(check_directories(&log).is_ok());
     }
 }

@@ -275,31 +275,12 @@ pub(crate) fn has_acl(file: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt as _;
-
     use super::*;
-
-    struct Dir(PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn chmod(p: &Path, mode: u32) {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
+    use crate::test_fs::{Dir, chmod, set_acl};
 
     #[test]
     fn modes_owners_and_directories() {
-        let dir = Dir(std::env::temp_dir().join(format!(
-            "gateway-secret-file-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        )));
-        std::fs::create_dir(&dir.0).unwrap();
-        chmod(&dir.0, 0o755);
+        let dir = Dir::new("secret-file");
         let file = dir.0.join("token");
         std::fs::write(&file, "s").unwrap();
         let me = nix::unistd::geteuid().as_raw();
@@ -344,31 +325,18 @@ mod tests {
         }
         // An ACL letting uid 4242 read: the group bits become its mask.
         chmod(&file, 0o600);
-        let mut acl = 2u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in [
-            (0x01u16, 6u16, u32::MAX),
-            (0x02, 4, 4242),
-            (0x04, 0, u32::MAX),
-            (0x10, 4, u32::MAX),
-            (0x20, 0, u32::MAX),
-        ] {
-            acl.extend(tag.to_le_bytes());
-            acl.extend(perm.to_le_bytes());
-            acl.extend(id.to_le_bytes());
-        }
-        let c_file = CString::new(file.as_os_str().as_bytes()).unwrap();
-        // SAFETY: valid C strings and a buffer of the given length.
-        let set = unsafe {
-            libc::setxattr(
-                c_file.as_ptr(),
-                c"system.posix_acl_access".as_ptr(),
-                acl.as_ptr().cast(),
-                acl.len(),
-                0,
-            )
-        };
-        assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+        set_acl(
+            &file,
+            &[
+                (0x01, 6, u32::MAX),
+                (0x02, 4, 4242),
+                (0x04, 0, u32::MAX),
+                (0x10, 4, u32::MAX),
+                (0x20, 0, u32::MAX),
+            ],
+        );
         assert_eq!(exposure(&file, &other), Some(Exposure::Acl { mode: 0o640 }));
+        let c_file = CString::new(file.as_os_str().as_bytes()).unwrap();
         // SAFETY: valid C strings.
         let removed =
             unsafe { libc::removexattr(c_file.as_ptr(), c"system.posix_acl_access".as_ptr()) };
@@ -461,12 +429,7 @@ mod tests {
 
     #[test]
     fn only_a_regular_file_of_a_secret_s_size_is_read() {
-        let dir = Dir(std::env::temp_dir().join(format!(
-            "gateway-secret-read-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        )));
-        std::fs::create_dir(&dir.0).unwrap();
+        let dir = Dir::new("secret-read");
         let file = dir.0.join("token");
         std::fs::write(&file, "s3cret\n").unwrap();
         assert_eq!(read(&file).unwrap().as_str(), "s3cret\n");
