@@ -139,23 +139,37 @@ impl<B> Scanned<B> {
     }
 }
 
-/// A body that yields the given chunks one frame each, for the scanners' tests.
+/// A body that yields the given chunks one frame each, for the scanners' tests; then ends,
+/// or (`then_wait`) waits for ever, as a stream that pauses.
 #[cfg(test)]
-pub(super) struct Chunks(std::collections::VecDeque<Bytes>);
+pub(super) struct Chunks {
+    chunks: std::collections::VecDeque<Bytes>,
+    ends: bool,
+}
 
 #[cfg(test)]
 impl Chunks {
     pub(super) fn of_bytes(chunks: Vec<Bytes>) -> Self {
-        Self(chunks.into())
+        Self {
+            chunks: chunks.into(),
+            ends: true,
+        }
     }
 
     pub(super) fn of(chunks: &[&str]) -> Self {
-        Self(
+        Self::of_bytes(
             chunks
                 .iter()
                 .map(|c| Bytes::copy_from_slice(c.as_bytes()))
                 .collect(),
         )
+    }
+
+    pub(super) fn then_wait(chunks: Vec<Bytes>) -> Self {
+        Self {
+            chunks: chunks.into(),
+            ends: false,
+        }
     }
 }
 
@@ -167,24 +181,9 @@ impl Body for Chunks {
         mut self: Pin<&mut Self>,
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
-    }
-}
-
-/// A body that yields the given chunks, then nothing more for ever (a stream that pauses).
-#[cfg(test)]
-pub(super) struct ThenWait(pub(super) std::collections::VecDeque<Bytes>);
-
-#[cfg(test)]
-impl Body for ThenWait {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.0.pop_front() {
+        match self.chunks.pop_front() {
             Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            None if self.ends => Poll::Ready(None),
             None => Poll::Pending,
         }
     }

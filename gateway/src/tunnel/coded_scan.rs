@@ -455,10 +455,7 @@ mod tests {
     use flate2::{Compression, GzBuilder, write::GzEncoder};
     use http_body_util::BodyExt as _;
 
-    use super::{
-        super::body_scan::{Chunks, ThenWait},
-        *,
-    };
+    use super::{super::body_scan::Chunks, *};
 
     const SECRET: &[u8] = b"s3cret-value";
 
@@ -728,7 +725,7 @@ mod tests {
         e.flush().unwrap();
         let chunk = Bytes::from(std::mem::take(e.get_mut()));
         let mut scanned = Scanned::new(
-            ThenWait(VecDeque::from([chunk.clone()])),
+            Chunks::then_wait(vec![chunk.clone()]),
             Coding::Gzip,
             echoes(),
             Box::new(|_| {}),

@@ -381,12 +381,7 @@ where
 mod tests {
     use http_body_util::BodyExt as _;
 
-    use std::collections::VecDeque;
-
-    use super::{
-        super::body_scan::{Chunks, ThenWait},
-        *,
-    };
+    use super::{super::body_scan::Chunks, *};
 
     fn echoes() -> Echoes {
         Echoes::new(&Arc::from([Bytes::from_static(b"s3cret-value")])).unwrap()
@@ -430,7 +425,7 @@ mod tests {
     async fn held_bytes_go_after_a_short_wait_whatever_they_are() {
         for text in ["event: s3c", "event: xyz"] {
             let mut scanned = Scanned::new(
-                ThenWait(VecDeque::from([Bytes::from_static(text.as_bytes())])),
+                Chunks::then_wait(vec![Bytes::from_static(text.as_bytes())]),
                 echoes(),
                 Box::new(|_| {}),
             );
