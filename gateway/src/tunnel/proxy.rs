@@ -542,11 +542,6 @@ impl Tunnel {
     }
 }
 
-/// Checks where placeholders are and sets the named credential; the agent's own value for
-/// that header is dropped, a placeholder in it included. A placeholder anywhere else is
-/// refused: in the URL, toward a host whose rule does not name its credential, and in any
-/// other header even toward its own host, where it is never swapped for the secret (an
-/// upstream that echoes headers back would hand the sandbox the secret).
 /// A request body's trailers, as an empty chunk.
 fn without_trailers(frame: hyper::body::Frame<bytes::Bytes>) -> hyper::body::Frame<bytes::Bytes> {
     if frame.is_trailers() {
@@ -556,6 +551,11 @@ fn without_trailers(frame: hyper::body::Frame<bytes::Bytes>) -> hyper::body::Fra
     }
 }
 
+/// Checks where placeholders are and sets the named credential; the agent's own value for
+/// that header is dropped, a placeholder in it included. A placeholder anywhere else is
+/// refused: in the URL, toward a host whose rule does not name its credential, and in any
+/// other header even toward its own host, where it is never swapped for the secret (an
+/// upstream that echoes headers back would hand the sandbox the secret).
 fn credentials(
     secrets: &Secrets,
     parts: &mut hyper::http::request::Parts,
