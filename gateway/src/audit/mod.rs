@@ -483,7 +483,10 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::files::{Lines, LogLine};
+    use crate::{
+        audit::files::{Lines, LogLine},
+        test_fs::chmod,
+    };
 
     fn scratch(tag: &str) -> PathBuf {
         let dir =
@@ -777,11 +780,6 @@ mod tests {
         assert!(!log.backed_up());
         assert_eq!(verified(&path).records, total as u64);
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    fn chmod(path: &Path, mode: u32) {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
 
     fn refused(path: &Path, max_bytes: Option<u64>) -> String {

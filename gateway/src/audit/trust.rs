@@ -130,7 +130,11 @@ fn euid() -> u32 {
 
 /// Judges an open file: regular, owned by one of `owners`, written by nobody else.
 fn judge(file: &File, owners: &[u32]) -> Result<(), OpenError> {
-    let meta = file.metadata()?;
+    judge_meta(&file.metadata()?, owners)
+}
+
+/// [`judge`] on what `stat` or `lstat` said.
+fn judge_meta(meta: &std::fs::Metadata, owners: &[u32]) -> Result<(), OpenError> {
     if !meta.file_type().is_file() {
         return Err(OpenError::Untrusted(Problem::NotRegular));
     }
@@ -162,17 +166,7 @@ pub fn check_existing(path: &Path) -> Result<(), OpenError> {
     if meta.file_type().is_symlink() {
         return Err(OpenError::Untrusted(Problem::Symlink));
     }
-    if !meta.file_type().is_file() {
-        return Err(OpenError::Untrusted(Problem::NotRegular));
-    }
-    if meta.uid() != euid() {
-        return Err(OpenError::Untrusted(Problem::Owner { uid: meta.uid() }));
-    }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(OpenError::Untrusted(Problem::Writable { mode }));
-    }
-    Ok(())
+    judge_meta(&meta, &[euid()])
 }
 
 /// The log's own directory, where rotation makes `FILE.1` … and `FILE` again: nobody else
@@ -196,14 +190,7 @@ pub fn check_own_directory(path: &Path) -> Result<(), OpenError> {
 /// regular file that nobody else may write.
 pub fn open_append(path: &Path) -> Result<File, OpenError> {
     // Something that is there and not a file (a FIFO, a device) is not even opened.
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_symlink() {
-            return Err(OpenError::Untrusted(Problem::Symlink));
-        }
-        if !meta.file_type().is_file() {
-            return Err(OpenError::Untrusted(Problem::NotRegular));
-        }
-    }
+    check_existing(path)?;
     let file = OpenOptions::new()
         .read(true)
         .append(true)
