@@ -494,6 +494,16 @@ fn serve_refuses_busy_cgroups_reloads_on_sighup_and_kills_its_sandboxes_at_exit(
     assert_eq!(curl_replies(&after)["api"].code, 200, "{}", ctx());
     assert_eq!(api.paths(), ["/v1/reload"], "{}", ctx());
 
+    // Emptied, the cgroup still cannot be removed while serve runs: one made again under
+    // its name would have none of the sandbox's programs.
+    let removed = std::fs::remove_dir(&dir);
+    assert_eq!(
+        removed.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EBUSY)),
+        "{}",
+        ctx()
+    );
+
     // A sandboxed process still running when serve stops is killed, not left without a
     // tunnel; the cgroup serve was given stays.
     let mut lingering = in_sandbox(&cgroup, "serve-reload", "exec sleep 600")
@@ -514,6 +524,8 @@ fn serve_refuses_busy_cgroups_reloads_on_sighup_and_kills_its_sandboxes_at_exit(
         "",
         "{log}"
     );
+    // Left as it was given: removable again.
+    assert!(!dir.join("gateway-hold").exists(), "{log}");
 }
 
 #[test]

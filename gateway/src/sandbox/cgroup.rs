@@ -11,6 +11,11 @@ use super::SandboxError;
 /// Parent of every sandbox cgroup, under the cgroup v2 root.
 pub const PARENT: &str = "gateway";
 
+/// An empty child `gateway serve` keeps in each sandbox cgroup while it runs: the kernel
+/// refuses to remove a cgroup that has children, and a cgroup removed and made again under
+/// the same name would have none of the sandbox's programs.
+pub const HOLD: &str = "gateway-hold";
+
 pub struct Cgroup {
     dir: PathBuf,
     id: u64,
@@ -105,12 +110,35 @@ impl Cgroup {
         Ok(text.lines().any(|l| l == "populated 1"))
     }
 
+    /// Makes the [`HOLD`] child, or keeps the one a crashed gateway left.
+    pub fn hold(&self) -> Result<(), SandboxError> {
+        let hold = self.dir.join(HOLD);
+        match std::fs::DirBuilder::new().mode(0o755).create(&hold) {
+            Err(e) if !(e.kind() == std::io::ErrorKind::AlreadyExists && hold.is_dir()) => {
+                Err(SandboxError::io("creating cgroup", &hold)(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes the [`HOLD`] child, if there is one; the cgroup must be empty.
+    pub fn release_hold(&self) -> Result<(), SandboxError> {
+        let hold = self.dir.join(HOLD);
+        match std::fs::remove_dir(&hold) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(SandboxError::io("removing cgroup", &hold)(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Kills what is left and removes the directory.
     pub fn destroy(self) -> Result<(), SandboxError> {
         if !self.dir.exists() {
             return Ok(());
         }
         self.kill()?;
+        self.release_hold()?;
         std::fs::remove_dir(&self.dir).map_err(SandboxError::io("removing cgroup", &self.dir))
     }
 }

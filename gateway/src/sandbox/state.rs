@@ -222,6 +222,7 @@ fn clean_one(dir: &Path, state: &RunState) -> anyhow::Result<Saved> {
         let cgroup = Cgroup::open(state.cgroup_dir.clone())?;
         if state.keep_cgroup {
             cgroup.kill()?;
+            cgroup.release_hold()?;
         } else {
             cgroup.destroy()?;
         }

@@ -102,11 +102,13 @@ impl Attached {
     /// is inside them.
     fn teardown(self) -> (Vec<PathBuf>, anyhow::Result<()>) {
         let detached = self.enforcer.detach();
+        let released = self.cgroup.release_hold();
         let _ = std::fs::remove_dir_all(&self.run_dir);
         let _ = std::fs::remove_dir_all(env_dir(&self.name));
         let name = &self.name;
         let done = detached
             .map_err(anyhow::Error::from)
+            .and_then(|()| released.map_err(anyhow::Error::from))
             .with_context(|| format!("sandbox {name}"));
         (self.created, done)
     }
@@ -168,6 +170,12 @@ fn attach(
         undo_created(&created);
         return Err(e.into());
     }
+    // While serve runs, the cgroup cannot be removed (and made again without programs).
+    if let Err(e) = cgroup.hold() {
+        let _ = std::fs::remove_dir_all(&run_dir);
+        undo_created(&created);
+        return Err(e.into());
+    }
     let attached = Enforcer::attach(&kernel::Target {
         cgroup_dir: cgroup.dir(),
         cgroup_id: cgroup.id(),
@@ -188,6 +196,7 @@ fn attach(
         Err(e) => {
             let _ = kernel::remove_pin_dir(&run_state.pin_dir);
             let _ = std::fs::remove_dir_all(&run_dir);
+            let _ = cgroup.release_hold();
             undo_created(&created);
             Err(anyhow::Error::from(e).context(format!(
                 "attaching the programs of sandbox {} to {}",
