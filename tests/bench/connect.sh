@@ -6,6 +6,7 @@
 # `cargo build --release --workspace --bins` (cargo xtask bench does both).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
+. "$root/tests/bench/lib.sh"
 n=${CONNECTS:-20000}
 mib=${MIB:-2048}
 rounds=${ROUNDS:-5}
@@ -45,7 +46,6 @@ for r in $(seq "$rounds"); do
   bulk_out+=("$("$work/connect-loop" send "127.0.0.1:$sink_port" "$mib")")
   bulk_in+=("$(sandboxed "$work/connect-loop" send "127.0.0.1:$sink_port" "$mib")")
 done
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 out=$(median "${outside[@]}")
 in=$(median "${inside[@]}")
 echo "connect()+close() to an allowed loopback listener, $n per round, $rounds rounds"

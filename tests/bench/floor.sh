@@ -68,7 +68,6 @@ stop() { # FD
 }
 
 rps() { wrk -t2 -c64 -d"${duration}s" "$@" | awk '/Requests\/sec/ {printf "%.0f", $2}'; }
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
 
 if [ "${COUNT:-0}" = 1 ]; then

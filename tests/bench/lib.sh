@@ -9,6 +9,13 @@ need() {
   done
 }
 
+# median VALUE...: the middle value, or the mean of the two middle ones for an even count.
+# Values may come as separate words or as one space-separated word.
+median() {
+  # shellcheck disable=SC2048,SC2086
+  printf '%s\n' $* | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # upstream_nginx WORK PORT WORKERS: the loopback upstream the tunnel benchmarks proxy to,

@@ -8,6 +8,7 @@
 # `cargo build --release --workspace --bins` (cargo xtask bench does both).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
+. "$root/tests/bench/lib.sh"
 n=${CONNECTS:-20000}
 rounds=${ROUNDS:-5}
 work=$(mktemp -d /tmp/gateway-bench-scale.XXXXXX)
@@ -57,7 +58,6 @@ for r in $(seq "$rounds"); do
   run_small+=("$(wall_ms small)")
   run_large+=("$(wall_ms large)")
 done
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 s=$(median "${small[@]}")
 l=$(median "${large[@]}")
 echo "connect()+close() to an allowed loopback listener inside the sandbox, $n per round, $rounds rounds"

@@ -7,6 +7,7 @@
 # after `cargo build --release --workspace --bins` (cargo xtask bench does both).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
+. "$root/tests/bench/lib.sh"
 rounds=${ROUNDS:-5}
 http_rules=${HTTP_RULES:-10000}
 cidrs=${CIDRS:-100000}
@@ -102,7 +103,6 @@ kill -TERM "$gw"
 wait "$gw" || true
 gw=
 
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo "reload time (read + check + compile + kernel fill + switch + tunnel swap), ms, $rounds rounds"
 echo "small -> small: ${small[*]} (median $(median "${small[@]}"))"
 echo "small -> large: ${to_large[*]} (median $(median "${to_large[@]}"))"

@@ -62,7 +62,6 @@ for n in 1 10; do
     rps[$n]+="$(awk '/Requests\/sec/ {printf "%d", $2}' <<<"$out") "
   done
 done
-median() { printf '%s\n' $1 | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo "gateway serve, $rounds rounds, medians in brackets"
 for n in 1 10; do
   echo "$n sandbox(es): lock down ${start_s[$n]}s [$(median "${start_s[$n]}")], stop ${stop_s[$n]}s [$(median "${stop_s[$n]}")], new connections ${rps[$n]}req/s [$(median "${rps[$n]}")]"

@@ -175,7 +175,6 @@ for r in $(seq "$rounds"); do
   if [ $((r % 2)) = 1 ]; then run_tunnel; run_nginx; else run_nginx; run_tunnel; fi
   ratios+=("$(awk -v t="${tun_rps[-1]}" -v n="${ngx_rps[-1]}" 'BEGIN { printf "%.2f", t / n }')")
 done
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 deny=$(grep -c '"verdict":"deny"' "$work/audit.jsonl" || true)
 deny_reasons=$(grep '"verdict":"deny"' "$work/audit.jsonl" | grep -o '"reason":"[^"]*"' | sort | uniq -c | tr -s ' \n' ' ' || true)
 echo "HTTP GET with a credential attached, wrk -t2 -c$conns -d${duration}s inside the sandbox, $rounds rounds"
