@@ -68,6 +68,5 @@ for r in $(seq "$rounds"); do
 done
 for i in "${!addrs[@]}"; do
   [ "$i" = 0 ] && continue
-  echo "[$i] ${*:$((i + 1)):1} over [0]: median $(printf '%s\n' ${ratios[$i]} | sort -g |
-    awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}')"
+  echo "[$i] ${*:$((i + 1)):1} over [0]: median $(median "${ratios[$i]}")"
 done
