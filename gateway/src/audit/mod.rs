@@ -841,11 +841,50 @@ mod tests {
         // Like /tmp: others may still plant entries under the names rotation needs.
         chmod(&shared, 0o1777);
         let e = refused(&path, None);
-        assert!(e.contains("may be written by others (mode 1777)"), "{e}");
+        assert!(
+            e.contains("may be written by others than root (mode 1777"),
+            "{e}"
+        );
         assert!(!path.exists());
         // Only root's: fine.
         chmod(&shared, 0o755);
         write(&AuditLog::open(&path).unwrap(), 0..1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Ubuntu's /var/log is root:syslog 0775: that group's members could plant entries
+    /// under the names rotation needs as well as anyone could in /tmp.
+    #[test]
+    fn a_directory_another_group_may_write_is_refused() {
+        let dir = scratch("group");
+        let shared = dir.join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        chmod(&shared, 0o775);
+        let path = shared.join("audit.jsonl");
+        nix::unistd::chown(&shared, None, Some(nix::unistd::Gid::from_raw(4))).unwrap();
+        let e = refused(&path, None);
+        assert!(
+            e.contains("may be written by others than root (mode 0775"),
+            "{e}"
+        );
+        assert!(!path.exists());
+        // Root's group is root's.
+        nix::unistd::chown(&shared, None, Some(nix::unistd::Gid::from_raw(0))).unwrap();
+        write(&AuditLog::open(&path).unwrap(), 0..1);
+        std::fs::remove_file(&path).unwrap();
+        // An access ACL may let in someone the group bits (its mask) do not name.
+        crate::test_fs::set_acl(
+            &shared,
+            &[
+                (0x01, 7, u32::MAX),
+                (0x02, 7, 65534),
+                (0x04, 5, u32::MAX),
+                (0x10, 7, u32::MAX),
+                (0x20, 5, u32::MAX),
+            ],
+        );
+        let e = refused(&path, None);
+        assert!(e.contains("may be written by others"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -58,7 +58,7 @@ impl fmt::Display for Problem {
             ),
             Self::DirectoryShared { dir, mode } => write!(
                 f,
-                "its directory {} may be written by others (mode {mode:04o}), who could plant a file or directory under a name the log rotates to and stop the records",
+                "its directory {} may be written by others than root (mode {mode:04o}, by group or others, or through an ACL), who could plant a file or directory under a name the log rotates to and stop the records",
                 dir.display()
             ),
             Self::LinkOwner { link, uid } => write!(
@@ -171,15 +171,20 @@ pub fn check_existing(path: &Path) -> Result<(), OpenError> {
 
 /// The log's own directory, where rotation makes `FILE.1` … and `FILE` again: nobody else
 /// may write it, even with the sticky bit (/tmp), or a file or directory planted under one
-/// of those names stops the records.
+/// of those names stops the records. Nor may a group other than root's (Ubuntu's /var/log
+/// is root:syslog 0775), or anyone an access ACL names.
 pub fn check_own_directory(path: &Path) -> Result<(), OpenError> {
     let written = std::path::absolute(path)?;
     let Some(parent) = written.parent() else {
         return Ok(());
     };
     let dir = std::fs::canonicalize(parent)?;
-    let mode = std::fs::metadata(&dir)?.mode() & 0o7777;
-    if mode & 0o002 != 0 {
+    let meta = std::fs::metadata(&dir)?;
+    let mode = meta.mode() & 0o7777;
+    // With an access ACL the group bits are its mask: they say whether any named user or
+    // group may write, not only the owning group.
+    let group_may = mode & 0o020 != 0 && (meta.gid() != 0 || crate::tunnel::has_acl(&dir));
+    if mode & 0o002 != 0 || group_may {
         return Err(OpenError::Untrusted(Problem::DirectoryShared { dir, mode }));
     }
     Ok(())
