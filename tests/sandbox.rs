@@ -393,6 +393,9 @@ def tiocsti():
 report("tiocsti", tiocsti)
 report("tiocsti-high-bits", lambda: ioctl(0x1_0000_5412, ctypes.c_char(b"\n")))
 report("tioclinux", lambda: ioctl(0x541C, ctypes.c_char(b"\x06")))
+# KDSKBSENT: what function key 1 types on a virtual console. VT_ACTIVATE: switch consoles.
+report("kdskbsent", lambda: ioctl(0x4B49, ctypes.create_string_buffer(b"\x00echo injected\n", 512)))
+report("vt-activate", lambda: ioctl(0x5606, ctypes.c_int(1)))
 "#;
 
 /// TIOCSTI puts bytes in a terminal's input queue as if typed: from an operator's
@@ -408,12 +411,14 @@ fn the_terminal_cannot_be_typed_into() {
     on_terminal(&mut outside_cmd, &slave);
     let control = outside(outside_cmd.output().unwrap());
     control.assert_open("tiocsti");
-    assert_ne!(
-        control.door("tioclinux")["errno"],
-        EPERM,
-        "{}",
-        control.describe()
-    );
+    for door in ["tioclinux", "kdskbsent", "vt-activate"] {
+        assert_ne!(
+            control.door(door)["errno"],
+            EPERM,
+            "{door}\n{}",
+            control.describe()
+        );
+    }
     assert!(
         typed(&slave).contains("echo injected\n"),
         "TIOCSTI typed nothing outside the sandbox: the test would prove nothing\n{}",
@@ -425,7 +430,13 @@ fn the_terminal_cannot_be_typed_into() {
     let mut cmd = run.command(&["python3", "-c", &format!("{PRELUDE}\n{TERMINAL_INPUT}")]);
     on_terminal(&mut cmd, &slave);
     let out = run.finish(cmd.output().unwrap());
-    for door in ["tiocsti", "tiocsti-high-bits", "tioclinux"] {
+    for door in [
+        "tiocsti",
+        "tiocsti-high-bits",
+        "tioclinux",
+        "kdskbsent",
+        "vt-activate",
+    ] {
         assert_eq!(out.door(door)["errno"], EPERM, "{door}\n{}", out.describe());
     }
     let queued = typed(&slave);
@@ -435,7 +446,12 @@ fn the_terminal_cannot_be_typed_into() {
         out.describe()
     );
     let pid = out.pid();
-    for (request, count) in [("TIOCSTI", 2), ("TIOCLINUX", 1)] {
+    for (request, count) in [
+        ("TIOCSTI", 2),
+        ("TIOCLINUX", 1),
+        ("KD/0x4b49", 1),
+        ("VT/0x5606", 1),
+    ] {
         let records = out
             .audit
             .iter()

@@ -9,7 +9,8 @@
 //!   if the gateway is gone the kernel fails the call with ENOSYS, still refused. Calls
 //!   through another ABI than the native one (i386 `int 0x80`, x32), which the rules do not
 //!   cover, are handed over too: the gateway records them and kills the caller. Typing into
-//!   a terminal (ioctl TIOCSTI and TIOCLINUX) and the kernel keyring (request_key, add_key,
+//!   a terminal (ioctl TIOCSTI and TIOCLINUX, and a virtual console's keyboard and VT
+//!   ioctls) and the kernel keyring (request_key, add_key,
 //!   keyctl: a key request can make the kernel run a helper, a DNS lookup among them,
 //!   outside the sandbox) are refused the same way.
 //!
@@ -45,6 +46,12 @@ pub(super) const NAMESPACES: [(u64, &str); 8] = [
 
 /// The ioctl requests that type into a terminal, each with the name an audit record gives it.
 pub(super) const TERMINAL_INPUT: [(u64, &str); 2] = [(0x5412, "TIOCSTI"), (0x541C, "TIOCLINUX")];
+
+/// The virtual console's ioctl ranges (old-style requests, no size or direction bits): the
+/// keyboard's ('K', with the fonts and screen maps) and the VT switcher's ('V'), each with
+/// the name an audit record gives it. Matched under [`CONSOLE_MASK`].
+pub(super) const CONSOLE: [(u64, &str); 2] = [(0x4B00, "KD"), (0x5600, "VT")];
+pub(super) const CONSOLE_MASK: u64 = 0xffff_ff00;
 
 /// The kernel keyring's system calls, each refused.
 const KEY_CALLS: [&str; 3] = ["request_key", "add_key", "keyctl"];
@@ -210,6 +217,17 @@ fn seccomp_filter() -> Result<Vec<u8>, Box<dyn std::error::Error>> {
             ScmpAction::Notify,
             ioctl,
             &[scmp_cmp!($arg1 & 0xffff_ffff == request)],
+        )?;
+    }
+    // On a virtual console, the process whose controlling terminal it is may rebind keys
+    // and set what a function key types (KDSKBENT, KDSKBSENT): the operator's next key
+    // presses would type the sandbox's command into the shell. No sandboxed tool needs the
+    // console's keyboard, fonts or VT switching: both whole ranges are refused.
+    for (range, _) in CONSOLE {
+        ctx.add_rule_conditional(
+            ScmpAction::Notify,
+            ioctl,
+            &[scmp_cmp!($arg1 & CONSOLE_MASK == range)],
         )?;
     }
     // Keys: a request_key for a type the kernel cannot find makes it run /sbin/request-key

@@ -158,11 +158,15 @@ fn native(name: &str, args: [u64; 6], pid: u32) -> (&'static str, &'static str, 
 
 /// The name of a refused ioctl request, read as the kernel reads it (lower 32 bits).
 fn request_name(request: u64) -> String {
+    use super::confine::{CONSOLE, CONSOLE_MASK, TERMINAL_INPUT};
     let request = request & 0xffff_ffff;
-    super::confine::TERMINAL_INPUT
-        .iter()
-        .find(|(r, _)| *r == request)
-        .map_or_else(|| format!("{request:#x}"), |(_, name)| (*name).to_owned())
+    if let Some((_, name)) = TERMINAL_INPUT.iter().find(|(r, _)| *r == request) {
+        return (*name).to_owned();
+    }
+    match CONSOLE.iter().find(|(r, _)| *r == request & CONSOLE_MASK) {
+        Some((_, range)) => format!("{range}/{request:#x}"),
+        None => format!("{request:#x}"),
+    }
 }
 
 /// The key type a request_key or add_key names (`dns_resolver` is the one that looks names
@@ -244,6 +248,8 @@ mod tests {
         assert_eq!(request_name(0x5412), "TIOCSTI");
         assert_eq!(request_name(0x1_0000_5412), "TIOCSTI");
         assert_eq!(request_name(0x541C), "TIOCLINUX");
+        assert_eq!(request_name(0x4B49), "KD/0x4b49");
+        assert_eq!(request_name(0x1_0000_5606), "VT/0x5606");
     }
 
     #[test]
