@@ -884,3 +884,88 @@ fn a_missing_secret_variable_names_the_command_that_reads_it() {
     assert!(!stderr.contains("gateway run"), "{ctx}");
     assert!(!cgroup2_root().join(&parent).exists(), "{ctx}");
 }
+
+/// A cgroup inside a subtree delegated to the sandbox's user (systemd's `Delegate=yes` hands
+/// it `cgroup.procs`): the kernel lets whoever may write the common ancestor's `cgroup.procs`
+/// move a process between two cgroups, so a sandboxed process could move itself up to the
+/// parent, where none of the sandbox's programs are. Serve refuses such a cgroup before
+/// anything starts, with or without `user` in the config.
+#[test]
+fn serve_refuses_a_cgroup_its_sandbox_could_move_out_of() {
+    assert_root();
+    let scratch = Scratch::new("serve-leave");
+    let parent = test_cgroup("leave");
+    let dir = cgroup2_root().join(&parent);
+    std::fs::create_dir(&dir).unwrap();
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            for child in ["probe", "a"] {
+                let _ = std::fs::write(self.0.join(child).join("cgroup.kill"), "1");
+            }
+            let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+            std::thread::sleep(Duration::from_millis(100));
+            for child in ["probe/gateway-hold", "a/gateway-hold", "probe", "a"] {
+                let _ = std::fs::remove_dir(self.0.join(child));
+            }
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _remove = Remove(dir.clone());
+    let delegate = nix::unistd::Uid::from_raw(4401);
+    nix::unistd::chown(&dir, Some(delegate), None).unwrap();
+    nix::unistd::chown(&dir.join("cgroup.procs"), Some(delegate), None).unwrap();
+
+    // What a process of that user in a cgroup below could do: move itself up.
+    let probe = dir.join("probe");
+    std::fs::create_dir(&probe).unwrap();
+    let moved = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/probe/cgroup.procs" && exec setpriv --reuid=4401 --regid=4401 --clear-groups sh -c 'echo $$ > "$0/cgroup.procs" && cat /proc/self/cgroup' "$1""#)
+        .arg("sh")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let unified = String::from_utf8_lossy(&moved.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned));
+    assert_eq!(
+        unified,
+        Some(format!("/{parent}")),
+        "the premise: {moved:?}"
+    );
+
+    scratch.write("a.toml", &policy("serve-leave", ""));
+    for user in ["user = \"4401\"\n", ""] {
+        let config = format!("{}{user}", host_config(&scratch, &parent, &["a"]));
+        let config_file = scratch.write("serve.toml", &config);
+        let mut serve = Command::new(gateway_bin())
+            .args(["serve", "--config"])
+            .arg(&config_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while serve.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = serve.kill();
+                let out = serve.wait_with_output().unwrap();
+                panic!(
+                    "serve took the cgroup ({user:?})\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = serve.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{user:?}\n{stderr}");
+        assert!(
+            stderr.contains(&format!("{}/cgroup.procs may be written by", dir.display())),
+            "{user:?}\n{stderr}"
+        );
+        assert!(!dir.join("a").exists(), "{user:?}\n{stderr}");
+    }
+}

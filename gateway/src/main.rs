@@ -176,6 +176,8 @@ fn main() -> ExitCode {
                 || e.downcast_ref::<gateway::unix_reach::Replaceable>()
                     .is_some()
                 || e.downcast_ref::<sandbox::stdio::StdioSocket>().is_some()
+                || e.downcast_ref::<gateway::serve::leave::Leavable>()
+                    .is_some()
             {
                 eprintln!("gateway: {e}");
                 return ExitCode::from(2);

@@ -38,9 +38,10 @@ pub fn check(policy: &Policy, reader: &SandboxReader) -> Result<(), Replaceable>
     Ok(())
 }
 
-/// May `reader` change what `dir` holds: its owner (who may chmod it), let in by the mode,
-/// or maybe by an access ACL (whose mask the group bits are, and which may name the user).
-fn may_write(dir: &Path, meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
+/// May `reader` write `path` (change what a directory holds): its owner (who may chmod it),
+/// let in by the mode, or maybe by an access ACL (whose mask the group bits are, and which
+/// may name the user).
+pub(crate) fn may_write(dir: &Path, meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
     let mode = meta.mode();
     let group_may = mode & 0o020 != 0;
     if mode & 0o002 != 0 || (group_may && crate::tunnel::has_acl(dir)) {

@@ -5,6 +5,7 @@
 //! script) places them in the cgroup and gives them the environment file serve writes.
 
 pub mod config;
+pub mod leave;
 
 use std::{
     net::SocketAddr,
@@ -62,6 +63,13 @@ pub fn serve(config_file: &Path) -> anyhow::Result<i32> {
             .with_context(|| format!("sandbox {}", sandbox.policy.name))?;
     }
     let (ca, cgroup_root) = crate::run::prepare_host()?;
+    for sandbox in &config.sandboxes {
+        leave::check(
+            &cgroup_root,
+            &sandbox.cgroup,
+            &load_context(sandbox).sandbox,
+        )?;
+    }
     let audit = AuditLog::open_with(&config.audit_log, config.audit_max_bytes)?;
     let runtime = crate::run::supervisor_runtime()?;
     let written = audit.clone();
