@@ -223,6 +223,18 @@ pub fn load(file: &Path) -> Result<Config, PolicyError> {
                 ),
             ));
         }
+        if policy.name == name {
+            return Err(one_error(
+                file,
+                at.0,
+                at.1,
+                format!(
+                    "policy {} is named `{}` like this config: records of connections no sandbox made carry the config's `name`, so an auditor could not tell them from this sandbox's; give one of them another name",
+                    policy_file.display(),
+                    policy.name
+                ),
+            ));
+        }
         if let Some(line) = names.insert(policy.name.clone(), at.0) {
             return Err(one_error(
                 file,
@@ -504,6 +516,15 @@ mod tests {
             e.starts_with(
                 "D/serve.toml:7:10: policy D/a.toml is named `a` like the policy of line 4"
             ),
+            "{e}"
+        );
+        let e = check(
+            "version = 1\nname = \"a\"\n[[sandbox]]\ncgroup = \"a\"\npolicy = \"a.toml\"\n",
+            &[A],
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("D/serve.toml:5:10: policy D/a.toml is named `a` like this config"),
             "{e}"
         );
     }
