@@ -3309,6 +3309,87 @@ attempt("other.test", True)
     assert_eq!(mismatches, 2, "{ctx}");
 }
 
+/// A passthrough rule's host is only ever spliced; its credential, methods and paths never
+/// apply to a request the tunnel reads. Absolute-form `https://` on the proxy port (no
+/// CONNECT) to such a host is refused, whichever rule its method and path would match,
+/// and so is a CONNECT inside an intercepted session: forwarded, its body (which an
+/// upstream may leave unread) would be read as the next request on the pooled connection.
+#[test]
+fn requests_the_tunnel_would_read_never_reach_a_passthrough_host_or_go_as_connect() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let other = Server::upstream(&pki, "other");
+    let rules = format!(
+        "{}{}{}",
+        rule(
+            "api.test",
+            api.port,
+            "passthrough = true\ncredential = \"api\"\nmethods = [\"GET\"]\npaths = [\"/public/**\"]"
+        ),
+        rule("api.test", api.port, "credential = \"api\""),
+        rule("other.test", other.port, "credential = \"api\""),
+    );
+    let run = Run::new(
+        "tunnel-read-passthrough",
+        &tunnel_policy(
+            "tunnel-read-passthrough",
+            &pki,
+            &format!("{rules}{API_CREDENTIAL}"),
+        ),
+    );
+    let out = python(
+        &run,
+        &format!(
+            r#"{CONNECTED}
+import ssl
+def answer(s):
+    s.settimeout(10)
+    data = b""
+    while b"\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n")[0].decode(errors="replace")
+for name, head in [
+    ("get", b"GET https://api.test/public/x HTTP/1.1\r\nHost: api.test\r\n\r\n"),
+    ("post", b"POST https://api.test/x HTTP/1.1\r\nHost: api.test\r\nContent-Length: 0\r\n\r\n"),
+]:
+    s = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
+    s.sendall(head)
+    print(json.dumps({{name: answer(s)}}), flush=True)
+t = ssl.create_default_context().wrap_socket(connected("other.test")[0], server_hostname="other.test")
+body = b"DELETE /repos/acme/app HTTP/1.1\r\nX-Pad: "
+t.sendall(b"CONNECT https://other.test:443/ HTTP/1.1\r\nHost: other.test\r\nContent-Length: "
+          + str(len(body)).encode() + b"\r\n\r\n" + body)
+print(json.dumps({{"connect": answer(t)}}), flush=True)
+time.sleep(0.5)
+"#
+        ),
+    );
+    let ctx = || described(&out, &[&api, &other]);
+    for (name, status) in [("get", 403), ("post", 403), ("connect", 405)] {
+        assert!(
+            printed(&out, name)
+                .as_str()
+                .is_some_and(|l| l.starts_with(&format!("HTTP/1.1 {status} "))),
+            "{name}\n{}",
+            ctx()
+        );
+    }
+    assert!(api.requests().is_empty(), "{}", ctx());
+    assert!(other.requests().is_empty(), "{}", ctx());
+    let records = proxy_records(&out);
+    let refused = |reason: &str| {
+        records
+            .iter()
+            .filter(|r| r["verdict"] == "deny" && r["reason"] == reason)
+            .count()
+    };
+    assert_eq!(refused("passthrough-only"), 2, "{}", ctx());
+    assert_eq!(refused("connect-in-session"), 1, "{}", ctx());
+}
+
 #[test]
 fn passthrough_splices_tls_after_the_sni_check() {
     let pki = Pki::new();

@@ -26,6 +26,8 @@ struct Refusal(StatusCode, &'static str);
 
 /// The audit reason when no rule allows a request.
 const NOT_ALLOWLISTED: &str = "not-allowlisted";
+/// A request the tunnel would read, toward a host a passthrough rule splices.
+const PASSTHROUGH_ONLY: &str = "passthrough-only";
 /// A plain HTTP request under a rule whose credential goes over HTTPS only: it would cross
 /// the network unencrypted.
 pub const CREDENTIAL_OVER_PLAIN_HTTP: &str = "credential-over-plain-http";
@@ -141,13 +143,33 @@ impl Tunnel {
                 fields,
             );
         }
+        if req.method() == Method::CONNECT {
+            // Inside a session (the only place left for one): a CONNECT forwarded upstream
+            // has no defined body, and an upstream that leaves the bytes unread would take
+            // them for the next request on the pooled connection, credential attached.
+            return self.refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "connect-in-session",
+                client,
+                fields,
+            );
+        }
         // Each request decides with the policy in force when it arrives, and keeps that one
         // snapshot to the end, whatever a reload puts in force meanwhile.
         let snapshot = self.policy.current();
-        let route = match snapshot
+        // A passthrough rule's host is spliced, never read: a CONNECT to it is decided by
+        // its first rule alone, so a request the tunnel would read (absolute-form on the
+        // proxy port, or one inside a session reaching such a rule) is refused rather than
+        // decided by the methods, paths and credential of whichever rule it matches.
+        let decided = snapshot
             .rules
-            .decide(req.method(), &target, req.uri().path())
+            .decide(req.method(), &target, req.uri().path());
+        if decided.is_some_and(|r| r.spec.passthrough)
+            || (inner.is_none() && snapshot.rules.spliced(&target))
         {
+            return self.refuse(StatusCode::FORBIDDEN, PASSTHROUGH_ONLY, client, fields);
+        }
+        let route = match decided {
             Some(rule) => {
                 fields.rule = Some(rule.index);
                 fields.credential = rule.spec.credential.clone();

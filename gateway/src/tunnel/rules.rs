@@ -35,6 +35,8 @@ pub struct Rules {
     exact: HashMap<String, Vec<usize>>,
     /// Rule indices by the base of `*.base`, ascending.
     below: HashMap<String, Vec<usize>>,
+    /// Whether any rule is `passthrough`.
+    splices: bool,
 }
 
 impl Rules {
@@ -73,6 +75,7 @@ impl Rules {
             map.entry(host.clone()).or_default().push(rule.index);
         }
         Ok(Self {
+            splices: out.iter().any(|r| r.spec.passthrough),
             rules: out,
             exact,
             below,
@@ -93,6 +96,15 @@ impl Rules {
     /// CONNECT is intercepted, spliced or refused.
     pub fn for_authority(&self, target: &Authority) -> Option<&Rule> {
         self.candidates(target).into_iter().next()
+    }
+
+    /// Whether this host and port is spliced (its first rule is `passthrough`). Most policies
+    /// have no such rule, and then nothing is looked up.
+    pub fn spliced(&self, target: &Authority) -> bool {
+        self.splices
+            && self
+                .for_authority(target)
+                .is_some_and(|r| r.spec.passthrough)
     }
 
     pub fn get(&self, index: usize) -> Option<&Rule> {
