@@ -381,6 +381,9 @@ r fullwidth-dots --path-as-is https://other.test/v1/%ef%bc%8e%ef%bc%8e/admin
 r empty-segment --path-as-is https://api.test/v2//info
 r empty-params-segment --path-as-is 'https://api.test/v2/;x/info'
 r double-slash-under-globstar --path-as-is https://other.test/v1//deeper
+r encoded-question-mark --path-as-is https://api.test/files/secret%3f.json
+r encoded-hash --path-as-is https://api.test/files/secret%2523.json
+r encoded-line-break --path-as-is 'https://other.test/v1/x%0d%0aX-Injected:%20yes'
 "
         ),
     );
@@ -424,6 +427,9 @@ r double-slash-under-globstar --path-as-is https://other.test/v1//deeper
         "iis-escape",
         "fullwidth-slash",
         "fullwidth-dots",
+        "encoded-question-mark",
+        "encoded-hash",
+        "encoded-line-break",
     ] {
         assert_eq!(code(name), 400, "{name}\n{}", ctx());
     }
@@ -495,6 +501,21 @@ r double-slash-under-globstar --path-as-is https://other.test/v1//deeper
             "other.test",
             "/v1/%ef%bc%8e%ef%bc%8e/admin",
             "lookalike-path-separator",
+        ),
+        (
+            "api.test",
+            "/files/secret%3f.json",
+            "encoded-path-delimiter",
+        ),
+        (
+            "api.test",
+            "/files/secret%2523.json",
+            "encoded-path-delimiter",
+        ),
+        (
+            "other.test",
+            "/v1/x%0d%0aX-Injected:%20yes",
+            "encoded-control-character",
         ),
     ] {
         assert_proxy_record(

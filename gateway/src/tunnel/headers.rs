@@ -103,6 +103,15 @@ pub fn path_ambiguity(path: &str) -> Option<&'static str> {
     if unicode_escape(&decoded) {
         return Some("unicode-escape");
     }
+    // Decoded, `?` and `#` end the path and CR or LF end the line: a server or front that
+    // decodes before it forwards or routes (nginx's `$uri`) would send a shorter path, or a
+    // header of the client's making, than the one the rule matched.
+    if ["%3f", "%23"].iter().any(|e| decoded.contains(e)) {
+        return Some("encoded-path-delimiter");
+    }
+    if encoded_control(&decoded) {
+        return Some("encoded-control-character");
+    }
     if lookalike_separator(path.as_bytes()) {
         return Some("lookalike-path-separator");
     }
@@ -126,6 +135,15 @@ pub fn path_ambiguity(path: &str) -> Option<&'static str> {
         return in_decodings(path);
     }
     None
+}
+
+/// An escape of an ASCII control character (`%01`-`%1f`, `%7f`; `%00` is refused as a
+/// separator) in lower-cased text.
+fn encoded_control(text: &str) -> bool {
+    text.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && (matches!(w[1], b'0' | b'1') && w[2].is_ascii_hexdigit() || w[1..] == *b"7f")
+    })
 }
 
 /// IIS's own escape, `%uXXXX` (`%u002e` is `.`, either case), which no standard decoder
@@ -278,6 +296,19 @@ mod tests {
         assert_eq!(path_ambiguity("/@types%2fnode"), None);
         assert!(path_ambiguity("/a%2F..%2Fadmin").is_some());
         assert!(path_ambiguity("/a%5cb").is_some());
+        // Decoded, these end the path or the line.
+        assert_eq!(
+            path_ambiguity("/files/secret%3F.json"),
+            Some("encoded-path-delimiter")
+        );
+        assert_eq!(path_ambiguity("/a%2523b"), Some("encoded-path-delimiter"));
+        assert_eq!(
+            path_ambiguity("/x%0d%0aX-Injected:%20yes"),
+            Some("encoded-control-character")
+        );
+        assert_eq!(path_ambiguity("/a%7Fb"), Some("encoded-control-character"));
+        assert_eq!(path_ambiguity("/a%1fb"), Some("encoded-control-character"));
+        assert_eq!(path_ambiguity("/a%20b%2Bc%40d"), None);
         assert!(path_ambiguity("/a/./b").is_some());
         // Path parameters (Tomcat and Spring read `..;x` as `..`).
         assert!(path_ambiguity("/repos/acme/..;/admin").is_some());
