@@ -533,6 +533,45 @@ r encoded-line-break --path-as-is 'https://other.test/v1/x%0d%0aX-Injected:%20ye
     }
 }
 
+/// Headers that tell an upstream which host, scheme, prefix or client a request came
+/// through are the client's own here: an upstream trusting them (a proxy-fix middleware)
+/// would route by a host or prefix no rule judged, or take the sandbox for a local
+/// address. None of them leaves.
+#[test]
+fn forwarding_headers_from_the_sandbox_never_reach_the_upstream() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let run = api_run("tunnel-forwarded", &pki, api.port, "credential = \"api\"");
+    let out = sh(
+        &run,
+        &format!(
+            "{CURL}
+r forwarded -H 'X-Forwarded-Host: admin.test' -H 'X-Forwarded-Prefix: /admin' -H 'X-Forwarded-Proto: http' -H 'X-Forwarded-For: 127.0.0.1' -H 'Forwarded: host=admin.test;for=127.0.0.1' -H 'X-Real-IP: 127.0.0.1' -H 'X-Kept: yes' https://api.test/v1/forwarded
+"
+        ),
+    );
+    let ctx = || described(&out, &[&api]);
+    assert_eq!(
+        reply(&replies(&out.stdout), "forwarded", &out).code,
+        200,
+        "{}",
+        ctx()
+    );
+    let requests = api.requests();
+    assert_eq!(requests.len(), 1, "{}", ctx());
+    for name in [
+        "x-forwarded-host",
+        "x-forwarded-prefix",
+        "x-forwarded-proto",
+        "x-forwarded-for",
+        "forwarded",
+        "x-real-ip",
+    ] {
+        assert!(header(&requests[0], name).is_empty(), "{name}\n{}", ctx());
+    }
+    assert_eq!(header(&requests[0], "x-kept"), ["yes"], "{}", ctx());
+}
+
 /// A rule allowing POST does not let a body's `_method=DELETE` through (Rails, Laravel and
 /// Express take it as the real method): the chunk naming it never leaves, the request is
 /// aborted and refused 400. A field whose value only mentions it, and a file that quotes

@@ -284,6 +284,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_websocket_upgrade: bool) {
     }
 }
 
+/// Whether a request header tells an upstream where the request came from or which host,
+/// scheme or prefix it was for. The client's own would route an upstream that trusts them
+/// (a proxy-fix middleware) by a host or prefix no rule judged, or pass it as a trusted
+/// local address.
+fn is_forwarding(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")
+}
+
+/// Removes the client's [`is_forwarding`] headers. One pass over the names when there are
+/// none, as on nearly every request.
+pub fn strip_forwarding(headers: &mut HeaderMap) {
+    while let Some(name) = headers.keys().find(|k| is_forwarding(k)).cloned() {
+        headers.remove(&name);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -232,6 +232,7 @@ impl Tunnel {
         // Before the tunnel adds its own headers: a `Connection` naming them must not take
         // the credential or `Accept-Encoding: identity` off again.
         headers::strip_hop_by_hop(&mut parts.headers, ws);
+        headers::strip_forwarding(&mut parts.headers);
         if let Err(Refusal(status, reason)) =
             credentials(&snapshot.secrets, &mut parts, target, route.credential())
         {
