@@ -274,6 +274,17 @@ fn bad_glob() {
         only_error("version = 1\n[[http.allow]]\nhost = \"a.test\"\npaths = [\"v1/**\"]\n"),
         "4:10: bad path glob `v1/**`: request paths start with `/`, so this never matches; write e.g. \"/v1/**\""
     );
+    // The path is matched as sent: `/public/%73ecret` is no `s...` there.
+    for glob in ["/public/[!s]*", "/public/[^s]*"] {
+        assert_eq!(
+            only_error(&format!(
+                "version = 1\n[[http.allow]]\nhost = \"a.test\"\npaths = [\"{glob}\"]\n"
+            )),
+            format!(
+                "4:10: bad path glob `{glob}`: a negated class `[!...]` would match an escaped form of what it excludes (`%73` for `s`), which the upstream decodes; list what is allowed instead"
+            )
+        );
+    }
 }
 
 #[test]

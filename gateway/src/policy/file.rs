@@ -1234,6 +1234,17 @@ fn http_rule(
                 ),
             );
             ok = false;
+        } else if p.value.contains("[!") || p.value.contains("[^") {
+            // A glob matches the path as sent: `%73ecret` is no `s` there, and an upstream
+            // decodes it to `secret`. What a class excludes could be sent escaped.
+            d.error(
+                &p.span,
+                format!(
+                    "bad path glob `{}`: a negated class `[!...]` would match an escaped form of what it excludes (`%73` for `s`), which the upstream decodes; list what is allowed instead",
+                    p.value
+                ),
+            );
+            ok = false;
         } else if !p.value.starts_with('/') {
             d.error(
                 &p.span,
