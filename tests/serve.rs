@@ -855,6 +855,25 @@ fn serve_refuses_secret_files_its_sandboxes_could_read() {
     );
     assert!(!stderr.contains(secret), "{ctx}");
     assert!(!cgroup2_root().join(&parent).exists(), "{ctx}");
+
+    // One tunnel serves every sandbox: another sandbox's user must not read it either
+    // (nobody, through its group nogroup; 4242 could not).
+    std::os::unix::fs::chown(&file, Some(0), Some(65534)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    scratch.write("g.toml", &policy("serve-file-other", ""));
+    let config = host_config(&scratch, &parent, &["f", "g"]).replace(
+        "policy = \"f.toml\"\n",
+        "policy = \"f.toml\"\nuser = \"4242\"\n",
+    ) + "user = \"65534\"\n";
+    let (out, ctx) = serve(&config);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{ctx}");
+    assert!(
+        stderr.contains(&format!("secret file {path} is readable by group 65534")),
+        "{ctx}"
+    );
+    assert!(!stderr.contains(secret), "{ctx}");
+    assert!(!cgroup2_root().join(&parent).exists(), "{ctx}");
 }
 
 /// A secret variable missing under serve is to be exported where serve runs.

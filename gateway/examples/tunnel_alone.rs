@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         &LoadContext {
             command: "tunnel_alone",
             sandbox: SandboxReader::Anyone,
+            others: Vec::new(),
             another_user: "run it as another user",
         },
     )?;

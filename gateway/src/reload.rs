@@ -194,7 +194,9 @@ impl Reloader {
             return Err(ReloadError::Restart(restart));
         }
         let secrets = Secrets::reload(&next, &self.started.placeholders, &self.started.secrets)?;
-        crate::unix_reach::check(&next, &self.started.secrets.sandbox)?;
+        for reader in self.started.secrets.readers() {
+            crate::unix_reach::check(&next, reader)?;
+        }
 
         // The kernel's spare buffer fills (system calls) while another thread compiles the
         // tunnel's rules and reads the upstream CAs; nothing is in force until both are done.

@@ -74,6 +74,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let load = LoadContext {
         command: "gateway run",
         sandbox: SandboxReader::user(user.uid.as_raw(), Some(user.gid.as_raw())),
+        others: Vec::new(),
         another_user: "run CMD as another user (--user)",
     };
     let secrets = Secrets::load(&policy, &load)?;

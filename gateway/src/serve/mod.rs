@@ -51,23 +51,23 @@ pub fn serve(config_file: &Path) -> anyhow::Result<i32> {
     let config = config::load(config_file)?;
     // Every secret read before anything is created: a missing one, or a file the sandbox's
     // user could read, is the policy author's.
-    let secrets = config
-        .sandboxes
-        .iter()
-        .map(|s| Secrets::load(&s.policy, &load_context(s)))
+    let secrets = (0..config.sandboxes.len())
+        .map(|i| Secrets::load(&config.sandboxes[i].policy, &load_context(&config, i)))
         .collect::<Result<Vec<_>, _>>()?;
-    for sandbox in &config.sandboxes {
-        crate::unix_reach::check(&sandbox.policy, &load_context(sandbox).sandbox)
-            .with_context(|| format!("sandbox {}", sandbox.policy.name))?;
+    for (i, sandbox) in config.sandboxes.iter().enumerate() {
+        for reader in load_context(&config, i).readers() {
+            crate::unix_reach::check(&sandbox.policy, reader)
+                .with_context(|| format!("sandbox {}", sandbox.policy.name))?;
+        }
         tunnel::check_upstream_ca(&sandbox.policy)
             .with_context(|| format!("sandbox {}", sandbox.policy.name))?;
     }
     let (ca, cgroup_root) = crate::run::prepare_host()?;
-    for sandbox in &config.sandboxes {
+    for (i, sandbox) in config.sandboxes.iter().enumerate() {
         leave::check(
             &cgroup_root,
             &sandbox.cgroup,
-            &load_context(sandbox).sandbox,
+            &load_context(&config, i).sandbox,
         )?;
     }
     let audit = AuditLog::open_with(&config.audit_log, config.audit_max_bytes)?;
@@ -80,15 +80,21 @@ pub fn serve(config_file: &Path) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-/// How serve reads a sandbox's secrets: a secret file its `user` could read is refused, and
-/// without `user` one that everyone may read.
-fn load_context(entry: &config::SandboxEntry) -> LoadContext {
+/// How serve reads sandbox `index`'s secrets: a secret file its `user`, or another
+/// sandbox's, could read is refused, and for a sandbox without `user` one that everyone may
+/// read.
+fn load_context(config: &Config, index: usize) -> LoadContext {
+    let reader = |entry: &config::SandboxEntry| match entry.user {
+        Some(uid) => SandboxReader::user(uid, None),
+        None => SandboxReader::Anyone,
+    };
     LoadContext {
         command: "gateway serve",
-        sandbox: match entry.user {
-            Some(uid) => SandboxReader::user(uid, None),
-            None => SandboxReader::Anyone,
-        },
+        sandbox: reader(&config.sandboxes[index]),
+        others: (config.sandboxes.iter().enumerate())
+            .filter(|&(i, _)| i != index)
+            .map(|(_, entry)| reader(entry))
+            .collect(),
         another_user: "give the sandbox another `user`",
     }
 }
@@ -266,7 +272,7 @@ async fn supervise(
             let env_file = env_dir(&sandbox.name).join("env");
             env::write_env_file(&env_file, &vars)
                 .with_context(|| format!("writing {}", env_file.display()))?;
-            let started = Started::new(policy, secrets.placeholders(), load_context(entry));
+            let started = Started::new(policy, secrets.placeholders(), load_context(config, index));
             let proxy = Tunnel::new(policy, secrets, ca.clone(), audit.clone(), false)
                 .with_context(|| format!("starting the tunnel for sandbox {}", policy.name))?;
             reloaders.push(Reloader::new(

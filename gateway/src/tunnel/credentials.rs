@@ -101,8 +101,19 @@ pub struct LoadContext {
     /// `gateway run` or `gateway serve`.
     pub command: &'static str,
     pub sandbox: SandboxReader,
+    /// The users of the other sandboxes the same tunnel serves (`serve`): a secret file one
+    /// of them could read would hand it this sandbox's credential.
+    pub others: Vec<SandboxReader>,
     /// How to run the sandbox as another user, e.g. "run CMD as another user (--user)".
     pub another_user: &'static str,
+}
+
+impl LoadContext {
+    /// Everyone who must not reach a secret file or replace an allowed socket: the
+    /// sandbox's user, then the other sandboxes'.
+    pub fn readers(&self) -> impl Iterator<Item = &SandboxReader> {
+        std::iter::once(&self.sandbox).chain(&self.others)
+    }
 }
 
 impl LoadContext {
@@ -112,6 +123,7 @@ impl LoadContext {
         Self {
             command: "gateway run",
             sandbox: SandboxReader::Anyone,
+            others: Vec::new(),
             another_user: "run CMD as another user (--user)",
         }
     }
@@ -244,7 +256,10 @@ fn load_one(
             },
         })?),
         SecretSource::File(path) => {
-            if let Some(exposed) = secret_file::exposure(path, &context.sandbox) {
+            if let Some(exposed) = context
+                .readers()
+                .find_map(|reader| secret_file::exposure(path, reader))
+            {
                 return Err(CredentialError::FileExposed {
                     name: name.into(),
                     path: path.clone(),
