@@ -172,6 +172,34 @@ fn host_config(scratch: &Scratch, parent: &str, names: &[&str]) -> String {
     config
 }
 
+/// A cgroup made for a test, as an operator gives serve one: on drop, everything in it is
+/// killed, and it is removed with every cgroup below it.
+struct GivenCgroup(PathBuf);
+
+impl GivenCgroup {
+    fn new(name: &str) -> Self {
+        let dir = cgroup2_root().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for GivenCgroup {
+    fn drop(&mut self) {
+        fn remove_tree(dir: &Path) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&entry.path());
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+        std::thread::sleep(Duration::from_millis(100));
+        remove_tree(&self.0);
+    }
+}
+
 fn test_cgroup(tag: &str) -> String {
     format!("gateway-test-serve-{}-{tag}", std::process::id())
 }
@@ -430,17 +458,8 @@ fn serve_refuses_busy_cgroups_reloads_on_sighup_and_kills_its_sandboxes_at_exit(
     let api = Server::upstream(&pki, "api");
     let scratch = Scratch::new("serve-reload");
     let cgroup = test_cgroup("given");
-    let dir = cgroup2_root().join(&cgroup);
-    std::fs::create_dir(&dir).unwrap();
-    struct Remove(PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
-            std::thread::sleep(Duration::from_millis(100));
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _remove = Remove(dir.clone());
+    let given = GivenCgroup::new(&cgroup);
+    let dir = given.0.clone();
     let config = format!(
         "version = 1\naudit_log = {:?}\n[[sandbox]]\ncgroup = \"{cgroup}\"\npolicy = \"p.toml\"\n",
         scratch.dir.join("audit.jsonl").to_str().unwrap()
@@ -914,23 +933,8 @@ fn serve_refuses_a_cgroup_its_sandbox_could_move_out_of() {
     assert_root();
     let scratch = Scratch::new("serve-leave");
     let parent = test_cgroup("leave");
-    let dir = cgroup2_root().join(&parent);
-    std::fs::create_dir(&dir).unwrap();
-    struct Remove(PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            for child in ["probe", "a"] {
-                let _ = std::fs::write(self.0.join(child).join("cgroup.kill"), "1");
-            }
-            let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
-            std::thread::sleep(Duration::from_millis(100));
-            for child in ["probe/gateway-hold", "a/gateway-hold", "probe", "a"] {
-                let _ = std::fs::remove_dir(self.0.join(child));
-            }
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _remove = Remove(dir.clone());
+    let given = GivenCgroup::new(&parent);
+    let dir = given.0.clone();
     let delegate = nix::unistd::Uid::from_raw(4401);
     nix::unistd::chown(&dir, Some(delegate), None).unwrap();
     nix::unistd::chown(&dir.join("cgroup.procs"), Some(delegate), None).unwrap();
