@@ -341,3 +341,116 @@ report("unix-after", lambda: unix({u:?}))
     out.assert_audited("connect4", &format!("127.0.0.1:{}", removed.port));
     out.assert_audited("unix_connect", unix.path.to_str().unwrap());
 }
+
+/// A secret a reload rotates or removes may still be stored upstream (a stored-request
+/// inspector, a log page) and handed to the next request: every answer is still checked for
+/// it, and asked uncompressed, after the new policy no longer holds it, and after the policy
+/// holds no credential at all.
+#[test]
+fn a_secret_a_reload_retired_never_reaches_the_sandbox() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let old = "gwtest-retired-secret-Vb72Kx";
+    let new = "gwtest-rotated-secret-Pz39Qm";
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let inspector = rule("api.test", api.port, "paths = [\"/last-credential\"]");
+    let run = Run::new("reload-retired", "");
+    let secret = run.scratch.write("secret-a", old);
+    // Root's alone: a secret file the sandbox's user could read is refused.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let with_credential = tunnel_policy(
+        "reload-retired",
+        &pki,
+        &format!(
+            "{inspector}{}[credentials.a]\nfile = {:?}\n",
+            rule("api.test", api.port, "credential = \"a\""),
+            secret.to_str().unwrap()
+        ),
+    );
+    let without = tunnel_policy("reload-retired", &pki, &inspector);
+    std::fs::write(&run.policy, &with_credential).unwrap();
+    let (rotated, removed) = (
+        run.scratch.dir.join("rotated"),
+        run.scratch.dir.join("removed"),
+    );
+    // Each fetch asks for compression; what the sandbox printed is read for the secret.
+    let mut live = python(
+        &run,
+        &format!(
+            r#"
+def fetch(url):
+    req = urllib.request.Request(url, headers={{"Accept-Encoding": "gzip"}})
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return {{"status": r.status, "body": r.read().decode(errors="replace")}}
+    except Exception as e:
+        return {{"error": type(e).__name__}}
+say("one", status("https://api.test/v1/one"))
+wait_for({rotated:?})
+say("rotated", fetch("https://api.test/last-credential"))
+wait_for({removed:?})
+say("removed", fetch("https://api.test/last-credential"))
+"#,
+            rotated = rotated.to_str().unwrap(),
+            removed = removed.to_str().unwrap(),
+        ),
+    );
+    assert_eq!(live.until("one"), 200);
+    std::fs::write(&secret, new).unwrap();
+    let rotation = reload(&live, &with_credential, 1);
+    std::fs::write(&rotated, "").unwrap();
+    live.until("rotated");
+    let removal = reload(&live, &without, 2);
+    std::fs::write(&removed, "").unwrap();
+    let out = live.finish();
+    let ctx = || described(&out, &[&api]);
+
+    assert_eq!(rotation["reason"], "policy-reloaded", "{}", ctx());
+    assert_eq!(removal["reason"], "policy-reloaded", "{}", ctx());
+    assert!(out.status.success(), "{}", ctx());
+    assert_eq!(
+        api.paths(),
+        ["/v1/one", "/last-credential", "/last-credential"],
+        "{}",
+        ctx()
+    );
+    assert_eq!(
+        header(&api.requests()[0], "authorization"),
+        [format!("Bearer {old}").as_str()],
+        "{}",
+        ctx()
+    );
+    // The upstream did send the retired secret back each time: neither answer was relayed
+    // whole, both cuts were recorded, and neither request asked for compression.
+    for key in ["rotated", "removed"] {
+        assert!(
+            printed(&out, key).get("error").is_some(),
+            "{key}\n{}",
+            ctx()
+        );
+    }
+    assert!(
+        !out.stdout.contains(old),
+        "the sandbox saw the retired secret\n{}",
+        ctx()
+    );
+    let cuts = out
+        .audit
+        .iter()
+        .filter(|r| {
+            r["layer"] == "proxy"
+                && r["verdict"] == "deny"
+                && r["reason"] == "secret-in-response"
+                && r["path"] == "/last-credential"
+                && r["status"].is_null()
+        })
+        .count();
+    assert_eq!(cuts, 2, "{}", ctx());
+    for stored in &api.requests()[1..] {
+        assert_eq!(header(stored, "accept-encoding"), ["identity"], "{}", ctx());
+    }
+    let log = std::fs::read_to_string(&run.audit).unwrap();
+    for text in [&out.stderr, &log] {
+        assert!(!text.contains(old) && !text.contains(new), "{}", ctx());
+    }
+}

@@ -374,6 +374,98 @@ fn one_tunnel_serves_two_sandboxes_each_under_its_own_policy() {
     assert!(!audit.contains(SECRET) && !audit.contains(SECRET_B));
 }
 
+/// A secret one sandbox's credential sends may come back to another: an upstream both reach
+/// (a stored-request inspector, a log page) hands it to whichever request comes next. Every
+/// sandbox's answers are checked for every sandbox's secrets, those of a sandbox whose
+/// policy has no credential at all included.
+#[test]
+fn a_secret_one_sandbox_sent_never_reaches_another() {
+    assert_root();
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let scratch = Scratch::new("serve-cross-echo");
+    scratch.write(
+        "a.toml",
+        &tunnel_policy(
+            "serve-echo-a",
+            &pki,
+            &format!(
+                "{}{API_CREDENTIAL}",
+                rule("api.test", api.port, "credential = \"api\"")
+            ),
+        ),
+    );
+    scratch.write(
+        "b.toml",
+        &tunnel_policy("serve-echo-b", &pki, &rule("api.test", api.port, "")),
+    );
+    let parent = test_cgroup("echo");
+    let serve = Serve::start(&scratch, &host_config(&scratch, &parent, &["a", "b"]));
+    let (out_a, ctx_a) = run(&mut in_sandbox(
+        &format!("{parent}/a"),
+        "serve-echo-a",
+        &format!("{CURL}\nr store https://api.test/v1/store\n"),
+    ));
+    // Asking for compression: the upstream must be told not to, or the answer could not be
+    // read for the secret.
+    let (out_b, ctx_b) = run(&mut in_sandbox(
+        &format!("{parent}/b"),
+        "serve-echo-b",
+        &format!(
+            "{CURL}\nr stored --compressed https://api.test/last-credential\nr plain https://api.test/v1/plain\n"
+        ),
+    ));
+    let records = serve.audit_records();
+    let ctx = || {
+        format!(
+            "--- sandbox a\n{ctx_a}\n--- sandbox b\n{ctx_b}\n--- api\n{}\n--- serve\n{}\n--- audit\n{}",
+            api.describe(),
+            serve.log(),
+            records
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    };
+    let got = |out: &Output, n: &str| {
+        curl_replies(out)
+            .get(n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no reply {n}\n{}", ctx()))
+    };
+    assert_eq!(got(&out_a, "store").code, 200, "{}", ctx());
+    assert_eq!(
+        api.paths(),
+        ["/v1/store", "/last-credential", "/v1/plain"],
+        "{}",
+        ctx()
+    );
+    // The upstream did hand sandbox A's secret to sandbox B's request: cut, and recorded
+    // under B's name.
+    assert_ne!(got(&out_b, "stored").exit, 0, "{}", ctx());
+    assert_eq!(got(&out_b, "plain").code, 200, "{}", ctx());
+    assert!(
+        !ctx_b.contains(SECRET),
+        "sandbox B saw sandbox A's secret\n{}",
+        ctx()
+    );
+    assert!(
+        records.iter().any(|r| r["layer"] == "proxy"
+            && r["sandbox"] == "serve-echo-b"
+            && r["verdict"] == "deny"
+            && r["reason"] == "secret-in-response"
+            && r["path"] == "/last-credential"
+            && r["status"].is_null()
+            && r["credential"].is_null()),
+        "{}",
+        ctx()
+    );
+    let stored = &api.requests()[1];
+    assert_eq!(header(stored, "accept-encoding"), ["identity"], "{}", ctx());
+    assert!(header(stored, "authorization").is_empty(), "{}", ctx());
+}
+
 /// With `user`, only that user's connections to the tunnel come from the sandbox: another
 /// user's processes there, which could take (or be taken) another sandbox's connections,
 /// are refused by the kernel and recorded.

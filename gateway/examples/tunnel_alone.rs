@@ -59,7 +59,14 @@ fn main() -> anyhow::Result<()> {
     println!("{}", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let threads = runtime.block_on(async {
-        let tunnel = Tunnel::new(&policy, secrets, ca, audit.clone(), false)?;
+        let tunnel = Tunnel::new(
+            &policy,
+            secrets,
+            ca,
+            audit.clone(),
+            &tunnel::EchoRegistry::default(),
+            false,
+        )?;
         let doorman = Doorman {
             identity: Box::new(Anyone),
             unclaimed: policy.name.clone(),

@@ -285,7 +285,8 @@ async fn supervise(
         let mut started = Started::new(policy, secrets.placeholders(), load);
         // A later credential may read one of these: the sandbox does not hold it.
         started.removed_env.extend(removal.by_name.iter().cloned());
-        let proxy = Tunnel::new(policy, secrets, ca.clone(), audit.clone(), learn)
+        let echoes = tunnel::EchoRegistry::default();
+        let proxy = Tunnel::new(policy, secrets, ca.clone(), audit.clone(), &echoes, learn)
             .context("starting the tunnel")?;
         let mut reloader = Reloader::new(
             policy_file,

@@ -30,7 +30,7 @@ use crate::{
         env,
         state::{self, RUN_DIR, RunState},
     },
-    tunnel::{self, LoadContext, LocalCa, SandboxReader, Secrets, Tunnel},
+    tunnel::{self, EchoRegistry, LoadContext, LocalCa, SandboxReader, Secrets, Tunnel},
 };
 
 pub use config::Config;
@@ -253,6 +253,9 @@ async fn supervise(
         let mut tunnels = Vec::with_capacity(attached.len());
         let mut clients = Vec::with_capacity(attached.len());
         let mut reloaders = Vec::with_capacity(attached.len());
+        // One for every sandbox: an upstream two sandboxes reach may hand one's secret to
+        // the other's request.
+        let echoes = EchoRegistry::default();
         for ((index, sandbox), secrets) in attached.iter_mut().enumerate().zip(secrets) {
             let entry = &config.sandboxes[index];
             let policy = &entry.policy;
@@ -273,7 +276,7 @@ async fn supervise(
             env::write_env_file(&env_file, &vars)
                 .with_context(|| format!("writing {}", env_file.display()))?;
             let started = Started::new(policy, secrets.placeholders(), load_context(config, index));
-            let proxy = Tunnel::new(policy, secrets, ca.clone(), audit.clone(), false)
+            let proxy = Tunnel::new(policy, secrets, ca.clone(), audit.clone(), &echoes, false)
                 .with_context(|| format!("starting the tunnel for sandbox {}", policy.name))?;
             reloaders.push(Reloader::new(
                 &entry.policy_file,

@@ -8,6 +8,7 @@ mod ca;
 mod coded_scan;
 mod connect;
 mod credentials;
+mod echo_registry;
 mod form_override;
 mod guard;
 pub(crate) mod headers;
@@ -43,6 +44,7 @@ use tokio::{
 
 pub use ca::{LocalCa, state_dir};
 pub use credentials::{CredentialError, LoadContext, Placeholders, Secrets};
+pub use echo_registry::EchoRegistry;
 pub use secret_file::SandboxReader;
 pub(crate) use secret_file::has_acl;
 pub use snapshot::{PolicyHandle, Snapshot};
@@ -89,6 +91,9 @@ pub struct Shared {
     sandbox: String,
     /// Rules, secrets and upstream settings: replaced whole by a reload.
     policy: PolicyHandle,
+    /// What answers are scanned for: every secret of every sandbox the gateway serves, and
+    /// every secret an earlier policy of theirs held.
+    echoes: EchoRegistry,
     ca: Arc<LocalCa>,
     audit: AuditLog,
     /// This sandbox's open client connections; another sandbox cannot use them up.
@@ -125,11 +130,14 @@ impl Shared {
 }
 
 impl Tunnel {
+    /// `echoes` is the gateway's one registry, shared by every sandbox it serves: this
+    /// sandbox's secrets join it here, and this sandbox's answers are scanned for all of it.
     pub fn new(
         policy: &Policy,
         secrets: Secrets,
         ca: Arc<LocalCa>,
         audit: AuditLog,
+        echoes: &EchoRegistry,
         learn: bool,
     ) -> anyhow::Result<Self> {
         let snapshot = Snapshot::new(policy, secrets)?;
@@ -138,7 +146,8 @@ impl Tunnel {
         Ok(Self {
             shared: Arc::new(Shared {
                 sandbox: policy.name.clone(),
-                policy: PolicyHandle::new(snapshot),
+                policy: PolicyHandle::new(snapshot, echoes.clone()),
+                echoes: echoes.clone(),
                 ca,
                 audit,
                 connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),

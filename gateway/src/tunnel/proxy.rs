@@ -244,9 +244,13 @@ impl Tunnel {
         };
         parts.version = Version::HTTP_11;
         // An upstream may hand a secret back to any request, through whichever rule or
-        // name reaches it (a stored-request inspector, a log page); compressed, the answer
-        // could not be checked. So while the policy holds any secret, no answer may be.
-        if snapshot.echoes.is_some() {
+        // name reaches it (a stored-request inspector, a log page), whichever sandbox made
+        // it, and after a reload took the secret out of the policy. So every answer (and
+        // WebSocket message) is checked for every secret the gateway has held, as the set
+        // is when the request leaves; compressed, it could not be, so while there is any
+        // secret to look for, no answer may be.
+        let echoes = self.echoes.current();
+        if echoes.is_some() {
             // The answer is checked for the secret as it streams, which only works on the
             // bytes as the client will read them: no compression.
             parts.headers.insert(
@@ -273,9 +277,6 @@ impl Tunnel {
                 .collect()
         };
         let ws_unlisted = if ws { unlisted() } else { Vec::new() };
-        // A secret sent back would reach the sandbox: an answer, or a WebSocket's messages,
-        // carrying any of the policy's are not relayed, whichever rule let the request through.
-        let echoes = snapshot.echoes.clone();
         if !ws_unlisted.is_empty() || (ws && echoes.is_some()) {
             // Compressed messages could not be read for placeholders or the secret: none
             // are negotiated.

@@ -3,13 +3,17 @@
 //! A request loads the snapshot in force once (one atomic load) and decides, attaches its
 //! credential and picks its upstream pool from that one snapshot. A reload stores a new one;
 //! whatever already holds the old one (a request in flight, its streaming body, a spliced or
-//! WebSocket pipe) carries on with it, and the next request gets the new one.
+//! WebSocket pipe) carries on with it, and the next request gets the new one. What answers
+//! are scanned for is not the snapshot's: every snapshot's secrets go to the gateway's
+//! [`EchoRegistry`] before it is put in force, and stay there after it is replaced.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::{credentials::Secrets, pool::Pool, response_scan::Echoes, rules::Rules, upstream};
+use super::{
+    credentials::Secrets, echo_registry::EchoRegistry, pool::Pool, rules::Rules, upstream,
+};
 use crate::policy::Policy;
 
 pub struct Snapshot {
@@ -17,9 +21,6 @@ pub struct Snapshot {
     pub(super) generation: u64,
     pub(super) rules: Rules,
     pub(super) secrets: Secrets,
-    /// Every secret's texts, which no answer is relayed with, whichever rule let its request
-    /// through; `None` when the policy has no credential.
-    pub(super) echoes: Option<Echoes>,
     /// Largest request body forwarded, in bytes.
     pub(super) max_request_body: Option<u64>,
     /// Upstream TLS settings: system roots plus `[tls] upstream_ca`, read once per policy.
@@ -32,7 +33,6 @@ impl Snapshot {
         Ok(Self {
             generation: 0,
             rules: Rules::new(&policy.http)?,
-            echoes: Echoes::new(&secrets.all_echoes()),
             secrets,
             max_request_body: policy.max_request_body,
             upstream_tls: upstream::client_tls(&policy.upstream_ca)?,
@@ -42,16 +42,25 @@ impl Snapshot {
 
 /// The snapshot in force, shared by every worker and by whoever reloads. Cheap to clone.
 #[derive(Clone)]
-pub struct PolicyHandle(Arc<ArcSwap<Snapshot>>);
+pub struct PolicyHandle {
+    in_force: Arc<ArcSwap<Snapshot>>,
+    /// Where each snapshot's secrets are registered before it is put in force, so that no
+    /// answer to a request sent with a secret is relayed unread for it.
+    echoes: EchoRegistry,
+}
 
 impl PolicyHandle {
-    pub(super) fn new(snapshot: Snapshot) -> Self {
-        Self(Arc::new(ArcSwap::from_pointee(snapshot)))
+    pub(super) fn new(snapshot: Snapshot, echoes: EchoRegistry) -> Self {
+        echoes.register(&snapshot.secrets.all_echoes());
+        Self {
+            in_force: Arc::new(ArcSwap::from_pointee(snapshot)),
+            echoes,
+        }
     }
 
     /// The snapshot in force, kept for as long as the caller holds it.
     pub fn current(&self) -> Arc<Snapshot> {
-        self.0.load_full()
+        self.in_force.load_full()
     }
 
     /// Puts `next` in force for every request that starts from now on; returns its
@@ -59,9 +68,10 @@ impl PolicyHandle {
     /// one takes a while). Reloads come one at a time (the supervisor's SIGHUP loop), so
     /// reading the generation and swapping need no lock between them.
     pub fn replace(&self, mut next: Snapshot) -> (u64, Arc<Snapshot>) {
-        next.generation = self.0.load().generation + 1;
+        self.echoes.register(&next.secrets.all_echoes());
+        next.generation = self.in_force.load().generation + 1;
         let generation = next.generation;
-        (generation, self.0.swap(Arc::new(next)))
+        (generation, self.in_force.swap(Arc::new(next)))
     }
 }
 
@@ -146,7 +156,7 @@ mod tests {
 
     #[test]
     fn a_held_snapshot_survives_a_replace_and_the_next_load_sees_the_new_one() {
-        let handle = PolicyHandle::new(snapshot(&["a.test"]));
+        let handle = PolicyHandle::new(snapshot(&["a.test"]), EchoRegistry::default());
         let held = handle.current();
         let (generation, old) = handle.replace(snapshot(&["a.test", "b.test"]));
         assert_eq!(generation, 1);
@@ -160,8 +170,43 @@ mod tests {
     }
 
     #[test]
+    fn a_replaced_snapshots_secrets_stay_scanned_for() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let file = std::env::temp_dir().join(format!(
+            "gateway-snapshot-test-{}-rotated",
+            std::process::id()
+        ));
+        let with_secret = |value: &str| {
+            std::fs::write(&file, value).unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let mut p = policy(&["a.test"]);
+            p.credentials.insert(
+                "api".into(),
+                crate::policy::Credential {
+                    source: crate::policy::SecretSource::File(file.clone()),
+                    header: "Authorization".into(),
+                    format: "Bearer {secret}".into(),
+                    basic_user: None,
+                    placeholder: None,
+                },
+            );
+            let secrets = Secrets::load(&p, &crate::tunnel::LoadContext::for_test()).unwrap();
+            Snapshot::new(&p, secrets).unwrap()
+        };
+        let echoes = EchoRegistry::default();
+        let handle = PolicyHandle::new(with_secret("s3cret-old"), echoes.clone());
+        handle.replace(with_secret("s3cret-new"));
+        // The policy in force holds no credential any more: both are still looked for.
+        handle.replace(snapshot(&["a.test"]));
+        let scan = echoes.current().unwrap();
+        assert!(scan.found_in(b"last: Bearer s3cret-old"));
+        assert!(scan.found_in(b"last: Bearer s3cret-new"));
+        let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
     fn worker_pools_follow_newer_snapshots_only() {
-        let handle = PolicyHandle::new(snapshot(&["a.test"]));
+        let handle = PolicyHandle::new(snapshot(&["a.test"]), EchoRegistry::default());
         let old = handle.current();
         let pools = WorkerPools::new(&old, &upstream::Budget::default());
         handle.replace(snapshot(&["a.test", "b.test"]));
