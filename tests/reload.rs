@@ -23,7 +23,12 @@ fn python<'a>(run: &'a Run, body: &str) -> Live<'a> {
 fn reload(live: &Live, policy: &str, nth: usize) -> Value {
     std::fs::write(&live.run.policy, policy).unwrap();
     live.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    note_within(live, nth, Duration::from_secs(30))
+}
+
+/// Waits up to `limit` for the `nth` reload record (counting from 1).
+fn note_within(live: &Live, nth: usize, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
     loop {
         let notes: Vec<Value> = live
             .run
@@ -453,4 +458,54 @@ say("removed", fetch("https://api.test/last-credential"))
     for text in [&out.stderr, &log] {
         assert!(!text.contains(old) && !text.contains(new), "{}", ctx());
     }
+}
+
+/// A FIFO at the policy file's path (or a device: /dev/zero would never end) is not waited
+/// on: the reload is refused at once, and the gateway still serves the sandbox and stops
+/// on SIGTERM.
+#[test]
+fn a_fifo_as_the_policy_file_is_refused_at_once_and_sigterm_still_stops_run() {
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let good = tunnel_policy(
+        "reload-fifo",
+        &pki,
+        &format!(
+            "{}{API_CREDENTIAL}",
+            rule("api.test", api.port, "credential = \"api\"")
+        ),
+    );
+    let run = Run::new("reload-fifo", &good);
+    let go = run.scratch.dir.join("go");
+    let mut live = python(
+        &run,
+        &format!(
+            r#"
+say("ready", True)
+wait_for({go:?})
+say("a", status("https://api.test/v1/a"))
+say("sleeping", True)
+time.sleep(600)
+"#,
+            go = go.to_str().unwrap()
+        ),
+    );
+    assert_eq!(live.until("ready"), true);
+    let fifo = Fifo::replace(&run.policy);
+    let sent = Instant::now();
+    live.signal(libc::SIGHUP);
+    let note = note_within(&live, 1, Duration::from_secs(10));
+    let took = sent.elapsed();
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(live.until("a"), 200, "{}", live.stderr());
+    assert_eq!(live.until("sleeping"), true);
+    live.signal(libc::SIGTERM);
+    let out = live.finish_within(Duration::from_secs(20));
+    drop(fifo);
+
+    assert_reload_refused(&note, &out.stderr, "not a regular file");
+    assert!(took < Duration::from_secs(5), "the refusal took {took:?}");
+    // CMD ended by the SIGTERM the gateway passed on: 128 + 15.
+    assert_eq!(out.status.code(), Some(143), "{}", out.describe());
+    assert_eq!(api.paths(), ["/v1/a"], "{}", out.describe());
 }

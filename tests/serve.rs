@@ -1084,3 +1084,76 @@ fn serve_refuses_a_cgroup_its_sandbox_could_move_out_of() {
         assert!(!dir.join("a").exists(), "{user:?}\n{stderr}");
     }
 }
+
+/// Waits up to `limit` for a reload record of each sandbox in `sandboxes` after the first
+/// `seen` records; returns them in that order.
+fn reload_notes(serve: &Serve, seen: usize, sandboxes: &[&str], limit: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let notes: Vec<Value> = serve
+            .audit_records()
+            .into_iter()
+            .filter(|r| r["layer"] == "gateway" && r.get("policy_file").is_some())
+            .skip(seen)
+            .collect();
+        let found: Vec<Value> = sandboxes
+            .iter()
+            .filter_map(|s| notes.iter().find(|r| r["sandbox"] == *s).cloned())
+            .collect();
+        if found.len() == sandboxes.len() {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reload record of each of {sandboxes:?} within {limit:?}\n{notes:?}\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn refused_with(note: &Value, wanted: &str) -> bool {
+    note["reason"] == "policy-reload-refused"
+        && note["errors"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|l| l.as_str().is_some_and(|l| l.contains(wanted)))
+        })
+}
+
+/// A FIFO at one sandbox's policy path: its reload is refused at once, the other sandbox's
+/// goes through, and serve still stops on SIGTERM.
+#[test]
+fn a_fifo_as_a_served_policy_file_is_refused_and_the_others_still_reload() {
+    assert_root();
+    let scratch = Scratch::new("serve-fifo");
+    scratch.write("a.toml", &policy("serve-fifo-a", ""));
+    scratch.write("b.toml", &policy("serve-fifo-b", ""));
+    let parent = test_cgroup("fifo");
+    let serve = Serve::start(&scratch, &host_config(&scratch, &parent, &["a", "b"]));
+    let fifo = Fifo::replace(&scratch.dir.join("a.toml"));
+    let sent = Instant::now();
+    serve.signal(libc::SIGHUP);
+    let notes = reload_notes(
+        &serve,
+        0,
+        &["serve-fifo-a", "serve-fifo-b"],
+        Duration::from_secs(10),
+    );
+    let took = sent.elapsed();
+    let stopping = Instant::now();
+    let (status, log) = serve.stop();
+    let stop_took = stopping.elapsed();
+    drop(fifo);
+
+    assert!(
+        refused_with(&notes[0], "not a regular file"),
+        "{notes:?}\n{log}"
+    );
+    assert_eq!(notes[1]["reason"], "policy-reloaded", "{notes:?}\n{log}");
+    assert!(took < Duration::from_secs(5), "the reloads took {took:?}");
+    assert!(status.success(), "serve exited with {status}\n{log}");
+    assert!(
+        stop_took < Duration::from_secs(10),
+        "stopping took {stop_took:?}"
+    );
+}

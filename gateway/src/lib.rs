@@ -10,6 +10,7 @@ pub mod sandbox;
 pub mod serve;
 #[cfg(test)]
 mod test_fs;
+pub mod trusted_file;
 pub mod tunnel;
 pub mod unix_reach;
 

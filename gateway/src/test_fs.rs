@@ -1,5 +1,5 @@
 //! Scratch directories, modes and access ACLs for the unit tests of the checks that judge who
-//! may reach or replace a file (secret files, unix socket paths, the audit log).
+//! may reach or replace a file (secret files, unix socket paths, the audit log, policy files).
 
 use std::{
     os::unix::{ffi::OsStrExt as _, fs::PermissionsExt as _},
@@ -54,4 +54,13 @@ pub fn set_acl(path: &Path, entries: &[(u16, u16, u32)]) {
         )
     };
     assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// `f(path)` on another thread: its result, or `None` when it has not returned within a few
+/// seconds (it waits on a FIFO no one writes; the thread is left waiting).
+pub fn within_seconds<T: Send + 'static>(path: &Path, f: fn(&Path) -> T) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = path.to_owned();
+    std::thread::spawn(move || tx.send(f(&path)));
+    rx.recv_timeout(std::time::Duration::from_secs(5)).ok()
 }

@@ -99,6 +99,25 @@ impl<'a> Live<'a> {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Waits up to `limit` for the gateway to exit, then as [`Live::finish`]; kills it and
+    /// panics when it has not exited by then (it no longer handles its signals).
+    pub fn finish_within(mut self, limit: std::time::Duration) -> Finished {
+        let deadline = std::time::Instant::now() + limit;
+        while self.child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the gateway did not exit within {limit:?}\n{}\n--- stderr\n{}",
+                    self.read,
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self.finish()
+    }
+
     /// Waits for the gateway to exit; its output, and the sandbox's, as `Run` gives them.
     pub fn finish(mut self) -> Finished {
         let mut rest = String::new();

@@ -83,6 +83,35 @@ impl Drop for Scratch {
     }
 }
 
+/// A FIFO put in place of the file at `path`: what a policy file must never be read as (an
+/// open without O_NONBLOCK waits for a writer that never comes). On drop it is opened for
+/// writing and closed, so a reader still blocked on it gets end-of-file instead of waiting
+/// forever, and a test that failed does not leave its gateway hung.
+pub struct Fifo(pub PathBuf);
+
+impl Fifo {
+    pub fn replace(path: &Path) -> Self {
+        use std::os::unix::ffi::OsStrExt as _;
+        let _ = std::fs::remove_file(path);
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid C string.
+        let made = unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) };
+        assert_eq!(made, 0, "mkfifo {}", path.display());
+        Self(path.to_owned())
+    }
+}
+
+impl Drop for Fifo {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        // ENXIO when no one is reading: nothing to release then.
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.0);
+    }
+}
+
 pub fn gateway_bin() -> &'static str {
     env!("CARGO_BIN_EXE_gateway")
 }

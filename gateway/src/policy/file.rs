@@ -93,17 +93,20 @@ pub fn load(path: &Path) -> Result<Policy, PolicyError> {
     Ok(checked.policy)
 }
 
-/// Reads and validates a policy file, keeping the warnings and rule lines.
+/// Reads and validates a policy file, keeping the warnings and rule lines. Only a regular
+/// file of at most [`crate::trusted_file::MAX_FILE_BYTES`] is read, and a FIFO is not waited
+/// on (a reload reads it in the supervisor, which handles the signals).
 pub fn check(path: &Path) -> Result<Checked, PolicyError> {
-    let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
-        file: path.to_owned(),
-        errors: vec![Located {
-            line: 1,
-            col: 1,
-            severity: Severity::Error,
-            message: format!("cannot read policy file: {e}"),
-        }],
-    })?;
+    let text =
+        crate::trusted_file::read_to_string(path, "the policy file").map_err(|e| PolicyError {
+            file: path.to_owned(),
+            errors: vec![Located {
+                line: 1,
+                col: 1,
+                severity: Severity::Error,
+                message: format!("cannot read policy file: {e}"),
+            }],
+        })?;
     check_text(path, &text)
 }
 

@@ -78,7 +78,7 @@ pub struct SandboxEntry {
 /// Reads and checks the config, then every policy it names. The first file with errors is
 /// reported whole (`FILE:LINE:COL: message` per error), so `main` exits 2 with it.
 pub fn load(file: &Path) -> Result<Config, PolicyError> {
-    let text = std::fs::read_to_string(file)
+    let text = crate::trusted_file::read_to_string(file, "the serve config")
         .map_err(|e| one_error(file, 1, 1, format!("cannot read the serve config: {e}")))?;
     let raw: Raw = toml::from_str(&text).map_err(|e| {
         let (line, col) = e.span().map_or((1, 1), |s| line_col(&text, s.start));
@@ -360,6 +360,44 @@ mod tests {
         let out = load(&file).map_err(|e| e.to_string().replace(&*dir.to_string_lossy(), "D"));
         std::fs::remove_dir_all(&dir).unwrap();
         out
+    }
+
+    /// A FIFO as the config, or as a policy it names, is refused at once, naming the file.
+    #[test]
+    fn a_fifo_is_not_read_as_the_config_or_a_policy() {
+        let dir = crate::test_fs::Dir::new("serve-config-fifo");
+        let config = dir.0.join("serve.toml");
+        let fifo = |path: &Path| {
+            let _ = std::fs::remove_file(path);
+            nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        };
+        fifo(&config);
+        let within = crate::test_fs::within_seconds;
+        let e = within(&config, load)
+            .expect("reading a FIFO as the config waited for a writer")
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with(&format!(
+                "{}:1:1: cannot read the serve config: it is not a regular file",
+                config.display()
+            )),
+            "{e}"
+        );
+        std::fs::remove_file(&config).unwrap();
+        std::fs::write(
+            &config,
+            "version = 1\n[[sandbox]]\ncgroup = \"a\"\npolicy = \"a.toml\"\n",
+        )
+        .unwrap();
+        fifo(&dir.0.join("a.toml"));
+        let e = within(&config, load)
+            .expect("reading a FIFO as a policy waited for a writer")
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a.toml:1:1: cannot read policy file: it is not a regular file"),
+            "{e}"
+        );
     }
 
     const A: (&str, &str) = ("a.toml", "version = 1\nname = \"a\"\n");

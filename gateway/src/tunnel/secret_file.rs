@@ -227,32 +227,16 @@ pub const MAX_SECRET_BYTES: u64 = 64 << 10;
 /// Reads a secret file judged by [`exposure`]: a regular file (a FIFO or a device would
 /// block the reload, or never end) of at most [`MAX_SECRET_BYTES`].
 pub fn read(path: &Path) -> std::io::Result<Zeroizing<String>> {
-    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(std::io::Error::other(
-            "it is not a regular file (a FIFO or a device would block or never end)",
-        ));
-    }
-    if meta.len() > MAX_SECRET_BYTES {
-        return Err(std::io::Error::other(format!(
-            "it holds {} bytes, more than the {MAX_SECRET_BYTES} a secret may",
-            meta.len()
-        )));
-    }
+    use std::io::Read as _;
+    const WHAT: &str = "the secret file";
+    let (mut file, len) = crate::trusted_file::open_regular(path, MAX_SECRET_BYTES, WHAT)?;
     // Room for all of it up front: a String that grew would leave an unwiped copy behind.
-    let mut text = Zeroizing::new(String::with_capacity(meta.len() as usize + 1));
+    let mut text = Zeroizing::new(String::with_capacity(len as usize + 1));
     (&mut file)
         .take(MAX_SECRET_BYTES + 1)
         .read_to_string(&mut text)?;
     if text.len() as u64 > MAX_SECRET_BYTES {
-        return Err(std::io::Error::other(format!(
-            "it holds more than the {MAX_SECRET_BYTES} bytes a secret may"
-        )));
+        return Err(crate::trusted_file::too_large(None, MAX_SECRET_BYTES, WHAT));
     }
     Ok(text)
 }

@@ -152,8 +152,10 @@ pub fn client_tls(upstream_ca: &[std::path::PathBuf]) -> anyhow::Result<ClientCo
     }
     let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
     for path in upstream_ca {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .with_context(|| format!("reading [tls] upstream_ca {}", path.display()))?
+        // A regular file of a sane size, not waited on: a reload reads it in the supervisor.
+        let pem = crate::trusted_file::read(path, "the CA file")
+            .with_context(|| format!("reading [tls] upstream_ca {}", path.display()))?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<_, _>>()
             .with_context(|| {
                 format!(
@@ -434,6 +436,25 @@ fn bracket(host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A FIFO as an upstream CA (read again by every reload) is refused at once, not waited on.
+    #[test]
+    fn an_upstream_ca_that_is_a_fifo_is_refused_at_once() {
+        let dir = crate::test_fs::Dir::new("upstream-ca-fifo");
+        let fifo = dir.0.join("ca.pem");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let e = crate::test_fs::within_seconds(&fifo, |p| client_tls(&[p.to_owned()]).map(drop))
+            .expect("reading a FIFO as an upstream CA waited for a writer")
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.starts_with(&format!(
+                "reading [tls] upstream_ca {}: it is not a regular file",
+                fifo.display()
+            )),
+            "{e}"
+        );
+    }
 
     /// A lookup the request gave up on keeps its turn until the resolver answers: the bound
     /// is on the threads lookups hold, not on the requests waiting.

@@ -408,3 +408,26 @@ fn a_passthrough_rule_beside_a_credential_for_its_upstream_is_a_warning() {
         assert_eq!(policy(spliced), Vec::<String>::new(), "{spliced}");
     }
 }
+
+/// A FIFO at the policy's path is refused at once (a reload reads it in the supervisor, which
+/// would stop handling its signals), and so is a device; the message names the file.
+#[test]
+fn a_fifo_or_a_device_is_not_read_as_a_policy() {
+    let dir = crate::test_fs::Dir::new("policy-fifo");
+    let fifo = dir.0.join("p.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let e = crate::test_fs::within_seconds(&fifo, super::check)
+        .expect("reading a FIFO as the policy waited for a writer")
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}:1:1: cannot read policy file: it is not a regular file (a FIFO or a device would block the gateway, or never end): the policy file must be a regular file",
+            fifo.display()
+        )
+    );
+    let zero = dir.0.join("zero.toml");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let e = super::check(&zero).unwrap_err();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+}
