@@ -509,3 +509,97 @@ time.sleep(600)
     assert_eq!(out.status.code(), Some(143), "{}", out.describe());
     assert_eq!(api.paths(), ["/v1/a"], "{}", out.describe());
 }
+
+/// The policy file is the operator's: a reload must not put in force what the sandbox could
+/// have written there itself. A file its user owns, or whose group it is in may write, or an
+/// upstream CA file it owns, is refused on SIGHUP (with a warning at start), the old policy
+/// staying in force; the same file only root may write goes through.
+#[test]
+fn a_policy_file_the_sandbox_user_may_write_is_not_reloaded() {
+    use std::os::unix::fs::{PermissionsExt as _, chown};
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let other = Server::upstream(&pki, "other");
+    let good = tunnel_policy(
+        "reload-writable",
+        &pki,
+        &format!(
+            "{}{API_CREDENTIAL}",
+            rule("api.test", api.port, "credential = \"api\"")
+        ),
+    );
+    // What the sandbox would write there: a host its policy refuses.
+    let opened = format!("{good}{}", rule("other.test", other.port, ""));
+    let run = Run::new("reload-writable", &good);
+    // Run's sandbox user is nobody (uid 65534, group 65534).
+    chown(&run.policy, Some(65534), Some(65534)).unwrap();
+    let refused_go = run.scratch.dir.join("refused");
+    let go = run.scratch.dir.join("go");
+    let mut live = python(
+        &run,
+        &format!(
+            r#"
+say("ready", True)
+wait_for({refused_go:?})
+say("b_refused", status("https://other.test/v1/refused"))
+wait_for({go:?})
+say("b_after", status("https://other.test/v1/after"))
+"#,
+            refused_go = refused_go.to_str().unwrap(),
+            go = go.to_str().unwrap()
+        ),
+    );
+    assert_eq!(live.until("ready"), true);
+    let policy = run.policy.display().to_string();
+    let started = live.stderr();
+    let owned_note = reload(&live, &opened, 1);
+    // Root's, but nobody's group may write it.
+    chown(&run.policy, Some(0), Some(65534)).unwrap();
+    std::fs::set_permissions(&run.policy, std::fs::Permissions::from_mode(0o664)).unwrap();
+    let group_note = reload(&live, &opened, 2);
+    // The policy file only root may write, but an upstream CA it names the sandbox's own.
+    chown(&run.policy, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&run.policy, std::fs::Permissions::from_mode(0o644)).unwrap();
+    chown(&pki.ca, Some(65534), None).unwrap();
+    let ca_note = reload(&live, &opened, 3);
+    std::fs::write(&refused_go, "").unwrap();
+    // The host the rewritten file opens stays closed (before the fix: 200).
+    assert_eq!(live.until("b_refused"), 403, "{}", live.stderr());
+    // Only root may write either: the same policy goes through.
+    chown(&pki.ca, Some(0), None).unwrap();
+    let ok_note = reload(&live, &opened, 4);
+    std::fs::write(&go, "").unwrap();
+    let out = live.finish();
+    let ctx = || described(&out, &[&api, &other]);
+
+    assert_reload_refused(
+        &owned_note,
+        &out.stderr,
+        &format!("policy file {policy}: it is owned by uid 65534, the sandbox's user"),
+    );
+    assert_reload_refused(&owned_note, &out.stderr, "only root may write");
+    assert_reload_refused(
+        &group_note,
+        &out.stderr,
+        "group 65534, a group of the sandbox's user, may write it (mode 664)",
+    );
+    assert_reload_refused(
+        &ca_note,
+        &out.stderr,
+        &format!(
+            "[tls] upstream_ca {}: it is owned by uid 65534, the sandbox's user",
+            pki.ca.display()
+        ),
+    );
+    for part in [
+        &format!("policy file {policy}"),
+        "owned by uid 65534, the sandbox's user",
+        "SIGHUP reloads of this file will be refused",
+    ] {
+        assert!(started.contains(part), "no {part:?} at start\n{started}");
+    }
+    assert_eq!(ok_note["reason"], "policy-reloaded", "{ok_note}\n{}", ctx());
+    assert!(out.status.success(), "{}", ctx());
+    assert_eq!(printed(&out, "b_after"), 200, "{}", ctx());
+    assert_eq!(other.paths(), ["/v1/after"], "{}", ctx());
+}

@@ -1120,6 +1120,118 @@ fn refused_with(note: &Value, wanted: &str) -> bool {
         })
 }
 
+/// Sandbox A's user owns A's policy file: from inside, A rewrites it to send sandbox B's
+/// secret (a file only root may read) with A's requests to B's host. At the operator's next
+/// SIGHUP, A's reload is refused (serve warned of it at start) and B's goes through; B's
+/// upstream never sees B's secret from A.
+#[test]
+fn a_sandbox_cannot_rewrite_its_policy_file_to_take_another_sandbox_s_secret() {
+    use std::os::unix::fs::{PermissionsExt as _, chown};
+    assert_root();
+    let pki = Pki::new();
+    let api = Server::upstream(&pki, "api");
+    let other = Server::upstream(&pki, "other");
+    let scratch = Scratch::new("serve-own-policy");
+    let secret_b = scratch.write("secret-b", SECRET_B);
+    std::fs::set_permissions(&secret_b, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let a = tunnel_policy(
+        "serve-own-a",
+        &pki,
+        &format!(
+            "{}{API_CREDENTIAL}",
+            rule("api.test", api.port, "credential = \"api\"")
+        ),
+    );
+    let b_credential = format!(
+        "[credentials.other]\nfile = {:?}\nformat = \"Token {{secret}}\"\n",
+        secret_b.to_str().unwrap()
+    );
+    let b = tunnel_policy(
+        "serve-own-b",
+        &pki,
+        &format!(
+            "{}{b_credential}",
+            rule("other.test", other.port, "credential = \"other\"")
+        ),
+    );
+    let evil = format!(
+        "{a}{}{}",
+        rule("other.test", other.port, "credential = \"stolen\""),
+        b_credential.replace("credentials.other", "credentials.stolen")
+    );
+    let a_file = scratch.write("a.toml", &a);
+    chown(&a_file, Some(4301), Some(4301)).unwrap();
+    scratch.write("b.toml", &b);
+    scratch.write("evil.toml", &evil);
+    let parent = test_cgroup("own-policy");
+    let config = format!(
+        "version = 1\naudit_log = {:?}\n\
+         [[sandbox]]\ncgroup = \"{parent}/a\"\npolicy = \"a.toml\"\nuser = \"4301\"\n\
+         [[sandbox]]\ncgroup = \"{parent}/b\"\npolicy = \"b.toml\"\nuser = \"4302\"\n",
+        scratch.dir.join("audit.jsonl").to_str().unwrap()
+    );
+    let serve = Serve::start(&scratch, &config);
+    let started = serve.log();
+    let a_cgroup = format!("{parent}/a");
+    let (rewrite, rewrite_ctx) = run(&mut in_sandbox_as(
+        4301,
+        &a_cgroup,
+        "serve-own-a",
+        &format!("cat {0}/evil.toml > {0}/a.toml", scratch.dir.display()),
+    ));
+    assert!(rewrite.status.success(), "{rewrite_ctx}");
+    assert_eq!(std::fs::read_to_string(&a_file).unwrap(), evil);
+    serve.signal(libc::SIGHUP);
+    let notes = reload_notes(
+        &serve,
+        0,
+        &["serve-own-a", "serve-own-b"],
+        Duration::from_secs(30),
+    );
+    let (after, after_ctx) = run(&mut in_sandbox_as(
+        4301,
+        &a_cgroup,
+        "serve-own-a",
+        &format!("{CURL}\nr other https://other.test/v1/stolen\n"),
+    ));
+    let (status, log) = serve.stop();
+    // Not the upstream's log: it would show B's secret.
+    let ctx = || {
+        format!(
+            "{after_ctx}\n--- other's paths\n{:?}\n--- notes\n{notes:?}\n--- serve\n{log}",
+            other.paths()
+        )
+    };
+
+    let a_path = a_file.display().to_string();
+    // B's secret never left with A's request (before the fix it did, and got a 200).
+    let leaked = other.requests().iter().any(|r| {
+        header(r, "authorization")
+            .iter()
+            .any(|v| v.contains(SECRET_B))
+    });
+    assert!(!leaked, "B's secret reached B's upstream from A\n{}", ctx());
+    assert!(other.requests().is_empty(), "{}", ctx());
+    assert!(curl_replies(&after)["other"].forbidden(), "{}", ctx());
+    assert!(
+        refused_with(
+            &notes[0],
+            &format!("policy file {a_path}: it is owned by uid 4301, the sandbox's user")
+        ),
+        "{}",
+        ctx()
+    );
+    assert_eq!(notes[1]["reason"], "policy-reloaded", "{}", ctx());
+    for part in [
+        format!("policy file {a_path}: it is owned by uid 4301, the sandbox's user"),
+        "SIGHUP reloads of this file will be refused".to_owned(),
+    ] {
+        assert!(started.contains(&part), "no {part:?} at start\n{started}");
+    }
+    assert!(status.success(), "{}", ctx());
+    assert!(!log.contains(SECRET_B) && !after_ctx.contains(SECRET_B));
+}
+
 /// A FIFO at one sandbox's policy path: its reload is refused at once, the other sandbox's
 /// goes through, and serve still stops on SIGTERM.
 #[test]

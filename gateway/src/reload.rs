@@ -1,12 +1,15 @@
 //! SIGHUP to `gateway run`: the policy file is read again and put in force whole, in the
 //! kernel maps and in the tunnel, or refused whole with the policy in force left as it was.
 //!
-//! Everything that can fail (reading and checking the file, reading the secrets, compiling
-//! the rules and the map entries, reading the upstream CAs) happens before anything in force
-//! changes. Then the kernel switches (the one step that can still fail, and undoes itself),
-//! then the tunnel. What the running sandbox was started with cannot change: its name, the
-//! tunnel's address, its environment and its Landlock scopes. A policy that would need them
-//! changed is refused with "restart the sandbox".
+//! Everything that can fail (judging who could have written the file and its upstream CAs,
+//! reading and checking the file, reading the secrets, compiling the rules and the map
+//! entries, reading the upstream CAs) happens before anything in force changes. A file the
+//! sandbox's user could have written is refused: the sandbox has run since the start, and
+//! what it wrote there would otherwise be put in force (`trusted_file`). Then the kernel
+//! switches (the one step that can still fail, and undoes itself), then the tunnel. What the
+//! running sandbox was started with cannot change: its name, the tunnel's address, its
+//! environment and its Landlock scopes. A policy that would need them changed is refused
+//! with "restart the sandbox".
 
 use std::{
     collections::BTreeSet,
@@ -18,6 +21,7 @@ use crate::{
     audit::{AuditLog, Layer, Record, ReloadFields, Verdict},
     kernel::{Compiled, KernelError, PolicyMaps},
     policy::{self, Policy, PolicyError, SecretSource, UnixRule},
+    trusted_file,
     tunnel::{CredentialError, LoadContext, Placeholders, PolicyHandle, Secrets, Snapshot},
 };
 
@@ -34,8 +38,9 @@ pub struct Started {
     pub removed_env: BTreeSet<String>,
     /// Whether the Landlock scope that refuses outside abstract sockets was left off.
     pub abstract_unix: bool,
-    /// Who runs in the sandbox (a reloaded secret file is judged against it as at start), and
-    /// which command reads the secrets.
+    /// Who runs in the sandbox (a reloaded secret file is judged against it as at start, and
+    /// the policy file and its upstream CAs by whether it could have written them), and which
+    /// command reads the secrets.
     pub secrets: LoadContext,
 }
 
@@ -70,6 +75,9 @@ pub enum ReloadError {
     Credential(#[from] CredentialError),
     #[error("{0}")]
     UnixPath(#[from] crate::unix_reach::Replaceable),
+    /// The policy file, or an upstream CA file, may have been written by the sandbox's user.
+    #[error("{0}")]
+    Writable(#[from] crate::trusted_file::Writable),
     #[error("{0}")]
     Kernel(#[from] KernelError),
     /// The tunnel's rules or upstream TLS settings could not be built.
@@ -181,6 +189,12 @@ impl Reloader {
     /// Puts the policy file in force, or leaves the one in force and says why.
     pub fn reload(&mut self) -> Result<Reloaded, ReloadError> {
         let start = Instant::now();
+        let sandbox = &self.started.secrets.sandbox;
+        if let Some(written) =
+            trusted_file::writable_by(trusted_file::POLICY_FILE, &self.path, sandbox)
+        {
+            return Err(written.into());
+        }
         let checked = policy::check(&self.path)?;
         for w in &checked.warnings {
             tracing::warn!("{}", w.render(&self.path));
@@ -193,6 +207,7 @@ impl Reloader {
         if !restart.is_empty() {
             return Err(ReloadError::Restart(restart));
         }
+        trusted_file::check_upstream_ca(&next, &self.started.secrets.sandbox)?;
         let secrets = Secrets::reload(&next, &self.started.placeholders, &self.started.secrets)?;
         for reader in self.started.secrets.readers() {
             crate::unix_reach::check(&next, reader)?;

@@ -80,6 +80,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let secrets = Secrets::load(&policy, &load)?;
     crate::unix_reach::check(&policy, &load.sandbox)?;
     crate::tunnel::check_upstream_ca(&policy)?;
+    // Taken as they stand (nothing sandboxed has run yet); a reload will refuse them.
+    crate::trusted_file::warn_at_start(&args.policy, &policy, &load.sandbox);
     let removal = env::removal(
         std::env::vars_os().map(|(name, _)| name),
         &policy,

@@ -38,21 +38,67 @@ pub fn check(policy: &Policy, reader: &SandboxReader) -> Result<(), Replaceable>
     Ok(())
 }
 
-/// May `reader` write `path` (change what a directory holds): its owner (who may chmod it),
-/// let in by the mode, or maybe by an access ACL (whose mask the group bits are, and which
-/// may name the user).
-pub(crate) fn may_write(dir: &Path, meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
-    let mode = meta.mode();
+/// How the sandbox's user may change what a directory or file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// It owns it, and may chmod it whatever its mode.
+    Owner { uid: u32 },
+    /// Everyone may write it.
+    Everyone { mode: u32 },
+    /// An access ACL, whose mask the group bits are, may name the user or one of its groups.
+    Acl { mode: u32 },
+    /// Its group, one of the user's, may write it.
+    Group { gid: u32, mode: u32 },
+}
+
+impl std::fmt::Display for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Owner { uid } => write!(f, "it is owned by uid {uid}, the sandbox's user"),
+            Self::Everyone { mode } => write!(f, "everyone may write it (mode {mode:o})"),
+            Self::Acl { mode } => write!(
+                f,
+                "it has an access ACL that may let the sandbox's user write it (mode {mode:o})"
+            ),
+            Self::Group { gid, mode } => write!(
+                f,
+                "group {gid}, a group of the sandbox's user, may write it (mode {mode:o})"
+            ),
+        }
+    }
+}
+
+/// How `reader` may change what `path` holds: its owner (who may chmod it), let in by the
+/// mode, or maybe by an access ACL (whose mask the group bits are, and which may name the
+/// user). A directory's entries, or a file's contents.
+pub fn writer(path: &Path, meta: &std::fs::Metadata, reader: &SandboxReader) -> Option<Writer> {
+    let mode = meta.mode() & 0o7777;
     let group_may = mode & 0o020 != 0;
-    if mode & 0o002 != 0 || (group_may && crate::tunnel::has_acl(dir)) {
-        return true;
+    if let SandboxReader::User { uid, .. } = reader
+        && meta.uid() == *uid
+    {
+        return Some(Writer::Owner { uid: *uid });
+    }
+    if mode & 0o002 != 0 {
+        return Some(Writer::Everyone { mode });
+    }
+    if group_may && crate::tunnel::has_acl(path) {
+        return Some(Writer::Acl { mode });
     }
     match reader {
-        SandboxReader::User { uid, groups } => {
-            meta.uid() == *uid || (group_may && groups.contains(&meta.gid()))
+        SandboxReader::User { groups, .. } if group_may && groups.contains(&meta.gid()) => {
+            Some(Writer::Group {
+                gid: meta.gid(),
+                mode,
+            })
         }
-        SandboxReader::Anyone => false,
+        _ => None,
     }
+}
+
+/// May `reader` write `path` (change what a directory holds): [`writer`] says how.
+pub(crate) fn may_write(path: &Path, meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
+    writer(path, meta, reader).is_some()
 }
 
 fn owned_by(meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
@@ -60,7 +106,8 @@ fn owned_by(meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
 }
 
 /// Why `reader` could replace an entry on the way to `path`; `None` when it could not.
-fn replaceable_by(path: &Path, reader: &SandboxReader) -> Option<String> {
+/// Also how a policy file and its upstream CAs are judged on reload ([`crate::trusted_file`]).
+pub fn replaceable_by(path: &Path, reader: &SandboxReader) -> Option<String> {
     crate::path_walk::first(path, |l| {
         if !may_write(l.dir, l.dir_meta, reader) {
             return None;

@@ -61,6 +61,12 @@ pub fn serve(config_file: &Path) -> anyhow::Result<i32> {
         }
         tunnel::check_upstream_ca(&sandbox.policy)
             .with_context(|| format!("sandbox {}", sandbox.policy.name))?;
+        // Taken as they stand (nothing sandboxed has run yet); a reload will refuse them.
+        crate::trusted_file::warn_at_start(
+            &sandbox.policy_file,
+            &sandbox.policy,
+            &load_context(&config, i).sandbox,
+        );
     }
     let (ca, cgroup_root) = crate::run::prepare_host()?;
     for (i, sandbox) in config.sandboxes.iter().enumerate() {

@@ -172,6 +172,15 @@ pub fn exposure(file: &Path, reader: &SandboxReader) -> Option<Exposure> {
     if mode & 0o040 != 0 && has_acl(file) {
         return Some(Exposure::Acl { mode });
     }
+    written_by_others(file, &meta)
+}
+
+/// How someone other than root (the gateway's user) could change what `file` (of metadata
+/// `meta`) holds: write it, or replace it or an entry on the way to it. Also how the policy
+/// file and the upstream CAs of a sandbox without `user` are judged on reload
+/// ([`crate::trusted_file`]).
+pub(crate) fn written_by_others(file: &Path, meta: &std::fs::Metadata) -> Option<Exposure> {
+    let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Some(Exposure::Writable { mode });
     }
