@@ -1123,7 +1123,8 @@ fn refused_with(note: &Value, wanted: &str) -> bool {
 /// Sandbox A's user owns A's policy file: from inside, A rewrites it to send sandbox B's
 /// secret (a file only root may read) with A's requests to B's host. At the operator's next
 /// SIGHUP, A's reload is refused (serve warned of it at start) and B's goes through; B's
-/// upstream never sees B's secret from A.
+/// upstream never sees B's secret from A. Nor is the file reloaded once it is the user's of
+/// the other sandbox: that user could have written it as well.
 #[test]
 fn a_sandbox_cannot_rewrite_its_policy_file_to_take_another_sandbox_s_secret() {
     use std::os::unix::fs::{PermissionsExt as _, chown};
@@ -1188,6 +1189,15 @@ fn a_sandbox_cannot_rewrite_its_policy_file_to_take_another_sandbox_s_secret() {
         &["serve-own-a", "serve-own-b"],
         Duration::from_secs(30),
     );
+    // The same file, B's user's now.
+    chown(&a_file, Some(4302), Some(4302)).unwrap();
+    serve.signal(libc::SIGHUP);
+    let others = reload_notes(
+        &serve,
+        2,
+        &["serve-own-a", "serve-own-b"],
+        Duration::from_secs(30),
+    );
     let (after, after_ctx) = run(&mut in_sandbox_as(
         4301,
         &a_cgroup,
@@ -1198,7 +1208,7 @@ fn a_sandbox_cannot_rewrite_its_policy_file_to_take_another_sandbox_s_secret() {
     // Not the upstream's log: it would show B's secret.
     let ctx = || {
         format!(
-            "{after_ctx}\n--- other's paths\n{:?}\n--- notes\n{notes:?}\n--- serve\n{log}",
+            "{after_ctx}\n--- other's paths\n{:?}\n--- notes\n{notes:?}\n{others:?}\n--- serve\n{log}",
             other.paths()
         )
     };
@@ -1222,6 +1232,17 @@ fn a_sandbox_cannot_rewrite_its_policy_file_to_take_another_sandbox_s_secret() {
         ctx()
     );
     assert_eq!(notes[1]["reason"], "policy-reloaded", "{}", ctx());
+    assert!(
+        refused_with(
+            &others[0],
+            &format!(
+                "policy file {a_path}: it is owned by uid 4302, the user of another sandbox this gateway serves, so a command in another sandbox could have rewritten it"
+            )
+        ),
+        "{}",
+        ctx()
+    );
+    assert_eq!(others[1]["reason"], "policy-reloaded", "{}", ctx());
     for part in [
         format!("policy file {a_path}: it is owned by uid 4301, the sandbox's user"),
         "SIGHUP reloads of this file will be refused".to_owned(),

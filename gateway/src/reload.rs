@@ -189,10 +189,12 @@ impl Reloader {
     /// Puts the policy file in force, or leaves the one in force and says why.
     pub fn reload(&mut self) -> Result<Reloaded, ReloadError> {
         let start = Instant::now();
-        let sandbox = &self.started.secrets.sandbox;
-        if let Some(written) =
-            trusted_file::writable_by(trusted_file::POLICY_FILE, &self.path, sandbox)
-        {
+        // Judged against the sandbox's user and, under serve, every other sandbox's.
+        if let Some(written) = trusted_file::writable_by_any(
+            trusted_file::POLICY_FILE,
+            &self.path,
+            &self.started.secrets,
+        ) {
             return Err(written.into());
         }
         let checked = policy::check(&self.path)?;
@@ -207,7 +209,7 @@ impl Reloader {
         if !restart.is_empty() {
             return Err(ReloadError::Restart(restart));
         }
-        trusted_file::check_upstream_ca(&next, &self.started.secrets.sandbox)?;
+        trusted_file::check_upstream_ca(&next, &self.started.secrets)?;
         let secrets = Secrets::reload(&next, &self.started.placeholders, &self.started.secrets)?;
         for reader in self.started.secrets.readers() {
             crate::unix_reach::check(&next, reader)?;

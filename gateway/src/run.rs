@@ -81,7 +81,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     crate::unix_reach::check(&policy, &load.sandbox)?;
     crate::tunnel::check_upstream_ca(&policy)?;
     // Taken as they stand (nothing sandboxed has run yet); a reload will refuse them.
-    crate::trusted_file::warn_at_start(&args.policy, &policy, &load.sandbox);
+    crate::trusted_file::warn_at_start(&args.policy, &policy, &load);
     let removal = env::removal(
         std::env::vars_os().map(|(name, _)| name),
         &policy,

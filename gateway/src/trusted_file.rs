@@ -20,7 +20,7 @@ use std::{
 
 use crate::{
     policy::Policy,
-    tunnel::{Exposure, SandboxReader},
+    tunnel::{Exposure, LoadContext, SandboxReader},
 };
 
 /// Largest policy file, serve config or upstream CA file read: 32 MiB. The largest policies
@@ -81,10 +81,11 @@ pub fn read_to_string(path: &Path, what: &str) -> io::Result<String> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "it is not UTF-8 text"))
 }
 
-/// A file read again on SIGHUP that the sandbox's user could have written.
+/// A file read again on SIGHUP that the sandbox's user (or, under serve, another sandbox's)
+/// could have written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{what} {}: {why}, so the sandboxed command could have rewritten it: it is not reloaded; {}, then send SIGHUP again",
+    "{what} {}: {why}, so {by} could have rewritten it: it is not reloaded; {}, then send SIGHUP again",
     .path.display(),
     self.fix()
 )]
@@ -93,6 +94,38 @@ pub struct Writable {
     pub what: &'static str,
     pub path: PathBuf,
     pub why: String,
+    /// Who could have: "the sandboxed command", or "a command in another sandbox".
+    pub by: &'static str,
+}
+
+/// Whose user is judged: the sandbox's own, or (serve) another sandbox's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Whose {
+    Own,
+    Other,
+}
+
+impl Whose {
+    fn user(self) -> &'static str {
+        match self {
+            Self::Own => crate::unix_reach::THE_SANDBOX_USER,
+            Self::Other => "the user of another sandbox this gateway serves",
+        }
+    }
+
+    fn no_user(self) -> &'static str {
+        match self {
+            Self::Own => "the sandbox has no `user`",
+            Self::Other => "another sandbox this gateway serves has no `user`",
+        }
+    }
+
+    fn command(self) -> &'static str {
+        match self {
+            Self::Own => "the sandboxed command",
+            Self::Other => "a command in another sandbox",
+        }
+    }
 }
 
 impl Writable {
@@ -107,10 +140,11 @@ impl Writable {
     /// What the gateway says at start, when the file is taken as it stands.
     pub fn warning(&self) -> String {
         format!(
-            "{} {}: {}, so the sandboxed command could rewrite it: SIGHUP reloads of this file will be refused; {}",
+            "{} {}: {}, so {} could rewrite it: SIGHUP reloads of this file will be refused; {}",
             self.what,
             self.path.display(),
             self.why,
+            self.by,
             self.fix()
         )
     }
@@ -123,15 +157,34 @@ impl Writable {
 /// the file must be root's (the gateway's) alone, in directories only root may write. A file
 /// that cannot be looked at is not judged here: reading it fails afterwards with the reason.
 pub fn writable_by(what: &'static str, path: &Path, reader: &SandboxReader) -> Option<Writable> {
+    judge(what, path, reader, Whose::Own)
+}
+
+/// [`writable_by`] the sandbox's user, or (serve) the user of any other sandbox the gateway
+/// serves: one sandbox's user who may write another's policy may open it, or have it send
+/// that sandbox's credentials where it likes.
+pub fn writable_by_any(what: &'static str, path: &Path, context: &LoadContext) -> Option<Writable> {
+    std::iter::once((&context.sandbox, Whose::Own))
+        .chain(context.others.iter().map(|r| (r, Whose::Other)))
+        .find_map(|(reader, whose)| judge(what, path, reader, whose))
+}
+
+fn judge(
+    what: &'static str,
+    path: &Path,
+    reader: &SandboxReader,
+    whose: Whose,
+) -> Option<Writable> {
     let meta = std::fs::metadata(path).ok()?;
     let why = match reader {
         SandboxReader::User { .. } => crate::unix_reach::writer(path, &meta, reader)
-            .map(|w| w.to_string())
-            .or_else(|| crate::unix_reach::replaceable_by(path, reader)),
+            .map(|w| w.describe(whose.user()))
+            .or_else(|| crate::unix_reach::replaceable_by_whom(path, reader, whose.user())),
         SandboxReader::Anyone => crate::tunnel::written_by_others(path, &meta).map(|e| {
             format!(
-                "{}, and the sandbox has no `user`, so any user but root may run in it",
-                others(&e)
+                "{}, and {}, so any user but root may run in it",
+                others(&e),
+                whose.no_user()
             )
         }),
     }?;
@@ -139,6 +192,7 @@ pub fn writable_by(what: &'static str, path: &Path, reader: &SandboxReader) -> O
         what,
         path: path.to_owned(),
         why,
+        by: whose.command(),
     })
 }
 
@@ -179,20 +233,20 @@ fn reread<'a>(
     )
 }
 
-/// At start: a warning for each file that a reload would refuse as written by `reader`.
-pub fn warn_at_start(policy_file: &Path, policy: &Policy, reader: &SandboxReader) {
+/// At start: a warning for each file that a reload would refuse ([`writable_by_any`]).
+pub fn warn_at_start(policy_file: &Path, policy: &Policy, context: &LoadContext) {
     for (what, path) in reread(policy_file, policy) {
-        if let Some(w) = writable_by(what, path, reader) {
+        if let Some(w) = writable_by_any(what, path, context) {
             tracing::warn!(sandbox = %policy.name, "{}", w.warning());
         }
     }
 }
 
-/// On reload: the upstream CAs of the new `policy` (its file was judged before it was read)
-/// that `reader` could have written.
-pub fn check_upstream_ca(policy: &Policy, reader: &SandboxReader) -> Result<(), Writable> {
+/// On reload: the first upstream CA of the new `policy` (its file was judged before it was
+/// read) that a sandbox's user could have written ([`writable_by_any`]).
+pub fn check_upstream_ca(policy: &Policy, context: &LoadContext) -> Result<(), Writable> {
     for ca in &policy.upstream_ca {
-        if let Some(w) = writable_by(UPSTREAM_CA, ca, reader) {
+        if let Some(w) = writable_by_any(UPSTREAM_CA, ca, context) {
             return Err(w);
         }
     }
@@ -419,6 +473,7 @@ mod tests {
             what: POLICY_FILE,
             path: PathBuf::from("/srv/a.toml"),
             why: "it is owned by uid 4301, the sandbox's user".into(),
+            by: "the sandboxed command",
         };
         let fix = "keep it where only root may write: chown root:root /srv/a.toml && chmod go-w /srv/a.toml (and setfacl -b /srv/a.toml if it has an access ACL), in directories only root may write (such as /etc/gateway)";
         assert_eq!(
@@ -446,9 +501,13 @@ mod tests {
                 .unwrap()
                 .policy;
         policy.upstream_ca = vec![ca.clone()];
-        assert_eq!(check_upstream_ca(&policy, &sandbox()), Ok(()));
+        let context = LoadContext {
+            sandbox: sandbox(),
+            ..LoadContext::for_test()
+        };
+        assert_eq!(check_upstream_ca(&policy, &context), Ok(()));
         chown(&ca, Some(SANDBOX), None).unwrap();
-        let e = check_upstream_ca(&policy, &sandbox()).unwrap_err();
+        let e = check_upstream_ca(&policy, &context).unwrap_err();
         assert_eq!(e.what, UPSTREAM_CA);
         assert_eq!(e.path, ca);
         assert!(
@@ -457,6 +516,53 @@ mod tests {
                 ca.display()
             )),
             "{e}"
+        );
+    }
+
+    /// Under serve, another sandbox's user who may write a sandbox's policy file is refused
+    /// too, and a sandbox without `user` among the others leaves only root's files.
+    #[test]
+    fn under_serve_every_sandbox_s_user_is_judged() {
+        let dir = Dir::new("trusted-others");
+        let file = dir.0.join("a.toml");
+        std::fs::write(&file, "").unwrap();
+        chmod(&file, 0o644);
+        let other = SandboxReader::User {
+            uid: SANDBOX + 1,
+            groups: vec![SANDBOX + 1],
+        };
+        let context = |others: Vec<SandboxReader>| LoadContext {
+            sandbox: sandbox(),
+            others,
+            ..LoadContext::for_test()
+        };
+        assert_eq!(
+            writable_by_any(POLICY_FILE, &file, &context(vec![other.clone()])),
+            None
+        );
+        chown(&file, Some(SANDBOX + 1), None).unwrap();
+        // Not this sandbox's user's: alone, it passes; with the other sandbox, it does not.
+        assert_eq!(writable_by(POLICY_FILE, &file, &sandbox()), None);
+        let w = writable_by_any(POLICY_FILE, &file, &context(vec![other])).unwrap();
+        assert_eq!(
+            w.why,
+            "it is owned by uid 4302, the user of another sandbox this gateway serves"
+        );
+        assert_eq!(w.by, "a command in another sandbox");
+        assert!(
+            w.to_string()
+                .contains("so a command in another sandbox could have rewritten it"),
+            "{w}"
+        );
+        let w = writable_by_any(POLICY_FILE, &file, &context(vec![SandboxReader::Anyone])).unwrap();
+        assert_eq!(
+            w.why,
+            "it is owned by uid 4302, who may write it whatever its mode, and another sandbox this gateway serves has no `user`, so any user but root may run in it"
+        );
+        chown(&file, Some(0), None).unwrap();
+        assert_eq!(
+            writable_by_any(POLICY_FILE, &file, &context(vec![SandboxReader::Anyone])),
+            None
         );
     }
 }

@@ -51,19 +51,21 @@ pub enum Writer {
     Group { gid: u32, mode: u32 },
 }
 
-impl std::fmt::Display for Writer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+/// How messages name the user judged: the sandbox's own.
+pub const THE_SANDBOX_USER: &str = "the sandbox's user";
+
+impl Writer {
+    /// What it is, the user judged named `who` ("the sandbox's user").
+    pub fn describe(&self, who: &str) -> String {
         match self {
-            Self::Owner { uid } => write!(f, "it is owned by uid {uid}, the sandbox's user"),
-            Self::Everyone { mode } => write!(f, "everyone may write it (mode {mode:o})"),
-            Self::Acl { mode } => write!(
-                f,
-                "it has an access ACL that may let the sandbox's user write it (mode {mode:o})"
-            ),
-            Self::Group { gid, mode } => write!(
-                f,
-                "group {gid}, a group of the sandbox's user, may write it (mode {mode:o})"
-            ),
+            Self::Owner { uid } => format!("it is owned by uid {uid}, {who}"),
+            Self::Everyone { mode } => format!("everyone may write it (mode {mode:o})"),
+            Self::Acl { mode } => {
+                format!("it has an access ACL that may let {who} write it (mode {mode:o})")
+            }
+            Self::Group { gid, mode } => {
+                format!("group {gid}, a group of {who}, may write it (mode {mode:o})")
+            }
         }
     }
 }
@@ -106,8 +108,13 @@ fn owned_by(meta: &std::fs::Metadata, reader: &SandboxReader) -> bool {
 }
 
 /// Why `reader` could replace an entry on the way to `path`; `None` when it could not.
-/// Also how a policy file and its upstream CAs are judged on reload ([`crate::trusted_file`]).
 pub fn replaceable_by(path: &Path, reader: &SandboxReader) -> Option<String> {
+    replaceable_by_whom(path, reader, THE_SANDBOX_USER)
+}
+
+/// [`replaceable_by`], the user judged named `who` in the answer. Also how a policy file and
+/// its upstream CAs are judged on reload ([`crate::trusted_file`]).
+pub fn replaceable_by_whom(path: &Path, reader: &SandboxReader, who: &str) -> Option<String> {
     crate::path_walk::first(path, |l| {
         if !may_write(l.dir, l.dir_meta, reader) {
             return None;
@@ -118,7 +125,7 @@ pub fn replaceable_by(path: &Path, reader: &SandboxReader) -> Option<String> {
         let theirs = l.found.is_none_or(|m| owned_by(m, reader));
         (!sticky || owned_by(l.dir_meta, reader) || theirs).then(|| {
             format!(
-                "the sandbox's user may write directory {} (mode {:o}, uid {})",
+                "{who} may write directory {} (mode {:o}, uid {})",
                 l.dir.display(),
                 l.dir_meta.mode() & 0o7777,
                 l.dir_meta.uid()

@@ -65,7 +65,7 @@ pub fn serve(config_file: &Path) -> anyhow::Result<i32> {
         crate::trusted_file::warn_at_start(
             &sandbox.policy_file,
             &sandbox.policy,
-            &load_context(&config, i).sandbox,
+            &load_context(&config, i),
         );
     }
     let (ca, cgroup_root) = crate::run::prepare_host()?;
