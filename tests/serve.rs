@@ -980,7 +980,9 @@ fn serve_refuses_secret_files_its_sandboxes_could_read() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{ctx}");
     assert!(
-        stderr.contains(&format!("secret file {path} is readable by group 65534")),
+        stderr.contains(&format!(
+            "secret file {path} is readable by group 65534 (mode 640), a group of the user of another sandbox this gateway serves, so a command in another sandbox could read the secret itself"
+        )),
         "{ctx}"
     );
     assert!(!stderr.contains(secret), "{ctx}");

@@ -211,8 +211,8 @@ impl Reloader {
         }
         trusted_file::check_upstream_ca(&next, &self.started.secrets)?;
         let secrets = Secrets::reload(&next, &self.started.placeholders, &self.started.secrets)?;
-        for reader in self.started.secrets.readers() {
-            crate::unix_reach::check(&next, reader)?;
+        for (reader, whose) in self.started.secrets.readers() {
+            crate::unix_reach::check(&next, reader, whose.user())?;
         }
 
         // The kernel's spare buffer fills (system calls) while another thread compiles the

@@ -78,7 +78,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         another_user: "run CMD as another user (--user)",
     };
     let secrets = Secrets::load(&policy, &load)?;
-    crate::unix_reach::check(&policy, &load.sandbox)?;
+    crate::unix_reach::check(&policy, &load.sandbox, crate::unix_reach::THE_SANDBOX_USER)?;
     crate::tunnel::check_upstream_ca(&policy)?;
     // Taken as they stand (nothing sandboxed has run yet); a reload will refuse them.
     crate::trusted_file::warn_at_start(&args.policy, &policy, &load);

@@ -20,7 +20,7 @@ use std::{
 
 use crate::{
     policy::Policy,
-    tunnel::{Exposure, LoadContext, SandboxReader},
+    tunnel::{Exposure, LoadContext, SandboxReader, Whose},
 };
 
 /// Largest policy file, serve config or upstream CA file read: 32 MiB. The largest policies
@@ -98,36 +98,6 @@ pub struct Writable {
     pub by: &'static str,
 }
 
-/// Whose user is judged: the sandbox's own, or (serve) another sandbox's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Whose {
-    Own,
-    Other,
-}
-
-impl Whose {
-    fn user(self) -> &'static str {
-        match self {
-            Self::Own => crate::unix_reach::THE_SANDBOX_USER,
-            Self::Other => "the user of another sandbox this gateway serves",
-        }
-    }
-
-    fn no_user(self) -> &'static str {
-        match self {
-            Self::Own => "the sandbox has no `user`",
-            Self::Other => "another sandbox this gateway serves has no `user`",
-        }
-    }
-
-    fn command(self) -> &'static str {
-        match self {
-            Self::Own => "the sandboxed command",
-            Self::Other => "a command in another sandbox",
-        }
-    }
-}
-
 impl Writable {
     /// What the operator does about it.
     fn fix(&self) -> String {
@@ -164,8 +134,8 @@ pub fn writable_by(what: &'static str, path: &Path, reader: &SandboxReader) -> O
 /// serves: one sandbox's user who may write another's policy may open it, or have it send
 /// that sandbox's credentials where it likes.
 pub fn writable_by_any(what: &'static str, path: &Path, context: &LoadContext) -> Option<Writable> {
-    std::iter::once((&context.sandbox, Whose::Own))
-        .chain(context.others.iter().map(|r| (r, Whose::Other)))
+    context
+        .readers()
         .find_map(|(reader, whose)| judge(what, path, reader, whose))
 }
 
@@ -215,7 +185,7 @@ fn others(e: &Exposure) -> String {
             "{} on its way is owned by uid {uid}, in a directory others may write, so its owner may replace it",
             entry.display()
         ),
-        other => other.why(),
+        other => other.why(Whose::Own),
     }
 }
 

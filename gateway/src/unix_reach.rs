@@ -23,11 +23,11 @@ pub struct Replaceable {
     pub why: String,
 }
 
-/// The first allowed socket path `reader` could replace.
-pub fn check(policy: &Policy, reader: &SandboxReader) -> Result<(), Replaceable> {
+/// The first allowed socket path `reader` (named `who` in the answer) could replace.
+pub fn check(policy: &Policy, reader: &SandboxReader, who: &str) -> Result<(), Replaceable> {
     for rule in &policy.unix {
         if let UnixRule::Path(path) = rule
-            && let Some(why) = replaceable_by(path, reader)
+            && let Some(why) = replaceable_by_whom(path, reader, who)
         {
             return Err(Replaceable {
                 path: path.clone(),

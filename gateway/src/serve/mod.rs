@@ -55,8 +55,8 @@ pub fn serve(config_file: &Path) -> anyhow::Result<i32> {
         .map(|i| Secrets::load(&config.sandboxes[i].policy, &load_context(&config, i)))
         .collect::<Result<Vec<_>, _>>()?;
     for (i, sandbox) in config.sandboxes.iter().enumerate() {
-        for reader in load_context(&config, i).readers() {
-            crate::unix_reach::check(&sandbox.policy, reader)
+        for (reader, whose) in load_context(&config, i).readers() {
+            crate::unix_reach::check(&sandbox.policy, reader, whose.user())
                 .with_context(|| format!("sandbox {}", sandbox.policy.name))?;
         }
         tunnel::check_upstream_ca(&sandbox.policy)

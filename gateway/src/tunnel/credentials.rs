@@ -109,10 +109,41 @@ pub struct LoadContext {
 }
 
 impl LoadContext {
-    /// Everyone who must not reach a secret file or replace an allowed socket: the
-    /// sandbox's user, then the other sandboxes'.
-    pub fn readers(&self) -> impl Iterator<Item = &SandboxReader> {
-        std::iter::once(&self.sandbox).chain(&self.others)
+    /// Everyone who must not reach a secret file or replace an allowed socket or a policy
+    /// file: the sandbox's user, then the other sandboxes', each with how messages name it.
+    pub fn readers(&self) -> impl Iterator<Item = (&SandboxReader, Whose)> {
+        std::iter::once((&self.sandbox, Whose::Own))
+            .chain(self.others.iter().map(|r| (r, Whose::Other)))
+    }
+}
+
+/// Whose user is judged: the sandbox's own, or (serve) another sandbox's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whose {
+    Own,
+    Other,
+}
+
+impl Whose {
+    pub fn user(self) -> &'static str {
+        match self {
+            Self::Own => crate::unix_reach::THE_SANDBOX_USER,
+            Self::Other => "the user of another sandbox this gateway serves",
+        }
+    }
+
+    pub fn no_user(self) -> &'static str {
+        match self {
+            Self::Own => "the sandbox has no `user`",
+            Self::Other => "another sandbox this gateway serves has no `user`",
+        }
+    }
+
+    pub fn command(self) -> &'static str {
+        match self {
+            Self::Own => "the sandboxed command",
+            Self::Other => "a command in another sandbox",
+        }
     }
 }
 
@@ -256,14 +287,14 @@ fn load_one(
             },
         })?),
         SecretSource::File(path) => {
-            if let Some(exposed) = context
+            if let Some((exposed, whose)) = context
                 .readers()
-                .find_map(|reader| secret_file::exposure(path, reader))
+                .find_map(|(reader, whose)| Some((secret_file::exposure(path, reader)?, whose)))
             {
                 return Err(CredentialError::FileExposed {
                     name: name.into(),
                     path: path.clone(),
-                    why: exposed.why(),
+                    why: exposed.why(whose),
                     fix: exposed.fix(path, context.another_user),
                 });
             }

@@ -43,7 +43,7 @@ use tokio::{
 };
 
 pub use ca::{LocalCa, state_dir};
-pub use credentials::{CredentialError, LoadContext, Placeholders, Secrets};
+pub use credentials::{CredentialError, LoadContext, Placeholders, Secrets, Whose};
 pub use echo_registry::EchoRegistry;
 pub use secret_file::SandboxReader;
 pub(crate) use secret_file::{Exposure, has_acl, written_by_others};

@@ -12,6 +12,8 @@ use std::{
 
 use zeroize::Zeroizing;
 
+use super::credentials::Whose;
+
 /// Who runs in the sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SandboxReader {
@@ -86,20 +88,22 @@ pub enum Exposure {
 }
 
 impl Exposure {
-    /// What is wrong, after "secret file FILE ".
-    pub fn why(&self) -> String {
+    /// What is wrong, after "secret file FILE ", for the user `whose` (the sandbox's own, or
+    /// another sandbox's).
+    pub fn why(&self, whose: Whose) -> String {
+        let (user, command) = (whose.user(), whose.command());
         match self {
             Self::OwnedBySandboxUser { uid } => format!(
-                "is owned by uid {uid}, the sandbox's user, so the sandboxed command could read the secret itself (or chmod the file and then read it)"
+                "is owned by uid {uid}, {user}, so {command} could read the secret itself (or chmod the file and then read it)"
             ),
             Self::GroupReadable { gid, mode } => format!(
-                "is readable by group {gid} (mode {mode:o}), a group of the sandbox's user, so the sandboxed command could read the secret itself"
+                "is readable by group {gid} (mode {mode:o}), a group of {user}, so {command} could read the secret itself"
             ),
             Self::WorldReadable { mode } => format!(
-                "is readable by everyone (mode {mode:o}), so the sandboxed command could read the secret itself"
+                "is readable by everyone (mode {mode:o}), so {command} could read the secret itself"
             ),
             Self::Acl { mode } => format!(
-                "has an access ACL that lets other users read it (mode {mode:o}), so the sandboxed command may read the secret itself"
+                "has an access ACL that lets other users read it (mode {mode:o}), so {command} may read the secret itself"
             ),
             Self::DirectoryOwned { dir, uid, mode } => format!(
                 "is in directory {}, which uid {uid} owns (mode {mode:o}), so the file could be replaced, e.g. by a link to another file that the tunnel would then send upstream",
@@ -442,7 +446,7 @@ mod tests {
         let file = Path::new("/etc/gateway/secrets/t");
         let e = Exposure::WorldReadable { mode: 0o644 };
         assert_eq!(
-            e.why(),
+            e.why(Whose::Own),
             "is readable by everyone (mode 644), so the sandboxed command could read the secret itself"
         );
         assert_eq!(
