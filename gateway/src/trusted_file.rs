@@ -145,12 +145,19 @@ fn judge(
     reader: &SandboxReader,
     whose: Whose,
 ) -> Option<Writable> {
-    let meta = std::fs::metadata(path).ok()?;
+    // Missing now, it could be there when it is read: its directories are judged all the
+    // same (who may write one could put the file there in between).
+    let meta = std::fs::metadata(path).ok();
     let why = match reader {
-        SandboxReader::User { .. } => crate::unix_reach::writer(path, &meta, reader)
+        SandboxReader::User { .. } => meta
+            .and_then(|meta| crate::unix_reach::writer(path, &meta, reader))
             .map(|w| w.describe(whose.user()))
             .or_else(|| crate::unix_reach::replaceable_by_whom(path, reader, whose.user())),
-        SandboxReader::Anyone => crate::tunnel::written_by_others(path, &meta).map(|e| {
+        SandboxReader::Anyone => match &meta {
+            Some(meta) => crate::tunnel::written_by_others(path, meta),
+            None => crate::tunnel::replaceable(path),
+        }
+        .map(|e| {
             format!(
                 "{}, and {}, so any user but root may run in it",
                 others(&e),
@@ -297,6 +304,24 @@ mod tests {
         );
         std::fs::write(&big, [0xff, 0xfe]).unwrap();
         assert!(read_to_string(&big, "the policy file").is_err());
+    }
+
+    /// Missing when judged, the file could be there when it is read: a user who may write
+    /// its directory could rename its own policy into place in between (a review won one
+    /// reload in eight that way).
+    #[test]
+    fn a_missing_file_is_judged_by_its_directories() {
+        let dir = Dir::new("trusted-missing");
+        let file = dir.0.join("p.toml");
+        assert_eq!(why(&file, &sandbox()), None);
+        assert_eq!(why(&file, &SandboxReader::Anyone), None);
+        chown(&dir.0, Some(SANDBOX), None).unwrap();
+        assert!(why(&file, &sandbox()).is_some());
+        assert!(why(&file, &SandboxReader::Anyone).is_some());
+        chown(&dir.0, Some(0), None).unwrap();
+        chmod(&dir.0, 0o777);
+        assert!(why(&file, &sandbox()).is_some());
+        assert!(why(&file, &SandboxReader::Anyone).is_some());
     }
 
     #[test]

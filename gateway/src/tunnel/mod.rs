@@ -46,7 +46,7 @@ pub use ca::{LocalCa, state_dir};
 pub use credentials::{CredentialError, LoadContext, Placeholders, Secrets, Whose};
 pub use echo_registry::EchoRegistry;
 pub use secret_file::SandboxReader;
-pub(crate) use secret_file::{Exposure, has_acl, written_by_others};
+pub(crate) use secret_file::{Exposure, has_acl, replaceable, written_by_others};
 pub use snapshot::{PolicyHandle, Snapshot};
 pub use workers::{Doorman, MAX_THREADS, spawn_workers, worker_threads};
 

@@ -153,7 +153,11 @@ impl Exposure {
 /// The first way `file` is exposed to `reader`, if any. A file that cannot be read about
 /// is not judged here: reading it fails afterwards with the reason.
 pub fn exposure(file: &Path, reader: &SandboxReader) -> Option<Exposure> {
-    let meta = std::fs::metadata(file).ok()?;
+    // Missing now, it could be there when it is read: whoever may write a directory on the
+    // way could put it (or a link) there in between.
+    let Ok(meta) = std::fs::metadata(file) else {
+        return replaceable(file);
+    };
     let mode = meta.mode() & 0o7777;
     match reader {
         SandboxReader::User { uid, groups } => {
@@ -200,7 +204,7 @@ pub(crate) fn written_by_others(file: &Path, meta: &std::fs::Metadata) -> Option
 /// is looked up in (a link in the middle of the path counts as much as the file's own
 /// directory); or, in a sticky directory such as /tmp, an entry on the way that someone
 /// else owns.
-fn replaceable(file: &Path) -> Option<Exposure> {
+pub(crate) fn replaceable(file: &Path) -> Option<Exposure> {
     let gateway = nix::unistd::geteuid().as_raw();
     let trusted = |uid: u32| uid == 0 || uid == gateway;
     let mut judged: Vec<PathBuf> = Vec::new();
@@ -274,6 +278,20 @@ pub(crate) fn has_acl(file: &Path) -> bool {
 mod tests {
     use super::*;
     use crate::test_fs::{Dir, chmod, set_acl};
+
+    /// Missing when checked, the file could be there when it is read: whoever may write a
+    /// directory on the way could put it, or a link to any file, there in between.
+    #[test]
+    fn a_missing_file_is_judged_by_its_directories() {
+        let dir = Dir::new("secret-missing");
+        let file = dir.0.join("token");
+        assert_eq!(exposure(&file, &SandboxReader::Anyone), None);
+        chmod(&dir.0, 0o777);
+        assert!(matches!(
+            exposure(&file, &SandboxReader::Anyone),
+            Some(Exposure::DirectoryWritable { .. })
+        ));
+    }
 
     #[test]
     fn modes_owners_and_directories() {
