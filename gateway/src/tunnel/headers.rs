@@ -290,7 +290,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_websocket_upgrade: bool) {
 /// local address.
 fn is_forwarding(name: &HeaderName) -> bool {
     let name = name.as_str();
-    name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")
+    // Rails reads Client-IP, go-chi True-Client-IP, CDNs set CF-Connecting-IP and
+    // Fastly-Client-IP, Envoy its x-envoy-* (an original path among them).
+    name == "forwarded"
+        || name.starts_with("x-forwarded")
+        || name.ends_with("client-ip")
+        || matches!(
+            name,
+            "x-real-ip" | "cf-connecting-ip" | "x-original-host" | "x-host"
+        )
+        || name.starts_with("x-envoy-")
 }
 
 /// Removes the client's [`is_forwarding`] headers. One pass over the names when there are
@@ -304,6 +313,38 @@ pub fn strip_forwarding(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarding_headers_are_stripped_and_others_kept() {
+        let mut headers = HeaderMap::new();
+        for name in [
+            "forwarded",
+            "x-forwarded",
+            "x-forwarded-host",
+            "x-forwarded-for",
+            "x-real-ip",
+            "true-client-ip",
+            "client-ip",
+            "x-client-ip",
+            "x-cluster-client-ip",
+            "cf-connecting-ip",
+            "fastly-client-ip",
+            "x-original-host",
+            "x-host",
+            "x-envoy-original-path",
+            "x-kept",
+            "accept",
+        ] {
+            headers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static("127.0.0.1"),
+            );
+        }
+        strip_forwarding(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "x-kept"]);
+    }
 
     #[test]
     fn paths() {
