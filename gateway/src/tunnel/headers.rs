@@ -182,21 +182,35 @@ fn lookalike_separator(bytes: &[u8]) -> bool {
 /// both. Bounded: a path still changing after four decodes is refused.
 fn in_decodings(path: &str) -> Option<&'static str> {
     let mut lookalike = false;
-    let hides_separator = path_forms::in_decodings(path.as_bytes(), 4, |form| {
+    let mut hidden = None;
+    let still_changing = path_forms::in_decodings(path.as_bytes(), 4, |form| {
         lookalike |= lookalike_separator(form);
-        form.windows(3).any(|w| {
-            w[0] == b'%'
-                && std::str::from_utf8(&w[1..])
-                    .ok()
-                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                    .is_some_and(|b| matches!(b, b'.' | b'/' | b'\\' | b';' | 0))
-        }) || overlong_special(&String::from_utf8_lossy(form).to_ascii_lowercase())
+        hidden = form
+            .windows(3)
+            .filter(|w| w[0] == b'%')
+            .filter_map(|w| u8::from_str_radix(std::str::from_utf8(&w[1..]).ok()?, 16).ok())
+            .find_map(escaped_reason)
+            .or_else(|| {
+                overlong_special(&String::from_utf8_lossy(form).to_ascii_lowercase())
+                    .then_some("encoded-path-separator")
+            });
+        hidden.is_some()
     })
-    .unwrap_or(true);
-    if hides_separator {
-        Some("encoded-path-separator")
-    } else {
-        lookalike.then_some("lookalike-path-separator")
+    .is_none();
+    if still_changing {
+        return Some("encoded-path-separator");
+    }
+    hidden.or(lookalike.then_some("lookalike-path-separator"))
+}
+
+/// The refusal of an escape of `byte` that a decode reveals: one that changes how the path
+/// splits or ends, or a control character.
+fn escaped_reason(byte: u8) -> Option<&'static str> {
+    match byte {
+        b'.' | b'/' | b'\\' | b';' | 0 => Some("encoded-path-separator"),
+        b'?' | b'#' => Some("encoded-path-delimiter"),
+        0x01..=0x1f | 0x7f => Some("encoded-control-character"),
+        _ => None,
     }
 }
 
@@ -229,7 +243,7 @@ fn overlong_special(path: &str) -> bool {
                 None => return false,
             }
         }
-        matches!(value, 0x2e | 0x2f | 0x5c | 0x3b | 0x25 | 0)
+        matches!(value, 0x2e | 0x2f | 0x5c | 0x3b | 0x25 | 0x3f | 0x23 | 0)
     })
 }
 
@@ -367,6 +381,26 @@ mod tests {
         assert_eq!(path_ambiguity("/a%7Fb"), Some("encoded-control-character"));
         assert_eq!(path_ambiguity("/a%1fb"), Some("encoded-control-character"));
         assert_eq!(path_ambiguity("/a%20b%2Bc%40d"), None);
+        // The same once the escape's own characters are decoded, and overlong.
+        for path in [
+            "/files/secret%25%33%66.json",
+            "/files/secret%3%66.json",
+            "/files/a%2%33.json",
+        ] {
+            assert_eq!(
+                path_ambiguity(path),
+                Some("encoded-path-delimiter"),
+                "{path}"
+            );
+        }
+        for path in ["/files/secret%0%61x.json", "/files/secret%25%30%61x.json"] {
+            assert_eq!(
+                path_ambiguity(path),
+                Some("encoded-control-character"),
+                "{path}"
+            );
+        }
+        assert!(path_ambiguity("/files/secret%c0%bf.json").is_some());
         assert!(path_ambiguity("/a/./b").is_some());
         // Path parameters (Tomcat and Spring read `..;x` as `..`).
         assert!(path_ambiguity("/repos/acme/..;/admin").is_some());
