@@ -615,6 +615,42 @@ fn serve_refuses_busy_cgroups_reloads_on_sighup_and_kills_its_sandboxes_at_exit(
         ctx()
     );
 
+    // A recursive delete removes the hold first, then the cgroup: made again, it has none
+    // of the programs. Serve finds it within a second, kills what was placed in it, records
+    // it, and keeps the hold of a cgroup that is still the sandbox's.
+    std::fs::remove_dir(dir.join("gateway-hold")).unwrap();
+    std::fs::remove_dir(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let mut placed = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/cgroup.procs" && exec sleep 60"#)
+        .arg("sh")
+        .arg(&dir)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while placed.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "a process in the remade cgroup lived on\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        serve.audit_records().iter().any(|r| r["layer"] == "gateway"
+            && r["verdict"] == "deny"
+            && r["reason"] == "sandbox-cgroup-replaced"
+            && r["sandbox"] == "serve-reload"),
+        "{}",
+        serve.log()
+    );
+    assert!(
+        serve.log().contains("removed and made again"),
+        "{}",
+        serve.log()
+    );
+
     // A sandboxed process still running when serve stops is killed, not left without a
     // tunnel; the cgroup serve was given stays.
     let mut lingering = in_sandbox(&cgroup, "serve-reload", "exec sleep 600")

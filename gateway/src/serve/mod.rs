@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod leave;
+pub mod replaced;
 
 use std::{
     net::SocketAddr,
@@ -329,8 +330,15 @@ async fn supervise(
             audit_log = %audit.path().display(),
             "serving; SIGHUP reloads every sandbox's policy, SIGINT or SIGTERM stops (killing every sandbox)"
         );
+        // A recursive delete takes the hold with the cgroup: looked at every second.
+        let mut every_second = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tokio::select! {
+                _ = every_second.tick() => {
+                    for sandbox in &attached {
+                        replaced::check(&sandbox.name, &sandbox.cgroup, &audit);
+                    }
+                }
                 _ = sighup.recv() => {
                     // Each policy is reloaded or refused on its own; one sandbox's broken
                     // file leaves the others' reloads in force.
