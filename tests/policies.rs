@@ -275,16 +275,24 @@ fn bad_glob() {
         "4:10: bad path glob `v1/**`: request paths start with `/`, so this never matches; write e.g. \"/v1/**\""
     );
     // The path is matched as sent: `/public/%73ecret` is no `s...` there.
-    for glob in ["/public/[!s]*", "/public/[^s]*"] {
+    for glob in [
+        "/public/[!s]*",
+        "/public/[^s]*",
+        "/public/[ -rt-~]*",
+        "/public/[%a]*",
+    ] {
         assert_eq!(
             only_error(&format!(
                 "version = 1\n[[http.allow]]\nhost = \"a.test\"\npaths = [\"{glob}\"]\n"
             )),
             format!(
-                "4:10: bad path glob `{glob}`: a negated class `[!...]` would match an escaped form of what it excludes (`%73` for `s`), which the upstream decodes; list what is allowed instead"
+                "4:10: bad path glob `{glob}`: a class that matches `%` (negated, `[!...]`, or a range over it, `[ -~]`) would match an escaped form of what it leaves out (`%73` for `s`), which the upstream decodes; list what is allowed instead"
             )
         );
     }
+    // A class that cannot match `%` is fine.
+    let fine = "version = 1\n[[http.allow]]\nhost = \"a.test\"\npaths = [\"/v[0-9]/[a-z]*\"]\n";
+    assert!(messages(fine, 0).is_empty());
 }
 
 #[test]

@@ -1237,13 +1237,13 @@ fn http_rule(
                 ),
             );
             ok = false;
-        } else if p.value.contains("[!") || p.value.contains("[^") {
+        } else if class_matches_escapes(p.value) {
             // A glob matches the path as sent: `%73ecret` is no `s` there, and an upstream
-            // decodes it to `secret`. What a class excludes could be sent escaped.
+            // decodes it to `secret`. A class that admits `%` admits any escaped character.
             d.error(
                 &p.span,
                 format!(
-                    "bad path glob `{}`: a negated class `[!...]` would match an escaped form of what it excludes (`%73` for `s`), which the upstream decodes; list what is allowed instead",
+                    "bad path glob `{}`: a class that matches `%` (negated, `[!...]`, or a range over it, `[ -~]`) would match an escaped form of what it leaves out (`%73` for `s`), which the upstream decodes; list what is allowed instead",
                     p.value
                 ),
             );
@@ -1483,3 +1483,40 @@ fn unusable_credential_header(name: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether a `[...]` class in `glob` may match `%`: negated, or naming `%` or a range over
+/// it. Such a class matches an escape, whatever it decodes to.
+fn class_matches_escapes(glob: &str) -> bool {
+    let bytes = glob.as_bytes();
+    let mut i = 0;
+    while let Some(open) = bytes[i..].iter().position(|&b| b == b'[').map(|p| p + i) {
+        let mut j = open + 1;
+        if matches!(bytes.get(j), Some(b'!' | b'^')) {
+            return true;
+        }
+        // A `]` right after the opening is a member, not the end.
+        if bytes.get(j) == Some(&b']') {
+            j += 1;
+        }
+        let Some(close) = bytes[j..].iter().position(|&b| b == b']').map(|p| p + j) else {
+            return false;
+        };
+        let members = &bytes[open + 1..close];
+        let mut k = 0;
+        while k < members.len() {
+            if members.get(k + 1) == Some(&b'-') && k + 2 < members.len() {
+                if (members[k]..=members[k + 2]).contains(&b'%') {
+                    return true;
+                }
+                k += 3;
+            } else {
+                if members[k] == b'%' {
+                    return true;
+                }
+                k += 1;
+            }
+        }
+        i = close + 1;
+    }
+    false
+}
