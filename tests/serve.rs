@@ -200,6 +200,15 @@ impl Drop for GivenCgroup {
     }
 }
 
+/// Audit records, one JSON line each, for a failing test's message.
+fn joined(records: &[Value]) -> String {
+    records
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn test_cgroup(tag: &str) -> String {
     format!("gateway-test-serve-{}-{tag}", std::process::id())
 }
@@ -284,11 +293,7 @@ fn one_tunnel_serves_two_sandboxes_each_under_its_own_policy() {
             api.describe(),
             other.describe(),
             serve.log(),
-            records
-                .iter()
-                .map(Value::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
+            joined(&records)
         )
     };
 
@@ -421,11 +426,7 @@ fn a_secret_one_sandbox_sent_never_reaches_another() {
             "--- sandbox a\n{ctx_a}\n--- sandbox b\n{ctx_b}\n--- api\n{}\n--- serve\n{}\n--- audit\n{}",
             api.describe(),
             serve.log(),
-            records
-                .iter()
-                .map(Value::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
+            joined(&records)
         )
     };
     let got = |out: &Output, n: &str| {
@@ -525,11 +526,7 @@ fn a_sandbox_with_a_user_serves_only_that_user() {
         format!(
             "--- as 4242\n{own_ctx}\n--- as 4243\n{other_ctx}\n--- serve\n{}\n--- audit\n{}",
             serve.log(),
-            records
-                .iter()
-                .map(Value::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
+            joined(&records)
         )
     };
     let reply = |out: &Output| curl_replies(out).get("api").cloned();
