@@ -144,6 +144,16 @@ fn run(c: &mut Command) -> (Output, String) {
     (out, text)
 }
 
+/// Runs serve with `config` (written to `scratch`), for a test that expects it to refuse:
+/// one that does not runs until stopped, 30 s, then timeout's exit 124.
+fn serve_refusing(scratch: &Scratch, config: &str) -> (Output, String) {
+    let config = scratch.write("serve.toml", config);
+    run(Command::new("timeout")
+        .args(["30", gateway_bin(), "serve", "--config"])
+        .arg(&config)
+        .current_dir("/"))
+}
+
 fn curl_replies(out: &Output) -> std::collections::HashMap<String, Reply> {
     replies(&String::from_utf8_lossy(&out.stdout))
 }
@@ -961,13 +971,7 @@ fn serve_refuses_secret_files_its_sandboxes_could_read() {
     );
     let parent = test_cgroup("secret-file");
     // A serve that does not refuse would run until stopped: 30 s, then timeout's exit 124.
-    let serve = |config: &str| {
-        let config = scratch.write("serve.toml", config);
-        run(Command::new("timeout")
-            .args(["30", gateway_bin(), "serve", "--config"])
-            .arg(&config)
-            .current_dir("/"))
-    };
+    let serve = |config: &str| serve_refusing(&scratch, config);
     let (out, ctx) = serve(&format!(
         "{}user = \"4242\"\n",
         host_config(&scratch, &parent, &["f"])
@@ -1088,28 +1092,7 @@ fn serve_refuses_a_cgroup_its_sandbox_could_move_out_of() {
     scratch.write("a.toml", &policy("serve-leave", ""));
     for user in ["user = \"4401\"\n", ""] {
         let config = format!("{}{user}", host_config(&scratch, &parent, &["a"]));
-        let config_file = scratch.write("serve.toml", &config);
-        let mut serve = Command::new(gateway_bin())
-            .args(["serve", "--config"])
-            .arg(&config_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while serve.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = serve.kill();
-                let out = serve.wait_with_output().unwrap();
-                panic!(
-                    "serve took the cgroup ({user:?})\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = serve.wait_with_output().unwrap();
+        let (out, _) = serve_refusing(&scratch, &config);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{user:?}\n{stderr}");
         assert!(
