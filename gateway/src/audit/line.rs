@@ -28,14 +28,7 @@ pub fn write(record: &Record, out: &mut Vec<u8>) {
     }
     out.extend_from_slice(b"{\"ts\":");
     string(out, ts);
-    out.extend_from_slice(b",\"layer\":\"");
-    out.extend_from_slice(layer_name(*layer).as_bytes());
-    out.extend_from_slice(b"\",\"verdict\":\"");
-    out.extend_from_slice(verdict_name(*verdict).as_bytes());
-    out.extend_from_slice(b"\",\"sandbox\":");
-    string(out, sandbox);
-    out.extend_from_slice(b",\"reason\":");
-    string(out, reason);
+    after_ts(out, *layer, *verdict, sandbox, reason);
     if let Some(proxy) = proxy {
         proxy_fields(proxy, out);
     }
@@ -44,6 +37,35 @@ pub fn write(record: &Record, out: &mut Vec<u8>) {
         number(out, lost);
     }
     out.push(b'}');
+}
+
+/// Appends the line [`write`] makes of a proxy record stamped now, from borrowed parts: no
+/// [`Record`] is built on the request path.
+pub fn write_proxy_now(
+    out: &mut Vec<u8>,
+    verdict: Verdict,
+    sandbox: &str,
+    reason: &str,
+    fields: &ProxyFields,
+) {
+    // The timestamp needs no escaping: digits, `-`, `:`, `.`, `T` and `Z`.
+    out.extend_from_slice(b"{\"ts\":\"");
+    super::record::push_now_rfc3339(out);
+    out.push(b'"');
+    after_ts(out, Layer::Proxy, verdict, sandbox, reason);
+    proxy_fields(fields, out);
+    out.push(b'}');
+}
+
+fn after_ts(out: &mut Vec<u8>, layer: Layer, verdict: Verdict, sandbox: &str, reason: &str) {
+    out.extend_from_slice(b",\"layer\":\"");
+    out.extend_from_slice(layer_name(layer).as_bytes());
+    out.extend_from_slice(b"\",\"verdict\":\"");
+    out.extend_from_slice(verdict_name(verdict).as_bytes());
+    out.extend_from_slice(b"\",\"sandbox\":");
+    string(out, sandbox);
+    out.extend_from_slice(b",\"reason\":");
+    string(out, reason);
 }
 
 fn proxy_fields(p: &ProxyFields, out: &mut Vec<u8>) {
@@ -204,6 +226,32 @@ mod tests {
                 r.lost = Some(7);
                 same_as_serde(&r);
             }
+        }
+    }
+
+    #[test]
+    fn a_proxy_record_stamped_now_is_the_record_serde_writes() {
+        let fields = ProxyFields {
+            method: Some("GET".into()),
+            host: Some("api.github.com".into()),
+            port: Some(443),
+            path: Some("/a?\"\\\n".into()),
+            client: Some("127.0.0.1:5".parse().unwrap()),
+            ..ProxyFields::default()
+        };
+        for verdict in [Verdict::Deny, Verdict::Allow, Verdict::WouldDeny] {
+            let mut line = Vec::new();
+            write_proxy_now(&mut line, verdict, "a \"box\"", "why\t", &fields);
+            let parsed: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            let mut record = Record::new(Layer::Proxy, verdict, "a \"box\"", "why\t");
+            record.ts = parsed["ts"].as_str().unwrap().to_owned();
+            record.proxy = Some(fields.clone());
+            assert_eq!(
+                String::from_utf8(line).unwrap(),
+                serde_json::to_string(&record).unwrap()
+            );
+            time::OffsetDateTime::parse(&record.ts, &time::format_description::well_known::Rfc3339)
+                .unwrap();
         }
     }
 

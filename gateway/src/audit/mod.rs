@@ -208,6 +208,24 @@ impl AuditLog {
         // Sized for a typical proxy record, so serializing does not grow it step by step.
         let mut line = Vec::with_capacity(512);
         line::write(record, &mut line);
+        self.queue(line)
+    }
+
+    /// Queues the proxy record of `fields`, stamped now: [`append`](Self::append) of the
+    /// same record, without building one (the tunnel writes one per request).
+    pub fn append_proxy(
+        &self,
+        verdict: Verdict,
+        sandbox: &str,
+        reason: &str,
+        fields: &ProxyFields,
+    ) -> Result<(), AuditError> {
+        let mut line = Vec::with_capacity(512);
+        line::write_proxy_now(&mut line, verdict, sandbox, reason, fields);
+        self.queue(line)
+    }
+
+    fn queue(&self, line: Vec<u8>) -> Result<(), AuditError> {
         self.check()?;
         self.backlog.reserve(line.len());
         self.tx.send(Queued::Record(line)).map_err(|_| self.gone())

@@ -134,11 +134,21 @@ impl Record {
 }
 
 pub fn now_rfc3339() -> String {
+    let mut out = Vec::with_capacity(32);
+    push_now_rfc3339(&mut out);
+    String::from_utf8(out).expect("a timestamp is ASCII")
+}
+
+/// Appends [`now_rfc3339`]'s text to `out`.
+pub fn push_now_rfc3339(out: &mut Vec<u8>) {
     // Seconds and nanoseconds straight from the clock: the calendar date is only worked out
     // when the second changes.
     match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(since) => rfc3339_at(since.as_secs() as i64, since.subsec_nanos()),
-        Err(_) => rfc3339(OffsetDateTime::now_utc()),
+        Ok(since) => push_rfc3339_at(out, since.as_secs() as i64, since.subsec_nanos()),
+        Err(_) => {
+            let t = OffsetDateTime::now_utc();
+            push_rfc3339_at(out, t.unix_timestamp(), t.nanosecond());
+        }
     }
 }
 
@@ -150,25 +160,29 @@ thread_local! {
 
 /// The same text as `time`'s RFC 3339 formatting of a UTC time: the fraction has as many
 /// digits as it needs, none when it is zero.
+#[cfg(test)]
 fn rfc3339(t: OffsetDateTime) -> String {
-    rfc3339_at(t.unix_timestamp(), t.nanosecond())
+    let mut out = Vec::new();
+    push_rfc3339_at(&mut out, t.unix_timestamp(), t.nanosecond());
+    String::from_utf8(out).expect("a timestamp is ASCII")
 }
 
-/// [`rfc3339`] of the time `unix` seconds and `nanos` nanoseconds after the epoch.
-fn rfc3339_at(unix: i64, nanos: u32) -> String {
+/// Appends [`rfc3339`]'s text for the time `unix` seconds and `nanos` nanoseconds after the
+/// epoch.
+fn push_rfc3339_at(out: &mut Vec<u8>, unix: i64, nanos: u32) {
     SECOND.with_borrow_mut(|(second, whole)| {
         if *second != unix {
             let Ok(text) = OffsetDateTime::from_unix_timestamp(unix)
                 .map_err(|_| ())
                 .and_then(|t| t.format(&Rfc3339).map_err(|_| ()))
             else {
-                return "1970-01-01T00:00:00Z".into();
+                out.extend_from_slice(b"1970-01-01T00:00:00Z");
+                return;
             };
             *whole = text.trim_end_matches('Z').to_owned();
             *second = unix;
         }
-        let mut out = String::with_capacity(whole.len() + 11);
-        out.push_str(whole);
+        out.extend_from_slice(whole.as_bytes());
         let mut nanos = nanos;
         if nanos != 0 {
             // Nine digits, trailing zeros dropped, without the formatting machinery.
@@ -178,11 +192,10 @@ fn rfc3339_at(unix: i64, nanos: u32) -> String {
                 nanos /= 10;
             }
             let end = digits.iter().rposition(|&d| d != b'0').map_or(0, |i| i + 1);
-            out.push('.');
-            out.extend(digits[..end].iter().map(|&d| char::from(d)));
+            out.push(b'.');
+            out.extend_from_slice(&digits[..end]);
         }
-        out.push('Z');
-        out
+        out.push(b'Z');
     })
 }
 

@@ -255,42 +255,50 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// [`is_hop_by_hop`] for a lower-case name as text (a policy's credential `header`).
 pub fn is_hop_by_hop_name(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "http2-settings"
-    )
+    HOP_BY_HOP.contains(&name)
 }
+
+/// The names [`is_hop_by_hop`] takes, in lower case.
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
 
 /// Removes hop-by-hop headers, those the Connection header names, `Upgrade` (kept only for a
 /// WebSocket request) and `HTTP2-Settings` (h2c is never forwarded).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_websocket_upgrade: bool) {
-    // This runs on every request and response: it allocates nothing unless a message has
-    // several Connection headers, and the names Connection lists are removed as text (no
-    // HeaderName is made).
-    let mut values = headers.get_all(header::CONNECTION).iter();
-    let first = values.next().cloned();
-    let more: Vec<HeaderValue> = values.cloned().collect();
-    for value in first.iter().chain(&more) {
-        let Ok(value) = value.to_str() else {
-            continue;
-        };
-        for name in value.split(',') {
-            headers.remove(name.trim());
+    // This runs on every request and response. Without a hop-by-hop header there is no
+    // Connection header either (it is one), so one pass over the names settles most
+    // requests; most answers carry only `Connection: keep-alive`, which names a hop-by-hop
+    // header itself. Nothing is allocated unless a message has several Connection headers.
+    if headers.keys().any(is_hop_by_hop) {
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        let first = values.next().cloned();
+        let more: Vec<HeaderValue> = values.cloned().collect();
+        for value in first.iter().chain(&more) {
+            let Ok(value) = value.to_str() else {
+                continue;
+            };
+            for name in value.split(',').map(str::trim) {
+                // Hop-by-hop names go in the pass below, without parsing the name here.
+                if !HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+                    headers.remove(name);
+                }
+            }
         }
-    }
-    // One name at a time, so that nothing is collected: usually there is one (Connection),
-    // and there are at most as many passes as hop-by-hop names.
-    while let Some(name) = headers.keys().find(|k| is_hop_by_hop(k)).cloned() {
-        headers.remove(&name);
+        // One name at a time, so that nothing is collected: usually there is one
+        // (Connection), and there are at most as many passes as hop-by-hop names.
+        while let Some(name) = headers.keys().find(|k| is_hop_by_hop(k)).cloned() {
+            headers.remove(&name);
+        }
     }
     if keep_websocket_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

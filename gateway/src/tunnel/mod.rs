@@ -58,7 +58,7 @@ pub fn check_upstream_ca(policy: &Policy) -> anyhow::Result<()> {
 
 use self::{authority::Authority, guard::HeadGuard, snapshot::WorkerPools};
 use crate::{
-    audit::{AuditLog, Layer, ProxyFields, Record, Verdict},
+    audit::{AuditLog, ProxyFields, Verdict},
     policy::Policy,
 };
 
@@ -266,12 +266,10 @@ fn write_record(
     reason: &str,
     fields: ProxyFields,
 ) -> ProxyFields {
-    let mut record = Record::new(Layer::Proxy, verdict, sandbox, reason);
-    record.proxy = Some(fields);
-    if let Err(e) = audit.append(&record) {
+    if let Err(e) = audit.append_proxy(verdict, sandbox, reason, &fields) {
         tracing::error!("{e}");
     }
-    record.proxy.unwrap_or_default()
+    fields
 }
 
 /// A response the tunnel makes itself. The reason goes in a header so clients and people

@@ -86,7 +86,7 @@ impl Rules {
     /// match it in every way an upstream may read it.
     pub fn decide(&self, method: &Method, target: &Authority, path: &str) -> Option<&Rule> {
         let path = PathForms::new(path);
-        self.candidates(target).into_iter().find(|r| {
+        self.first_candidate(target, |r| {
             (r.methods.is_empty() || r.methods.iter().any(|m| m == method.as_str()))
                 && (r.paths.is_empty() || r.paths.iter().any(|p| p.matches(&path)))
         })
@@ -95,7 +95,7 @@ impl Rules {
     /// The first rule for this host and port, whatever the method and path: decides whether a
     /// CONNECT is intercepted, spliced or refused.
     pub fn for_authority(&self, target: &Authority) -> Option<&Rule> {
-        self.candidates(target).into_iter().next()
+        self.first_candidate(target, |_| true)
     }
 
     /// Whether this host and port is spliced (its first rule is `passthrough`). Most policies
@@ -113,6 +113,26 @@ impl Rules {
 
     pub fn iter(&self) -> impl Iterator<Item = &Rule> {
         self.rules.iter()
+    }
+
+    /// The first rule, in policy order, whose host and port match `target` and that passes
+    /// `test`.
+    fn first_candidate(
+        &self,
+        target: &Authority,
+        mut test: impl FnMut(&Rule) -> bool,
+    ) -> Option<&Rule> {
+        if self.below.is_empty() || target.ip().is_some() {
+            // Exact hosts only, already in policy order: nothing to gather or sort, as for
+            // most requests.
+            return self
+                .exact
+                .get(target.host.as_str())?
+                .iter()
+                .map(|&i| &self.rules[i])
+                .find(|r| r.spec.port == target.port && test(r));
+        }
+        self.candidates(target).into_iter().find(|r| test(r))
     }
 
     /// Every rule whose host and port match `target`, in policy order.
@@ -220,7 +240,18 @@ mod tests {
             .iter()
             .flat_map(|h| [rule(h, &[], &[]), rule(h, &["GET"], &["/x"])])
             .collect();
-        let rules = Rules::new(&specs).unwrap();
+        // With `*.` rules, and with exact hosts only (the lookup that gathers nothing).
+        let exact: Vec<HttpRule> = specs
+            .iter()
+            .filter(|r| !r.host.starts_with("*."))
+            .cloned()
+            .collect();
+        for specs in [&specs, &exact] {
+            index_matches_scan(&Rules::new(specs).unwrap());
+        }
+    }
+
+    fn index_matches_scan(rules: &Rules) {
         for probe in [
             "api.github.com",
             "a.api.github.com",
@@ -245,6 +276,12 @@ mod tests {
                 .collect();
             let indexed: Vec<usize> = rules.candidates(&target).iter().map(|r| r.index).collect();
             assert_eq!(indexed, scan, "{probe}");
+            let first = rules.for_authority(&target).map(|r| r.index);
+            assert_eq!(first, scan.first().copied(), "{probe}");
+            let get = rules.decide(&Method::GET, &target, "/x").map(|r| r.index);
+            assert_eq!(get, scan.first().copied(), "{probe}");
+            let post = rules.decide(&Method::POST, &target, "/x").map(|r| r.index);
+            assert_eq!(post, scan.iter().copied().find(|i| i % 2 == 0), "{probe}");
         }
     }
 
