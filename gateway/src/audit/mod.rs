@@ -49,6 +49,10 @@ const LEASE: Duration = Duration::from_millis(20);
 /// kills it, and every sandbox's way out with it. Nothing queued is ever dropped.
 const MAX_BACKLOG: usize = 32 << 20;
 
+/// What sealing adds to a record at most: `"seq":` and 20 digits, `,"prev":"`, 64 hex
+/// digits, `",` and the newline.
+const CHAIN_FIELDS: usize = 6 + 20 + 9 + 64 + 2 + 1;
+
 /// Where audit records go when `--audit-log` is not given.
 pub const DEFAULT_LOG: &str = "/var/log/gateway/audit.jsonl";
 
@@ -444,7 +448,9 @@ impl Writer {
 
     fn write_locked(&mut self, records: &[Vec<u8>]) -> std::io::Result<()> {
         let mut size = self.file.metadata()?.len();
-        let mut out = Vec::new();
+        // Room for the batch and each line's chain fields, so sealing does not grow it in
+        // steps (a busy tunnel's batch is tens of kilobytes).
+        let mut out = Vec::with_capacity(records.iter().map(|r| r.len() + CHAIN_FIELDS).sum());
         if self.end != Some(size) {
             let resume = self.resume(size)?;
             self.chain = resume.chain;

@@ -13,7 +13,9 @@ pub struct Authority {
 impl Authority {
     /// Parses `host[:port]` as found in a URI, a CONNECT target or a Host header.
     pub fn parse(text: &str, default_port: u16) -> Option<Self> {
-        if text.contains('@') || text.is_empty() {
+        // Byte loops here and below: the text is short, and `str` searches cost more to set
+        // up than to run on it (this runs on every request).
+        if text.is_empty() || has_byte(text, b'@') {
             return None;
         }
         let (host, port) = split_port(text)?;
@@ -74,11 +76,22 @@ fn split_port(text: &str) -> Option<(&str, Option<&str>)> {
             p => Some((host, Some(p.strip_prefix(':')?))),
         };
     }
-    match text.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => Some((host, Some(port))),
-        Some(_) => None,
-        None => Some((text, None)),
+    let colon = |b: &u8| *b == b':';
+    match (
+        text.bytes().position(|b| colon(&b)),
+        text.bytes().rposition(|b| colon(&b)),
+    ) {
+        (Some(first), Some(last)) if first == last => {
+            Some((&text[..last], Some(&text[last + 1..])))
+        }
+        (Some(_), _) => None,
+        (None, _) => Some((text, None)),
     }
+}
+
+/// Whether `text` holds `byte`.
+pub(super) fn has_byte(text: &str, byte: u8) -> bool {
+    text.bytes().any(|b| b == byte)
 }
 
 /// The longest host name DNS can carry (RFC 1035), in its usual text form.
@@ -128,10 +141,11 @@ pub fn canonical_host(host: &str) -> Option<String> {
 /// is not a number (so no IPv4 spelling hides in it). Most requests take this path.
 fn is_plain_name(host: &str) -> bool {
     let mut labels = host.split('.');
-    let last_is_alpha = host
-        .rsplit('.')
-        .next()
-        .is_some_and(|l| l.bytes().any(|b| b.is_ascii_lowercase()) && !l.starts_with("0x"));
+    let last = &host[host
+        .bytes()
+        .rposition(|b| b == b'.')
+        .map_or(0, |dot| dot + 1)..];
+    let last_is_alpha = last.bytes().any(|b| b.is_ascii_lowercase()) && !last.starts_with("0x");
     last_is_alpha
         && labels.all(|l| {
             !l.is_empty()
@@ -184,6 +198,12 @@ mod tests {
         );
         assert_eq!(a("a.b-c_d.example"), Some("a.b-c_d.example:443".into()));
         assert_eq!(a(""), None);
+        // One colon outside brackets, before the port.
+        assert_eq!(a("host:80"), Some("host:80".into()));
+        assert_eq!(a("host:"), None);
+        assert_eq!(a("::1"), None);
+        assert_eq!(a("a:b:80"), None);
+        assert_eq!(a("[::1]:"), None);
         assert_eq!(a("10.0.0.1:80"), Some("10.0.0.1:80".into()));
         assert_eq!(a("010.0.0.1"), Some("8.0.0.1:443".into()));
         assert_eq!(a("127.0.0.01"), Some("127.0.0.1:443".into()));

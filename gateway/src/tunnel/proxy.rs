@@ -685,7 +685,7 @@ fn target_of(
                 "https" => ("https", 443),
                 _ => return Err(Refusal(StatusCode::BAD_REQUEST, "unsupported-scheme")),
             };
-            if a.as_str().contains('@') {
+            if super::authority::has_byte(a.as_str(), b'@') {
                 return Err(Refusal(StatusCode::BAD_REQUEST, "userinfo-in-uri"));
             }
             let authority = Authority::parse(a.as_str(), port)
