@@ -3202,6 +3202,31 @@ r big-chunked -X POST -H 'Transfer-Encoding: chunked' --data-binary @/tmp/big ht
     );
 }
 
+/// Python for the sandbox: a TLS 1.3 ClientHello made by hand, to send what no client
+/// library would (a second hello after a retry naming another host, an encrypted one).
+const HELLO: &str = r#"
+import os, struct
+def ext(t, d):
+    return struct.pack(">HH", t, len(d)) + d
+def hello(sni, share, rnd, sid, extra=b""):
+    """A TLS 1.3 ClientHello offering x25519, with `share` as its key share (none asks
+    the server for a retry), and `extra` extensions at the end."""
+    name = sni.encode()
+    exts = (ext(0, struct.pack(">HBH", len(name) + 3, 0, len(name)) + name)
+            + ext(0x0a, struct.pack(">HH", 2, 0x001d))
+            + ext(0x0d, struct.pack(">H", 8) + bytes.fromhex("0403080404010804"))
+            + ext(0x2b, bytes([2, 3, 4]))
+            + ext(0x33, struct.pack(">H", len(share)) + share) + extra)
+    body = (b"\x03\x03" + rnd + bytes([len(sid)]) + sid + struct.pack(">H", 2) + b"\x13\x01"
+            + b"\x01\x00" + struct.pack(">H", len(exts)) + exts)
+    hs = b"\x01" + struct.pack(">I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack(">H", len(hs)) + hs
+def share():
+    return struct.pack(">HH", 0x1d, 32) + os.urandom(32)
+RETRY = bytes.fromhex("CF21AD74E59A6111BE1D8C021E65B891C2A211167ABB8C5E079E09E2C8A8339C")
+CCS = b"\x14\x03\x03\x00\x01\x01"
+"#;
+
 /// A TLS server (python's ssl, that is OpenSSL) on 127.0.0.1 that prints each SNI it is
 /// asked for, killed on drop.
 struct SniLogger {
@@ -3288,24 +3313,7 @@ fn a_second_client_hello_after_a_retry_must_name_the_same_host() {
         &run,
         &format!(
             r#"{CONNECTED}
-import os, struct
-def ext(t, d):
-    return struct.pack(">HH", t, len(d)) + d
-def hello(sni, share, rnd, sid):
-    """A TLS 1.3 ClientHello offering x25519, with `share` as its key share (none asks
-    the server for a retry)."""
-    name = sni.encode()
-    exts = (ext(0, struct.pack(">HBH", len(name) + 3, 0, len(name)) + name)
-            + ext(0x0a, struct.pack(">HH", 2, 0x001d))
-            + ext(0x0d, struct.pack(">H", 8) + bytes.fromhex("0403080404010804"))
-            + ext(0x2b, bytes([2, 3, 4]))
-            + ext(0x33, struct.pack(">H", len(share)) + share))
-    body = (b"\x03\x03" + rnd + bytes([len(sid)]) + sid + struct.pack(">H", 2) + b"\x13\x01"
-            + b"\x01\x00" + struct.pack(">H", len(exts)) + exts)
-    hs = b"\x01" + struct.pack(">I", len(body))[1:] + body
-    return b"\x16\x03\x01" + struct.pack(">H", len(hs)) + hs
-RETRY = bytes.fromhex("CF21AD74E59A6111BE1D8C021E65B891C2A211167ABB8C5E079E09E2C8A8339C")
-CCS = b"\x14\x03\x03\x00\x01\x01"
+{HELLO}
 def attempt(second_sni, at_once):
     s, status = connected("api.test")
     rnd, sid = os.urandom(32), os.urandom(32)
@@ -3367,6 +3375,96 @@ attempt("other.test", True)
         .filter(|r| r["verdict"] == "deny" && r["reason"] == "sni-mismatch")
         .count();
     assert_eq!(mismatches, 2, "{ctx}");
+}
+
+/// A spliced ClientHello must name the checked host as it was checked, and nothing
+/// encrypted: with an Encrypted ClientHello (or the ESNI draft's extension) a front that
+/// decrypts it, as CDNs do, serves the inner name, any site it hosts; with a trailing dot, a
+/// front that compares names as written routes it to its default. Neither reaches the
+/// upstream, first hello or second (after a retry), and each is recorded.
+#[test]
+fn a_spliced_hello_must_name_the_checked_host_as_checked_and_nothing_encrypted() {
+    let pki = Pki::new();
+    let server = SniLogger::start(&pki);
+    let rules = rule("api.test", server.port, "passthrough = true");
+    let run = Run::new(
+        "tunnel-hello-sealed",
+        &tunnel_policy("tunnel-hello-sealed", &pki, &rules),
+    );
+    let out = python(
+        &run,
+        &format!(
+            r#"{CONNECTED}
+{HELLO}
+# An outer ECH (RFC 9849, 5): HKDF-SHA256, AES-128-GCM, config 7, a key, a sealed payload.
+ECH = ext(0xfe0d, b"\x00" + struct.pack(">HHB", 1, 1, 7) + struct.pack(">H", 32) + os.urandom(32)
+          + struct.pack(">H", 160) + os.urandom(160))
+ESNI = ext(0xffce, os.urandom(40))
+def attempt(label, first, second=None):
+    s, status = connected("api.test")
+    s.settimeout(5)
+    s.sendall(first)
+    got = b""
+    try:
+        if second is not None:
+            while RETRY not in got:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+            s.sendall(second)
+            got = b""
+        while len(got) < 6:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    except OSError:
+        got = b""
+    # A ServerHello (a handshake record): the upstream got the hello and answered.
+    print(json.dumps({{"attempt": label, "went_on": got[:1] == b"\x16"}}), flush=True)
+    s.close()
+def fresh(sni, key_share, extra=b""):
+    return hello(sni, key_share, os.urandom(32), os.urandom(32), extra)
+attempt("plain", fresh("api.test", share()))
+attempt("ech", fresh("api.test", share(), ECH))
+attempt("esni", fresh("api.test", share(), ESNI))
+attempt("trailing-dot", fresh("api.test.", share()))
+rnd, sid = os.urandom(32), os.urandom(32)
+attempt("ech-after-retry", hello("api.test", b"", rnd, sid),
+        CCS + hello("api.test", share(), rnd, sid, ECH))
+"#
+        ),
+    );
+    let ctx = out.describe();
+    let went_on = |label: &str| {
+        out.lines
+            .iter()
+            .find(|l| l["attempt"] == label)
+            .map(|l| l["went_on"].clone())
+    };
+    assert_eq!(went_on("plain"), Some(json!(true)), "{ctx}");
+    for label in ["ech", "esni", "trailing-dot", "ech-after-retry"] {
+        assert_eq!(went_on(label), Some(json!(false)), "{label}\n{ctx}");
+    }
+    let reasons: Vec<String> = proxy_records(&out)
+        .into_iter()
+        .filter(|r| r["verdict"] == "deny")
+        .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "encrypted-client-hello",
+            "encrypted-client-hello",
+            "sni-mismatch",
+            "encrypted-client-hello"
+        ],
+        "{ctx}"
+    );
+    // The plain hello, and the retry's first: nothing with another name or sealed.
+    let names = server.names();
+    assert_eq!(names, ["api.test", "api.test"], "{ctx}");
 }
 
 /// A passthrough rule's host is only ever spliced; its credential, methods and paths never

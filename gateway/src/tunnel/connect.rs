@@ -137,24 +137,31 @@ impl Tunnel {
             match upstream::dial_raw(&spec, &target.host, target.port, &self.upstream).await {
                 Ok(mut up) => {
                     fields.rule = Some(rule);
-                    let Some(hello_end) = hello_gate::first_hello_end(&hello) else {
-                        self.record(Verdict::Deny, "not-tls", client, fields);
-                        return;
+                    let judge = |message: &[u8]| hello_gate::judge_splice(message, &target.host);
+                    let first = hello_gate::first_hello(&hello)
+                        .ok_or(hello_gate::Refused::NotTls)
+                        .and_then(|(end, message)| judge(&message).map(|()| end));
+                    let hello_end = match first {
+                        Ok(end) => end,
+                        Err(refused) => {
+                            if let Some(reason) = refused.reason() {
+                                self.record(Verdict::Deny, reason, client, fields);
+                            }
+                            return;
+                        }
                     };
                     self.record(Verdict::Allow, "passthrough", client, fields.clone());
-                    let sni_ok = |sni: Option<&str>| sni_matches(sni, &target);
-                    let opened = hello_gate::open(&mut io, &mut up, &hello, hello_end, &sni_ok);
+                    let opened = hello_gate::open(&mut io, &mut up, &hello, hello_end, &judge);
                     match tokio::time::timeout(HELLO_TIMEOUT, opened).await {
                         Ok(Ok(())) => {
                             let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
                         }
-                        Ok(Err(hello_gate::Refused::SniMismatch)) => {
-                            self.record(Verdict::Deny, "sni-mismatch", client, fields);
+                        Ok(Err(refused)) => {
+                            if let Some(reason) = refused.reason() {
+                                self.record(Verdict::Deny, reason, client, fields);
+                            }
                         }
-                        Ok(Err(hello_gate::Refused::NotTls)) => {
-                            self.record(Verdict::Deny, "not-tls", client, fields);
-                        }
-                        Ok(Err(hello_gate::Refused::Closed)) | Err(_) => {}
+                        Err(_) => {}
                     }
                 }
                 Err(e) => {
