@@ -3467,6 +3467,62 @@ attempt("ech-after-retry", hello("api.test", b"", rnd, sid),
     assert_eq!(names, ["api.test", "api.test"], "{ctx}");
 }
 
+/// A spliced handshake the upstream never answers is cut after the hello timeout (10 s),
+/// what the client sent after its ClientHello still held back, and recorded: the
+/// `passthrough` record alone would read as a session that went on.
+#[test]
+fn a_spliced_handshake_the_upstream_never_answers_is_cut_and_recorded() {
+    let pki = Pki::new();
+    // Takes connections and reads them, and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in silent.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut &conn, &mut std::io::sink());
+            });
+        }
+    });
+    let rules = rule("api.test", port, "passthrough = true");
+    let run = Run::new(
+        "tunnel-hello-silent",
+        &tunnel_policy("tunnel-hello-silent", &pki, &rules),
+    );
+    let out = python(
+        &run,
+        &format!(
+            r#"{CONNECTED}
+{HELLO}
+s, status = connected("api.test")
+s.sendall(hello("api.test", share(), os.urandom(32), os.urandom(32)))
+start = time.time()
+s.settimeout(30)
+try:
+    got = s.recv(4096)
+except OSError:
+    got = b""
+print(json.dumps({{"status": status, "waited": time.time() - start, "got": len(got)}}), flush=True)
+"#
+        ),
+    );
+    let ctx = out.describe();
+    assert_eq!(printed(&out, "got"), 0, "{ctx}");
+    let waited = printed(&out, "waited").as_f64().unwrap();
+    assert!(waited > 8.0, "cut after {waited} s\n{ctx}");
+    let reasons: Vec<String> = proxy_records(&out)
+        .into_iter()
+        .map(|r| format!("{} {}", r["verdict"], r["reason"]))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            r#""allow" "passthrough""#,
+            r#""deny" "tls-handshake-timeout""#
+        ],
+        "{ctx}"
+    );
+}
+
 /// A passthrough rule's host is only ever spliced; its credential, methods and paths never
 /// apply to a request the tunnel reads. Absolute-form `https://` on the proxy port (no
 /// CONNECT) to such a host is refused, whichever rule its method and path would match,

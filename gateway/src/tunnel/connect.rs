@@ -161,7 +161,11 @@ impl Tunnel {
                                 self.record(Verdict::Deny, reason, client, fields);
                             }
                         }
-                        Err(_) => {}
+                        // Cut by the tunnel, with the client's later bytes held back: the
+                        // record says the session ended there, not after a whole handshake.
+                        Err(_) => {
+                            self.record(Verdict::Deny, "tls-handshake-timeout", client, fields);
+                        }
                     }
                 }
                 Err(e) => {
