@@ -3236,6 +3236,16 @@ struct SniLogger {
 }
 
 impl SniLogger {
+    /// A logger as the upstream of `api.test`'s passthrough rule, in a sandbox named `name`
+    /// (the certificates go with the first, kept while the run lasts).
+    fn behind_passthrough(name: &str) -> (Pki, Self, Run) {
+        let pki = Pki::new();
+        let server = Self::start(&pki);
+        let rules = rule("api.test", server.port, "passthrough = true");
+        let run = Run::new(name, &tunnel_policy(name, &pki, &rules));
+        (pki, server, run)
+    }
+
     fn start(pki: &Pki) -> Self {
         let script = format!(
             r#"
@@ -3302,13 +3312,7 @@ impl Drop for SniLogger {
 /// attacker may, or after the retry, as clients do.
 #[test]
 fn a_second_client_hello_after_a_retry_must_name_the_same_host() {
-    let pki = Pki::new();
-    let server = SniLogger::start(&pki);
-    let rules = rule("api.test", server.port, "passthrough = true");
-    let run = Run::new(
-        "tunnel-hello-retry",
-        &tunnel_policy("tunnel-hello-retry", &pki, &rules),
-    );
+    let (_pki, server, run) = SniLogger::behind_passthrough("tunnel-hello-retry");
     let out = python(
         &run,
         &format!(
@@ -3317,7 +3321,7 @@ fn a_second_client_hello_after_a_retry_must_name_the_same_host() {
 def attempt(second_sni, at_once):
     s, status = connected("api.test")
     rnd, sid = os.urandom(32), os.urandom(32)
-    second = CCS + hello(second_sni, struct.pack(">HH", 0x1d, 32) + os.urandom(32), rnd, sid)
+    second = CCS + hello(second_sni, share(), rnd, sid)
     first = hello("api.test", b"", rnd, sid)
     s.settimeout(5)
     if at_once:
@@ -3384,13 +3388,7 @@ attempt("other.test", True)
 /// upstream, first hello or second (after a retry), and each is recorded.
 #[test]
 fn a_spliced_hello_must_name_the_checked_host_as_checked_and_nothing_encrypted() {
-    let pki = Pki::new();
-    let server = SniLogger::start(&pki);
-    let rules = rule("api.test", server.port, "passthrough = true");
-    let run = Run::new(
-        "tunnel-hello-sealed",
-        &tunnel_policy("tunnel-hello-sealed", &pki, &rules),
-    );
+    let (_pki, server, run) = SniLogger::behind_passthrough("tunnel-hello-sealed");
     let out = python(
         &run,
         &format!(
