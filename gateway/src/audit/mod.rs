@@ -336,12 +336,24 @@ struct Writer {
     path: PathBuf,
     max_bytes: Option<u64>,
     file: File,
+    /// Its lock is the log's: see [`lock_path`].
+    lock: File,
     /// The file's size after this writer's last write; `None` until the chain has been read
     /// from the file, and again after a failed write.
     end: Option<u64>,
     chain: Chain,
-    /// Since when this writer holds the file's lock; `None` while it does not.
+    /// Since when this writer holds the log's lock; `None` while it does not.
     held: Option<Instant>,
+}
+
+/// The file whose lock the gateways writing one log take (`FILE.lock`, beside it), not the
+/// log itself: anyone who may read the log may lock it, and the writer would wait on them
+/// while the tunnel went on letting requests through that nothing recorded. Only the
+/// gateway's user may open this one.
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
 }
 
 /// Read as well as append: the chain is picked up from the file's last line. Only the
@@ -371,6 +383,7 @@ impl Writer {
             path: path.to_owned(),
             max_bytes,
             file: open_append(path)?,
+            lock: trust::open_lock(&lock_path(path)).map_err(|e| e.at(&lock_path(path)))?,
             end: None,
             chain: Chain::FRESH,
             held: None,
@@ -403,27 +416,29 @@ impl Writer {
     /// checks whether the file was rotated meanwhile.
     fn release(&mut self) {
         if self.held.take().is_some()
-            && let Err(e) = flock(&self.file, libc::LOCK_UN)
+            && let Err(e) = flock(&self.lock, libc::LOCK_UN)
         {
             tracing::error!("cannot unlock the audit log: {e}");
         }
     }
 
-    /// Takes the lock on the file that is at `path` now, reopening it when a rotation (ours
-    /// or another gateway's) moved the one this writer had.
+    /// Takes the log's lock, and reopens the file at `path` when a rotation (ours or another
+    /// gateway's) moved the one this writer had: rotations happen under the lock.
     fn lock(&mut self) -> std::io::Result<()> {
-        loop {
-            flock(&self.file, libc::LOCK_EX)?;
-            let held = self.file.metadata()?;
-            match std::fs::metadata(&self.path) {
-                Ok(m) if (m.dev(), m.ino()) == (held.dev(), held.ino()) => return Ok(()),
-                _ => {
-                    flock(&self.file, libc::LOCK_UN)?;
-                    self.file = open_append(&self.path)?;
-                    self.end = None;
+        flock(&self.lock, libc::LOCK_EX)?;
+        let held = self.file.metadata()?;
+        match std::fs::metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == (held.dev(), held.ino()) => {}
+            _ => {
+                let reopened = open_append(&self.path);
+                if reopened.is_err() {
+                    flock(&self.lock, libc::LOCK_UN)?;
                 }
+                self.file = reopened?;
+                self.end = None;
             }
         }
+        Ok(())
     }
 
     /// Where the chain stands for a file of `size` bytes that this writer did not just
@@ -694,7 +709,7 @@ mod tests {
 
     /// Whether another open file description can take the log's lock now.
     fn lock_is_free(path: &Path) -> bool {
-        let probe = File::open(path).unwrap();
+        let probe = File::open(lock_path(path)).unwrap();
         // SAFETY: flock on a descriptor `probe` keeps open; no memory is passed.
         unsafe { libc::flock(probe.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
     }
@@ -710,6 +725,31 @@ mod tests {
             assert!(Instant::now() < deadline, "the idle writer kept the lock");
             std::thread::sleep(Duration::from_millis(1));
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_reader_locking_the_log_does_not_stall_the_writer() {
+        let dir = scratch("reader-lock");
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        // What anyone who may read the log can do: lock it, and keep the lock.
+        let reader = File::open(&path).unwrap();
+        flock(&reader, libc::LOCK_EX).unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            write(&log, 0..10);
+            done_tx.send(()).unwrap();
+        });
+        let waited = done_rx.recv_timeout(Duration::from_secs(10));
+        // A writer that did wait on it can finish now, whatever the verdict.
+        drop(reader);
+        writer.join().unwrap();
+        assert!(waited.is_ok(), "the writer waited on a reader's lock");
+        assert_eq!(verified(&path).records, 10);
+        // Only the gateway's user may open the writers' lock file.
+        let mode = std::fs::metadata(lock_path(&path)).unwrap().mode();
+        assert_eq!(mode & 0o777, 0o600);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -758,8 +798,8 @@ mod tests {
         let dir = scratch("backlog");
         let path = dir.join("audit.jsonl");
         let log = AuditLog::open(&path).unwrap();
-        // Another gateway holds the file's lock: the writer waits, records pile up.
-        let holder = File::open(&path).unwrap();
+        // Another gateway holds the log's lock: the writer waits, records pile up.
+        let holder = File::open(lock_path(&path)).unwrap();
         flock(&holder, libc::LOCK_EX).unwrap();
         let mut big = record(0);
         big.reason = "x".repeat(64 << 10);

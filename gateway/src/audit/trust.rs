@@ -25,6 +25,8 @@ pub enum Problem {
     Owner { uid: u32 },
     /// Writable by its group or by everyone.
     Writable { mode: u32 },
+    /// The writers' lock file, which others may open, and so hold the lock.
+    Openable { mode: u32 },
     /// A directory on its path owned by someone else, who may replace what is in it.
     DirectoryOwner { dir: PathBuf, uid: u32 },
     /// A directory on its path anyone may write, without the sticky bit that would keep
@@ -46,6 +48,10 @@ impl fmt::Display for Problem {
             Self::Writable { mode } => {
                 write!(f, "it is writable by group or others (mode {mode:04o})")
             }
+            Self::Openable { mode } => write!(
+                f,
+                "others may open it (mode {mode:04o}) and hold the writers' lock"
+            ),
             Self::DirectoryOwner { dir, uid } => write!(
                 f,
                 "its directory {} is owned by uid {uid}, who may replace the file",
@@ -77,6 +83,7 @@ impl Problem {
             Self::Writable { .. } => {
                 "if its records are the gateway's, chmod go-w it; else move it away, or choose a path in a directory only root can write"
             }
+            Self::Openable { .. } => "chmod 600 it, or remove it (the gateway makes it anew)",
             Self::Symlink | Self::NotRegular | Self::Owner { .. } => {
                 "move it away (it is not the gateway's), or choose a path in a directory only root can write"
             }
@@ -205,6 +212,27 @@ pub fn open_append(path: &Path) -> Result<File, OpenError> {
         .open(path)
         .map_err(link_refused)?;
     judge(&file, &[euid()])?;
+    Ok(file)
+}
+
+/// Opens, making it mode 0600, the file whose lock the writers sharing a log take (see
+/// [`super::lock_path`]). Nobody but the gateway's user may open it at all: a lock on the
+/// log itself can be taken by anyone who may read the log, and would stall the writer.
+pub fn open_lock(path: &Path) -> Result<File, OpenError> {
+    check_existing(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(link_refused)?;
+    judge(&file, &[euid()])?;
+    let mode = file.metadata()?.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(OpenError::Untrusted(Problem::Openable { mode }));
+    }
     Ok(file)
 }
 
