@@ -3465,6 +3465,60 @@ attempt("ech-after-retry", hello("api.test", b"", rnd, sid),
     assert_eq!(names, ["api.test", "api.test"], "{ctx}");
 }
 
+/// A splice whose `passthrough` record cannot be written is not opened: here the audit log's
+/// disk fills while the tunnel waits for the ClientHello (the CONNECT came while it could
+/// still record).
+#[test]
+fn a_splice_is_not_opened_once_the_audit_log_has_failed() {
+    let (_pki, server, mut run) = SniLogger::behind_passthrough("tunnel-hello-unrecorded");
+    let disk = SmallFs::mount(run.scratch.dir.join("auditfs"), "16k");
+    run.audit = disk.0.join("audit.jsonl");
+    let out = python(
+        &run,
+        &format!(
+            r#"{CONNECTED}
+{HELLO}
+s, status = connected("api.test")
+# Refusals, each with its record, until the tunnel says it can no longer record.
+heads = []
+for i in range(1000):
+    c = socket.create_connection((TUNNEL_HOST, TUNNEL_PORT), timeout=10)
+    c.sendall(("GET http://nowhere.test/%s HTTP/1.1\r\nHost: nowhere.test\r\n"
+               "Connection: close\r\n\r\n" % ("x" * 500)).encode())
+    heads.append(c.recv(4096).decode(errors="replace").split("\r\n")[0])
+    c.close()
+    if " 503 " in heads[-1]:
+        break
+s.settimeout(5)
+s.sendall(hello("api.test", share(), os.urandom(32), os.urandom(32)))
+try:
+    got = s.recv(4096)
+except OSError:
+    got = b""
+print(json.dumps({{"status": status, "last": heads[-1], "went_on": got[:1] == b"\x16"}}),
+      flush=True)
+"#
+        ),
+    );
+    let ctx = out.describe();
+    assert!(
+        printed(&out, "status")
+            .as_str()
+            .unwrap_or_default()
+            .contains(" 200 "),
+        "{ctx}"
+    );
+    assert!(
+        printed(&out, "last")
+            .as_str()
+            .unwrap_or_default()
+            .contains(" 503 "),
+        "the log never failed\n{ctx}"
+    );
+    assert_eq!(printed(&out, "went_on"), false, "{ctx}");
+    assert!(server.names().is_empty(), "{ctx}");
+}
+
 /// A spliced handshake the upstream never answers is cut after the hello timeout (10 s),
 /// what the client sent after its ClientHello still held back, and recorded: the
 /// `passthrough` record alone would read as a session that went on.

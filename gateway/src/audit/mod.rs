@@ -135,11 +135,14 @@ impl Backlog {
     }
 }
 
-/// Held by the writer thread: however it ends, appenders stop waiting for it.
-struct WriterAlive(Arc<Backlog>);
+/// Held by the writer thread: however it ends, appenders stop waiting for it, and the log
+/// counts as failed, so that the tunnel lets nothing more through unrecorded. (It ends of
+/// itself only once every handle to the log is gone, and then nobody asks.)
+struct WriterAlive(Arc<Backlog>, Arc<OnceLock<String>>);
 
 impl Drop for WriterAlive {
     fn drop(&mut self) {
+        let _ = self.1.set("the audit writer thread stopped".into());
         let mut state = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.writer_gone = true;
         self.0.room.notify_all();
@@ -190,7 +193,7 @@ impl AuditLog {
         let failed = Arc::new(OnceLock::new());
         let writer_failed = failed.clone();
         let backlog = Arc::new(Backlog::default());
-        let alive = WriterAlive(backlog.clone());
+        let alive = WriterAlive(backlog.clone(), failed.clone());
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || write_queued(writer, &rx, &writer_failed, &alive.0))
@@ -725,6 +728,22 @@ mod tests {
             assert!(Instant::now() < deadline, "the idle writer kept the lock");
             std::thread::sleep(Duration::from_millis(1));
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_writer_thread_that_ends_leaves_the_log_failed() {
+        let dir = scratch("writer-gone");
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        assert!(!log.has_failed());
+        // However the writer thread ends (a panic included), its guard goes with it.
+        drop(WriterAlive(log.backlog.clone(), log.failed.clone()));
+        assert!(
+            log.has_failed(),
+            "the tunnel would go on letting requests through"
+        );
+        assert!(log.append(&record(0)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

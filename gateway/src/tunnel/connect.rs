@@ -151,6 +151,11 @@ impl Tunnel {
                         }
                     };
                     self.record(Verdict::Allow, "passthrough", client, fields.clone());
+                    if self.audit.has_failed() {
+                        // The log failed since the CONNECT came (its record may not have
+                        // been queued): a splice now would go unrecorded.
+                        return;
+                    }
                     let opened = hello_gate::open(&mut io, &mut up, &hello, hello_end, &judge);
                     match tokio::time::timeout(HELLO_TIMEOUT, opened).await {
                         Ok(Ok(())) => {

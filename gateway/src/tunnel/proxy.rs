@@ -421,9 +421,13 @@ impl Tunnel {
                 down,
                 refused: self.ws_refusal(client, fields.clone()),
             });
-            websocket::pipe(client_upgrade, hyper::upgrade::on(&mut resp), scans, permit);
             fields.status = Some(101);
             self.record(verdict, reason, client, fields);
+            if self.audit.has_failed() {
+                // The log failed while the handshake went: the pipe would go unrecorded.
+                return local_response(StatusCode::SERVICE_UNAVAILABLE, "audit-log-failed");
+            }
+            websocket::pipe(client_upgrade, hyper::upgrade::on(&mut resp), scans, permit);
             let (parts, _) = resp.into_parts();
             return Response::from_parts(
                 parts,
