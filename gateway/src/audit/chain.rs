@@ -166,6 +166,9 @@ pub struct Tail {
     pub last: Option<Vec<u8>>,
     /// Whether the last line ended with a newline.
     pub terminated: bool,
+    /// Whether the last line is the file's first (the whole file was read, and it is one
+    /// line): a damaged one then follows the previous file's last record.
+    pub last_is_first: bool,
 }
 
 impl Tail {
@@ -190,12 +193,20 @@ impl Tail {
             before: before.filter(|_| complete_before).map(<[u8]>::to_vec),
             last: Some(last.to_vec()).filter(|_| last_complete),
             terminated,
+            last_is_first: whole && before.is_none(),
         }
     }
 
     /// How to continue this log. `writable` says whether the tail is in the file about to be
     /// written (a cut-short line there gets its newline), rather than in a rotated one.
     pub fn resume(&self, writable: bool, now: &str) -> Resume {
+        self.resume_after(writable, now, Chain::FRESH)
+    }
+
+    /// [`resume`](Self::resume), where `earlier` is how the previous file (`FILE.1`) left
+    /// the chain: a damaged first line (a crash during the first write after a rotation)
+    /// follows that, not a fresh start, which `verify` would take for records out of order.
+    pub fn resume_after(&self, writable: bool, now: &str, earlier: Chain) -> Resume {
         let Some(last) = &self.last else {
             return Resume {
                 chain: Chain::FRESH,
@@ -212,6 +223,7 @@ impl Tail {
             Link::Malformed | Link::Damaged => {
                 let mut chain = match self.before.as_deref().map(|b| (b, link(b))) {
                     Some((b, Link::Chained { seq, .. })) => Chain::after(seq, b),
+                    None if self.last_is_first => earlier,
                     _ => Chain::FRESH,
                 };
                 let note = serde_json::json!({

@@ -449,13 +449,23 @@ impl Writer {
     fn resume(&self, size: u64) -> std::io::Result<Resume> {
         let now = record::now_rfc3339();
         if size > 0 {
-            return Ok(files::tail_of_file(&self.file, size)?.resume(true, &now));
+            let tail = files::tail_of_file(&self.file, size)?;
+            let earlier = match tail.last_is_first {
+                true => self.resume_rotated(&now)?.chain,
+                false => Chain::FRESH,
+            };
+            return Ok(tail.resume_after(true, &now, earlier));
         }
+        self.resume_rotated(&now)
+    }
+
+    /// Where `FILE.1` left the chain, or a fresh one without it.
+    fn resume_rotated(&self, now: &str) -> std::io::Result<Resume> {
         for gz in [false, true] {
             let rotated = files::rotated(&self.path, 1, gz);
             // Whatever is there (a link too) is judged, not passed over.
             if rotated.symlink_metadata().is_ok() {
-                return Ok(files::tail_of_path(&rotated)?.resume(false, &now));
+                return Ok(files::tail_of_path(&rotated)?.resume(false, now));
             }
         }
         Ok(Resume {
@@ -672,6 +682,40 @@ mod tests {
             "{:?}",
             intact.notes
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cut_first_line_after_a_rotation_continues_the_chain_of_the_file_before() {
+        let dir = scratch("cut-first");
+        let path = dir.join("audit.jsonl");
+        write(&AuditLog::open(&path).unwrap(), 0..3);
+        // As a crash during the first write after a rotation leaves it: the records in
+        // FILE.1, and a new FILE holding the start of one line.
+        let rotated = files::rotated(&path, 1, false);
+        std::fs::rename(&path, &rotated).unwrap();
+        let before = std::fs::read_to_string(&rotated).unwrap();
+        std::fs::write(&path, &before.as_bytes()[..40]).unwrap();
+        write(&AuditLog::open(&path).unwrap(), 3..4);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(&before[..40]), "{text}");
+        // The fragment, ended; then the restart and the record.
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .skip(1)
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let restart = &lines[0];
+        assert_eq!(restart["reason"], chain::RESTARTED, "{lines:#?}");
+        assert_eq!(restart["seq"], 4, "{lines:#?}");
+        let last_before = before.lines().last().unwrap();
+        assert_eq!(
+            restart["prev"],
+            chain::hex(&chain::hash(last_before.as_bytes()))
+        );
+        assert_eq!(lines[1]["seq"], 5);
+        let intact = verified(&path);
+        assert_eq!(intact.span.map(|s| (s.0, s.1)), Some((1, 5)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
