@@ -239,7 +239,7 @@ pub struct Event {
     pub protocol: u32,
     /// Destination port, host byte order.
     pub port: u32,
-    /// Destination address, network byte order; IPv4 in the first four bytes.
+    /// Destination address, network byte order; IPv4 as `::ffff:a.b.c.d` (bytes 12-15).
     pub addr: [u8; 16],
     pub comm: [u8; COMM_LEN],
     /// Unix destination, as in [`UnixPath`].
