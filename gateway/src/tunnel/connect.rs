@@ -134,22 +134,23 @@ impl Tunnel {
             return;
         }
         if let Some((rule, spec)) = splice {
+            fields.rule = Some(rule);
+            // Judged before dialing: a hello refused here opens nothing upstream.
+            let judge = |message: &[u8]| hello_gate::judge_splice(message, &target.host);
+            let first = hello_gate::first_hello(&hello)
+                .ok_or(hello_gate::Refused::NotTls)
+                .and_then(|(end, message)| judge(&message).map(|()| end));
+            let hello_end = match first {
+                Ok(end) => end,
+                Err(refused) => {
+                    if let Some(reason) = refused.reason() {
+                        self.record(Verdict::Deny, reason, client, fields);
+                    }
+                    return;
+                }
+            };
             match upstream::dial_raw(&spec, &target.host, target.port, &self.upstream).await {
                 Ok(mut up) => {
-                    fields.rule = Some(rule);
-                    let judge = |message: &[u8]| hello_gate::judge_splice(message, &target.host);
-                    let first = hello_gate::first_hello(&hello)
-                        .ok_or(hello_gate::Refused::NotTls)
-                        .and_then(|(end, message)| judge(&message).map(|()| end));
-                    let hello_end = match first {
-                        Ok(end) => end,
-                        Err(refused) => {
-                            if let Some(reason) = refused.reason() {
-                                self.record(Verdict::Deny, reason, client, fields);
-                            }
-                            return;
-                        }
-                    };
                     self.record(Verdict::Allow, "passthrough", client, fields.clone());
                     if self.audit.has_failed() {
                         // The log failed since the CONNECT came (its record may not have
@@ -174,7 +175,6 @@ impl Tunnel {
                     }
                 }
                 Err(e) => {
-                    fields.rule = Some(rule);
                     // As for intercepted requests: refused here is `deny`, a let-through
                     // whose upstream failed stays `allow`.
                     let (verdict, reason) = match e {
