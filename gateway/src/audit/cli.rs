@@ -151,22 +151,22 @@ pub fn run(cli: AuditCli) -> anyhow::Result<i32> {
     }
 }
 
-/// The files of `log` to read, oldest first, and their names; those not to be trusted are
-/// left out with a warning on stderr (see [`files::trusted`]). Returns how many were.
-fn log_files(log: &Path) -> anyhow::Result<(Vec<PathBuf>, Vec<String>, usize)> {
-    let files = files::chronological(log).context("reading the audit log")?;
+/// The lines of `log`'s files, oldest first (opened together, see [`files::open_trusted`]),
+/// and the files' names; those not to be trusted are left out with a warning on stderr.
+/// Returns how many were.
+fn log_files(log: &Path) -> anyhow::Result<(files::Lines, Vec<String>, usize)> {
     let files::Trusted {
         read: files,
         refused,
-    } = files::trusted(files).context("reading the audit log")?;
+    } = files::open_trusted(log).context("reading the audit log")?;
     for (path, problem) in &refused {
         eprintln!(
             "warning: {}: not read: {problem}, so its records could be forged",
             path.display()
         );
     }
-    let names = files.iter().map(|p| p.display().to_string()).collect();
-    Ok((files, names, refused.len()))
+    let names = files.iter().map(|(p, _)| p.display().to_string()).collect();
+    Ok((files::Lines::new(files), names, refused.len()))
 }
 
 /// Hands `each` every record of `log` and its rotated files, oldest first, of the sandbox
@@ -177,23 +177,19 @@ pub fn scan(
     sandbox: Option<&str>,
     mut each: impl FnMut(&query::View) -> anyhow::Result<()>,
 ) -> anyhow::Result<usize> {
-    let (files, names, _) = log_files(log)?;
+    let (lines, names, _) = log_files(log)?;
     let filter = query::Filter {
         sandbox: sandbox.map(str::to_owned),
         ..query::Filter::default()
     };
-    query::for_each(
-        files::Lines::new(files),
-        &names,
-        &filter,
-        &mut io::stderr(),
-        |_, view| each(view),
-    )
+    query::for_each(lines, &names, &filter, &mut io::stderr(), |_, view| {
+        each(view)
+    })
 }
 
 fn read(args: ReadArgs) -> anyhow::Result<i32> {
     let log = args.log.context("--log FILE is required")?;
-    let (files, names, _) = log_files(&log)?;
+    let (lines, names, _) = log_files(&log)?;
     let filter = query::Filter {
         since: args
             .since
@@ -224,14 +220,7 @@ fn read(args: ReadArgs) -> anyhow::Result<i32> {
         query::Format::Table
     };
     let mut out = io::BufWriter::new(io::stdout().lock());
-    let matched = query::print(
-        files::Lines::new(files),
-        &names,
-        &filter,
-        format,
-        &mut out,
-        &mut io::stderr(),
-    )?;
+    let matched = query::print(lines, &names, &filter, format, &mut out, &mut io::stderr())?;
     out.flush()?;
     if matched == 0 && format == query::Format::Table {
         eprintln!("no matching records in {}", log.display());
@@ -240,9 +229,9 @@ fn read(args: ReadArgs) -> anyhow::Result<i32> {
 }
 
 fn verify_log(log: &Path) -> anyhow::Result<i32> {
-    let (files, names, refused) = log_files(log)?;
+    let (lines, names, refused) = log_files(log)?;
     let mut failed = None;
-    let lines = files::Lines::new(files).map_while(|r| r.map_err(|e| failed = Some(e)).ok());
+    let lines = lines.map_while(|r| r.map_err(|e| failed = Some(e)).ok());
     let outcome = verify::verify(lines, &names);
     if let Some(e) = failed {
         return Err(anyhow::Error::new(e).context("reading the audit log"));

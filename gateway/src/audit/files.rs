@@ -5,7 +5,7 @@ use std::{
     ffi::OsString,
     fs::File,
     io::{self, BufRead, BufReader, Read as _},
-    os::unix::fs::FileExt as _,
+    os::unix::fs::{FileExt as _, MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -108,24 +108,70 @@ pub fn chronological(path: &Path) -> io::Result<Vec<PathBuf>> {
 /// The log's files, split by whether `gateway audit` may read them.
 #[derive(Debug, Default)]
 pub struct Trusted {
-    /// Oldest first, as given.
-    pub read: Vec<PathBuf>,
+    /// Oldest first, each opened: together they are the log as it was at one moment.
+    pub read: Vec<(PathBuf, File)>,
     /// A symbolic link, not a regular file, owned by neither root nor whoever reads, or
     /// writable by group or others: anyone could have written its records.
     pub refused: Vec<(PathBuf, Problem)>,
 }
 
-/// Splits `files` (from [`chronological`]) into those to read and those to refuse.
-pub fn trusted(files: Vec<PathBuf>) -> io::Result<Trusted> {
-    let mut split = Trusted::default();
-    for path in files {
-        match trust::open_read(&path, Reader::Auditor) {
-            Ok(_) => split.read.push(path),
-            Err(OpenError::Untrusted(problem)) => split.refused.push((path, problem)),
-            Err(OpenError::Io(e)) => return Err(with_path(&path, e)),
+/// Times the files are listed and opened again when a rotation moved them meanwhile.
+const ATTEMPTS: usize = 20;
+
+/// Opens the log at `path` and its rotated files (see [`chronological`]), split into those
+/// to read and those to refuse.
+///
+/// All are opened before any is read, and kept only if no rotation renamed one between the
+/// listing and the last open: a file list read lazily could skip a file a rotation renamed
+/// under it, or read one twice, which `verify` would report as records removed or out of
+/// order in a log nobody touched.
+pub fn open_trusted(path: &Path) -> io::Result<Trusted> {
+    open_trusted_with(path, |_| {})
+}
+
+/// [`open_trusted`], calling `before_open(i)` before the `i`-th file is opened (where a
+/// test rotates the log).
+fn open_trusted_with(path: &Path, mut before_open: impl FnMut(usize)) -> io::Result<Trusted> {
+    'attempt: for _ in 0..ATTEMPTS {
+        let names = chronological(path)?;
+        let mut split = Trusted::default();
+        for (i, name) in names.iter().enumerate() {
+            before_open(i);
+            match trust::open_read(name, Reader::Auditor) {
+                Ok(file) => split.read.push((name.clone(), file)),
+                Err(OpenError::Untrusted(problem)) => split.refused.push((name.clone(), problem)),
+                // Renamed or deleted since the listing: a rotation.
+                Err(OpenError::Io(e)) if e.kind() == io::ErrorKind::NotFound => continue 'attempt,
+                Err(OpenError::Io(e)) => return Err(with_path(name, e)),
+            }
+        }
+        if still_named(path, &names, &split.read)? {
+            return Ok(split);
         }
     }
-    Ok(split)
+    Err(io::Error::other(format!(
+        "{}: the log was rotated while its files were being opened, {ATTEMPTS} times running; run the command again",
+        path.display()
+    )))
+}
+
+/// Whether the log's files are still `names`, and each file opened still under its name.
+fn still_named(path: &Path, names: &[PathBuf], opened: &[(PathBuf, File)]) -> io::Result<bool> {
+    if chronological(path)? != names {
+        return Ok(false);
+    }
+    for (name, file) in opened {
+        let now = match std::fs::symlink_metadata(name) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(with_path(name, e)),
+        };
+        let held = file.metadata().map_err(|e| with_path(name, e))?;
+        if (now.dev(), now.ino()) != (held.dev(), held.ino()) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn with_path(path: &Path, e: io::Error) -> io::Error {
@@ -137,11 +183,16 @@ fn open_reader(path: &Path, reader: Reader) -> io::Result<Box<dyn BufRead>> {
         OpenError::Io(e) => with_path(path, e),
         untrusted => untrusted.at(path),
     })?;
-    Ok(if path.extension().is_some_and(|e| e == "gz") {
+    Ok(buffered(path, file))
+}
+
+/// `file`, decompressed when `path` names a `.gz` file.
+fn buffered(path: &Path, file: File) -> Box<dyn BufRead> {
+    if path.extension().is_some_and(|e| e == "gz") {
         Box::new(BufReader::new(MultiGzDecoder::new(file)))
     } else {
         Box::new(BufReader::new(file))
-    })
+    }
 }
 
 /// One line of the log, without its newline.
@@ -156,17 +207,18 @@ pub struct LogLine {
     pub terminated: bool,
 }
 
-/// Every line of a list of files, in order, decompressing `.gz` files.
+/// Every line of a list of opened files, in order, decompressing `.gz` files.
 pub struct Lines {
-    files: Vec<PathBuf>,
+    files: Vec<(PathBuf, Option<File>)>,
     next_file: usize,
     current: Option<(usize, Box<dyn BufRead>, usize)>,
 }
 
 impl Lines {
-    pub fn new(files: Vec<PathBuf>) -> Self {
+    /// `files`: from [`open_trusted`], oldest first.
+    pub fn new(files: Vec<(PathBuf, File)>) -> Self {
         Self {
-            files,
+            files: files.into_iter().map(|(p, f)| (p, Some(f))).collect(),
             next_file: 0,
             current: None,
         }
@@ -179,14 +231,8 @@ impl Iterator for Lines {
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if self.current.is_none() {
-                let path = self.files.get(self.next_file)?;
-                let reader = match open_reader(path, Reader::Auditor) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.next_file = self.files.len();
-                        return Some(Err(e));
-                    }
-                };
+                let (path, file) = self.files.get_mut(self.next_file)?;
+                let reader = buffered(path, file.take()?);
                 self.current = Some((self.next_file, reader, 0));
                 self.next_file += 1;
             }
@@ -208,7 +254,7 @@ impl Iterator for Lines {
                     }));
                 }
                 Err(e) => {
-                    let e = with_path(&self.files[*file], e);
+                    let e = with_path(&self.files[*file].0, e);
                     self.current = None;
                     self.next_file = self.files.len();
                     return Some(Err(e));
@@ -323,6 +369,16 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    fn opened(paths: Vec<PathBuf>) -> Vec<(PathBuf, File)> {
+        paths
+            .into_iter()
+            .map(|p| {
+                let f = File::open(&p).unwrap();
+                (p, f)
+            })
+            .collect()
+    }
+
     #[test]
     fn lines_cross_files_and_gzip() {
         use std::io::Write as _;
@@ -336,7 +392,7 @@ mod tests {
         );
         enc.write_all(b"three\nfour").unwrap();
         enc.finish().unwrap();
-        let lines: Vec<LogLine> = Lines::new(vec![plain, gz])
+        let lines: Vec<LogLine> = Lines::new(opened(vec![plain, gz]))
             .collect::<io::Result<_>>()
             .unwrap();
         let seen: Vec<(usize, usize, &[u8], bool)> = lines
@@ -384,8 +440,9 @@ mod tests {
         std::os::unix::fs::symlink(&target, &link).unwrap();
         let fifo = rotated(&log, 3, false);
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let split = trusted(chronological(&log).unwrap()).unwrap();
-        assert_eq!(split.read, std::slice::from_ref(&log));
+        let split = open_trusted(&log).unwrap();
+        let read: Vec<&PathBuf> = split.read.iter().map(|(p, _)| p).collect();
+        assert_eq!(read, [&log]);
         assert_eq!(
             split.refused,
             [
@@ -394,12 +451,41 @@ mod tests {
                 (writable, Problem::Writable { mode: 0o664 }),
             ]
         );
-        // Nor when one is swapped in after that split: reading it fails.
-        std::fs::remove_file(&log).unwrap();
-        std::os::unix::fs::symlink(&target, &log).unwrap();
-        let read: Vec<io::Result<LogLine>> = Lines::new(vec![log.clone()]).collect();
-        let e = read[0].as_ref().unwrap_err().to_string();
-        assert!(e.contains("symbolic link"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A rotation between listing the files and opening the last of them: what is read is
+    /// the log after the rotation, every record once and in order, not the file the
+    /// rotation moved away followed by the new one.
+    #[test]
+    fn a_rotation_while_the_files_are_opened_is_not_read_across() {
+        let dir = scratch("rotating");
+        let log = dir.join("audit.jsonl");
+        std::fs::write(rotated(&log, 1, false), "a\n").unwrap();
+        std::fs::write(&log, "b\n").unwrap();
+        let mut rotations = 0;
+        let split = open_trusted_with(&log, |i| {
+            if i == 1 && rotations == 0 {
+                rotations += 1;
+                shift(&log).unwrap();
+                std::fs::rename(&log, rotated(&log, 1, false)).unwrap();
+                std::fs::write(&log, "c\n").unwrap();
+            }
+        })
+        .unwrap();
+        assert!(split.refused.is_empty());
+        let read: Vec<String> = Lines::new(split.read)
+            .map(|l| String::from_utf8(l.unwrap().bytes).unwrap())
+            .collect();
+        assert_eq!(read, ["a", "b", "c"]);
+        // A log rotating all the time is an error, not a guess.
+        let e = open_trusted_with(&log, |_| {
+            shift(&log).unwrap();
+            std::fs::rename(&log, rotated(&log, 1, false)).unwrap();
+            std::fs::write(&log, "d\n").unwrap();
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("run the command again"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
