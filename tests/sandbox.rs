@@ -1051,6 +1051,117 @@ fn cleanup_keeps_the_refusals_pinned_while_the_audit_log_cannot_be_written() {
     killed.assert_saved_and_verified();
 }
 
+/// When the audit log fails during a run (its disk full), the refusals the kernel made
+/// since are still in the programs' ring: `run` does not detach them at exit and destroy
+/// them, it fails saying where they are and what to do, and `gateway cleanup` saves them
+/// once the log has room. The chain verifies after that.
+#[test]
+fn refusals_a_full_audit_log_could_not_take_are_saved_by_cleanup() {
+    let tag = "log-full";
+    let before = HostTcp::bind("127.0.0.1:0");
+    let after = HostTcp::bind("127.0.0.1:0");
+    let mut run = Run::new(tag, &policy(tag, ""));
+    let disk = SmallFs::mount(run.scratch.dir.join("auditfs"), "16k");
+    run.audit = disk.0.join("audit.jsonl");
+    // Refusals to one port until the log is surely full (a record is ~300 bytes), then to
+    // another: only the ring can hold those.
+    let script = format!(
+        r#"{PRELUDE}
+def attempt(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+opened = sum(attempt({before}) for _ in range(200))
+time.sleep(1.5)
+opened += sum(attempt({after}) for _ in range(20))
+print(opened)
+"#,
+        before = before.port,
+        after = after.port,
+    );
+    let child = run
+        .command(&["python3", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().last(), Some("0"), "{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/gateway/{pid}"));
+    assert!(
+        stderr.contains(&format!(
+            "its programs stay pinned in {} with the refusals not yet in the log: make {} writable",
+            pins.display(),
+            run.audit.display()
+        )) && stderr.contains("run `gateway cleanup`"),
+        "{stderr}"
+    );
+    let to_after = |records: &[serde_json::Value]| {
+        let dst = format!("127.0.0.1:{}", after.port);
+        records
+            .iter()
+            .filter(|r| r["hook"] == "connect4" && r["dst"] == dst && r["sandbox"] == tag)
+            .count()
+    };
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&run.audit)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    assert_eq!(to_after(&read()), 0, "the log was not full yet");
+    // Kept for cleanup: the ring, the lost count, the links and the run's state (unless
+    // another test's gateway, starting meanwhile, already tried to clean up: it cannot
+    // write the log either, and leaves them too).
+    assert!(pins.join("EVENTS").exists(), "{stderr}");
+    assert!(pins.join("connect4").exists(), "{stderr}");
+    assert!(
+        std::path::Path::new(&format!("/run/gateway/{pid}/state.json")).exists(),
+        "{stderr}"
+    );
+
+    disk.make_room_and_clean_up();
+    assert!(!pins.exists(), "the pins outlived cleanup");
+    let records = read();
+    let lost: u64 = records
+        .iter()
+        .filter(|r| r["reason"] == "events-lost")
+        .filter_map(|r| r["lost"].as_u64())
+        .sum();
+    // The reader takes one refusal off the ring when it finds the log failed; the rest
+    // are records, or counted as lost when the ring overflowed.
+    assert!(
+        to_after(&records) as u64 + lost >= 19,
+        "{} of 20 refusals saved, {lost} lost:\n{}",
+        to_after(&records),
+        records
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(to_after(&records) > 0);
+    assert_eq!(before.accepted() + after.accepted(), 0);
+    let verify = std::process::Command::new(gateway_bin())
+        .args(["audit", "verify", "--log"])
+        .arg(&run.audit)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "the chain does not verify after cleanup: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
 /// The state of a run from a gateway that did not record its audit log: cleanup still
 /// removes it, and says that its refusals could not be saved rather than fail.
 #[test]

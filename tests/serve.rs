@@ -846,6 +846,87 @@ time.sleep(10)
 /// and port must not make an entry that a host process connecting from the same address and
 /// port is then claimed by. That connection is refused at connect, too (`not-the-tunnel`):
 /// the listener that would take it is not the gateway's.
+/// When the audit log fails (its disk full), serve's exit does not detach the sandbox's
+/// programs and so destroy the refusals still in their ring: it fails, saying what to do,
+/// and `gateway cleanup` saves them once the log has room.
+#[test]
+fn refusals_a_full_audit_log_could_not_take_outlive_serve_for_cleanup() {
+    assert_root();
+    let scratch = Scratch::new("serve-full");
+    let disk = SmallFs::mount(scratch.dir.join("auditfs"), "16k");
+    let log = disk.0.join("audit.jsonl");
+    let cgroup = test_cgroup("full");
+    let config = format!(
+        "version = 1\naudit_log = {:?}\n[[sandbox]]\ncgroup = \"{cgroup}\"\npolicy = \"p.toml\"\n",
+        log.to_str().unwrap()
+    );
+    scratch.write("p.toml", &policy("serve-full", ""));
+    let serve = Serve::start(&scratch, &config);
+    let (before, after) = (HostTcp::bind("127.0.0.1:0"), HostTcp::bind("127.0.0.1:0"));
+    // Refusals to one port until the log is surely full (a record is ~300 bytes), then to
+    // another: only the ring can hold those.
+    let script = format!(
+        r#"python3 -c '
+import socket, time
+def attempt(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close(); return 1
+    except OSError:
+        return 0
+opened = sum(attempt({}) for _ in range(200))
+time.sleep(1.5)
+print(opened + sum(attempt({}) for _ in range(20)))
+'"#,
+        before.port, after.port
+    );
+    let (out, ctx) = run(&mut in_sandbox(&cgroup, "serve-full", &script));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{ctx}");
+    let (status, stderr) = serve.stop();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "sandbox serve-full: it is dead, and its programs stay pinned with the refusals not yet in the log: make {} writable",
+            log.display()
+        )) && stderr.contains("run `gateway cleanup`"),
+        "{stderr}"
+    );
+    let read = || json_lines(&std::fs::read_to_string(&log).unwrap());
+    let dst = format!("127.0.0.1:{}", after.port);
+    let to_after = |records: &[Value]| {
+        records
+            .iter()
+            .filter(|r| r["hook"] == "connect4" && r["dst"] == dst && r["sandbox"] == "serve-full")
+            .count()
+    };
+    assert_eq!(to_after(&read()), 0, "the log was not full yet");
+
+    disk.make_room_and_clean_up();
+    let records = read();
+    let lost: u64 = records
+        .iter()
+        .filter(|r| r["reason"] == "events-lost")
+        .filter_map(|r| r["lost"].as_u64())
+        .sum();
+    // The reader takes one refusal off the ring when it finds the log failed.
+    assert!(
+        to_after(&records) > 0 && to_after(&records) as u64 + lost >= 19,
+        "{} of 20 saved, {lost} lost\n{}",
+        to_after(&records),
+        joined(&records)
+    );
+    assert_eq!(before.accepted() + after.accepted(), 0);
+    assert!(
+        !cgroup2_root().join(&cgroup).exists(),
+        "cleanup left the cgroup"
+    );
+    let verify = Command::new(gateway_bin())
+        .args(["audit", "verify", "--log"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{verify:?}");
+}
+
 #[test]
 fn a_sandbox_in_a_network_namespace_of_its_own_makes_no_tunnel_client() {
     assert_root();

@@ -1323,34 +1323,6 @@ time.sleep(0.3)
     );
 }
 
-/// A tmpfs mounted for one test, unmounted (lazily) when dropped.
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    fn mount(dir: std::path::PathBuf, size: &str) -> Self {
-        std::fs::create_dir_all(&dir).unwrap();
-        let done = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(&dir)
-            .status()
-            .unwrap();
-        assert!(done.success(), "mount a tmpfs at {}", dir.display());
-        Self(dir)
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// Once the audit log cannot be written (its disk is full), the tunnel lets nothing through:
 /// every request gets 503 `audit-log-failed`, and only requests whose record could be
 /// queued before the failure reached the upstream.
@@ -1399,6 +1371,8 @@ print(json.dumps({{"statuses": statuses}}), flush=True)
         "the gateway says why\n{}",
         ctx()
     );
+    assert!(out.stderr.contains("run `gateway cleanup`"), "{}", ctx());
+    disk.make_room_and_clean_up();
 }
 
 /// Python helpers for a WebSocket client over a socket: the HTTP head, masked text frames,
@@ -3517,6 +3491,7 @@ print(json.dumps({{"status": status, "last": heads[-1], "went_on": got[:1] == b"
     );
     assert_eq!(printed(&out, "went_on"), false, "{ctx}");
     assert!(server.names().is_empty(), "{ctx}");
+    disk.make_room_and_clean_up();
 }
 
 /// A spliced handshake the upstream never answers is cut after the hello timeout (10 s),

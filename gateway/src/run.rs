@@ -357,11 +357,26 @@ async fn supervise(
             "the sandbox could not be emptied; its programs stay attached (no egress): run `gateway cleanup` once it is",
         ));
     }
+    // Everything the reader queued is in the file, or the log has failed.
+    let drained = drained.and_then(|()| audit.sync().map_err(anyhow::Error::from));
+    if let Err(e) = drained {
+        // The refusals still in the kernel's ring (and its lost count) exist nowhere else:
+        // detaching would destroy them. The sandbox is dead, so its programs staying
+        // attached costs nothing; `gateway cleanup` saves them once the log can be written.
+        match &outcome {
+            Ok(status) => tracing::warn!("the sandboxed command exited with status {status}"),
+            Err(e) => tracing::error!("{e:#}"),
+        }
+        return Err(e.context(format!(
+            "the sandbox is dead, and its programs stay pinned in {} with the refusals not yet in the log: make {} writable (space, permissions, mount) and run `gateway cleanup`",
+            run_state.pin_dir.display(),
+            audit.path().display()
+        )));
+    }
     let detached = enforcer.detach();
     let removed = cgroup.destroy();
     let _ = std::fs::remove_dir_all(run_dir);
     let status = outcome?;
-    drained?;
     detached?;
     removed?;
     Ok(status)

@@ -556,3 +556,51 @@ pub fn reply<'a>(replies: &'a HashMap<String, Reply>, name: &str, out: &Finished
 pub fn proxy_records(out: &Finished) -> Vec<&Value> {
     out.audit.iter().filter(|r| r["layer"] == "proxy").collect()
 }
+
+/// A tmpfs mounted for one test, unmounted (lazily) when dropped.
+pub struct SmallFs(pub PathBuf);
+
+impl SmallFs {
+    pub fn mount(dir: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&dir).unwrap();
+        let done = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(done.success(), "mount a tmpfs at {}", dir.display());
+        Self(dir)
+    }
+
+    /// Gives it `size` in all (`mount -o remount`), keeping what it holds.
+    pub fn resize(&self, size: &str) {
+        let done = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(done.success(), "resize the tmpfs at {}", self.0.display());
+    }
+}
+
+impl SmallFs {
+    /// Room again, and `gateway cleanup`, which saves the refusals a run that could not
+    /// write its log here left pinned (and unpins them).
+    pub fn make_room_and_clean_up(&self) {
+        self.resize("4m");
+        let out = Command::new(gateway_bin()).arg("cleanup").output().unwrap();
+        assert!(out.status.success(), "gateway cleanup: {out:?}");
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

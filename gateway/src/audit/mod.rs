@@ -59,11 +59,11 @@ pub const DEFAULT_LOG: &str = "/var/log/gateway/audit.jsonl";
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     /// The log file could not be opened for appending.
-    #[error("cannot open audit log {path}: {source}")]
+    // The reason is in the message, not a source too: `{:#}` would print it twice.
+    #[error("cannot open audit log {path}: {error}")]
     Open {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A file of the log, or a directory on its path, is not one the gateway can trust: a
     /// symbolic link, not a regular file, someone else's, or writable by others.
@@ -71,11 +71,10 @@ pub enum AuditError {
     Untrusted(#[from] Untrusted),
     /// A record could not be written. It stays failed: from then on the tunnel lets nothing
     /// through (it could not record it) and every append reports this.
-    #[error("cannot write audit log {path}: {source}")]
+    #[error("cannot write audit log {path}: {error}")]
     Write {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -174,7 +173,7 @@ impl AuditLog {
             Some(untrusted) => AuditError::Untrusted(untrusted.clone()),
             None => AuditError::Open {
                 path: path.to_owned(),
-                source,
+                error: source,
             },
         };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -271,7 +270,7 @@ impl AuditLog {
             None => Ok(()),
             Some(e) => Err(AuditError::Write {
                 path: self.path.clone(),
-                source: std::io::Error::other(e.clone()),
+                error: std::io::Error::other(e.clone()),
             }),
         }
     }
@@ -279,7 +278,7 @@ impl AuditLog {
     fn gone(&self) -> AuditError {
         AuditError::Write {
             path: self.path.clone(),
-            source: std::io::Error::other("the audit writer thread stopped"),
+            error: std::io::Error::other("the audit writer thread stopped"),
         }
     }
 }

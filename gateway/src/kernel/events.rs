@@ -109,7 +109,7 @@ impl EventReader {
         // AsyncFd owns the RingBuf.
         let mut ring = unsafe { AsyncFd::register(self.ring) }.map_err(|e| AuditError::Write {
             path: audit.path().to_owned(),
-            source: e.into_parts().1,
+            error: e.into_parts().1,
         })?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {

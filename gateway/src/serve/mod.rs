@@ -377,17 +377,35 @@ async fn supervise(
         }
     })
     .await;
+    let mut drained = Vec::with_capacity(readers.len());
     for task in readers {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failures.push(e.into()),
-            Err(e) => failures.push(anyhow::Error::from(e).context("kernel event reader")),
-        }
+        drained.push(match task.await {
+            Ok(read) => read.map_err(anyhow::Error::from),
+            Err(e) => Err(anyhow::Error::from(e).context("kernel event reader")),
+        });
     }
+    // Everything the readers queued is in the file, or the log has failed: then every
+    // sandbox's ring may hold refusals that exist nowhere else.
+    let logged = audit.sync();
     let mut created = Vec::new();
-    for (sandbox, emptied) in attached.into_iter().zip(emptied) {
+    for ((sandbox, emptied), drained) in attached.into_iter().zip(emptied).zip(drained) {
         if !emptied {
             // Detaching would let out what survived; the pins and the state stay for cleanup.
+            continue;
+        }
+        if let Some(e) = drained
+            .err()
+            .or_else(|| logged.as_ref().err().map(|e| anyhow::anyhow!("{e}")))
+        {
+            // Detaching would destroy them; the sandbox is dead, so its programs staying
+            // attached costs nothing. `gateway cleanup` saves them.
+            failures.push(e.context(format!(
+                "sandbox {}: it is dead, and its programs stay pinned with the refusals not yet in the log: make {} writable (space, permissions, mount) and run `gateway cleanup`",
+                sandbox.name,
+                audit.path().display()
+            )));
+            // For launching into a sandbox this serve no longer serves.
+            let _ = std::fs::remove_dir_all(env_dir(&sandbox.name));
             continue;
         }
         let (made, done) = sandbox.teardown();
