@@ -1058,13 +1058,13 @@ fn cleanup_keeps_the_refusals_pinned_while_the_audit_log_cannot_be_written() {
 #[test]
 fn refusals_a_full_audit_log_could_not_take_are_saved_by_cleanup() {
     let tag = "log-full";
-    let before = HostTcp::bind("127.0.0.1:0");
     let after = HostTcp::bind("127.0.0.1:0");
     let mut run = Run::new(tag, &policy(tag, ""));
     let disk = SmallFs::mount(run.scratch.dir.join("auditfs"), "16k");
     run.audit = disk.0.join("audit.jsonl");
-    // Refusals to one port until the log is surely full (a record is ~300 bytes), then to
-    // another: only the ring can hold those.
+    // Refusals to 200 ports below the ephemeral range (a record is ~300 bytes; repeats of
+    // one refusal would make one record) until the log is surely full, then to `after`:
+    // only the ring can hold those.
     let script = format!(
         r#"{PRELUDE}
 def attempt(port):
@@ -1073,12 +1073,11 @@ def attempt(port):
         return True
     except OSError:
         return False
-opened = sum(attempt({before}) for _ in range(200))
+opened = sum(attempt(1000 + i) for i in range(200))
 time.sleep(1.5)
 opened += sum(attempt({after}) for _ in range(20))
 print(opened)
 "#,
-        before = before.port,
         after = after.port,
     );
     let child = run
@@ -1148,7 +1147,7 @@ print(opened)
             .join("\n")
     );
     assert!(to_after(&records) > 0);
-    assert_eq!(before.accepted() + after.accepted(), 0);
+    assert_eq!(after.accepted(), 0);
     let verify = std::process::Command::new(gateway_bin())
         .args(["audit", "verify", "--log"])
         .arg(&run.audit)
@@ -1690,6 +1689,16 @@ report("b", lambda: socket.create_connection(("127.0.0.1", {pb}), timeout=3))
     assert_eq!(b.accepted(), 1);
 }
 
+/// The `sendmsg4` refusals of process `pid` that `records` stand for: one a record, or as
+/// many as a record's `repeats` (those after the first of a second).
+fn refusals_in(records: &[serde_json::Value], pid: u64) -> u64 {
+    records
+        .iter()
+        .filter(|r| r["hook"] == "sendmsg4" && r["pid"].as_u64() == Some(pid))
+        .map(|r| r["repeats"].as_u64().unwrap_or(1))
+        .sum()
+}
+
 #[test]
 fn every_refusal_is_recorded_or_counted_as_lost() {
     let run = Run::new("flood", &policy("flood", ""));
@@ -1713,11 +1722,7 @@ print(json.dumps({{"refused": refused}}), flush=True)
         .unwrap();
     assert_eq!(refused, attempts, "{}", out.stdout);
     let pid = out.pid();
-    let recorded = out
-        .audit
-        .iter()
-        .filter(|r| r["hook"] == "sendmsg4" && r["pid"].as_u64() == Some(pid))
-        .count() as u64;
+    let recorded = refusals_in(&out.audit, pid);
     let lost: u64 = out
         .audit
         .iter()
@@ -1728,6 +1733,66 @@ print(json.dumps({{"refused": refused}}), flush=True)
         recorded + lost,
         attempts,
         "recorded {recorded} + lost {lost} != {attempts} refusals"
+    );
+    // The same refusal 20,000 times is a record and a count for each second it lasted,
+    // not 20,000 records.
+    let lines = out
+        .audit
+        .iter()
+        .filter(|r| r["hook"] == "sendmsg4" && r["pid"].as_u64() == Some(pid))
+        .count();
+    assert!(lines <= 20, "{lines} records for one refusal repeated");
+}
+
+/// A flood that varies its destination: past 256 different refusals in a second the rest
+/// are only counted, in `refusals-suppressed` records; every refusal is still a record, in
+/// a record's `repeats`, suppressed or lost, and the log holds a few hundred lines, not a
+/// line for each.
+#[test]
+fn a_flood_of_different_refusals_is_counted_past_the_limit() {
+    let run = Run::new("flood-wide", &policy("flood-wide", ""));
+    let attempts = 20_000;
+    let out = run.python(&format!(
+        r#"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+refused = 0
+for i in range({attempts}):
+    try:
+        s.sendto(b"x", ("127.0.0.1", 1000 + i % 2000))
+    except PermissionError:
+        refused += 1
+print(json.dumps({{"refused": refused}}), flush=True)
+"#
+    ));
+    let refused = out.lines.iter().find_map(|l| l["refused"].as_u64());
+    assert_eq!(refused, Some(attempts), "{}", out.stdout);
+    let pid = out.pid();
+    let sum = |reason: &str, field: &str| -> u64 {
+        out.audit
+            .iter()
+            .filter(|r| r["reason"] == reason)
+            .filter_map(|r| r[field].as_u64())
+            .sum()
+    };
+    let (recorded, suppressed, lost) = (
+        refusals_in(&out.audit, pid),
+        sum("refusals-suppressed", "suppressed"),
+        sum("events-lost", "lost"),
+    );
+    assert_eq!(
+        recorded + suppressed + lost,
+        attempts,
+        "recorded {recorded} + suppressed {suppressed} + lost {lost} != {attempts} refusals"
+    );
+    assert!(suppressed > 0, "nothing suppressed");
+    let whole = out
+        .audit
+        .iter()
+        .filter(|r| r["hook"] == "sendmsg4" && r["repeats"].is_null())
+        .count();
+    assert!(
+        (256..attempts as usize / 4).contains(&whole),
+        "{whole} refusals recorded whole"
     );
 }
 
@@ -1776,10 +1841,7 @@ time.sleep(60)
     let pid = next_line()["pid"].as_u64().unwrap();
     assert_eq!(next_line()["refused"], attempts);
     let counted = |records: &[serde_json::Value]| {
-        let recorded = records
-            .iter()
-            .filter(|r| r["hook"] == "sendmsg4" && r["pid"].as_u64() == Some(pid))
-            .count() as u64;
+        let recorded = refusals_in(records, pid);
         let lost: u64 = records
             .iter()
             .filter(|r| r["reason"] == "events-lost")

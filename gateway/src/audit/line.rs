@@ -21,8 +21,10 @@ pub fn write(record: &Record, out: &mut Vec<u8>) {
         proxy,
         reload,
         lost,
+        repeats,
+        suppressed,
     } = record;
-    if kernel.is_some() || reload.is_some() {
+    if kernel.is_some() || reload.is_some() || repeats.is_some() || suppressed.is_some() {
         serde_json::to_writer(out, record).expect("audit records always serialize");
         return;
     }

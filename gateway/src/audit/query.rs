@@ -44,6 +44,8 @@ pub struct View {
     pub path: Option<String>,
     pub client: Option<String>,
     pub lost: Option<u64>,
+    pub repeats: Option<u64>,
+    pub suppressed: Option<u64>,
 }
 
 impl Filter {
@@ -198,6 +200,12 @@ fn row(v: &View) -> [String; 7] {
     if let Some(lost) = v.lost {
         reason.push_str(&format!(" ({lost} lost)"));
     }
+    if let Some(repeats) = v.repeats {
+        reason.push_str(&format!(" ({repeats} more like it)"));
+    }
+    if let Some(suppressed) = v.suppressed {
+        reason.push_str(&format!(" ({suppressed})"));
+    }
     [
         v.ts.clone(),
         v.sandbox.clone().unwrap_or_default(),
@@ -300,6 +308,29 @@ mod tests {
         );
         assert_eq!(rows[3].find("events-lost (7 lost)"), Some(col("REASON")));
         assert_eq!(rows[2].find("allow "), Some(col("VERDICT")));
+    }
+
+    #[test]
+    fn the_table_says_how_many_refusals_a_summary_stands_for() {
+        let repeats = KERNEL.replace(
+            r#""dst":"127.0.0.1:9"}"#,
+            r#""dst":"127.0.0.1:9","repeats":999}"#,
+        );
+        let suppressed = r#"{"ts":"2024-05-01T12:00:01Z","layer":"kernel","verdict":"deny","sandbox":"a","reason":"refusals-suppressed","suppressed":5}"#;
+        let (out, _) = run(
+            &format!("{repeats}\n{suppressed}\n"),
+            &Filter::default(),
+            Format::Table,
+        )
+        .unwrap();
+        let rows: Vec<&str> = out.lines().collect();
+        let col = rows[0].find("REASON").unwrap();
+        assert_eq!(
+            rows[1].find("not-allowlisted (999 more like it)"),
+            Some(col),
+            "{out}"
+        );
+        assert_eq!(rows[2].find("refusals-suppressed (5)"), Some(col), "{out}");
     }
 
     #[test]

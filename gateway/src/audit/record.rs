@@ -41,10 +41,20 @@ pub struct Record {
     /// Refusals the kernel could not report because the ring buffer was full.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lost: Option<u64>,
+    /// On a kernel refusal written as a second ends: the refusals like it (the same hook,
+    /// reason, user, command, protocol and destination; any process, the last one's pid
+    /// given) that came in that second after the first, which had a record of its own. The
+    /// record stands for them all, not for one more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<u64>,
+    /// On a `refusals-suppressed` record: refusals past the limit of different refusals one
+    /// sandbox may have recorded in a second, counted here without their fields.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
 }
 
 /// Fields of a refusal seen by an eBPF program.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Hash)]
 pub struct KernelFields {
     pub hook: &'static str,
     pub pid: u32,
@@ -129,6 +139,8 @@ impl Record {
             proxy: None,
             reload: None,
             lost: None,
+            repeats: None,
+            suppressed: None,
         }
     }
 }

@@ -11,6 +11,7 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use gateway_common::{Event, Hook, Reason};
 use tokio::{io::unix::AsyncFd, sync::watch};
 
+use super::summary::Summary;
 use crate::audit::{AuditError, AuditLog, KernelFields, Layer, Record, Verdict};
 
 const AF_UNIX: u32 = 1;
@@ -112,30 +113,41 @@ impl EventReader {
             error: e.into_parts().1,
         })?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut summary = Summary::default();
         loop {
             tokio::select! {
                 guard = ring.readable_mut() => {
                     if let Ok(mut guard) = guard {
                         // Backed up or not, the next event or tick comes back here.
-                        drain(guard.get_inner_mut(), &audit, &sandbox)?;
+                        drain(guard.get_inner_mut(), &audit, &sandbox, &mut summary)?;
                         guard.clear_ready();
                     }
                 }
                 _ = tick.tick() => {
                     // Events left in the ring while the log was backed up.
-                    drain(ring.get_mut(), &audit, &sandbox)?;
+                    drain(ring.get_mut(), &audit, &sandbox, &mut summary)?;
+                    close_window(&mut summary, &audit, &sandbox)?;
                     lost.report(&audit, &sandbox)?;
                 }
                 _ = stop.changed() => {
                     // The last of them, waiting for the writer if need be.
-                    while drain(ring.get_mut(), &audit, &sandbox)? {
+                    while drain(ring.get_mut(), &audit, &sandbox, &mut summary)? {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
+                    close_window(&mut summary, &audit, &sandbox)?;
                     return lost.report(&audit, &sandbox);
                 }
             }
         }
     }
+}
+
+/// Writes what `summary` counted this second.
+fn close_window(summary: &mut Summary, audit: &AuditLog, sandbox: &str) -> Result<(), AuditError> {
+    summary
+        .close_window(sandbox)
+        .iter()
+        .try_for_each(|record| audit.append(record))
 }
 
 impl LostCounter {
@@ -161,10 +173,15 @@ impl LostCounter {
     }
 }
 
-/// Records the ring's events until it is empty (`false`) or the log is backed up (`true`):
-/// then the rest stay in the ring, whose overflow the kernel counts as lost, and this async
-/// thread never waits on the writer.
-fn drain(ring: &mut RingBuf<MapData>, audit: &AuditLog, sandbox: &str) -> Result<bool, AuditError> {
+/// Records the ring's events (or counts them in `summary`) until it is empty (`false`) or
+/// the log is backed up (`true`): then the rest stay in the ring, whose overflow the kernel
+/// counts as lost, and this async thread never waits on the writer.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    audit: &AuditLog,
+    sandbox: &str,
+    summary: &mut Summary,
+) -> Result<bool, AuditError> {
     loop {
         if audit.backed_up() {
             return Ok(true);
@@ -172,8 +189,8 @@ fn drain(ring: &mut RingBuf<MapData>, audit: &AuditLog, sandbox: &str) -> Result
         let Some(item) = ring.next() else {
             return Ok(false);
         };
-        if let Some(ev) = event(&item) {
-            audit.append(&describe(&ev, sandbox))?;
+        if let Some(record) = event(&item).and_then(|ev| summary.admit(describe(&ev, sandbox))) {
+            audit.append(&record)?;
         }
     }
 }

@@ -6,6 +6,7 @@ mod clients;
 mod events;
 mod maps;
 mod stale;
+mod summary;
 mod unix;
 
 use std::{
