@@ -281,7 +281,7 @@ async fn supervise(
             audit.clone(),
             policy.name.clone(),
             stop_rx.clone(),
-            run_dir.join(state::LOST_REPORTED),
+            run_dir.to_owned(),
         )));
         let placeholders = secrets.placeholder_env();
         let mut started = Started::new(policy, secrets.placeholders(), load);
@@ -368,9 +368,9 @@ async fn supervise(
             Err(e) => tracing::error!("{e:#}"),
         }
         return Err(e.context(format!(
-            "the sandbox is dead, and its programs stay pinned in {} with the refusals not yet in the log: make {} writable (space, permissions, mount) and run `gateway cleanup`",
+            "the sandbox is dead, and its programs stay pinned in {} with the refusals not yet in the log: {}",
             run_state.pin_dir.display(),
-            audit.path().display()
+            remedy(&audit)
         )));
     }
     let detached = enforcer.detach();
@@ -380,6 +380,18 @@ async fn supervise(
     detached?;
     removed?;
     Ok(status)
+}
+
+/// What to do about refusals left pinned because they could not be recorded.
+pub(crate) fn remedy(audit: &AuditLog) -> String {
+    if audit.has_failed() {
+        format!(
+            "make {} writable (space, permissions, mount) and run `gateway cleanup`",
+            audit.path().display()
+        )
+    } else {
+        "run `gateway cleanup` to record them".into()
+    }
 }
 
 /// SIGHUP and what it does while CMD runs.

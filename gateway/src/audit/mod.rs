@@ -265,7 +265,8 @@ impl AuditLog {
         self.check()
     }
 
-    fn check(&self) -> Result<(), AuditError> {
+    /// The log's failure, if it has failed.
+    pub fn check(&self) -> Result<(), AuditError> {
         match self.failed.get() {
             None => Ok(()),
             Some(e) => Err(AuditError::Write {

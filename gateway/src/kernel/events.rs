@@ -13,6 +13,7 @@ use tokio::{io::unix::AsyncFd, sync::watch};
 
 use super::summary::Summary;
 use crate::audit::{AuditError, AuditLog, KernelFields, Layer, Record, Verdict};
+use crate::sandbox::state;
 
 const AF_UNIX: u32 = 1;
 const AF_INET: u32 = 2;
@@ -89,65 +90,122 @@ impl EventReader {
     }
 
     /// Writes a record per event until `stop` turns true, then drains what is left.
-    /// `lost_mark`: the file (in the run's state directory) that says how much of the lost
-    /// count the log holds.
+    /// `state_dir`: the run's state directory, where the reader says how much of the lost
+    /// count the log holds ([`state::LOST_REPORTED`]) and, if it stops on a failed log, how
+    /// many refusals it took off the ring without recording them ([`state::UNRECORDED`]),
+    /// for `gateway cleanup` to report as lost.
     pub async fn run(
         self,
         audit: AuditLog,
         sandbox: String,
-        mut stop: watch::Receiver<bool>,
-        lost_mark: PathBuf,
+        stop: watch::Receiver<bool>,
+        state_dir: PathBuf,
     ) -> Result<(), AuditError> {
         let mut lost = LostCounter {
             map: self.lost,
             reported: 0,
             mark: ReportedMark {
-                path: lost_mark,
+                path: state_dir.join(state::LOST_REPORTED),
                 written: Arc::default(),
             },
         };
         // SAFETY: the RingBuf owns its map fd, which stays open and unchanged while the
         // AsyncFd owns the RingBuf.
-        let mut ring = unsafe { AsyncFd::register(self.ring) }.map_err(|e| AuditError::Write {
+        let ring = unsafe { AsyncFd::register(self.ring) }.map_err(|e| AuditError::Write {
             path: audit.path().to_owned(),
             error: e.into_parts().1,
         })?;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut summary = Summary::default();
-        loop {
-            tokio::select! {
-                guard = ring.readable_mut() => {
-                    if let Ok(mut guard) = guard {
-                        // Backed up or not, the next event or tick comes back here.
-                        drain(guard.get_inner_mut(), &audit, &sandbox, &mut summary)?;
-                        guard.clear_ready();
-                    }
+        let mut taken = Taken::default();
+        let read = read(ring, &audit, &sandbox, stop, &mut lost, &mut taken).await;
+        if read.is_err() {
+            // Off the ring, in no record: only this count is left of them.
+            let unrecorded = taken.unrecorded + taken.summary.pending();
+            if unrecorded > 0 {
+                let path = state_dir.join(state::UNRECORDED);
+                tracing::warn!(
+                    unrecorded,
+                    "kernel refusals taken off the ring were not recorded: the log failed"
+                );
+                if let Err(e) = write_lost_mark(&path, unrecorded) {
+                    tracing::error!(
+                        "cannot keep the count of {unrecorded} unrecorded refusals in {}: {e}",
+                        path.display()
+                    );
                 }
-                _ = tick.tick() => {
-                    // Events left in the ring while the log was backed up.
-                    drain(ring.get_mut(), &audit, &sandbox, &mut summary)?;
-                    close_window(&mut summary, &audit, &sandbox)?;
-                    lost.report(&audit, &sandbox)?;
+            }
+        }
+        read
+    }
+}
+
+/// What the reader took off the ring and has not recorded yet.
+#[derive(Default)]
+struct Taken {
+    summary: Summary,
+    /// Refusals whose record (or count) the log refused.
+    unrecorded: u64,
+}
+
+async fn read(
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    audit: &AuditLog,
+    sandbox: &str,
+    mut stop: watch::Receiver<bool>,
+    lost: &mut LostCounter,
+    taken: &mut Taken,
+) -> Result<(), AuditError> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                if let Ok(mut guard) = guard {
+                    // Backed up or not, the next event or tick comes back here.
+                    drain(guard.get_inner_mut(), audit, sandbox, taken)?;
+                    guard.clear_ready();
                 }
-                _ = stop.changed() => {
-                    // The last of them, waiting for the writer if need be.
-                    while drain(ring.get_mut(), &audit, &sandbox, &mut summary)? {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    close_window(&mut summary, &audit, &sandbox)?;
-                    return lost.report(&audit, &sandbox);
+            }
+            _ = tick.tick() => {
+                // Events left in the ring while the log was backed up. A log backed up
+                // keeps the second open: its counts are written at a later tick, and this
+                // async thread does not wait on the writer.
+                if !drain(ring.get_mut(), audit, sandbox, taken)? {
+                    close_window(taken, audit, sandbox)?;
                 }
+                lost.report(audit, sandbox)?;
+            }
+            _ = stop.changed() => {
+                // The last of them, waiting for the writer if need be.
+                while drain(ring.get_mut(), audit, sandbox, taken)? {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                close_window(taken, audit, sandbox)?;
+                return lost.report(audit, sandbox);
             }
         }
     }
 }
 
-/// Writes what `summary` counted this second.
-fn close_window(summary: &mut Summary, audit: &AuditLog, sandbox: &str) -> Result<(), AuditError> {
-    summary
-        .close_window(sandbox)
-        .iter()
-        .try_for_each(|record| audit.append(record))
+/// Appends the record of kernel refusals `record`, or counts them as taken and unrecorded.
+fn append_refusals(audit: &AuditLog, record: &Record, taken: &mut u64) -> Result<(), AuditError> {
+    audit.append(record).inspect_err(|_| {
+        *taken += record.suppressed.or(record.repeats).unwrap_or(1);
+    })
+}
+
+/// Writes what was counted this second.
+fn close_window(taken: &mut Taken, audit: &AuditLog, sandbox: &str) -> Result<(), AuditError> {
+    let mut result = Ok(());
+    for record in taken.summary.close_window(sandbox) {
+        result = match result {
+            Ok(()) => append_refusals(audit, &record, &mut taken.unrecorded),
+            // Counted, not tried: the log has failed.
+            Err(e) => {
+                taken.unrecorded += record.suppressed.or(record.repeats).unwrap_or(1);
+                Err(e)
+            }
+        };
+    }
+    result
 }
 
 impl LostCounter {
@@ -180,17 +238,21 @@ fn drain(
     ring: &mut RingBuf<MapData>,
     audit: &AuditLog,
     sandbox: &str,
-    summary: &mut Summary,
+    taken: &mut Taken,
 ) -> Result<bool, AuditError> {
     loop {
+        // A failed log leaves the rest in the ring, for `gateway cleanup`.
+        audit.check()?;
         if audit.backed_up() {
             return Ok(true);
         }
         let Some(item) = ring.next() else {
             return Ok(false);
         };
-        if let Some(record) = event(&item).and_then(|ev| summary.admit(describe(&ev, sandbox))) {
-            audit.append(&record)?;
+        if let Some(record) =
+            event(&item).and_then(|ev| taken.summary.admit(describe(&ev, sandbox)))
+        {
+            append_refusals(audit, &record, &mut taken.unrecorded)?;
         }
     }
 }

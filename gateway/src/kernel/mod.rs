@@ -280,6 +280,11 @@ impl Enforcer {
         Ok(TunnelClients::new(map))
     }
 
+    /// Where its links and event maps are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
     /// Unpins and detaches every program; the sandbox must be dead by now.
     pub fn detach(self) -> Result<(), KernelError> {
         for link in self.links {

@@ -53,6 +53,11 @@ impl Summary {
         Some(record)
     }
 
+    /// The refusals counted this window and not yet recorded.
+    pub fn pending(&self) -> u64 {
+        self.seen.values().map(|(repeats, _)| repeats).sum::<u64>() + self.suppressed
+    }
+
     /// The records of what was counted this window (`sandbox`'s), and a new window.
     pub fn close_window(&mut self, sandbox: &str) -> Vec<Record> {
         let mut records: Vec<Record> = self
@@ -112,6 +117,7 @@ mod tests {
         }
         written.extend(s.admit(refusal(7, "127.0.0.1:10")));
         assert_eq!(written.len(), 2);
+        assert_eq!(s.pending(), 999);
         assert_eq!(written[0].kernel.as_ref().unwrap().pid, 100);
         assert_eq!(written[0].repeats, None);
         let closed = s.close_window("box");
@@ -140,6 +146,7 @@ mod tests {
             }
         }
         assert_eq!(written.len(), DISTINCT_PER_WINDOW);
+        assert_eq!(s.pending(), DISTINCT_PER_WINDOW as u64 + 200);
         let closed = s.close_window("box");
         assert_eq!(closed.len(), DISTINCT_PER_WINDOW + 1);
         let last = closed.last().unwrap();

@@ -48,6 +48,11 @@ pub struct RunState {
 /// audit log already (see [`kernel::EventReader::run`]).
 pub const LOST_REPORTED: &str = "lost-reported";
 
+/// The file in a run's state directory that counts the refusals its event reader took off
+/// the ring and could not record, the log having failed (see [`kernel::EventReader::run`]):
+/// `gateway cleanup` reports them as lost.
+pub const UNRECORDED: &str = "unrecorded";
+
 /// The id of this run: the gateway's pid, which is unique among live runs.
 pub fn run_id() -> String {
     std::process::id().to_string()
@@ -282,6 +287,14 @@ fn save_refusals(dir: &Path, state: &RunState) -> anyhow::Result<Saved> {
     let mark = dir.join(LOST_REPORTED);
     let mut reported = kernel::read_lost_mark(&mark)
         .with_context(|| keep("reading how much of the lost count is in the log", true))?;
+    // Refusals the live reader took off the ring and could not record: lost, and said so.
+    let unrecorded_file = dir.join(UNRECORDED);
+    let mut unrecorded = kernel::read_lost_mark(&unrecorded_file).with_context(|| {
+        keep(
+            "reading how many refusals the live reader could not record",
+            true,
+        )
+    })?;
     let (mut refusals, mut lost) = (0, 0);
     // Once with the links pinned; again after they are gone, for what a process placed in
     // a kept cgroup meanwhile was refused: nothing can add to the ring after that.
@@ -293,8 +306,11 @@ fn save_refusals(dir: &Path, state: &RunState) -> anyhow::Result<Saved> {
             _ => 0,
         };
         let appended = saved.and_then(|n| {
-            if newly_lost > 0 {
-                audit.append(&kernel::lost_record(&state.sandbox, newly_lost))?;
+            if newly_lost + unrecorded > 0 {
+                audit.append(&kernel::lost_record(
+                    &state.sandbox,
+                    newly_lost + unrecorded,
+                ))?;
             }
             audit.sync().map(|()| n)
         });
@@ -306,7 +322,16 @@ fn save_refusals(dir: &Path, state: &RunState) -> anyhow::Result<Saved> {
         })?;
         let total = total.with_context(|| keep("reading the lost-event counter", links_pinned))?;
         refusals += n;
-        lost += newly_lost;
+        lost += newly_lost + unrecorded;
+        if unrecorded > 0 {
+            std::fs::remove_file(&unrecorded_file).with_context(|| {
+                keep(
+                    "removing the count of unrecorded refusals now in the log (a retry reports them again)",
+                    links_pinned,
+                )
+            })?;
+            unrecorded = 0;
+        }
         if newly_lost > 0 {
             kernel::write_lost_mark(&mark, total).with_context(|| {
                 keep(

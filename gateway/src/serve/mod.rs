@@ -271,7 +271,7 @@ async fn supervise(
                 audit.clone(),
                 policy.name.clone(),
                 stop_rx.clone(),
-                sandbox.run_dir.join(state::LOST_REPORTED),
+                sandbox.run_dir.clone(),
             )));
             clients.push((sandbox.enforcer.tunnel_clients()?, sandbox.cgroup.id()));
             let mut vars = env::variables(
@@ -388,7 +388,11 @@ async fn supervise(
     // sandbox's ring may hold refusals that exist nowhere else.
     let logged = audit.sync();
     let mut created = Vec::new();
-    for ((sandbox, emptied), drained) in attached.into_iter().zip(emptied).zip(drained) {
+    // A sandbox whose reader was never started (startup failed on the way) has nothing
+    // unread to save.
+    let mut drained = drained.into_iter();
+    for (sandbox, emptied) in attached.into_iter().zip(emptied) {
+        let drained = drained.next().unwrap_or(Ok(()));
         if !emptied {
             // Detaching would let out what survived; the pins and the state stay for cleanup.
             continue;
@@ -400,9 +404,10 @@ async fn supervise(
             // Detaching would destroy them; the sandbox is dead, so its programs staying
             // attached costs nothing. `gateway cleanup` saves them.
             failures.push(e.context(format!(
-                "sandbox {}: it is dead, and its programs stay pinned with the refusals not yet in the log: make {} writable (space, permissions, mount) and run `gateway cleanup`",
+                "sandbox {}: it is dead, and its programs stay pinned in {} with the refusals not yet in the log: {}",
                 sandbox.name,
-                audit.path().display()
+                sandbox.enforcer.pin_dir().display(),
+                crate::run::remedy(&audit)
             )));
             // For launching into a sandbox this serve no longer serves.
             let _ = std::fs::remove_dir_all(env_dir(&sandbox.name));
@@ -421,7 +426,16 @@ async fn supervise(
                 .push(anyhow::Error::from(e).context(format!("removing cgroup {}", dir.display())));
         }
     }
-    let status = outcome?;
+    let status = match outcome {
+        Ok(status) => status,
+        Err(e) => {
+            // What teardown found must not be lost behind the first error.
+            for f in &failures {
+                tracing::error!("{f:#}");
+            }
+            return Err(e);
+        }
+    };
     let mut failures = failures.into_iter();
     let Some(first) = failures.next() else {
         return Ok(status);
