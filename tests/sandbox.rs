@@ -516,6 +516,40 @@ report("keyctl", lambda: call(250, 0, KEY_SPEC_PROCESS_KEYRING, 1))
     }
 }
 
+/// Refusals the gateway's seccomp notifier answers are summarized as the kernel's are: a
+/// loop of 3,000 refused `request_key` calls is a record and a count for each second it
+/// lasted, and every call is counted.
+#[test]
+fn repeated_seccomp_refusals_are_counted_not_written_one_by_one() {
+    let run = Run::new("keys-flood", &policy("keys-flood", ""));
+    let attempts = 3000;
+    let out = run.python(&format!(
+        r#"
+libc = ctypes.CDLL(None, use_errno=True)
+refused = 0
+for _ in range({attempts}):
+    if libc.syscall(249, b"user", b"gateway-test-absent", None, 0) < 0 and ctypes.get_errno() == errno.EPERM:
+        refused += 1
+print(json.dumps({{"refused": refused}}), flush=True)
+"#
+    ));
+    let refused = out.lines.iter().find_map(|l| l["refused"].as_u64());
+    assert_eq!(refused, Some(attempts), "{}", out.describe());
+    let pid = out.pid();
+    let records: Vec<&serde_json::Value> = out
+        .audit
+        .iter()
+        .filter(|r| r["hook"] == "request_key" && r["reason"] == "kernel-keyring")
+        .collect();
+    let counted: u64 = records
+        .iter()
+        .map(|r| r["repeats"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(counted, attempts, "{}", out.describe());
+    assert!(records.iter().all(|r| r["pid"].as_u64() == Some(pid)));
+    assert!(records.len() <= 40, "{} records", records.len());
+}
+
 #[test]
 fn host_unix_sockets_are_refused() {
     let scratch = Scratch::new("unix");

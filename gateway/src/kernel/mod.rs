@@ -6,7 +6,7 @@ mod clients;
 mod events;
 mod maps;
 mod stale;
-mod summary;
+pub mod summary;
 mod unix;
 
 use std::{

@@ -9,16 +9,54 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use libseccomp::{ScmpArch, ScmpNotifReq, ScmpNotifResp, ScmpNotifRespFlags, notify_id_valid};
 
-use crate::audit::{AuditLog, KernelFields, Layer, Record, Verdict};
+use crate::{
+    audit::{AuditLog, KernelFields, Layer, Record, Verdict},
+    kernel::summary::Summary,
+};
 
-/// Serves notifications until `stop` is set or every sandboxed process has exited.
+/// Serves notifications until `stop` is set or every sandboxed process has exited. Repeated
+/// refusals are counted within each second, as the kernel's are ([`Summary`]).
 pub fn serve(listener: OwnedFd, audit: AuditLog, sandbox: String, stop: Arc<AtomicBool>) {
+    let mut summary = Summary::default();
+    let mut window = Instant::now();
+    answer(
+        &listener,
+        &audit,
+        &sandbox,
+        &stop,
+        &mut summary,
+        &mut window,
+    );
+    write(&audit, summary.close_window(&sandbox));
+}
+
+fn write(audit: &AuditLog, records: impl IntoIterator<Item = Record>) {
+    for record in records {
+        if let Err(e) = audit.append(&record) {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+fn answer(
+    listener: &OwnedFd,
+    audit: &AuditLog,
+    sandbox: &str,
+    stop: &AtomicBool,
+    summary: &mut Summary,
+    window: &mut Instant,
+) {
     let fd = listener.as_raw_fd();
     while !stop.load(Ordering::Relaxed) {
+        if window.elapsed() >= WINDOW {
+            write(audit, summary.close_window(sandbox));
+            *window = Instant::now();
+        }
         let mut pfd = libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -38,10 +76,10 @@ pub fn serve(listener: OwnedFd, audit: AuditLog, sandbox: String, stop: Arc<Atom
             Err(_) => continue,
         };
         let foreign = foreign_abi(&req);
-        let record = describe(&req, &sandbox, foreign.clone());
-        if let Err(e) = audit.append(&record) {
-            tracing::error!("{e}");
-        }
+        write(
+            audit,
+            summary.admit(describe(&req, sandbox, foreign.clone())),
+        );
         if foreign.is_some()
             && let Err(e) = kill_caller(fd, &req)
         {
@@ -52,6 +90,9 @@ pub fn serve(listener: OwnedFd, audit: AuditLog, sandbox: String, stop: Arc<Atom
         let _ = resp.respond(fd);
     }
 }
+
+/// How long repeats of a refusal are counted before their record is written.
+const WINDOW: Duration = Duration::from_secs(1);
 
 /// x32 system call numbers are the x86_64 ones with this bit set, under the native arch.
 const X32_SYSCALL_BIT: i32 = 0x4000_0000;
