@@ -211,14 +211,6 @@ impl Drop for GivenCgroup {
 }
 
 /// Audit records, one JSON line each, for a failing test's message.
-fn joined(records: &[Value]) -> String {
-    records
-        .iter()
-        .map(Value::to_string)
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn test_cgroup(tag: &str) -> String {
     format!("gateway-test-serve-{}-{tag}", std::process::id())
 }
@@ -898,11 +890,7 @@ print(opened + sum(attempt({}) for _ in range(20)))
 
     disk.make_room_and_clean_up();
     let records = read();
-    let lost: u64 = records
-        .iter()
-        .filter(|r| r["reason"] == "events-lost")
-        .filter_map(|r| r["lost"].as_u64())
-        .sum();
+    let lost: u64 = lost_in(&records);
     // The reader took none of them off the ring: the log had failed before.
     assert_eq!(to_after(&records), 20, "{lost} lost\n{}", joined(&records));
     assert_eq!(after.accepted(), 0);
@@ -910,12 +898,7 @@ print(opened + sum(attempt({}) for _ in range(20)))
         !cgroup2_root().join(&cgroup).exists(),
         "cleanup left the cgroup"
     );
-    let verify = Command::new(gateway_bin())
-        .args(["audit", "verify", "--log"])
-        .arg(&log)
-        .output()
-        .unwrap();
-    assert!(verify.status.success(), "{verify:?}");
+    assert_chain_verifies(&log);
 }
 
 /// The kernel only records tunnel clients in the tunnel's own network namespace. A served

@@ -36,6 +36,17 @@ TUNNEL_PORT = int(TUNNEL[1])
 TUNNEL_HOST = TUNNEL[0].split('//')[-1]
 "#;
 
+/// Python: `attempt(port)`, whether a TCP connection to 127.0.0.1:`port` opened. After
+/// [`PRELUDE`].
+pub const ATTEMPT: &str = r#"
+def attempt(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+"#;
+
 /// Python: `status(url)`, the HTTP status urllib gets for `url` through the tunnel, a
 /// refused CONNECT's included (urllib reports that one only in its message).
 pub const STATUS: &str = r#"
@@ -237,6 +248,39 @@ pub fn outside(out: Output) -> Finished {
 
 pub fn python_outside(body: &str) -> Finished {
     outside(outside_command(body).output().unwrap())
+}
+
+/// `records`, a line each, for a failure's message.
+pub fn joined(records: &[Value]) -> String {
+    records
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Fails unless `gateway audit verify` finds the log at `log` intact.
+pub fn assert_chain_verifies(log: &Path) {
+    let verify = Command::new(gateway_bin())
+        .args(["audit", "verify", "--log"])
+        .arg(log)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "the chain does not verify: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+/// The refusals the `events-lost` records among `records` count.
+pub fn lost_in<'a>(records: impl IntoIterator<Item = &'a Value>) -> u64 {
+    records
+        .into_iter()
+        .filter(|r| r["reason"] == "events-lost")
+        .filter_map(|r| r["lost"].as_u64())
+        .sum()
 }
 
 pub fn json_lines(text: &str) -> Vec<Value> {
