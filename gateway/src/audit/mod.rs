@@ -28,7 +28,7 @@ use std::{
 
 use chain::{Chain, Resume};
 pub use query::View as RecordView;
-pub use record::{KernelFields, Layer, ProxyFields, Record, ReloadFields, Verdict};
+pub use record::{KernelFields, Layer, ProxyFields, Record, ReloadFields, Verdict, now_rfc3339};
 pub use trust::Untrusted;
 
 /// The longest a queued record waits before the writer picks it up under load. Each batch

@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use gateway_common::{Event, Hook, Reason};
+use gateway_common::{COMM_LEN, Event, Hook, Reason, UNIX_PATH_MAX};
 use tokio::{io::unix::AsyncFd, sync::watch};
 
 use super::summary::Summary;
@@ -141,7 +141,7 @@ impl EventReader {
 /// What the reader took off the ring and has not recorded yet.
 #[derive(Default)]
 struct Taken {
-    summary: Summary,
+    summary: Summary<EventKind>,
     /// Refusals whose record (or count) the log refused.
     unrecorded: u64,
 }
@@ -249,10 +249,55 @@ fn drain(
         let Some(item) = ring.next() else {
             return Ok(false);
         };
-        if let Some(record) =
-            event(&item).and_then(|ev| taken.summary.admit(describe(&ev, sandbox)))
+        let Some(ev) = event(&item) else {
+            continue;
+        };
+        if let Some(record) = taken
+            .summary
+            .admit(EventKind::of(&ev), ev.pid, || describe(&ev, sandbox))
         {
             append_refusals(audit, &record, &mut taken.unrecorded)?;
+        }
+    }
+}
+
+/// What makes two events the same refusal: every field of the record made of them but the
+/// process id, taken from the event itself (no record is made of a repeat).
+#[derive(PartialEq, Eq, Hash)]
+struct EventKind {
+    hook: u32,
+    reason: u32,
+    uid: u32,
+    family: u32,
+    sock_type: u32,
+    protocol: u32,
+    port: u32,
+    addr: [u8; 16],
+    /// Up to its first NUL, the rest zeroed.
+    comm: [u8; COMM_LEN],
+    /// The meaningful bytes, the rest zeroed.
+    path: [u8; UNIX_PATH_MAX],
+}
+
+impl EventKind {
+    fn of(ev: &Event) -> Self {
+        let mut comm = [0; COMM_LEN];
+        let comm_len = ev.comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+        comm[..comm_len].copy_from_slice(&ev.comm[..comm_len]);
+        let mut path = [0; UNIX_PATH_MAX];
+        let path_len = (ev.path_len as usize).min(UNIX_PATH_MAX);
+        path[..path_len].copy_from_slice(&ev.path[..path_len]);
+        Self {
+            hook: ev.hook,
+            reason: ev.reason,
+            uid: ev.uid,
+            family: ev.family,
+            sock_type: ev.sock_type,
+            protocol: ev.protocol,
+            port: ev.port,
+            addr: ev.addr,
+            comm,
+            path,
         }
     }
 }

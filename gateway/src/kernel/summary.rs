@@ -8,67 +8,81 @@
 //! [`DISTINCT_PER_WINDOW`] kinds in one second (a flood that varies its destination), the
 //! rest are only counted, in one `refusals-suppressed` record. Nothing goes uncounted.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, hash::Hash};
 
-use crate::audit::{KernelFields, Layer, Record, Verdict};
+use crate::audit::{Layer, Record, Verdict, now_rfc3339};
 
 /// The different refusals one sandbox may have recorded whole in a window (a second).
 pub const DISTINCT_PER_WINDOW: usize = 256;
 
-/// What makes two refusals the same kind: all of their fields but the process id.
-type Kind = (String, KernelFields);
-
-#[derive(Default)]
-pub struct Summary {
-    /// Each kind recorded this window: how many came after its record, and the last one's
-    /// process.
-    seen: HashMap<Kind, (u64, u32)>,
+/// Refusals counted within a window, by their kind `K`: whatever makes two refusals the
+/// same but for the process that made them.
+pub struct Summary<K> {
+    seen: HashMap<K, Seen>,
     /// Refusals of kinds past the limit, this window.
     suppressed: u64,
 }
 
-impl Summary {
-    /// The record to write for refusal `record` (a kernel refusal), or `None` when it is
-    /// counted instead.
-    pub fn admit(&mut self, mut record: Record) -> Option<Record> {
-        let Some(mut fields) = record.kernel.take() else {
-            return Some(record);
-        };
-        let pid = std::mem::take(&mut fields.pid);
-        let kind = (std::mem::take(&mut record.reason), fields);
-        if let Some((repeats, last)) = self.seen.get_mut(&kind) {
-            *repeats += 1;
-            *last = pid;
+/// A kind recorded this window.
+struct Seen {
+    /// Its record, for the one that says how many came after it.
+    record: Record,
+    repeats: u64,
+    last_pid: u32,
+}
+
+impl<K> Default for Summary<K> {
+    fn default() -> Self {
+        Self {
+            seen: HashMap::new(),
+            suppressed: 0,
+        }
+    }
+}
+
+impl<K: Hash + Eq> Summary<K> {
+    /// The record to write for a refusal of kind `kind` by process `pid`, or `None` when it
+    /// is counted instead. `record` makes it (a kernel refusal's), only for the first of its
+    /// kind in the window: a flood costs a lookup per refusal, not a record.
+    pub fn admit(&mut self, kind: K, pid: u32, record: impl FnOnce() -> Record) -> Option<Record> {
+        if let Some(seen) = self.seen.get_mut(&kind) {
+            seen.repeats += 1;
+            seen.last_pid = pid;
             return None;
         }
         if self.seen.len() >= DISTINCT_PER_WINDOW {
             self.suppressed += 1;
             return None;
         }
-        let (reason, mut fields) = kind.clone();
-        self.seen.insert(kind, (0, pid));
-        fields.pid = pid;
-        record.reason = reason;
-        record.kernel = Some(fields);
+        let record = record();
+        let seen = Seen {
+            record: record.clone(),
+            repeats: 0,
+            last_pid: pid,
+        };
+        self.seen.insert(kind, seen);
         Some(record)
     }
 
     /// The refusals counted this window and not yet recorded.
     pub fn pending(&self) -> u64 {
-        self.seen.values().map(|(repeats, _)| repeats).sum::<u64>() + self.suppressed
+        self.seen.values().map(|s| s.repeats).sum::<u64>() + self.suppressed
     }
 
     /// The records of what was counted this window (`sandbox`'s), and a new window.
     pub fn close_window(&mut self, sandbox: &str) -> Vec<Record> {
+        let ts = now_rfc3339();
         let mut records: Vec<Record> = self
             .seen
             .drain()
-            .filter(|(_, (repeats, _))| *repeats > 0)
-            .map(|((reason, mut fields), (repeats, pid))| {
-                fields.pid = pid;
-                let mut record = Record::new(Layer::Kernel, Verdict::Deny, sandbox, &reason);
-                record.kernel = Some(fields);
-                record.repeats = Some(repeats);
+            .filter(|(_, seen)| seen.repeats > 0)
+            .map(|(_, seen)| {
+                let mut record = seen.record;
+                record.ts.clone_from(&ts);
+                if let Some(fields) = &mut record.kernel {
+                    fields.pid = seen.last_pid;
+                }
+                record.repeats = Some(seen.repeats);
                 record
             })
             .collect();
@@ -85,6 +99,16 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::KernelFields;
+
+    type Kind = (String, KernelFields);
+
+    /// A refusal and its kind: its reason and fields but the pid.
+    fn admit(s: &mut Summary<Kind>, r: Record) -> Option<Record> {
+        let mut fields = r.kernel.clone().unwrap();
+        let pid = std::mem::take(&mut fields.pid);
+        s.admit((r.reason.clone(), fields), pid, || r)
+    }
 
     fn refusal(pid: u32, dst: &str) -> Record {
         let mut r = Record::new(Layer::Kernel, Verdict::Deny, "box", "not-allowlisted");
@@ -110,12 +134,12 @@ mod tests {
 
     #[test]
     fn the_first_of_a_kind_is_recorded_whole_and_the_rest_counted_at_the_window_s_end() {
-        let mut s = Summary::default();
+        let mut s = Summary::<Kind>::default();
         let mut written: Vec<Record> = Vec::new();
         for i in 0..1000 {
-            written.extend(s.admit(refusal(100 + i % 3, "127.0.0.1:9")));
+            written.extend(admit(&mut s, refusal(100 + i % 3, "127.0.0.1:9")));
         }
-        written.extend(s.admit(refusal(7, "127.0.0.1:10")));
+        written.extend(admit(&mut s, refusal(7, "127.0.0.1:10")));
         assert_eq!(written.len(), 2);
         assert_eq!(s.pending(), 999);
         assert_eq!(written[0].kernel.as_ref().unwrap().pid, 100);
@@ -132,17 +156,17 @@ mod tests {
         written.extend(closed);
         assert_eq!(counted(&written), 1001);
         // A new window records the kind whole again.
-        assert!(s.admit(refusal(1, "127.0.0.1:9")).is_some());
+        assert!(admit(&mut s, refusal(1, "127.0.0.1:9")).is_some());
         assert!(s.close_window("box").is_empty());
     }
 
     #[test]
     fn kinds_past_the_limit_are_only_counted() {
-        let mut s = Summary::default();
+        let mut s = Summary::<Kind>::default();
         let mut written: Vec<Record> = Vec::new();
         for port in 0..DISTINCT_PER_WINDOW + 100 {
             for _ in 0..2 {
-                written.extend(s.admit(refusal(1, &format!("127.0.0.1:{port}"))));
+                written.extend(admit(&mut s, refusal(1, &format!("127.0.0.1:{port}"))));
             }
         }
         assert_eq!(written.len(), DISTINCT_PER_WINDOW);
@@ -156,14 +180,5 @@ mod tests {
         );
         written.extend(closed);
         assert_eq!(counted(&written), 2 * (DISTINCT_PER_WINDOW as u64 + 100));
-    }
-
-    #[test]
-    fn a_record_without_kernel_fields_passes_as_it_is() {
-        let mut s = Summary::default();
-        let r = Record::new(Layer::Kernel, Verdict::Deny, "box", "events-lost");
-        assert!(s.admit(r.clone()).is_some());
-        assert!(s.admit(r).is_some());
-        assert!(s.close_window("box").is_empty());
     }
 }

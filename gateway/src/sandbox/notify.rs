@@ -22,7 +22,7 @@ use crate::{
 /// Serves notifications until `stop` is set or every sandboxed process has exited. Repeated
 /// refusals are counted within each second, as the kernel's are ([`Summary`]).
 pub fn serve(listener: OwnedFd, audit: AuditLog, sandbox: String, stop: Arc<AtomicBool>) {
-    let mut summary = Summary::default();
+    let mut summary = Summary::<Kind>::default();
     let mut window = Instant::now();
     answer(
         &listener,
@@ -48,7 +48,7 @@ fn answer(
     audit: &AuditLog,
     sandbox: &str,
     stop: &AtomicBool,
-    summary: &mut Summary,
+    summary: &mut Summary<Kind>,
     window: &mut Instant,
 ) {
     let fd = listener.as_raw_fd();
@@ -76,10 +76,15 @@ fn answer(
             Err(_) => continue,
         };
         let foreign = foreign_abi(&req);
-        write(
-            audit,
-            summary.admit(describe(&req, sandbox, foreign.clone())),
+        let record = describe(&req, sandbox, foreign.clone());
+        let kind = (
+            record.reason.clone(),
+            record.kernel.clone().map(|mut k| {
+                k.pid = 0;
+                k
+            }),
         );
+        write(audit, summary.admit(kind, req.pid, || record));
         if foreign.is_some()
             && let Err(e) = kill_caller(fd, &req)
         {
@@ -90,6 +95,9 @@ fn answer(
         let _ = resp.respond(fd);
     }
 }
+
+/// What makes two refusals the same: their reason and fields but the process id.
+type Kind = (String, Option<KernelFields>);
 
 /// How long repeats of a refusal are counted before their record is written.
 const WINDOW: Duration = Duration::from_secs(1);
