@@ -274,6 +274,8 @@ async fn supervise(
     // From here on every error still goes through the teardown below.
     let mut events = None;
     let mut tunnel_threads = Vec::new();
+    // Refusals the seccomp notifier could not record (the log having failed).
+    let mut seccomp_unrecorded = 0;
     let outcome: anyhow::Result<i32> = async {
         let reader = enforcer.events()?;
         let clients = SandboxClients(vec![(enforcer.tunnel_clients()?, cgroup.id())]);
@@ -328,7 +330,7 @@ async fn supervise(
             command,
             &cgroup,
             (env, removal.remove),
-            &audit,
+            (&audit, &mut seccomp_unrecorded),
         )
         .await
     }
@@ -359,6 +361,14 @@ async fn supervise(
     }
     // Everything the reader queued is in the file, or the log has failed.
     let drained = drained.and_then(|()| audit.sync().map_err(anyhow::Error::from));
+    if seccomp_unrecorded > 0 {
+        // For `gateway cleanup`, with the event reader's.
+        if let Err(e) = kernel::add_unrecorded(run_dir, seccomp_unrecorded) {
+            tracing::error!(
+                "cannot keep the count of {seccomp_unrecorded} unrecorded seccomp refusals: {e}"
+            );
+        }
+    }
     if let Err(e) = drained {
         // The refusals still in the kernel's ring (and its lost count) exist nowhere else:
         // detaching would destroy them. The sandbox is dead, so its programs staying
@@ -401,7 +411,8 @@ struct Signals<'a> {
 }
 
 /// Starts CMD and waits for it. `(env, remove)`: the variables set for CMD, and those of the
-/// gateway's environment it does not inherit.
+/// gateway's environment it does not inherit; `(audit, unrecorded)`: the log, and the count
+/// the seccomp notifier's refusals that did not reach it are added to.
 async fn launch_and_wait(
     policy: &Policy,
     signals: Signals<'_>,
@@ -409,7 +420,7 @@ async fn launch_and_wait(
     command: &[String],
     cgroup: &Cgroup,
     (env, remove): (Vec<(String, String)>, Vec<std::ffi::OsString>),
-    audit: &AuditLog,
+    (audit, unrecorded): (&AuditLog, &mut u64),
 ) -> anyhow::Result<i32> {
     // Handlers first: a signal that arrives once CMD runs must be forwarded, not kill us.
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -429,10 +440,14 @@ async fn launch_and_wait(
     }
     .spawn()?;
     let listener = confinement.receive_listener()?;
-    let stop_notify = Arc::new(AtomicBool::new(false));
-    let notifier = {
-        let (audit, sandbox, stop) = (audit.clone(), policy.name.clone(), stop_notify.clone());
-        std::thread::spawn(move || notify::serve(listener, audit, sandbox, stop))
+    let stop = Arc::new(AtomicBool::new(false));
+    let _notifier = NotifierThread {
+        thread: Some({
+            let (audit, sandbox, stop) = (audit.clone(), policy.name.clone(), stop.clone());
+            std::thread::spawn(move || notify::serve(listener, audit, sandbox, stop))
+        }),
+        stop,
+        unrecorded,
     };
     let pid = child.id().map(|p| Pid::from_raw(p as i32));
     let mut forwarded = false;
@@ -460,9 +475,24 @@ async fn launch_and_wait(
         }
         forwarded = true;
     };
-    stop_notify.store(true, Ordering::Relaxed);
-    let _ = notifier.join();
     Ok(exit_code(status))
+}
+
+/// The seccomp notifier's thread, stopped and joined however CMD's wait ends; the refusals
+/// it could not record are added to `unrecorded`.
+struct NotifierThread<'a> {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+    unrecorded: &'a mut u64,
+}
+
+impl Drop for NotifierThread<'_> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            *self.unrecorded += thread.join().unwrap_or(0);
+        }
+    }
 }
 
 /// CMD's status as `gateway` passes it on: its code, or 128+N when signal N killed it.

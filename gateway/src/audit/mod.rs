@@ -265,6 +265,12 @@ impl AuditLog {
         self.check()
     }
 
+    /// Marks the log failed, as a write error would.
+    #[cfg(test)]
+    pub(crate) fn fail_for_test(&self) {
+        let _ = self.failed.set("failed by a test".into());
+    }
+
     /// The log's failure, if it has failed.
     pub fn check(&self) -> Result<(), AuditError> {
         match self.failed.get() {

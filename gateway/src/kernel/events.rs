@@ -70,6 +70,15 @@ pub fn write_lost_mark(path: &Path, total: u64) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Adds `n` to the count of refusals taken and not recorded, in the run's state directory
+/// `state_dir` ([`state::UNRECORDED`]), for `gateway cleanup` to report as lost.
+pub fn add_unrecorded(state_dir: &Path, n: u64) -> std::io::Result<()> {
+    let path = state_dir.join(state::UNRECORDED);
+    let before = read_lost_mark(&path)?;
+    write_lost_mark(&path, before + n)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
 /// The part of the lost count the log holds: 0 when no mark was written.
 pub fn read_lost_mark(path: &Path) -> std::io::Result<u64> {
     match std::fs::read_to_string(path) {
@@ -121,15 +130,13 @@ impl EventReader {
             // Off the ring, in no record: only this count is left of them.
             let unrecorded = taken.unrecorded + taken.summary.pending();
             if unrecorded > 0 {
-                let path = state_dir.join(state::UNRECORDED);
                 tracing::warn!(
                     unrecorded,
                     "kernel refusals taken off the ring were not recorded: the log failed"
                 );
-                if let Err(e) = write_lost_mark(&path, unrecorded) {
+                if let Err(e) = add_unrecorded(&state_dir, unrecorded) {
                     tracing::error!(
-                        "cannot keep the count of {unrecorded} unrecorded refusals in {}: {e}",
-                        path.display()
+                        "cannot keep the count of {unrecorded} unrecorded refusals: {e}"
                     );
                 }
             }
@@ -142,9 +149,15 @@ impl EventReader {
 #[derive(Default)]
 struct Taken {
     summary: Summary<EventKind>,
+    /// Ticks since the window opened.
+    open_for: u32,
     /// Refusals whose record (or count) the log refused.
     unrecorded: u64,
 }
+
+/// The ticks a window stays open at most while the log is backed up: the counts of a longer
+/// one would be lost at a crash.
+const MAX_WINDOW_TICKS: u32 = 10;
 
 async fn read(
     mut ring: AsyncFd<RingBuf<MapData>>,
@@ -166,9 +179,11 @@ async fn read(
             }
             _ = tick.tick() => {
                 // Events left in the ring while the log was backed up. A log backed up
-                // keeps the second open: its counts are written at a later tick, and this
-                // async thread does not wait on the writer.
-                if !drain(ring.get_mut(), audit, sandbox, taken)? {
+                // keeps the second open, for a while: its counts are written at a later
+                // tick, and this async thread does not wait on the writer.
+                let backed_up = drain(ring.get_mut(), audit, sandbox, taken)?;
+                taken.open_for += 1;
+                if !backed_up || taken.open_for >= MAX_WINDOW_TICKS {
                     close_window(taken, audit, sandbox)?;
                 }
                 lost.report(audit, sandbox)?;
@@ -194,6 +209,7 @@ fn append_refusals(audit: &AuditLog, record: &Record, taken: &mut u64) -> Result
 
 /// Writes what was counted this second.
 fn close_window(taken: &mut Taken, audit: &AuditLog, sandbox: &str) -> Result<(), AuditError> {
+    taken.open_for = 0;
     let mut result = Ok(());
     for record in taken.summary.close_window(sandbox) {
         result = match result {
@@ -275,8 +291,10 @@ struct EventKind {
     addr: [u8; 16],
     /// Up to its first NUL, the rest zeroed.
     comm: [u8; COMM_LEN],
-    /// The meaningful bytes, the rest zeroed.
+    /// The meaningful bytes, the rest zeroed; with their count, since an abstract name may
+    /// end in NULs (`@x` and `@x\0` are two sockets).
     path: [u8; UNIX_PATH_MAX],
+    path_len: usize,
 }
 
 impl EventKind {
@@ -298,6 +316,7 @@ impl EventKind {
             addr: ev.addr,
             comm,
             path,
+            path_len,
         }
     }
 }
@@ -408,5 +427,79 @@ fn type_name(t: u32) -> String {
         3 => "raw".into(),
         5 => "seqpacket".into(),
         t => format!("type{t}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unix_connect(pid: u32, name: &[u8]) -> Event {
+        let mut path = [0; UNIX_PATH_MAX];
+        path[..name.len()].copy_from_slice(name);
+        let mut comm = [0; COMM_LEN];
+        comm[..7].copy_from_slice(b"python3");
+        Event {
+            cgroup_id: 1,
+            hook: Hook::UnixConnect as u32,
+            reason: Reason::NotAllowlisted as u32,
+            pid,
+            uid: 65534,
+            family: AF_UNIX,
+            sock_type: 1,
+            protocol: 0,
+            port: 0,
+            addr: [0; 16],
+            comm,
+            path,
+            path_len: name.len() as u32,
+        }
+    }
+
+    fn dst(ev: &Event) -> Option<String> {
+        describe(ev, "box").kernel.and_then(|k| k.dst)
+    }
+
+    /// Same kind, same record but the pid: an abstract name with trailing NULs is another
+    /// socket than the name without them, and is recorded as such.
+    #[test]
+    fn events_of_one_kind_make_one_record_but_for_the_pid() {
+        let (a, b) = (unix_connect(1, b"\0x"), unix_connect(2, b"\0x"));
+        assert!(EventKind::of(&a) == EventKind::of(&b));
+        let padded = unix_connect(1, b"\0x\0\0");
+        assert!(EventKind::of(&a) != EventKind::of(&padded));
+        assert_ne!(dst(&a), dst(&padded));
+        // Bytes past the name's length are not the name.
+        let mut stale = unix_connect(3, b"\0x");
+        stale.path[5] = b'z';
+        stale.comm[10] = b'q';
+        assert!(EventKind::of(&a) == EventKind::of(&stale));
+    }
+
+    /// Once the log has failed, what the reader counted and could not record is kept as a
+    /// count: the record refused, and every count of the window.
+    #[test]
+    fn refusals_the_failed_log_did_not_take_are_counted() {
+        let dir = std::env::temp_dir().join(format!("gateway-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let audit = AuditLog::open(&dir.join("audit.jsonl")).unwrap();
+        let mut taken = Taken::default();
+        let admit = |taken: &mut Taken, ev: &Event| {
+            let record = taken
+                .summary
+                .admit(EventKind::of(ev), ev.pid, || describe(ev, "box"));
+            record.map(|r| append_refusals(&audit, &r, &mut taken.unrecorded))
+        };
+        for i in 0..5 {
+            admit(&mut taken, &unix_connect(i, b"/a")).map(Result::unwrap);
+            admit(&mut taken, &unix_connect(i, b"/b")).map(Result::unwrap);
+        }
+        assert_eq!(taken.summary.pending(), 8);
+        audit.fail_for_test();
+        assert!(admit(&mut taken, &unix_connect(9, b"/c")).unwrap().is_err());
+        assert_eq!(taken.unrecorded, 1);
+        assert!(close_window(&mut taken, &audit, "box").is_err());
+        assert_eq!((taken.unrecorded, taken.summary.pending()), (9, 0));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

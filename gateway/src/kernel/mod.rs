@@ -27,7 +27,7 @@ use aya::{
 };
 
 pub use clients::TunnelClients;
-pub use events::{EventReader, lost_record, read_lost_mark, write_lost_mark};
+pub use events::{EventReader, add_unrecorded, lost_record, read_lost_mark, write_lost_mark};
 pub use maps::{Compiled, PolicyMaps};
 pub use stale::PinnedEvents;
 

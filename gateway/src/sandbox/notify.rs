@@ -20,79 +20,91 @@ use crate::{
 };
 
 /// Serves notifications until `stop` is set or every sandboxed process has exited. Repeated
-/// refusals are counted within each second, as the kernel's are ([`Summary`]).
-pub fn serve(listener: OwnedFd, audit: AuditLog, sandbox: String, stop: Arc<AtomicBool>) {
-    let mut summary = Summary::<Kind>::default();
-    let mut window = Instant::now();
-    answer(
-        &listener,
-        &audit,
-        &sandbox,
-        &stop,
-        &mut summary,
-        &mut window,
-    );
-    write(&audit, summary.close_window(&sandbox));
+/// refusals are counted within each second, as the kernel's are ([`Summary`]). Returns how
+/// many refusals it could not record, the log having failed: `gateway cleanup` reports them
+/// as lost.
+pub fn serve(listener: OwnedFd, audit: AuditLog, sandbox: String, stop: Arc<AtomicBool>) -> u64 {
+    let mut records = Records {
+        audit,
+        sandbox,
+        summary: Summary::default(),
+        window: Instant::now(),
+        unrecorded: 0,
+    };
+    records.answer(&listener, &stop);
+    let last = records.summary.close_window(&records.sandbox);
+    records.write(last);
+    records.unrecorded
 }
 
-fn write(audit: &AuditLog, records: impl IntoIterator<Item = Record>) {
-    for record in records {
-        if let Err(e) = audit.append(&record) {
-            tracing::error!("{e}");
+/// The notifier's refusals on their way to the log.
+struct Records {
+    audit: AuditLog,
+    sandbox: String,
+    summary: Summary<Kind>,
+    /// When the summary's window opened.
+    window: Instant,
+    unrecorded: u64,
+}
+
+impl Records {
+    fn write(&mut self, records: impl IntoIterator<Item = Record>) {
+        for record in records {
+            if let Err(e) = self.audit.append(&record) {
+                if self.unrecorded == 0 {
+                    tracing::error!("{e}");
+                }
+                self.unrecorded += record.suppressed.or(record.repeats).unwrap_or(1);
+            }
         }
     }
-}
 
-fn answer(
-    listener: &OwnedFd,
-    audit: &AuditLog,
-    sandbox: &str,
-    stop: &AtomicBool,
-    summary: &mut Summary<Kind>,
-    window: &mut Instant,
-) {
-    let fd = listener.as_raw_fd();
-    while !stop.load(Ordering::Relaxed) {
-        if window.elapsed() >= WINDOW {
-            write(audit, summary.close_window(sandbox));
-            *window = Instant::now();
+    fn answer(&mut self, listener: &OwnedFd, stop: &AtomicBool) {
+        let fd = listener.as_raw_fd();
+        while !stop.load(Ordering::Relaxed) {
+            if self.window.elapsed() >= WINDOW {
+                let counted = self.summary.close_window(&self.sandbox);
+                self.write(counted);
+                self.window = Instant::now();
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 200) };
+            if ready <= 0 {
+                continue;
+            }
+            if pfd.revents & libc::POLLHUP != 0 && pfd.revents & libc::POLLIN == 0 {
+                return;
+            }
+            let req = match ScmpNotifReq::receive(fd) {
+                Ok(r) => r,
+                // The caller may have been killed between poll and receive.
+                Err(_) => continue,
+            };
+            let foreign = foreign_abi(&req);
+            let record = describe(&req, &self.sandbox, foreign.clone());
+            let kind = (
+                record.reason.clone(),
+                record.kernel.clone().map(|mut k| {
+                    k.pid = 0;
+                    k
+                }),
+            );
+            let admitted = self.summary.admit(kind, req.pid, || record);
+            self.write(admitted);
+            if foreign.is_some()
+                && let Err(e) = kill_caller(fd, &req)
+            {
+                tracing::error!(pid = req.pid, "killing a foreign-ABI caller: {e}");
+            }
+            let resp = ScmpNotifResp::new_error(req.id, -libc::EPERM, ScmpNotifRespFlags::empty());
+            // A caller that went away meanwhile makes respond fail; nothing to refuse then.
+            let _ = resp.respond(fd);
         }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 200) };
-        if ready <= 0 {
-            continue;
-        }
-        if pfd.revents & libc::POLLHUP != 0 && pfd.revents & libc::POLLIN == 0 {
-            return;
-        }
-        let req = match ScmpNotifReq::receive(fd) {
-            Ok(r) => r,
-            // The caller may have been killed between poll and receive.
-            Err(_) => continue,
-        };
-        let foreign = foreign_abi(&req);
-        let record = describe(&req, sandbox, foreign.clone());
-        let kind = (
-            record.reason.clone(),
-            record.kernel.clone().map(|mut k| {
-                k.pid = 0;
-                k
-            }),
-        );
-        write(audit, summary.admit(kind, req.pid, || record));
-        if foreign.is_some()
-            && let Err(e) = kill_caller(fd, &req)
-        {
-            tracing::error!(pid = req.pid, "killing a foreign-ABI caller: {e}");
-        }
-        let resp = ScmpNotifResp::new_error(req.id, -libc::EPERM, ScmpNotifRespFlags::empty());
-        // A caller that went away meanwhile makes respond fail; nothing to refuse then.
-        let _ = resp.respond(fd);
     }
 }
 

@@ -320,18 +320,18 @@ fn save_refusals(dir: &Path, state: &RunState) -> anyhow::Result<Saved> {
                 links_pinned,
             ))
         })?;
-        let total = total.with_context(|| keep("reading the lost-event counter", links_pinned))?;
-        refusals += n;
-        lost += newly_lost + unrecorded;
         if unrecorded > 0 {
+            // At once: whatever fails next, a retry must not report them again.
             std::fs::remove_file(&unrecorded_file).with_context(|| {
                 keep(
                     "removing the count of unrecorded refusals now in the log (a retry reports them again)",
                     links_pinned,
                 )
             })?;
-            unrecorded = 0;
         }
+        let total = total.with_context(|| keep("reading the lost-event counter", links_pinned))?;
+        refusals += n;
+        lost += newly_lost + std::mem::take(&mut unrecorded);
         if newly_lost > 0 {
             kernel::write_lost_mark(&mark, total).with_context(|| {
                 keep(
