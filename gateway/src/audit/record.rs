@@ -128,6 +128,11 @@ pub struct ReloadFields {
 }
 
 impl Record {
+    /// The refusals a kernel record stands for: one, or its `repeats` or `suppressed` count.
+    pub fn refusals(&self) -> u64 {
+        self.suppressed.or(self.repeats).unwrap_or(1)
+    }
+
     pub fn new(layer: Layer, verdict: Verdict, sandbox: &str, reason: &str) -> Self {
         Self {
             ts: now_rfc3339(),

@@ -203,7 +203,7 @@ async fn read(
 /// Appends the record of kernel refusals `record`, or counts them as taken and unrecorded.
 fn append_refusals(audit: &AuditLog, record: &Record, taken: &mut u64) -> Result<(), AuditError> {
     audit.append(record).inspect_err(|_| {
-        *taken += record.suppressed.or(record.repeats).unwrap_or(1);
+        *taken += record.refusals();
     })
 }
 
@@ -212,14 +212,11 @@ fn close_window(taken: &mut Taken, audit: &AuditLog, sandbox: &str) -> Result<()
     taken.open_for = 0;
     let mut result = Ok(());
     for record in taken.summary.close_window(sandbox) {
-        result = match result {
-            Ok(()) => append_refusals(audit, &record, &mut taken.unrecorded),
+        match result {
+            Ok(()) => result = append_refusals(audit, &record, &mut taken.unrecorded),
             // Counted, not tried: the log has failed.
-            Err(e) => {
-                taken.unrecorded += record.suppressed.or(record.repeats).unwrap_or(1);
-                Err(e)
-            }
-        };
+            Err(_) => taken.unrecorded += record.refusals(),
+        }
     }
     result
 }

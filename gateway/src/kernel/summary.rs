@@ -126,10 +126,7 @@ mod tests {
     /// Every refusal counted: as a record of its own, in a record's `repeats`, or in
     /// `suppressed`.
     fn counted(records: &[Record]) -> u64 {
-        records
-            .iter()
-            .map(|r| r.suppressed.or(r.repeats).unwrap_or(1))
-            .sum()
+        records.iter().map(Record::refusals).sum()
     }
 
     #[test]

@@ -54,7 +54,7 @@ impl Records {
                 if self.unrecorded == 0 {
                     tracing::error!("{e}");
                 }
-                self.unrecorded += record.suppressed.or(record.repeats).unwrap_or(1);
+                self.unrecorded += record.refusals();
             }
         }
     }

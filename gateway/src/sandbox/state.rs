@@ -48,9 +48,10 @@ pub struct RunState {
 /// audit log already (see [`kernel::EventReader::run`]).
 pub const LOST_REPORTED: &str = "lost-reported";
 
-/// The file in a run's state directory that counts the refusals its event reader took off
-/// the ring and could not record, the log having failed (see [`kernel::EventReader::run`]):
-/// `gateway cleanup` reports them as lost.
+/// The file in a run's state directory that counts the refusals the run could not record,
+/// the log having failed: those its event reader had taken off the ring (see
+/// [`kernel::EventReader::run`]) and those its seccomp notifier answered. `gateway cleanup`
+/// reports them as lost.
 pub const UNRECORDED: &str = "unrecorded";
 
 /// The id of this run: the gateway's pid, which is unique among live runs.
