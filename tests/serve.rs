@@ -118,6 +118,17 @@ fn in_sandbox_as(uid: u32, cgroup: &str, name: &str, script: &str) -> Command {
     c
 }
 
+/// A `sleep 60` placed in the cgroup at `dir` (absolute) by the host, as anything could.
+fn sleeper_in(dir: &Path) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/cgroup.procs" && exec sleep 60"#)
+        .arg("sh")
+        .arg(dir)
+        .spawn()
+        .unwrap()
+}
+
 fn env_file(sandbox: &str) -> PathBuf {
     Path::new("/run/gateway/serve").join(sandbox).join("env")
 }
@@ -560,13 +571,7 @@ fn serve_refuses_busy_cgroups_reloads_on_sighup_and_kills_its_sandboxes_at_exit(
     scratch.write("p.toml", &closed);
 
     // A process already in the cgroup could hold a socket made before the lockdown.
-    let mut early = Command::new("sh")
-        .arg("-c")
-        .arg(r#"echo $$ > "$1/cgroup.procs" && exec sleep 60"#)
-        .arg("sh")
-        .arg(&dir)
-        .spawn()
-        .unwrap();
+    let mut early = sleeper_in(&dir);
     std::thread::sleep(Duration::from_millis(200));
     let (refused, ctx) = run(Command::new(gateway_bin())
         .args(["serve", "--config"])
@@ -620,13 +625,7 @@ fn serve_refuses_busy_cgroups_reloads_on_sighup_and_kills_its_sandboxes_at_exit(
     std::fs::remove_dir(dir.join("gateway-hold")).unwrap();
     std::fs::remove_dir(&dir).unwrap();
     std::fs::create_dir(&dir).unwrap();
-    let mut placed = Command::new("sh")
-        .arg("-c")
-        .arg(r#"echo $$ > "$1/cgroup.procs" && exec sleep 60"#)
-        .arg("sh")
-        .arg(&dir)
-        .spawn()
-        .unwrap();
+    let mut placed = sleeper_in(&dir);
     let deadline = Instant::now() + Duration::from_secs(10);
     while placed.try_wait().unwrap().is_none() {
         assert!(
