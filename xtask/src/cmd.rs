@@ -1,6 +1,10 @@
 //! Running child commands with their output streamed, and failing with what ran.
 
-use std::{ffi::OsStr, path::Path, process::Command};
+use std::{
+    ffi::{OsStr, OsString},
+    path::Path,
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -10,8 +14,21 @@ pub fn step(name: &str) {
 }
 
 pub fn run(program: &OsStr, args: &[&str], dir: &Path) -> anyhow::Result<()> {
+    run_with_env(program, args, dir, &[])
+}
+
+/// [`run`] with `env` set for this run only.
+pub fn run_with_env(
+    program: &OsStr,
+    args: &[&str],
+    dir: &Path,
+    env: &[(&str, OsString)],
+) -> anyhow::Result<()> {
     let mut command = Command::new(program);
-    command.args(args).current_dir(dir);
+    command
+        .args(args)
+        .current_dir(dir)
+        .envs(env.iter().cloned());
     status(command)
 }
 
@@ -19,6 +36,11 @@ pub fn cargo(args: &[&str], dir: &Path) -> anyhow::Result<()> {
     let mut command = Command::new(cargo_bin());
     command.args(args).current_dir(dir);
     status(command)
+}
+
+/// cargo with `env` set (RUSTFLAGS, CARGO_TARGET_DIR) for this run only.
+pub fn cargo_with_env(args: &[&str], dir: &Path, env: &[(&str, OsString)]) -> anyhow::Result<()> {
+    run_with_env(cargo_bin().as_ref(), args, dir, env)
 }
 
 /// cargo of the nightly toolchain, with target/tools/bin (bpf-linker) on PATH.

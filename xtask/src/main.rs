@@ -3,6 +3,7 @@
 
 mod bootstrap;
 mod cmd;
+mod pgo;
 
 use std::path::{Path, PathBuf};
 
@@ -24,10 +25,16 @@ struct Cli {
 enum Command {
     /// Install nightly's rust-src and build bpf-linker (once, under target/tools).
     Bootstrap,
-    /// Bootstrap, then build every binary of the workspace.
+    /// Bootstrap, then build every binary of the workspace. With `--release`, the gateway
+    /// is also built profile-guided (needs root: its training run is a `gateway run`), to
+    /// target/<host>/release/gateway.
     Build {
         #[arg(long)]
         release: bool,
+        /// With --release: no profile-guided build of the gateway (target/release/gateway
+        /// only).
+        #[arg(long, requires = "release")]
+        no_pgo: bool,
     },
     /// Bootstrap, lint, build, and run every test as root (README.md's test command).
     Test {
@@ -43,24 +50,31 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root()?;
     match Cli::parse().command {
         Command::Bootstrap => bootstrap::run(&root),
-        Command::Build { release } => {
+        Command::Build { release, no_pgo } => {
             bootstrap::run(&root)?;
-            build(&root, release)
+            if release && !no_pgo {
+                release_build(&root).map(drop)
+            } else {
+                build(&root, release)
+            }
         }
         Command::Test { args } => test(&root, &args),
         Command::Bench => {
             bootstrap::run(&root)?;
-            build(&root, true)?;
+            // The scripts run the gateway a deployment would: the profile-guided build.
+            let gateway = release_build(&root)?;
+            let env = [("GATEWAY", gateway.into_os_string())];
             cmd::step("benchmarks");
-            cmd::run(root.join("tests/bench/connect.sh").as_os_str(), &[], &root)?;
-            cmd::run(root.join("tests/bench/tunnel.sh").as_os_str(), &[], &root)?;
-            cmd::run(
-                root.join("tests/bench/policy-scale.sh").as_os_str(),
-                &[],
-                &root,
-            )?;
-            cmd::run(root.join("tests/bench/reload.sh").as_os_str(), &[], &root)?;
-            cmd::run(root.join("tests/bench/serve.sh").as_os_str(), &[], &root)?;
+            for script in [
+                "connect.sh",
+                "tunnel.sh",
+                "policy-scale.sh",
+                "reload.sh",
+                "serve.sh",
+            ] {
+                let path = root.join("tests/bench").join(script);
+                cmd::run_with_env(path.as_os_str(), &[], &root, &env)?;
+            }
             cmd::cargo(
                 &[
                     "bench",
@@ -91,6 +105,26 @@ fn build(root: &Path, release: bool) -> anyhow::Result<()> {
         args.push("--release");
     }
     cmd::cargo(&args, root)
+}
+
+/// The release build: the gateway profile-guided (to target/<host>/release, whose path it
+/// returns), the workspace's other binaries as usual.
+fn release_build(root: &Path) -> anyhow::Result<PathBuf> {
+    cmd::step("build (release, all but the gateway)");
+    cmd::cargo(
+        &[
+            "build",
+            "--release",
+            "--workspace",
+            "--exclude",
+            EBPF_CRATE,
+            "--exclude",
+            "gateway",
+            "--bins",
+        ],
+        root,
+    )?;
+    pgo::build(root)
 }
 
 fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
