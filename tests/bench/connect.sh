@@ -4,6 +4,8 @@
 # the packet backstop on the handshake), and bulk throughput on one allowed loopback TCP
 # connection (the packet backstop on every segment). Run as root, after
 # `cargo build --release --workspace --bins` (cargo xtask bench does both).
+# GATEWAY=PATH runs that gateway binary instead of target/release/gateway (cargo xtask bench
+# passes its profile-guided build).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/tests/bench/lib.sh"
@@ -14,7 +16,8 @@ work=$(mktemp -d /tmp/gateway-bench.XXXXXX)
 chmod 755 "$work"
 trap 'kill "$server" "$sink" 2>/dev/null || true; rm -rf "$work"' EXIT
 # Copies the sandbox user can execute wherever the checkout lives.
-install -m 755 "$root/target/release/connect-loop" "$root/target/release/gateway" "$work/"
+install -m 755 "$root/target/release/connect-loop" "$work/"
+install -m 755 "${GATEWAY:-$root/target/release/gateway}" "$work/gateway"
 
 "$work/connect-loop" serve 127.0.0.1:0 > "$work/port" &
 server=$!

@@ -6,6 +6,8 @@
 # The tunnel's decision time and the policy load time are in
 # `cargo bench -p gateway --bench policy_scale`. Run as root after
 # `cargo build --release --workspace --bins` (cargo xtask bench does both).
+# GATEWAY=PATH runs that gateway binary instead of target/release/gateway (cargo xtask bench
+# passes its profile-guided build).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/tests/bench/lib.sh"
@@ -14,7 +16,8 @@ rounds=${ROUNDS:-5}
 work=$(mktemp -d /tmp/gateway-bench-scale.XXXXXX)
 chmod 755 "$work"
 trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
-install -m 755 "$root/target/release/connect-loop" "$root/target/release/gateway" "$work/"
+install -m 755 "$root/target/release/connect-loop" "$work/"
+install -m 755 "${GATEWAY:-$root/target/release/gateway}" "$work/gateway"
 
 "$work/connect-loop" serve 127.0.0.1:0 > "$work/port" &
 server=$!

@@ -5,6 +5,8 @@
 # plus the time to empty the kernel buffer the old policy was in (after the switch, logged
 # as `cleared_ms`). No traffic is sent: the CIDRs only fill the kernel maps. Run as root,
 # after `cargo build --release --workspace --bins` (cargo xtask bench does both).
+# GATEWAY=PATH runs that gateway binary instead of target/release/gateway (cargo xtask bench
+# passes its profile-guided build).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/tests/bench/lib.sh"
@@ -15,7 +17,7 @@ work=$(mktemp -d /tmp/gateway-bench-reload.XXXXXX)
 chmod 755 "$work"
 gw=
 trap '[ -n "$gw" ] && kill "$gw" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
-install -m 755 "$root/target/release/gateway" "$work/"
+install -m 755 "${GATEWAY:-$root/target/release/gateway}" "$work/gateway"
 
 cat > "$work/small.toml" <<'TOML'
 version = 1

@@ -5,6 +5,8 @@
 # wrk runs in the last sandbox (the longest walk), sending `Connection: close` so every
 # request is a new connection. Same upstream (nginx `return 200` on loopback) in both runs.
 # Run as root after `cargo build --release --workspace --bins` (cargo xtask bench does both).
+# GATEWAY=PATH runs that gateway binary instead of target/release/gateway (cargo xtask bench
+# passes its profile-guided build).
 # Needs wrk and nginx: apt-get install wrk nginx-light.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -18,7 +20,7 @@ cgroup_root=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
 parent="gateway-bench-serve-$$"
 serve_pid=
 trap '[ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null; wait 2>/dev/null; upstream_nginx_stop "$work"; rmdir "$cgroup_root/$parent"/* "$cgroup_root/$parent" 2>/dev/null || true; rm -rf "$work"' EXIT
-install -m 755 "$root/target/release/gateway" "$work/"
+install -m 755 "${GATEWAY:-$root/target/release/gateway}" "$work/gateway"
 
 up_port=$(free_port)
 upstream_nginx "$work" "$up_port" 1

@@ -6,7 +6,8 @@
 # `proxy_set_header Authorization`, upstream keepalive). Then the cost of a new TLS connection
 # through the tunnel (CONNECT, interception, pooled upstream) against one made directly.
 # Run as root after `cargo build --release --workspace --bins` (cargo xtask bench does both);
-# GATEWAY=PATH runs another build of the gateway binary (for A/B runs). Env: ROUNDS (20),
+# GATEWAY=PATH runs another build of the gateway binary (cargo xtask bench passes its
+# profile-guided build; also for A/B runs). Env: ROUNDS (20),
 # DURATION seconds per run (3), CONNS (64), TLS_CONNECTS (300), TUNNEL_THREADS (the
 # gateway's default when unset). Many short rounds, because
 # this kind of shared VM drifts by ~30 % within a minute: the two runs of a short round are
