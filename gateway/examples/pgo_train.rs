@@ -19,10 +19,12 @@
 //! requests (default 1: about 95,000).
 
 use std::{
+    io::Read as _,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
@@ -45,6 +47,11 @@ const TLS_CLIENTS: usize = 8;
 const TLS_CONNECTIONS: usize = 12;
 const TLS_REQUESTS: usize = 60;
 const TOKEN: &str = "pgo-training-token";
+/// What the tunnel attaches (the credential's default format) and what the agent sends.
+const INJECTED: &str = "Bearer pgo-training-token";
+const AGENTS_OWN: &str = "Bearer made-up-by-the-agent";
+/// The longest a training run of scale 1 may take (about 20 s here); past it, it fails.
+const DEADLINE: Duration = Duration::from_secs(300);
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -52,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Ok(n) => n.parse().context("PGO_TRAIN_SCALE must be a number")?,
         Err(_) => 1,
     };
+    ensure!(scale > 0, "PGO_TRAIN_SCALE must be 1 or more");
     match args.as_slice() {
         [gateway] => train(Path::new(gateway), scale),
         [drive, plain, upstream_ca] if drive == "drive" => {
@@ -76,11 +84,13 @@ fn train(gateway: &Path, scale: usize) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (plain, h2, h1) = runtime.block_on(async {
+    let (plain, h2, h1, spliced) = runtime.block_on(async {
         anyhow::Ok((
-            serve(None).await?,
-            serve(Some(upstream_tls.server(&[b"h2", b"http/1.1"]))).await?,
-            serve(Some(upstream_tls.server(&[b"http/1.1"]))).await?,
+            serve(None, INJECTED).await?,
+            serve(Some(upstream_tls.server(&[b"h2", b"http/1.1"])), INJECTED).await?,
+            serve(Some(upstream_tls.server(&[b"http/1.1"])), INJECTED).await?,
+            // A spliced connection carries the agent's own header: the tunnel cannot see it.
+            serve(Some(upstream_tls.server(&[b"http/1.1"])), AGENTS_OWN).await?,
         ))
     })?;
     let policy = work.0.join("policy.toml");
@@ -109,7 +119,7 @@ credential = "train"
 
 [[http.allow]]
 host = "pt.train"
-connect = "127.0.0.1:{h1}"
+connect = "127.0.0.1:{spliced}"
 private = true
 passthrough = true
 
@@ -130,12 +140,13 @@ upstream_ca = ["{ca}"]
             plain = plain.port(),
             h2 = h2.port(),
             h1 = h1.port(),
+            spliced = spliced.port(),
             token = token.display(),
             ca = upstream_tls.ca_file.display(),
         ),
     )?;
     let audit = work.0.join("audit.jsonl");
-    let output = Command::new(gateway)
+    let mut run = Command::new(gateway)
         .arg("run")
         .arg("--policy")
         .arg(&policy)
@@ -148,24 +159,30 @@ upstream_ca = ["{ca}"]
         .arg(&upstream_tls.ca_file)
         .env("GATEWAY_STATE_DIR", work.0.join("state"))
         .env("PGO_TRAIN_SCALE", scale.to_string())
-        .stderr(Stdio::inherit())
-        .output()
+        .stdout(Stdio::piped())
+        .spawn()
         .with_context(|| format!("running {}", gateway.display()))?;
+    let status = wait_at_most(&mut run, DEADLINE * scale as u32 + Duration::from_secs(30))?;
     ensure!(
-        output.status.success(),
-        "the training run failed: gateway run exited with {}",
-        output.status
+        status.success(),
+        "the training run failed: gateway run exited with {status}"
     );
-    let said = String::from_utf8_lossy(&output.stdout);
+    let mut said = String::new();
+    run.stdout
+        .take()
+        .context("gateway run's output")?
+        .read_to_string(&mut said)?;
     let (allowed, refused) = said
         .trim()
         .split_once(' ')
         .and_then(|(a, r)| Some((a.parse::<usize>().ok()?, r.parse::<usize>().ok()?)))
         .with_context(|| format!("the client's count is missing: {said:?}"))?;
     let log = std::fs::read_to_string(&audit)?;
+    // One record per request decided; CONNECTs have records of their own.
     let records = |verdict: &str| {
         log.lines()
             .filter(|l| l.contains(r#""layer":"proxy""#) && l.contains(verdict))
+            .filter(|l| !l.contains(r#""method":"CONNECT""#))
             .count()
     };
     let (allow_records, deny_records) = (
@@ -173,7 +190,7 @@ upstream_ca = ["{ca}"]
         records(r#""verdict":"deny""#),
     );
     ensure!(
-        allow_records >= allowed && deny_records >= refused,
+        allowed > 0 && allow_records == allowed && deny_records == refused,
         "the audit log has {allow_records} allow and {deny_records} deny records for the \
          {allowed} requests the client had answered and the {refused} it had refused"
     );
@@ -204,6 +221,29 @@ impl Drop for Workdir {
     }
 }
 
+/// Waits for `child`; past `limit`, stops it (SIGTERM, then SIGKILL 10 s later) and fails.
+fn wait_at_most(child: &mut Child, limit: Duration) -> anyhow::Result<ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id().try_into()?);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let stopping = Instant::now();
+    while stopping.elapsed() < Duration::from_secs(10) {
+        if child.try_wait()?.is_some() {
+            bail!("the training run took longer than {limit:?} and was stopped");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill()?;
+    child.wait()?;
+    bail!("the training run took longer than {limit:?} and was killed");
+}
+
 /// The side inside the sandbox: the clients, through the tunnel that `HTTP_PROXY` names.
 fn drive_requests(plain_port: u16, upstream_ca: &Path, scale: usize) -> anyhow::Result<()> {
     let proxy =
@@ -221,7 +261,7 @@ fn drive_requests(plain_port: u16, upstream_ca: &Path, scale: usize) -> anyhow::
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let done = runtime.block_on(async move {
+    let clients = async move {
         let mut clients = tokio::task::JoinSet::new();
         for i in 0..PLAIN_CLIENTS {
             clients.spawn(plain_client(tunnel, upstream, i, PLAIN_REQUESTS * scale));
@@ -246,7 +286,10 @@ fn drive_requests(plain_port: u16, upstream_ca: &Path, scale: usize) -> anyhow::
             counts.add(done??);
         }
         anyhow::Ok(counts)
-    })?;
+    };
+    let done = runtime
+        .block_on(async { tokio::time::timeout(DEADLINE * scale as u32, clients).await })
+        .context("the training run took too long")??;
     // For the side outside, which checks them against the audit log.
     println!("{} {}", done.allowed, done.refused);
     Ok(())
@@ -254,7 +297,10 @@ fn drive_requests(plain_port: u16, upstream_ca: &Path, scale: usize) -> anyhow::
 
 /// A loopback upstream: `GET /api/stream` answers in 16 chunks, any other GET `ok`, a POST
 /// echoes its body as it arrives. With `tls`, over TLS, HTTP/2 if both sides offer it.
-async fn serve(tls: Option<Arc<rustls::ServerConfig>>) -> anyhow::Result<SocketAddr> {
+async fn serve(
+    tls: Option<Arc<rustls::ServerConfig>>,
+    authorization: &'static str,
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -264,7 +310,7 @@ async fn serve(tls: Option<Arc<rustls::ServerConfig>>) -> anyhow::Result<SocketA
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Some(acceptor) = acceptor else {
-                    return answer_http1(TokioIo::new(stream)).await;
+                    return answer_http1(TokioIo::new(stream), authorization).await;
                 };
                 let Ok(tls) = acceptor.accept(stream).await else {
                     return;
@@ -273,10 +319,10 @@ async fn serve(tls: Option<Arc<rustls::ServerConfig>>) -> anyhow::Result<SocketA
                 let io = TokioIo::new(tls);
                 if h2 {
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, service_fn(answer))
+                        .serve_connection(io, service_fn(|r| answer(r, authorization)))
                         .await;
                 } else {
-                    answer_http1(io).await;
+                    answer_http1(io, authorization).await;
                 }
             });
         }
@@ -284,28 +330,64 @@ async fn serve(tls: Option<Arc<rustls::ServerConfig>>) -> anyhow::Result<SocketA
     Ok(addr)
 }
 
-async fn answer_http1<I>(io: I)
+async fn answer_http1<I>(io: I, authorization: &'static str)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(io, service_fn(answer))
+        .serve_connection(io, service_fn(|r| answer(r, authorization)))
         .await;
 }
 
 type AnswerBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
-async fn answer(request: Request<Incoming>) -> Result<Response<AnswerBody>, hyper::Error> {
+/// Answers 401 unless the request carries `authorization`, once.
+async fn answer(
+    request: Request<Incoming>,
+    authorization: &'static str,
+) -> Result<Response<AnswerBody>, hyper::Error> {
+    let sent: Vec<_> = request.headers().get_all("authorization").iter().collect();
+    if sent.len() != 1 || sent[0] != authorization {
+        // Not the values: the tunnel cuts an answer that carries the secret.
+        let mut refused = Response::new(full(Bytes::from(format!(
+            "wrong authorization: {} header(s), not the one expected",
+            sent.len()
+        ))));
+        *refused.status_mut() = StatusCode::UNAUTHORIZED;
+        return Ok(refused);
+    }
     let body = if request.method() == Method::POST {
         request.into_body().boxed()
     } else if request.uri().path() == "/api/stream" {
         Events(0).boxed()
     } else {
-        Full::new(Bytes::from_static(b"ok\n"))
-            .map_err(|never| match never {})
-            .boxed()
+        full(Bytes::from_static(OK))
     };
     Ok(Response::new(body))
+}
+
+const OK: &[u8] = b"ok\n";
+
+fn full(bytes: Bytes) -> AnswerBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn event(n: u8) -> Bytes {
+    Bytes::from(format!("data: {n}\n\n"))
+}
+
+/// What a request through the tunnel should get back: its status, and the body the upstream
+/// answers with (a refusal's is the tunnel's, not checked).
+fn answer_for(method: &Method, path: &str, status: StatusCode) -> Option<Bytes> {
+    if status != StatusCode::OK {
+        None
+    } else if method == Method::POST {
+        Some(body_for(method))
+    } else if path == "/api/stream" {
+        Some((1..=16).flat_map(|n| event(n).to_vec()).collect())
+    } else {
+        Some(Bytes::from_static(OK))
+    }
 }
 
 /// A chunked answer of 16 events, each its own frame, as a server-sent-event stream sends.
@@ -323,8 +405,7 @@ impl http_body::Body for Events {
             return std::task::Poll::Ready(None);
         }
         self.0 += 1;
-        let event = Bytes::from(format!("data: {}\n\n", self.0));
-        std::task::Poll::Ready(Some(Ok(Frame::data(event))))
+        std::task::Poll::Ready(Some(Ok(Frame::data(event(self.0)))))
     }
 }
 
@@ -372,16 +453,15 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<Sender<Full<Bytes>>> {
     Ok(sender)
 }
 
-fn body_for(method: &Method) -> Full<Bytes> {
-    Full::new(if method == Method::POST {
+fn body_for(method: &Method) -> Bytes {
+    if method == Method::POST {
         Bytes::from(vec![b'x'; 4096])
     } else {
         Bytes::new()
-    })
+    }
 }
 
-/// Plain-HTTP requests through the tunnel on one kept-alive connection (a new one when the
-/// tunnel closes it), every answer checked.
+/// Plain-HTTP requests through the tunnel on one kept-alive connection, every answer checked.
 async fn plain_client(
     tunnel: SocketAddr,
     upstream: SocketAddr,
@@ -389,7 +469,7 @@ async fn plain_client(
     requests: usize,
 ) -> anyhow::Result<Counts> {
     let mut counts = Counts::default();
-    let mut sender = connect(tunnel).await?;
+    let sender = &mut connect(tunnel).await?;
     for i in client..client + requests {
         // An unlisted host now and then, on a connection of its own.
         if i % 500 == 0 {
@@ -397,26 +477,24 @@ async fn plain_client(
             counts.refused += 1;
         }
         let (method, path, status) = expected(i);
-        if sender.ready().await.is_err() {
-            sender = connect(tunnel).await?;
-        }
+        // The tunnel keeps a connection open whatever it decides.
+        sender
+            .ready()
+            .await
+            .context("the tunnel closed a kept-alive connection")?;
+        let answer = answer_for(&method, path, status);
         let request = Request::builder()
+            .method(method.clone())
             .uri(format!("http://{upstream}{path}"))
             .header("host", upstream.to_string())
-            .header("authorization", "Bearer made-up-by-the-agent")
+            .header("authorization", AGENTS_OWN)
             .header("user-agent", "pgo-train")
             .header("accept", "*/*")
-            .body(body_for(&method))?;
-        let request = with_method(request, method);
-        check(sender.send_request(request).await?, status, path).await?;
+            .body(Full::new(body_for(&method)))?;
+        check(sender.send_request(request).await?, status, answer, path).await?;
         counts.count(status);
     }
     Ok(counts)
-}
-
-fn with_method<B>(mut request: Request<B>, method: Method) -> Request<B> {
-    *request.method_mut() = method;
-    request
 }
 
 async fn unlisted_host(tunnel: SocketAddr) -> anyhow::Result<()> {
@@ -424,22 +502,32 @@ async fn unlisted_host(tunnel: SocketAddr) -> anyhow::Result<()> {
     let request = Request::get("http://unlisted.train/")
         .header("host", "unlisted.train")
         .body(Full::new(Bytes::new()))?;
-    check(
-        sender.send_request(request).await?,
-        StatusCode::FORBIDDEN,
-        "unlisted.train",
-    )
-    .await
+    let response = sender.send_request(request).await?;
+    check(response, StatusCode::FORBIDDEN, None, "unlisted.train").await
 }
 
-async fn check(response: Response<Incoming>, status: StatusCode, what: &str) -> anyhow::Result<()> {
+/// Fails unless `response` has `status` and, if given, the body `answer`.
+async fn check(
+    response: Response<Incoming>,
+    status: StatusCode,
+    answer: Option<Bytes>,
+    what: &str,
+) -> anyhow::Result<()> {
     let got = response.status();
     let body = response.into_body().collect().await?.to_bytes();
     ensure!(
         got == status,
-        "{what}: the tunnel answered {got}, not {status}: {}",
+        "{what}: answered {got}, not {status}: {}",
         String::from_utf8_lossy(&body)
     );
+    if let Some(answer) = answer {
+        ensure!(
+            body == answer,
+            "{what}: the answer's body is not the upstream's ({} bytes, not {})",
+            body.len(),
+            answer.len()
+        );
+    }
     Ok(())
 }
 
@@ -488,17 +576,18 @@ async fn tls_client(
             if tls == Tls::Spliced {
                 status = StatusCode::OK;
             }
-            // A refused request may end the intercepted connection; the next one opens anew.
-            if sender.ready().await.is_err() {
-                break;
-            }
+            sender
+                .ready()
+                .await
+                .context("the tunnel closed a kept-alive TLS connection")?;
+            let answer = answer_for(&method, path, status);
             let request = Request::builder()
+                .method(method.clone())
                 .uri(path)
                 .header("host", host)
-                .header("authorization", "Bearer made-up-by-the-agent")
-                .body(body_for(&method))?;
-            let request = with_method(request, method);
-            check(sender.send_request(request).await?, status, path).await?;
+                .header("authorization", AGENTS_OWN)
+                .body(Full::new(body_for(&method)))?;
+            check(sender.send_request(request).await?, status, answer, path).await?;
             counts.count(status);
         }
     }

@@ -135,8 +135,26 @@ pub fn is_root() -> bool {
     cmd::output("id", &["-u"]).is_ok_and(|u| u.trim() == "0")
 }
 
-/// What the gateway needs from the host kernel; each miss says what to do.
+/// What the gateway and its tests need from the host; each miss says what to do.
 pub fn check_host() -> anyhow::Result<()> {
+    let mut missing = kernel_misses();
+    for tool in ["python3", "curl", "ip", "git", "nginx", "node", "setpriv"] {
+        if on_path(tool).is_none() {
+            missing.push(format!(
+                "{tool}: the tests run it (Debian: apt-get install python3 curl iproute2 git \
+                 nginx-light nodejs util-linux)"
+            ));
+        }
+    }
+    refuse("this host cannot run the tests", &missing)
+}
+
+/// What `gateway run` needs from the host kernel.
+pub fn check_kernel() -> anyhow::Result<()> {
+    refuse("this host cannot run the gateway", &kernel_misses())
+}
+
+fn kernel_misses() -> Vec<String> {
     let mut missing = Vec::new();
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         missing.push(
@@ -151,19 +169,12 @@ pub fn check_host() -> anyhow::Result<()> {
                 .to_owned(),
         );
     }
-    for tool in ["python3", "curl", "ip", "git", "nginx", "node", "setpriv"] {
-        if on_path(tool).is_none() {
-            missing.push(format!(
-                "{tool}: the tests run it (Debian: apt-get install python3 curl iproute2 git \
-                 nginx-light nodejs util-linux)"
-            ));
-        }
-    }
+    missing
+}
+
+fn refuse(what: &str, missing: &[String]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    bail!(
-        "this host cannot run the tests:\n  {}",
-        missing.join("\n  ")
-    )
+    bail!("{what}:\n  {}", missing.join("\n  "))
 }

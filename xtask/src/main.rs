@@ -26,8 +26,9 @@ enum Command {
     /// Install nightly's rust-src and build bpf-linker (once, under target/tools).
     Bootstrap,
     /// Bootstrap, then build every binary of the workspace. With `--release`, the gateway
-    /// is also built profile-guided (needs root: its training run is a `gateway run`), to
-    /// target/<host>/release/gateway.
+    /// is built profile-guided, to target/<host>/release/gateway (needs root: its training
+    /// run is a `gateway run`), and the other binaries to target/release; target/release/
+    /// gateway is not built (an older one there is left as it was).
     Build {
         #[arg(long)]
         release: bool,

@@ -14,6 +14,7 @@
 
 use std::{
     collections::HashSet,
+    ffi::OsString,
     path::{Path, PathBuf},
 };
 
@@ -31,7 +32,7 @@ pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
              release build without profile-guided optimization"
         );
     }
-    bootstrap::check_host()?;
+    bootstrap::check_kernel()?;
     let host = host_triple()?;
     let profdata = llvm_profdata(root, &host)?;
     let dir = root.join("target/pgo");
@@ -41,71 +42,59 @@ pub fn build(root: &Path) -> anyhow::Result<PathBuf> {
             .with_context(|| format!("removing the old profiles in {}", profiles.display()))?;
     }
     let gateway_release = [
+        "build",
         "--release",
         "--target",
         &host,
         "--package",
         "gateway",
         "--bin",
+        "gateway",
     ];
+    // Where each step's output goes is set here, not left to the caller's environment or
+    // cargo configuration: the paths below are read back.
+    let target = root.join("target");
 
     cmd::step("PGO 1/3: the gateway, instrumented");
-    let mut args = vec!["build"];
-    args.extend(gateway_release);
-    args.push("gateway");
+    let generate = format!("-Cprofile-generate={}", profiles.display());
     cmd::cargo_with_env(
-        &args,
+        &gateway_release,
         root,
-        &[
-            ("CARGO_TARGET_DIR", dir.join("build").into_os_string()),
-            (
-                "RUSTFLAGS",
-                rustflags(&format!("-Cprofile-generate={}", profiles.display())),
-            ),
-        ],
+        &flags_env(&dir.join("build"), &generate),
     )?;
 
     cmd::step("PGO 2/3: training run (gateway/examples/pgo_train.rs)");
     // The training client is not instrumented (its profile is not the gateway's) and is
     // built like the tests, with the dev profile.
-    cmd::cargo(
+    cmd::cargo_with_env(
         &["build", "--package", "gateway", "--example", "pgo_train"],
         root,
+        &[("CARGO_TARGET_DIR", target.clone().into_os_string())],
     )?;
     let instrumented = dir.join("build").join(&host).join("release/gateway");
-    cmd::run(
-        root.join("target/debug/examples/pgo_train").as_os_str(),
+    cmd::run_with_env(
+        target.join("debug/examples/pgo_train").as_os_str(),
         &[instrumented.to_str().context("non-UTF-8 path")?],
         root,
+        // The instrumented gateway writes where it was built to write: an empty
+        // LLVM_PROFILE_FILE is taken as unset.
+        &[("LLVM_PROFILE_FILE", OsString::new())],
     )?;
     let merged = dir.join("gateway.profdata");
     let merged_arg = merged.to_str().context("non-UTF-8 path")?;
     let profiles_arg = profiles.to_str().context("non-UTF-8 path")?;
+    // A profile that cannot be read fails the merge (the default), rather than being left out.
     cmd::run(
         profdata.as_os_str(),
-        &[
-            "merge",
-            "--failure-mode=all",
-            "-o",
-            merged_arg,
-            profiles_arg,
-        ],
+        &["merge", "-o", merged_arg, profiles_arg],
         root,
     )?;
+    covers_the_tunnel(&profdata, &merged)?;
 
     cmd::step("PGO 3/3: the gateway, optimized with the profile");
-    let mut args = vec!["build"];
-    args.extend(gateway_release);
-    args.push("gateway");
-    cmd::cargo_with_env(
-        &args,
-        root,
-        &[(
-            "RUSTFLAGS",
-            rustflags(&format!("-Cprofile-use={merged_arg}")),
-        )],
-    )?;
-    let binary = root.join("target").join(&host).join("release/gateway");
+    let profile_use = format!("-Cprofile-use={merged_arg}");
+    cmd::cargo_with_env(&gateway_release, root, &flags_env(&target, &profile_use))?;
+    let binary = target.join(&host).join("release/gateway");
     same_symbols(&profdata, &instrumented, &binary)?;
     eprintln!("profile-guided release build: {}", binary.display());
     Ok(binary)
@@ -149,12 +138,52 @@ fn same_symbols(profdata: &Path, instrumented: &Path, optimized: &Path) -> anyho
     Ok(())
 }
 
-/// `flag` after whatever RUSTFLAGS the caller set.
-fn rustflags(flag: &str) -> std::ffi::OsString {
-    match std::env::var("RUSTFLAGS") {
-        Ok(outer) if !outer.trim().is_empty() => format!("{outer} {flag}").into(),
-        _ => flag.into(),
+/// The environment of a build into `target_dir` with `flag` given to rustc after the flags
+/// the caller set in the environment. Set as CARGO_ENCODED_RUSTFLAGS, which cargo reads
+/// before RUSTFLAGS: an inherited one would otherwise take the place of `flag`. (Flags from
+/// cargo configuration, `build.rustflags`, give way to these as to any RUSTFLAGS.)
+fn flags_env(target_dir: &Path, flag: &str) -> Vec<(&'static str, OsString)> {
+    let mut flags: Vec<String> = match std::env::var("CARGO_ENCODED_RUSTFLAGS") {
+        Ok(encoded) if !encoded.is_empty() => encoded.split('\x1f').map(str::to_owned).collect(),
+        _ => std::env::var("RUSTFLAGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    };
+    flags.push(flag.to_owned());
+    vec![
+        ("CARGO_TARGET_DIR", target_dir.as_os_str().to_owned()),
+        ("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f").into()),
+        ("RUSTFLAGS", OsString::new()),
+    ]
+}
+
+/// Fails unless the tunnel's own functions are among the profile's busiest: a training run
+/// that carried no traffic through the tunnel (or a profile of something else) would teach
+/// the compiler the wrong code.
+fn covers_the_tunnel(profdata: &Path, merged: &Path) -> anyhow::Result<()> {
+    let top = cmd::output(
+        profdata.to_str().context("non-UTF-8 path")?,
+        &[
+            "show",
+            "--topn=300",
+            merged.to_str().context("non-UTF-8 path")?,
+        ],
+    )?;
+    let tunnel = top
+        .lines()
+        .filter(|l| l.contains("7gateway6tunnel"))
+        .count();
+    if tunnel == 0 {
+        bail!(
+            "the training profile {} has none of the tunnel's functions among its 300 \
+             busiest: the training run did not exercise the tunnel",
+            merged.display()
+        );
     }
+    eprintln!("profile: {tunnel} of the tunnel's functions among its 300 busiest");
+    Ok(())
 }
 
 fn host_triple() -> anyhow::Result<String> {
