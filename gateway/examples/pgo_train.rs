@@ -223,25 +223,27 @@ impl Drop for Workdir {
 
 /// Waits for `child`; past `limit`, stops it (SIGTERM, then SIGKILL 10 s later) and fails.
 fn wait_at_most(child: &mut Child, limit: Duration) -> anyhow::Result<ExitStatus> {
+    if let Some(status) = exited_within(child, limit)? {
+        return Ok(status);
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id().try_into()?);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    if exited_within(child, Duration::from_secs(10))?.is_none() {
+        child.kill()?;
+        child.wait()?;
+    }
+    bail!("the training run took longer than {limit:?} and was stopped");
+}
+
+fn exited_within(child: &mut Child, limit: Duration) -> std::io::Result<Option<ExitStatus>> {
     let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Some(status) = child.try_wait()? {
+    loop {
+        let status = child.try_wait()?;
+        if status.is_some() || start.elapsed() >= limit {
             return Ok(status);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let pid = nix::unistd::Pid::from_raw(child.id().try_into()?);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let stopping = Instant::now();
-    while stopping.elapsed() < Duration::from_secs(10) {
-        if child.try_wait()?.is_some() {
-            bail!("the training run took longer than {limit:?} and was stopped");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.kill()?;
-    child.wait()?;
-    bail!("the training run took longer than {limit:?} and was killed");
 }
 
 /// The side inside the sandbox: the clients, through the tunnel that `HTTP_PROXY` names.
