@@ -33,12 +33,10 @@ pub fn run_with_env(
 }
 
 pub fn cargo(args: &[&str], dir: &Path) -> anyhow::Result<()> {
-    let mut command = Command::new(cargo_bin());
-    command.args(args).current_dir(dir);
-    status(command)
+    cargo_with_env(args, dir, &[])
 }
 
-/// cargo with `env` set (RUSTFLAGS, CARGO_TARGET_DIR) for this run only.
+/// cargo with `env` set (rustc's flags, the target directory) for this run only.
 pub fn cargo_with_env(args: &[&str], dir: &Path, env: &[(&str, OsString)]) -> anyhow::Result<()> {
     run_with_env(cargo_bin().as_ref(), args, dir, env)
 }
