@@ -297,7 +297,7 @@ fn drive_requests(plain_port: u16, upstream_ca: &Path, scale: usize) -> anyhow::
     Ok(())
 }
 
-/// A loopback upstream: `GET /api/stream` answers in 16 chunks, any other GET `ok`, a POST
+/// A loopback upstream: `GET` of [`STREAM`] answers in [`EVENTS`] chunks, any other GET `ok`, a POST
 /// echoes its body as it arrives. With `tls`, over TLS, HTTP/2 if both sides offer it.
 async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -360,7 +360,7 @@ async fn answer(
     }
     let body = if request.method() == Method::POST {
         request.into_body().boxed()
-    } else if request.uri().path() == "/api/stream" {
+    } else if request.uri().path() == STREAM {
         Events(0).boxed()
     } else {
         full(Bytes::from_static(OK))
@@ -385,14 +385,19 @@ fn answer_for(method: &Method, path: &str, status: StatusCode) -> Option<Bytes> 
         None
     } else if method == Method::POST {
         Some(body_for(method))
-    } else if path == "/api/stream" {
-        Some((1..=16).flat_map(|n| event(n).to_vec()).collect())
+    } else if path == STREAM {
+        Some((1..=EVENTS).flat_map(|n| event(n).to_vec()).collect())
     } else {
         Some(Bytes::from_static(OK))
     }
 }
 
-/// A chunked answer of 16 events, each its own frame, as a server-sent-event stream sends.
+/// The path answered as a server-sent-event stream, and the events it sends.
+const STREAM: &str = "/api/stream";
+const EVENTS: u8 = 16;
+
+/// A chunked answer of [`EVENTS`] events, each its own frame, as a server-sent-event stream
+/// sends.
 struct Events(u8);
 
 impl http_body::Body for Events {
@@ -403,7 +408,7 @@ impl http_body::Body for Events {
         mut self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if self.0 == 16 {
+        if self.0 == EVENTS {
             return std::task::Poll::Ready(None);
         }
         self.0 += 1;
@@ -418,7 +423,7 @@ fn expected(i: usize) -> (Method, &'static str, StatusCode) {
         0 => (Method::GET, "/private", StatusCode::FORBIDDEN),
         25 => (Method::DELETE, "/api/items", StatusCode::FORBIDDEN),
         1..=4 => (Method::POST, "/api/items", StatusCode::OK),
-        5 => (Method::GET, "/api/stream", StatusCode::OK),
+        5 => (Method::GET, STREAM, StatusCode::OK),
         _ => (Method::GET, "/api/items/42?fields=name", StatusCode::OK),
     }
 }
